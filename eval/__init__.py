@@ -1,0 +1,1 @@
+"""Evaluation jobs and benchmarks."""

@@ -1,0 +1,1 @@
+"""meg_jax.distill"""

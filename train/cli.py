@@ -1,0 +1,41 @@
+"""The ``meg-jax`` console script: one entry point with a subcommand per job.
+
+Each subcommand forwards its remaining arguments to the job module's ``main(argv)``, so
+``meg-jax distill ...`` and ``python -m train.distill ...`` are the same thing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from typing import Sequence
+
+# subcommand -> (module with main(argv), one-line help)
+SUBCOMMANDS: dict[str, tuple[str, str]] = {
+    "demo": ("train.demo", "run the main job on the shipped small checkpoints and write a report"),
+}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = argparse.ArgumentParser(
+        prog="meg-jax",
+        description="Mobile edge generation in JAX: distil a step-conditioned LDM, calibrate "
+        "the split system, train MEG-CVPO, evaluate.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (_, help_text) in SUBCOMMANDS.items():
+        sub.add_parser(name, help=help_text, add_help=False)
+    if not argv or argv[0] in ("-h", "--help"):
+        parser.print_help()
+        return 0
+    command, rest = argv[0], argv[1:]
+    if command not in SUBCOMMANDS:
+        parser.error(f"unknown command {command!r}; choose from {sorted(SUBCOMMANDS)}")
+    module = importlib.import_module(SUBCOMMANDS[command][0])
+    return int(module.main(rest) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
