@@ -14,6 +14,10 @@ from typing import Sequence
 # subcommand -> (module with main(argv), one-line help)
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("train.demo", "run the main job on the shipped small checkpoints and write a report"),
+    "distill": ("train.distill", "train the VAE, teacher and step-conditioned student (python -m train.distill)"),
+    "calibrate": ("train.calibrate", "measure quality on the (K, r, SNR) grid and write the calibration artifact"),
+    "train": ("train.cvpo", "train MEG-CVPO or a baseline on the channel environment (python -m train.cvpo)"),
+    "evaluate": ("eval.evaluate", "evaluate a run directory or the shipped checkpoints and write a report"),
 }
 
 
@@ -33,7 +37,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     command, rest = argv[0], argv[1:]
     if command not in SUBCOMMANDS:
         parser.error(f"unknown command {command!r}; choose from {sorted(SUBCOMMANDS)}")
-    module = importlib.import_module(SUBCOMMANDS[command][0])
+    module_name = SUBCOMMANDS[command][0]
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as e:
+        if e.name != module_name:
+            raise
+        parser.error(f"command {command!r} is not available in this installation ({module_name} is missing)")
     return int(module.main(rest) or 0)
 
 
