@@ -1,0 +1,463 @@
+"""The calibration artifact: the seam between the generative half and the RL half.
+
+The MEG system (``meg_jax.meg.calibrate``) measures image quality of the real split pipeline
+on a grid of denoising steps K x merge ratio r x SNR x task class, and prices every action
+with its device/link cost model. It stores both here. The environment (``meg_jax.env``)
+reads only this file, so the RL half runs, and installs, without the backbone's weights.
+This module imports numpy and json only (no Flax, no JAX).
+
+File format: one ``.npz`` (``numpy.savez``, loaded with ``allow_pickle=False``) holding the
+numeric arrays under the names below plus one entry ``metadata.json``: a 0-d unicode array
+with a JSON object for the strings and scalars. Schema version :data:`SCHEMA_VERSION`.
+
+Arrays (``K = len(steps)``, ``R = len(merge_ratios)``, ``S = len(snr_db)``,
+``C = len(task_classes)``):
+
+=========================  ==============  =====================================================
+name                       shape, dtype    meaning (unit)
+=========================  ==============  =====================================================
+steps                      [K] int64       denoising step counts K, strictly increasing, >= 1
+merge_ratios               [R] float64     fraction of latent tokens merged away, strictly
+                                           increasing, in [0, 1), R >= 2
+snr_db                     [S] float64     post-equalisation SNR grid (dB), strictly
+                                           increasing, S >= 2
+accuracy                   [K,R,S,C] f64   attribute-classifier accuracy in [0, 1]
+psnr                       [K,R,S,C] f64   PSNR vs the teacher's reference image (dB)
+num_samples                [K,R,S,C] int64 prompts measured per cell (>= 1)
+es_compute_time_s          [K] float64     ES time for text encoding + K student steps +
+                                           merging (s)
+payload                    [R] float64     feature payload after merging: bits if
+                                           link_mode == "digital", complex symbols if "analog"
+side_info_bits             [R] float64     merge map + quantiser scale etc., always sent
+                                           digitally at the Shannon rate (bits)
+ue_compute_time_s          [R] float64     UE time for unmerge + VAE decode (s)
+ue_compute_energy_j        [R] float64     UE energy for unmerge + VAE decode (J)
+=========================  ==============  =====================================================
+
+Scalars / strings in ``metadata.json``: ``schema_version`` (int), ``task_classes`` (list of
+C unique names), ``link_mode`` ("analog" | "digital"), ``bits_per_value`` (int for digital,
+null for analog), ``bandwidth_hz`` (link bandwidth B, Hz), ``ue_receive_power_w`` (UE radio
+power while receiving, W), ``provenance`` (object with at least ``backbone_checkpoint_hash``,
+``backbone_preset``, ``cost_preset``, ``created`` (ISO-8601 date) and ``command``; any
+extra keys are kept), and ``conventional_schemes`` (object name -> scalar fields of
+:class:`ConventionalScheme`; their ``accuracy``/``psnr`` arrays [S, C] are stored as
+``conventional/<name>/accuracy`` and ``conventional/<name>/psnr``).
+
+How an action (K, r) is priced at SNR γ (linear) — the environment does exactly this::
+
+    rate      = B * log2(1 + γ)                                        (bit/s)
+    t_tx      = payload / rate + side_info_bits / rate                  (digital)
+              = payload / B    + side_info_bits / rate                  (analog: 1 symbol/Hz/s)
+    latency   = es_compute_time_s[K] + t_tx + ue_compute_time_s[r]      (s)
+    ue_energy = ue_compute_energy_j[r] + ue_receive_power_w * t_tx      (J)
+
+Per-r quantities are interpolated linearly in r, quality bilinearly in (r, SNR) with K the
+nearest option; the environment clamps SNR to the grid for quality.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import json
+import os
+from typing import Any, Mapping
+
+import numpy as np
+
+__all__ = [
+    "SCHEMA_VERSION",
+    "REQUIRED_PROVENANCE",
+    "ConventionalScheme",
+    "CalibrationArtifact",
+    "load",
+    "synthetic_artifact",
+]
+
+SCHEMA_VERSION = 1
+REQUIRED_PROVENANCE = ("backbone_checkpoint_hash", "backbone_preset", "cost_preset", "created", "command")
+LINK_MODES = ("analog", "digital")
+SCHEME_LINK_MODES = ("analog", "digital", "none")
+
+# Per-action arrays: name -> which grid axis gives its length.
+_GRID_ARRAYS = ("steps", "merge_ratios", "snr_db")
+_QUALITY_ARRAYS = ("accuracy", "psnr", "num_samples")
+_COST_ARRAYS = {
+    "es_compute_time_s": "K",
+    "payload": "R",
+    "side_info_bits": "R",
+    "ue_compute_time_s": "R",
+    "ue_compute_energy_j": "R",
+}
+_SCHEME_SCALARS = (
+    "link_mode",
+    "es_compute_time_s",
+    "payload",
+    "side_info_bits",
+    "ue_compute_time_s",
+    "ue_compute_energy_j",
+)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class ConventionalScheme:
+    """Cost and quality of one conventional (non-MEG) generation scheme, for comparison.
+
+    Priced like an action (see the module docstring) with its own ``link_mode``; "none"
+    means nothing is transmitted (on-device generation).
+    """
+
+    link_mode: str  # "analog" | "digital" | "none"
+    es_compute_time_s: float  # ES compute time per request (s)
+    payload: float  # bits (digital) or complex symbols (analog); 0 for "none"
+    side_info_bits: float  # digital side information (bits)
+    ue_compute_time_s: float  # UE compute time per request (s)
+    ue_compute_energy_j: float  # UE compute energy per request (J)
+    accuracy: np.ndarray  # [S, C] accuracy in [0, 1] over the artifact's SNR grid
+    psnr: np.ndarray  # [S, C] PSNR (dB)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class CalibrationArtifact:
+    """Quality tables and the cost model of the split MEG system (see module docstring).
+
+    Build one with keyword arguments, call :meth:`validate` (``save`` and ``load`` do),
+    and ``save(path)``. Arrays are converted to numpy on construction.
+    """
+
+    steps: np.ndarray  # [K] int, denoising step options
+    merge_ratios: np.ndarray  # [R] float, merge ratio grid in [0, 1)
+    snr_db: np.ndarray  # [S] float, SNR grid (dB)
+    task_classes: tuple[str, ...]  # [C] task class names
+    accuracy: np.ndarray  # [K, R, S, C] accuracy in [0, 1]
+    psnr: np.ndarray  # [K, R, S, C] PSNR (dB)
+    num_samples: np.ndarray  # [K, R, S, C] int, prompts per cell
+    es_compute_time_s: np.ndarray  # [K] ES compute time (s)
+    payload: np.ndarray  # [R] bits (digital) or complex symbols (analog)
+    side_info_bits: np.ndarray  # [R] digital side information (bits)
+    ue_compute_time_s: np.ndarray  # [R] UE unmerge + decode time (s)
+    ue_compute_energy_j: np.ndarray  # [R] UE unmerge + decode energy (J)
+    ue_receive_power_w: float  # UE receive power (W)
+    bandwidth_hz: float  # link bandwidth (Hz)
+    link_mode: str  # "analog" | "digital"
+    bits_per_value: int | None  # quantiser bits (digital); None for analog
+    provenance: Mapping[str, Any]  # see REQUIRED_PROVENANCE
+    conventional_schemes: Mapping[str, ConventionalScheme] = dataclasses.field(default_factory=dict)
+    schema_version: int = SCHEMA_VERSION
+
+    def __post_init__(self) -> None:
+        # Normalise container types so that validation and saving see numpy arrays.
+        set_ = object.__setattr__
+        set_(self, "steps", np.asarray(self.steps))
+        for name in ("merge_ratios", "snr_db", "accuracy", "psnr", *_COST_ARRAYS):
+            set_(self, name, np.asarray(getattr(self, name), dtype=np.float64))
+        set_(self, "num_samples", np.asarray(self.num_samples))
+        set_(self, "task_classes", tuple(self.task_classes))
+        set_(self, "provenance", dict(self.provenance))
+        set_(self, "conventional_schemes", dict(self.conventional_schemes))
+
+    # ------------------------------------------------------------------ sizes
+    @property
+    def shape(self) -> tuple[int, int, int, int]:
+        """Grid sizes (K, R, S, C)."""
+        return (len(self.steps), len(self.merge_ratios), len(self.snr_db), len(self.task_classes))
+
+    # ------------------------------------------------------------- validation
+    def problems(self) -> list[str]:
+        """Every way in which this artifact breaks the schema (empty if valid)."""
+        out: list[str] = []
+        if self.schema_version != SCHEMA_VERSION:
+            out.append(f"schema_version is {self.schema_version}, this loader reads {SCHEMA_VERSION}")
+        k_, r_, s_, c_ = self.shape
+        # Grids.
+        for name, arr in (("steps", self.steps), ("merge_ratios", self.merge_ratios), ("snr_db", self.snr_db)):
+            if arr.ndim != 1:
+                out.append(f"{name} must be 1-D, has shape {arr.shape}")
+                continue
+            if not np.all(np.isfinite(arr)):
+                out.append(f"{name} has non-finite values")
+            elif arr.size > 1 and not np.all(np.diff(arr) > 0):
+                out.append(f"{name} must be strictly increasing, got {arr.tolist()}")
+        if self.steps.ndim == 1:
+            if k_ < 1:
+                out.append("steps is empty")
+            if not np.issubdtype(self.steps.dtype, np.integer) or np.any(self.steps < 1):
+                out.append(f"steps must be integers >= 1, got {self.steps.tolist()}")
+        if self.merge_ratios.ndim == 1:
+            if r_ < 2:
+                out.append(f"merge_ratios needs >= 2 values to interpolate, has {r_}")
+            if np.any(self.merge_ratios < 0) or np.any(self.merge_ratios >= 1):
+                out.append(f"merge_ratios must lie in [0, 1), got {self.merge_ratios.tolist()}")
+        if self.snr_db.ndim == 1 and s_ < 2:
+            out.append(f"snr_db needs >= 2 values to interpolate, has {s_}")
+        if c_ < 1:
+            out.append("task_classes is empty")
+        if len(set(self.task_classes)) != c_ or not all(isinstance(c, str) and c for c in self.task_classes):
+            out.append(f"task_classes must be unique non-empty strings, got {list(self.task_classes)}")
+        # Quality tables.
+        want = (k_, r_, s_, c_)
+        for name in _QUALITY_ARRAYS:
+            arr = getattr(self, name)
+            if arr.shape != want:
+                out.append(f"{name} has shape {arr.shape}, grids (steps, merge_ratios, snr_db, task_classes) say {want}")
+            elif not np.all(np.isfinite(arr)):
+                out.append(f"{name} has {int(np.sum(~np.isfinite(arr)))} non-finite values")
+        if self.accuracy.shape == want and np.all(np.isfinite(self.accuracy)):
+            if np.any(self.accuracy < 0) or np.any(self.accuracy > 1):
+                out.append("accuracy must lie in [0, 1]")
+        if self.num_samples.shape == want:
+            if not np.issubdtype(self.num_samples.dtype, np.integer) or np.any(self.num_samples < 1):
+                out.append("num_samples must be integers >= 1 in every cell")
+        # Cost model.
+        lengths = {"K": k_, "R": r_}
+        for name, axis in _COST_ARRAYS.items():
+            arr = getattr(self, name)
+            if arr.shape != (lengths[axis],):
+                out.append(f"{name} has shape {arr.shape}, expected ({lengths[axis]},) (one per {axis})")
+            elif not np.all(np.isfinite(arr)) or np.any(arr < 0):
+                out.append(f"{name} must be finite and >= 0, got {arr.tolist()}")
+        for name in ("ue_receive_power_w", "bandwidth_hz"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float, np.floating, np.integer)) or not np.isfinite(value) or value < 0:
+                out.append(f"{name} must be a finite number >= 0, got {value!r}")
+        if isinstance(self.bandwidth_hz, (int, float, np.number)) and self.bandwidth_hz <= 0:
+            out.append(f"bandwidth_hz must be > 0, got {self.bandwidth_hz}")
+        if self.link_mode not in LINK_MODES:
+            out.append(f"link_mode must be one of {LINK_MODES}, got {self.link_mode!r}")
+        if self.link_mode == "digital" and not (isinstance(self.bits_per_value, int) and self.bits_per_value > 0):
+            out.append(f"bits_per_value must be a positive int for a digital link, got {self.bits_per_value!r}")
+        if self.link_mode == "analog" and self.bits_per_value is not None:
+            out.append(f"bits_per_value must be None for an analog link, got {self.bits_per_value!r}")
+        # Provenance.
+        missing = [k for k in REQUIRED_PROVENANCE if k not in self.provenance]
+        if missing:
+            out.append(f"provenance lacks {missing} (required: {list(REQUIRED_PROVENANCE)})")
+        # Conventional schemes.
+        for name, scheme in self.conventional_schemes.items():
+            if not isinstance(scheme, ConventionalScheme):
+                out.append(f"conventional_schemes[{name!r}] is a {type(scheme).__name__}, not a ConventionalScheme")
+                continue
+            if scheme.link_mode not in SCHEME_LINK_MODES:
+                out.append(f"conventional_schemes[{name!r}].link_mode must be one of {SCHEME_LINK_MODES}")
+            for field in _SCHEME_SCALARS[1:]:
+                value = getattr(scheme, field)
+                if not np.isfinite(value) or value < 0:
+                    out.append(f"conventional_schemes[{name!r}].{field} must be finite and >= 0, got {value!r}")
+            for field in ("accuracy", "psnr"):
+                arr = np.asarray(getattr(scheme, field))
+                if arr.shape != (s_, c_):
+                    out.append(f"conventional_schemes[{name!r}].{field} has shape {arr.shape}, expected {(s_, c_)}")
+                elif not np.all(np.isfinite(arr)):
+                    out.append(f"conventional_schemes[{name!r}].{field} has non-finite values")
+        return out
+
+    def validate(self) -> "CalibrationArtifact":
+        """Raises ``ValueError`` listing every schema problem; returns ``self`` if none."""
+        problems = self.problems()
+        if problems:
+            raise ValueError("invalid calibration artifact:\n  - " + "\n  - ".join(problems))
+        return self
+
+    # ------------------------------------------------------------------- I/O
+    def save(self, path: str | os.PathLike) -> None:
+        """Validates and writes the artifact to ``path`` (``.npz``), atomically."""
+        self.validate()
+        path = os.fspath(path)
+        if not path.endswith(".npz"):
+            raise ValueError(f"calibration artifacts are .npz files; got {path!r}")
+        arrays: dict[str, np.ndarray] = {
+            "steps": self.steps.astype(np.int64),
+            "merge_ratios": self.merge_ratios,
+            "snr_db": self.snr_db,
+            "accuracy": self.accuracy,
+            "psnr": self.psnr,
+            "num_samples": self.num_samples.astype(np.int64),
+        }
+        for name in _COST_ARRAYS:
+            arrays[name] = getattr(self, name)
+        schemes_meta = {}
+        for name, scheme in self.conventional_schemes.items():
+            if "/" in name:
+                raise ValueError(f"conventional scheme name {name!r} must not contain '/'")
+            schemes_meta[name] = {f: _plain(getattr(scheme, f)) for f in _SCHEME_SCALARS}
+            arrays[f"conventional/{name}/accuracy"] = np.asarray(scheme.accuracy, dtype=np.float64)
+            arrays[f"conventional/{name}/psnr"] = np.asarray(scheme.psnr, dtype=np.float64)
+        meta = {
+            "schema_version": self.schema_version,
+            "task_classes": list(self.task_classes),
+            "link_mode": self.link_mode,
+            "bits_per_value": self.bits_per_value,
+            "bandwidth_hz": float(self.bandwidth_hz),
+            "ue_receive_power_w": float(self.ue_receive_power_w),
+            "provenance": {k: _plain(v) for k, v in self.provenance.items()},
+            "conventional_schemes": schemes_meta,
+        }
+        arrays["metadata.json"] = np.array(json.dumps(meta, sort_keys=True))
+        directory = os.path.dirname(os.path.abspath(path))
+        os.makedirs(directory, exist_ok=True)
+        tmp = path[: -len(".npz")] + ".tmp.npz"
+        np.savez(tmp, **arrays)
+        os.replace(tmp, path)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "CalibrationArtifact":
+        """Reads and validates an artifact written by :meth:`save`.
+
+        Raises:
+          FileNotFoundError: ``path`` does not exist.
+          ValueError: the file is not a calibration artifact of this schema version, or its
+            contents are inconsistent; the message names every mismatch.
+        """
+        path = os.fspath(path)
+        if not os.path.exists(path):
+            raise FileNotFoundError(path)
+        with np.load(path, allow_pickle=False) as data:
+            contents = {k: data[k] for k in data.files}
+        if "metadata.json" not in contents:
+            raise ValueError(f"{path}: not a calibration artifact (no 'metadata.json' entry)")
+        meta = json.loads(str(contents.pop("metadata.json")))
+        version = meta.get("schema_version")
+        if version != SCHEMA_VERSION:
+            raise ValueError(
+                f"{path}: schema_version {version!r}, this loader reads {SCHEMA_VERSION}; "
+                "regenerate it with `meg-jax calibrate`"
+            )
+        required_arrays = (*_GRID_ARRAYS, *_QUALITY_ARRAYS, *_COST_ARRAYS)
+        required_meta = ("task_classes", "link_mode", "bits_per_value", "bandwidth_hz", "ue_receive_power_w", "provenance")
+        missing = [f"array {k!r}" for k in required_arrays if k not in contents]
+        missing += [f"metadata {k!r}" for k in required_meta if k not in meta]
+        if missing:
+            raise ValueError(f"{path}: calibration artifact lacks {', '.join(missing)}")
+        schemes = {}
+        for name, fields in meta.get("conventional_schemes", {}).items():
+            lacking = [f for f in _SCHEME_SCALARS if f not in fields]
+            lacking += [f"{q} array" for q in ("accuracy", "psnr") if f"conventional/{name}/{q}" not in contents]
+            if lacking:
+                raise ValueError(f"{path}: conventional scheme {name!r} lacks {lacking}")
+            schemes[name] = ConventionalScheme(
+                **{f: fields[f] for f in _SCHEME_SCALARS},
+                accuracy=contents[f"conventional/{name}/accuracy"],
+                psnr=contents[f"conventional/{name}/psnr"],
+            )
+        artifact = cls(
+            **{k: contents[k] for k in required_arrays},
+            task_classes=tuple(meta["task_classes"]),
+            link_mode=meta["link_mode"],
+            bits_per_value=meta["bits_per_value"],
+            bandwidth_hz=meta["bandwidth_hz"],
+            ue_receive_power_w=meta["ue_receive_power_w"],
+            provenance=meta["provenance"],
+            conventional_schemes=schemes,
+            schema_version=version,
+        )
+        problems = artifact.problems()
+        if problems:
+            raise ValueError(f"{path}: invalid calibration artifact:\n  - " + "\n  - ".join(problems))
+        return artifact
+
+
+def load(path: str | os.PathLike) -> CalibrationArtifact:
+    """Shorthand for :meth:`CalibrationArtifact.load`."""
+    return CalibrationArtifact.load(path)
+
+
+def _plain(value: Any) -> Any:
+    """JSON-ready copy of a scalar (numpy scalars become Python ones)."""
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
+
+
+def synthetic_artifact(
+    *,
+    link_mode: str = "analog",
+    steps: tuple[int, ...] = (1, 2, 4, 8),
+    merge_ratios: tuple[float, ...] = tuple(np.round(np.arange(8) * 0.1, 1)),
+    snr_db: tuple[float, ...] = tuple(np.linspace(-5.0, 30.0, 11)),
+    task_classes: tuple[str, ...] = ("circle", "square", "triangle", "star"),
+    bandwidth_hz: float = 100e3,
+    bits_per_value: int = 8,
+) -> CalibrationArtifact:
+    """A small, plausible artifact **for tests only** (never a default of anything).
+
+    Quality rises with K and SNR and falls with r; the latent is 32x32 tokens x 4
+    channels; costs are of the order of a tiny model on a phone: ES 10 ms + 25 ms per
+    step, 100 kHz link, UE decode 30 ms / 60 mJ, receive power 0.8 W. Deterministic.
+
+    Args:
+      link_mode: "analog" (quality depends on SNR; payload in complex symbols) or
+        "digital" (quality flat in SNR; payload in bits at ``bits_per_value``).
+      steps, merge_ratios, snr_db, task_classes: the grids.
+      bandwidth_hz: link bandwidth (Hz).
+      bits_per_value: quantiser bits for the digital link.
+    """
+    if link_mode not in LINK_MODES:
+        raise ValueError(f"link_mode must be one of {LINK_MODES}, got {link_mode!r}")
+    k = np.asarray(steps, dtype=np.int64)
+    r = np.asarray(merge_ratios, dtype=np.float64)
+    s = np.asarray(snr_db, dtype=np.float64)
+    n_classes = len(task_classes)
+    kk, rr, ss, cc = np.meshgrid(k, r, s, np.arange(n_classes), indexing="ij")
+    difficulty = 1.0 - 0.08 * cc  # later classes are harder
+    chance = 1.0 / n_classes
+    step_quality = 1.0 - np.exp(-kk / 2.5)  # saturates around K = 8
+    merge_keep = 1.0 - 0.45 * rr**2
+    if link_mode == "analog":
+        link_quality = 1.0 / (1.0 + np.exp(-(ss - 4.0) / 3.0))  # logistic in SNR (dB)
+    else:
+        link_quality = np.ones_like(ss)  # error-free at the Shannon rate
+    accuracy = chance + (0.97 - chance) * difficulty * step_quality * merge_keep * (0.35 + 0.65 * link_quality)
+    psnr = 9.0 + 14.0 * step_quality * difficulty + 7.0 * link_quality - 8.0 * rr**2
+    tokens, channels = 32 * 32, 4
+    kept_values = (1.0 - r) * tokens * channels
+    payload = kept_values / 2.0 if link_mode == "analog" else kept_values * bits_per_value
+    side_info_bits = 2.0 * r * tokens + 32.0  # local-window merge map (2 bit/merged token) + scale
+    conventional = {
+        "mec_uncompressed": ConventionalScheme(
+            link_mode=link_mode,
+            es_compute_time_s=0.01 + 0.025 * 50,
+            payload=float(payload[0]),
+            side_info_bits=32.0,
+            ue_compute_time_s=0.03,
+            ue_compute_energy_j=0.06,
+            accuracy=np.full((len(s), n_classes), 0.97),
+            psnr=np.full((len(s), n_classes), 30.0),
+        ),
+        "on_device": ConventionalScheme(
+            link_mode="none",
+            es_compute_time_s=0.0,
+            payload=0.0,
+            side_info_bits=0.0,
+            ue_compute_time_s=2.5,
+            ue_compute_energy_j=5.0,
+            accuracy=np.full((len(s), n_classes), 0.97),
+            psnr=np.full((len(s), n_classes), 30.0),
+        ),
+    }
+    return CalibrationArtifact(
+        steps=k,
+        merge_ratios=r,
+        snr_db=s,
+        task_classes=tuple(task_classes),
+        accuracy=accuracy,
+        psnr=psnr,
+        num_samples=np.full(accuracy.shape, 128, dtype=np.int64),
+        es_compute_time_s=0.01 + 0.025 * k,
+        payload=payload,
+        side_info_bits=side_info_bits,
+        ue_compute_time_s=0.03 + 0.005 * r,
+        ue_compute_energy_j=0.06 + 0.01 * r,
+        ue_receive_power_w=0.8,
+        bandwidth_hz=float(bandwidth_hz),
+        link_mode=link_mode,
+        bits_per_value=int(bits_per_value) if link_mode == "digital" else None,
+        provenance={
+            "backbone_checkpoint_hash": "synthetic",
+            "backbone_preset": "synthetic",
+            "cost_preset": "synthetic",
+            "created": datetime.date(2025, 1, 1).isoformat(),
+            "command": "meg_jax.meg.artifact.synthetic_artifact()",
+            "note": "for tests only",
+        },
+        conventional_schemes=conventional,
+    ).validate()

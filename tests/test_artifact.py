@@ -1,0 +1,106 @@
+"""Tests for meg_jax.meg.artifact: round trip, validation messages, import isolation."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from meg_jax.meg import artifact as art_mod
+from meg_jax.meg.artifact import SCHEMA_VERSION, CalibrationArtifact, synthetic_artifact
+
+
+@pytest.mark.parametrize("link_mode", ["analog", "digital"])
+def test_round_trip(tmp_path, link_mode):
+    a = synthetic_artifact(link_mode=link_mode)
+    path = tmp_path / "cal.npz"
+    a.save(path)
+    b = CalibrationArtifact.load(path)
+    for f in dataclasses.fields(CalibrationArtifact):
+        x, y = getattr(a, f.name), getattr(b, f.name)
+        if isinstance(x, np.ndarray):
+            np.testing.assert_array_equal(x, y, err_msg=f.name)
+            assert x.dtype.kind == y.dtype.kind, f.name
+        elif f.name == "conventional_schemes":
+            assert x.keys() == y.keys()
+            for name in x:
+                for g in dataclasses.fields(x[name]):
+                    np.testing.assert_array_equal(getattr(x[name], g.name), getattr(y[name], g.name))
+        else:
+            assert x == y, f.name
+    assert b.shape == (4, 8, 11, 4)
+
+
+def test_synthetic_is_plausible():
+    a = synthetic_artifact()
+    # Quality rises with K, falls with r, rises with SNR (analog).
+    assert np.all(np.diff(a.accuracy, axis=0) > 0)
+    assert np.all(np.diff(a.accuracy, axis=1) < 0)
+    assert np.all(np.diff(a.accuracy, axis=2) > 0)
+    assert np.all(np.diff(a.payload) < 0)
+    assert np.all(np.diff(a.es_compute_time_s) > 0)
+
+
+def test_validation_names_every_problem():
+    a = synthetic_artifact()
+    bad = dataclasses.replace(
+        a,
+        accuracy=a.accuracy[:, :-1],  # wrong shape
+        snr_db=a.snr_db[::-1],  # not increasing
+        link_mode="smoke",
+        provenance={"cost_preset": "tiny"},
+    )
+    with pytest.raises(ValueError) as err:
+        bad.validate()
+    msg = str(err.value)
+    assert "accuracy has shape (4, 7, 11, 4)" in msg
+    assert "snr_db must be strictly increasing" in msg
+    assert "link_mode must be one of" in msg
+    assert "provenance lacks ['backbone_checkpoint_hash', 'backbone_preset', 'created', 'command']" in msg
+
+
+def test_non_finite_and_range_rejected():
+    a = synthetic_artifact()
+    acc = a.accuracy.copy()
+    acc[0, 0, 0, 0] = np.nan
+    with pytest.raises(ValueError, match="accuracy has 1 non-finite"):
+        dataclasses.replace(a, accuracy=acc).validate()
+    with pytest.raises(ValueError, match="payload must be finite and >= 0"):
+        dataclasses.replace(a, payload=-a.payload).validate()
+    with pytest.raises(ValueError, match=r"merge_ratios must lie in \[0, 1\)"):
+        dataclasses.replace(a, merge_ratios=a.merge_ratios + 0.5).validate()
+    with pytest.raises(ValueError, match="bits_per_value must be a positive int"):
+        dataclasses.replace(a, link_mode="digital").validate()
+
+
+def test_load_rejects_other_schema_version_and_missing_keys(tmp_path):
+    a = synthetic_artifact()
+    path = tmp_path / "cal.npz"
+    a.save(path)
+    with np.load(path) as data:
+        contents = {k: data[k] for k in data.files}
+    meta = json.loads(str(contents["metadata.json"]))
+    meta["schema_version"] = SCHEMA_VERSION + 1
+    np.savez(tmp_path / "v2.npz", **{**contents, "metadata.json": np.array(json.dumps(meta))})
+    with pytest.raises(ValueError, match=f"schema_version {SCHEMA_VERSION + 1}"):
+        CalibrationArtifact.load(tmp_path / "v2.npz")
+    del contents["psnr"]
+    np.savez(tmp_path / "nopsnr.npz", **contents)
+    with pytest.raises(ValueError, match="lacks array 'psnr'"):
+        CalibrationArtifact.load(tmp_path / "nopsnr.npz")
+    with pytest.raises(FileNotFoundError):
+        CalibrationArtifact.load(tmp_path / "absent.npz")
+
+
+def test_module_imports_no_flax_or_jax():
+    code = (
+        "import sys, meg_jax.meg.artifact as a; a.synthetic_artifact();"
+        "bad = [m for m in ('flax', 'jax', 'meg_jax.backbone') if m in sys.modules]; print(bad)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]", out.stdout + out.stderr
+    assert art_mod.__name__ == "meg_jax.meg.artifact"
