@@ -1,0 +1,156 @@
+"""The in-jit E-step dual solver against scipy, its derivatives, and the Q-space thresholds."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import jax
+import jax.numpy as jnp
+import scipy.optimize
+
+from meg_jax.rl import dual
+
+EPS = 0.1
+B, M = 48, 16
+
+
+def _tilted(qc: np.ndarray, logp: np.ndarray, t: float) -> tuple[np.ndarray, float]:
+    lw = -qc.sum(-1) * t + logp
+    lw -= lw.max(-1, keepdims=True)
+    w = np.exp(lw)
+    w /= w.sum(-1, keepdims=True)
+    kl = float(np.mean(np.sum(w * (np.log(w + 1e-300) - logp), -1)))
+    return w, kl
+
+
+def _problem(seed: int, m: int, scale: float, feasible: bool, uniform_prior: bool = True):
+    """A random batch; thresholds reachable inside the KL ball when ``feasible``.
+
+    Feasible thresholds are the costs of a q that tilts the prior towards cheap actions just
+    enough to have KL = EPS / 2 < EPS (bisection on the tilt), so a feasible q exists.
+    """
+    rng = np.random.default_rng(seed)
+    qr = rng.normal(size=(B, M)) * scale
+    # costs correlated with reward, so the constraints bind
+    qc = np.abs(rng.normal(size=(B, M, m))) + 0.5 + 0.3 * qr[..., None] / scale
+    if uniform_prior:
+        logp = np.full((B, M), -np.log(M))
+    else:
+        logits = rng.normal(size=(B, M))
+        logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+    lo, hi = 0.0, 100.0
+    for _ in range(60):
+        mid = 0.5 * (lo + hi)
+        lo, hi = (mid, hi) if _tilted(qc, logp, mid)[1] < EPS / 2 else (lo, mid)
+    w, _ = _tilted(qc, logp, lo)
+    c = np.mean(np.einsum("bm,bmj->bj", w, qc), 0)
+    if not feasible:
+        c = qc.min(axis=(0, 1)) - 1.0  # below every cost: no q can meet it
+    return qr, qc, logp, c
+
+
+def _g_np(x, qr, qc, logp, c):
+    eta, lam = x[0], x[1:]
+    z = (qr - qc @ lam) / eta + logp
+    mx = z.max(-1, keepdims=True)
+    lse = mx[:, 0] + np.log(np.exp(z - mx).sum(-1))
+    return eta * EPS + lam @ c + eta * lse.mean()
+
+
+def _scipy_min(qr, qc, logp, c):
+    m = qc.shape[-1]
+    bounds = [(1e-6, 1e5)] + [(0.0, 1e5)] * m
+    best = None
+    for x0 in (np.r_[1.0, np.zeros(m)], np.r_[np.std(qr), np.ones(m)]):
+        res = scipy.optimize.minimize(
+            _g_np, x0, args=(qr, qc, logp, c), method="L-BFGS-B", bounds=bounds,
+            options=dict(ftol=1e-15, gtol=1e-12, maxiter=20000),
+        )
+        if best is None or res.fun < best.fun:
+            best = res
+    return best
+
+
+@pytest.fixture(scope="module")
+def solve():
+    return jax.jit(dual.solve_estep_dual)
+
+
+@pytest.mark.parametrize("m", [1, 2])
+@pytest.mark.parametrize("seed,scale", [(0, 0.01), (1, 1.0), (2, 100.0), (3, 1.0)])
+@pytest.mark.parametrize("uniform_prior", [True, False])
+def test_dual_matches_scipy_when_feasible(solve, seed, scale, m, uniform_prior):
+    qr, qc, logp, c = _problem(seed, m, scale, feasible=True, uniform_prior=uniform_prior)
+    sol = solve(jnp.float32(qr), jnp.float32(qc), jnp.float32(logp), EPS, jnp.float32(c), 1.0, None)
+    ref = _scipy_min(qr, qc, logp, c)
+    ours = _g_np(np.r_[float(sol.eta), np.asarray(sol.lam, np.float64)], qr, qc, logp, c)
+    assert abs(ours - ref.fun) <= 1e-4 * abs(ref.fun), (ours, ref.fun, sol, ref.x)
+    # q meets every cost constraint (up to float32 rounding of the solution)
+    spread = qc.std(axis=(0, 1))
+    assert np.all(np.asarray(sol.expected_costs) <= c + 1e-3 * spread), (sol.expected_costs, c)
+    # and stays inside the KL ball
+    assert float(sol.kl) <= EPS * (1 + 1e-3)
+    assert np.all(np.asarray(sol.lam) >= 0) and float(sol.eta) > 0
+
+
+def test_infeasible_constraint_pushes_lambda_to_its_bound(solve):
+    qr, qc, logp, c = _problem(5, 2, 1.0, feasible=False)
+    sol = solve(jnp.float32(qr), jnp.float32(qc), jnp.float32(logp), EPS, jnp.float32(c), 1.0, None, lam_max=1e3)
+    ref = scipy.optimize.minimize(
+        _g_np, np.r_[1.0, 0.0, 0.0], args=(qr, qc, logp, c), method="L-BFGS-B",
+        bounds=[(1e-6, 1e5), (0, 1e3), (0, 1e3)], options=dict(ftol=1e-15, gtol=1e-12, maxiter=20000),
+    )
+    assert float(sol.value) <= ref.fun + 1e-4 * abs(ref.fun)
+    assert np.max(np.asarray(sol.lam)) == pytest.approx(1e3)
+    assert np.all(np.isfinite(np.asarray(sol.expected_costs)))
+
+
+def test_warm_start_from_solution_takes_one_iteration(solve):
+    qr, qc, logp, c = _problem(1, 2, 1.0, feasible=True)
+    args = (jnp.float32(qr), jnp.float32(qc), jnp.float32(logp), EPS, jnp.float32(c))
+    cold = solve(*args, 1.0, None)
+    warm = solve(*args, cold.eta, cold.lam)
+    assert int(warm.iterations) <= 2 < int(cold.iterations)
+    # the solver stops once an iteration gains less than tol (1 + |g|) = 2e-7 (1 + |g|)
+    np.testing.assert_allclose(float(warm.value), float(cold.value), atol=1e-6)
+
+
+def test_analytic_derivatives_match_autodiff():
+    qr, qc, logp, c = (jnp.float32(a) for a in _problem(3, 2, 1.0, feasible=True, uniform_prior=False))
+
+    def g(x):
+        return dual.dual_value(x[0], x[1:], qr, qc, logp, EPS, c)
+
+    x = jnp.asarray([0.7, 0.3, 0.2], jnp.float32)
+    grad, hess, _ = dual.dual_grad_hess(x[0], x[1:], qr, qc, logp, EPS, c)
+    np.testing.assert_allclose(grad, jax.grad(g)(x), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(hess, jax.hessian(g)(x), rtol=1e-3, atol=1e-4)
+
+
+def test_hand_computed_two_action_case():
+    # one state, two equally likely actions, Q_r = (0, 1), one cost Q_c = (0, 1), lam = 0, eta = 1:
+    # w = softmax(0, 1) = (1 / (1 + e), e / (1 + e)) = (0.26894, 0.73106)
+    # g = eta eps + eta log((e^0 + e^1) / 2) = 0.1 + log(1.85914) = 0.1 + 0.62011 = 0.72011
+    # dg/dlam = c_hat - E_w[Q_c] = 0.5 - 0.73106 = -0.23106
+    # sum w log w = 0.26894 ln 0.26894 + 0.73106 ln 0.73106 = -0.35319 - 0.22901 = -0.58220
+    # dg/deta = eps - KL(w || 1/2) = 0.1 - (log 2 + sum w log w) = 0.1 - (0.69315 - 0.58220) = -0.01095
+    # Var_w(A) = Var_w(Q_c) = w0 w1 = 0.19661 -> d2g/deta2 = d2g/dlam2 = d2g/deta dlam = 0.19661
+    qr = jnp.asarray([[0.0, 1.0]])
+    qc = jnp.asarray([[[0.0], [1.0]]])
+    logp = jnp.log(jnp.asarray([[0.5, 0.5]]))
+    c = jnp.asarray([0.5])
+    g = dual.dual_value(1.0, jnp.zeros(1), qr, qc, logp, 0.1, c)
+    grad, hess, stats = dual.dual_grad_hess(1.0, jnp.zeros(1), qr, qc, logp, 0.1, c)
+    np.testing.assert_allclose(g, 0.72011, atol=1e-5)
+    np.testing.assert_allclose(grad, [-0.01095, -0.23106], atol=1e-5)
+    np.testing.assert_allclose(hess, [[0.19661, 0.19661], [0.19661, 0.19661]], atol=1e-5)
+    np.testing.assert_allclose(stats["expected_costs"], [0.73106], atol=1e-5)
+
+
+def test_q_space_threshold():
+    # d (1 - gamma^T) / ((1 - gamma) T) with d = limit * T: 2 * (1 - 0.5^3) / 0.5 = 2 * 1.75 = 3.5
+    np.testing.assert_allclose(dual.q_space_threshold(jnp.asarray([2.0]), 0.5, 3), [3.5])
+    np.testing.assert_allclose(dual.q_space_threshold(jnp.asarray([2.0, 1.0]), 0.0, 10), [2.0, 1.0])
+    with pytest.raises(ValueError, match="gamma"):
+        dual.q_space_threshold(1.0, 1.0, 10)
