@@ -1,0 +1,39 @@
+"""The latent diffusion backbone in Flax: UNet, VAE, text encoder, configs, diffusers interop.
+
+``preset(name)`` gives a :class:`BackboneConfig` (``tiny``, ``sd15``, ``sdxl``); ``UNet``,
+``AutoencoderKL`` and ``TextEncoder`` are linen modules built from its parts;
+``from_diffusers`` / ``to_diffusers`` move weights to and from diffusers model folders.
+Token merging (``tome``), schedules and FLOP counting live in sibling modules and are
+imported from there (``meg_jax.backbone.tome`` ...).
+"""
+
+from meg_jax.backbone.config import BackboneConfig, TextEncoderConfig, UNetConfig, VAEConfig, preset
+from meg_jax.backbone.diffusers_io import (
+    from_diffusers,
+    params_from_torch_state_dict,
+    params_to_torch_state_dict,
+    to_diffusers,
+)
+from meg_jax.backbone.text_encoder import TextEncoder, init_text_encoder
+from meg_jax.backbone.unet import UNet, example_inputs, init_unet
+from meg_jax.backbone.vae import AutoencoderKL, example_image, init_vae
+
+__all__ = [
+    "preset",
+    "BackboneConfig",
+    "UNetConfig",
+    "VAEConfig",
+    "TextEncoderConfig",
+    "UNet",
+    "AutoencoderKL",
+    "TextEncoder",
+    "from_diffusers",
+    "to_diffusers",
+    "params_from_torch_state_dict",
+    "params_to_torch_state_dict",
+    "init_unet",
+    "init_vae",
+    "init_text_encoder",
+    "example_inputs",
+    "example_image",
+]

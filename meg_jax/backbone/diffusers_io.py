@@ -1,0 +1,276 @@
+"""Checkpoint interop with diffusers: model folders and PyTorch state dicts <-> Flax params.
+
+A diffusers model folder holds ``config.json`` (``_class_name`` ``UNet2DConditionModel`` or
+``AutoencoderKL``) and ``diffusion_pytorch_model.safetensors`` (older ones a pickled
+``.bin``, read only through ``torch.load(..., weights_only=True)``).
+
+Names: the Flax modules use diffusers' state-dict names with list indices folded in
+(``down_blocks.0.resnets.1.conv1.weight`` <-> ``down_blocks_0/resnets_1/conv1/kernel``).
+Tensors: conv OIHW <-> HWIO, linear [out, in] <-> [in, out], norm ``weight`` <-> ``scale``.
+Every tensor is checked against the shape of a freshly initialised Flax tree (computed
+with ``jax.eval_shape``, nothing allocated); mismatches, missing and unexpected keys raise
+``ValueError`` naming the parameters.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from typing import Any, Mapping
+
+import flax.linen as nn
+import jax
+import numpy as np
+from flax import traverse_util
+
+from meg_jax.backbone.config import UNetConfig, VAEConfig
+from meg_jax.backbone.unet import UNet, example_inputs
+from meg_jax.backbone.vae import AutoencoderKL, example_image
+
+__all__ = [
+    "from_diffusers",
+    "to_diffusers",
+    "config_from_diffusers",
+    "params_from_torch_state_dict",
+    "params_to_torch_state_dict",
+    "param_shapes",
+]
+
+WEIGHTS_SAFETENSORS = "diffusion_pytorch_model.safetensors"
+WEIGHTS_BIN = "diffusion_pytorch_model.bin"
+# Parent modules that diffusers keeps in ModuleLists: ``name.i`` in torch, ``name_i`` here.
+_LIST_MODULES = (
+    "down_blocks",
+    "up_blocks",
+    "resnets",
+    "attentions",
+    "transformer_blocks",
+    "downsamplers",
+    "upsamplers",
+    "to_out",
+    "net",
+)
+_LIST_RE = re.compile(rf"^({'|'.join(_LIST_MODULES)})_(\d+)$")
+# Names of the VAE attention in checkpoints saved before diffusers 0.14.
+_OLD_VAE_ATTENTION = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out.0"}
+_OLD_ATTN_RE = re.compile(r"^(.*\.attentions\.\d+)\.(query|key|value|proj_attn)\.(weight|bias)$")
+
+ModelConfig = UNetConfig | VAEConfig
+
+
+def _module_for(config: ModelConfig) -> nn.Module:
+    if isinstance(config, UNetConfig):
+        return UNet(config)
+    if isinstance(config, VAEConfig):
+        return AutoencoderKL(config)
+    raise TypeError(f"expected a UNetConfig or VAEConfig, got {type(config).__name__}")
+
+
+def _class_name(config: ModelConfig) -> str:
+    return "UNet2DConditionModel" if isinstance(config, UNetConfig) else "AutoencoderKL"
+
+
+def param_shapes(config: ModelConfig) -> dict[tuple[str, ...], tuple[int, ...]]:
+    """Flat ``path -> shape`` of the Flax params for ``config`` (no arrays allocated)."""
+    module = _module_for(config)
+    key = jax.random.key(0)
+    if isinstance(config, UNetConfig):
+        init = lambda: module.init({"params": key, "tome": key}, **example_inputs(config))  # noqa: E731
+    else:
+        init = lambda: module.init(key, example_image(config))  # noqa: E731
+    shapes = jax.eval_shape(init)["params"]
+    return {k: tuple(v.shape) for k, v in traverse_util.flatten_dict(shapes).items()}
+
+
+def config_from_diffusers(data: Mapping[str, Any]) -> ModelConfig:
+    """UNetConfig or VAEConfig from a diffusers ``config.json`` dict, by its ``_class_name``."""
+    name = data.get("_class_name")
+    if name == "UNet2DConditionModel":
+        return UNetConfig.from_diffusers(data)
+    if name == "AutoencoderKL":
+        return VAEConfig.from_diffusers(data)
+    raise ValueError(
+        f"config.json has _class_name={name!r}; meg-jax reads 'UNet2DConditionModel' and 'AutoencoderKL'"
+    )
+
+
+def _torch_key_to_path(key: str) -> tuple[tuple[str, ...], str]:
+    """``a.0.b.weight`` -> (("a_0", "b"), "weight")."""
+    m = _OLD_ATTN_RE.match(key)
+    if m:
+        key = f"{m.group(1)}.{_OLD_VAE_ATTENTION[m.group(2)]}.{m.group(3)}"
+    parts = key.split(".")
+    out: list[str] = []
+    for p in parts[:-1]:
+        if p.isdigit() and out:
+            out[-1] = f"{out[-1]}_{p}"
+        else:
+            out.append(p)
+    return tuple(out), parts[-1]
+
+
+def _path_to_torch_key(path: tuple[str, ...]) -> str:
+    """(("a_0", "b", "kernel")) -> ``a.0.b.weight``."""
+    parts = []
+    for p in path[:-1]:
+        m = _LIST_RE.match(p)
+        parts.append(f"{m.group(1)}.{m.group(2)}" if m else p)
+    leaf = path[-1]
+    parts.append("bias" if leaf == "bias" else "weight")
+    return ".".join(parts)
+
+
+def _to_numpy(value: Any) -> np.ndarray:
+    if hasattr(value, "detach"):  # torch.Tensor, without importing torch
+        value = value.detach().cpu().float().numpy() if value.dtype.is_floating_point else value.cpu().numpy()
+    return np.asarray(value)
+
+
+def params_from_torch_state_dict(config: ModelConfig, state_dict: Mapping[str, Any]) -> dict[str, Any]:
+    """Converts a diffusers PyTorch state dict into Flax variables ``{"params": ...}``.
+
+    Args:
+      config: the architecture the state dict belongs to.
+      state_dict: torch key -> tensor (torch.Tensor or numpy array).
+
+    Returns:
+      Flax variables for ``UNet(config)`` / ``AutoencoderKL(config)`` (float32 numpy leaves).
+
+    Raises:
+      ValueError: a tensor whose shape does not fit (naming the parameter and both shapes),
+        or keys that are missing / unexpected (listing them).
+    """
+    expected = param_shapes(config)
+    flat: dict[tuple[str, ...], np.ndarray] = {}
+    unexpected: list[str] = []
+    mismatched: list[str] = []
+    for key, value in state_dict.items():
+        path, leaf = _torch_key_to_path(key)
+        arr = _to_numpy(value)
+        if leaf == "bias":
+            target = path + ("bias",)
+        elif leaf == "weight":
+            target = path + ("scale",) if arr.ndim == 1 else path + ("kernel",)
+        else:
+            unexpected.append(key)
+            continue
+        if target not in expected:
+            unexpected.append(key)
+            continue
+        want = expected[target]
+        if target[-1] == "kernel":
+            if arr.ndim == 4 and len(want) == 2 and arr.shape[2:] == (1, 1):
+                arr = arr[:, :, 0, 0]  # 1x1 conv stored for a linear layer (old VAE attention)
+            if arr.ndim == 4:
+                arr = arr.transpose(2, 3, 1, 0)  # OIHW -> HWIO
+            elif arr.ndim == 2:
+                arr = arr.T  # [out, in] -> [in, out]
+        if tuple(arr.shape) != want:
+            mismatched.append(
+                f"{key}: checkpoint shape {tuple(_to_numpy(value).shape)} -> {tuple(arr.shape)} in Flax layout, "
+                f"but {'/'.join(target)} of this config needs {want}"
+            )
+            continue
+        flat[target] = np.asarray(arr, dtype=np.float32)
+    missing = sorted(_path_to_torch_key(p) for p in expected if p not in flat and not _mismatched(p, mismatched))
+    problems = []
+    if mismatched:
+        problems.append("shape mismatch:\n  " + "\n  ".join(mismatched))
+    if missing:
+        problems.append(f"missing from the checkpoint ({len(missing)}): {missing}")
+    if unexpected:
+        problems.append(f"unexpected in the checkpoint ({len(unexpected)}): {sorted(unexpected)}")
+    if problems:
+        raise ValueError(
+            f"checkpoint does not fit {_class_name(config)} with this config:\n" + "\n".join(problems)
+        )
+    return {"params": traverse_util.unflatten_dict(flat)}
+
+
+def _mismatched(path: tuple[str, ...], mismatched: list[str]) -> bool:
+    key = _path_to_torch_key(path)
+    return any(m.startswith(key + ":") for m in mismatched)
+
+
+def params_to_torch_state_dict(config: ModelConfig, params: Mapping[str, Any]) -> dict[str, np.ndarray]:
+    """Inverse of :func:`params_from_torch_state_dict`: Flax variables -> torch-layout numpy arrays."""
+    tree = params["params"] if "params" in params else params
+    flat = traverse_util.flatten_dict(dict(tree))
+    expected = param_shapes(config)
+    extra = sorted("/".join(p) for p in flat if p not in expected)
+    missing = sorted("/".join(p) for p in expected if p not in flat)
+    if extra or missing:
+        raise ValueError(f"params do not fit {_class_name(config)} with this config: missing {missing}, extra {extra}")
+    out: dict[str, np.ndarray] = {}
+    for path, value in flat.items():
+        arr = np.asarray(jax.device_get(value), dtype=np.float32)
+        if tuple(arr.shape) != expected[path]:
+            raise ValueError(f"{'/'.join(path)} has shape {arr.shape}, this config needs {expected[path]}")
+        if path[-1] == "kernel":
+            arr = arr.transpose(3, 2, 0, 1) if arr.ndim == 4 else arr.T
+        out[_path_to_torch_key(path)] = np.ascontiguousarray(arr)
+    return out
+
+
+def _load_state_dict(path: str) -> dict[str, Any]:
+    st = os.path.join(path, WEIGHTS_SAFETENSORS)
+    if os.path.exists(st):
+        from safetensors.numpy import load_file
+
+        return load_file(st)
+    binary = os.path.join(path, WEIGHTS_BIN)
+    if os.path.exists(binary):
+        import torch  # only for legacy pickled checkpoints
+
+        # weights_only=True: never run arbitrary pickled code.
+        return torch.load(binary, map_location="cpu", weights_only=True)
+    raise ValueError(f"{path} has neither {WEIGHTS_SAFETENSORS} nor {WEIGHTS_BIN}")
+
+
+def from_diffusers(path: str | os.PathLike) -> tuple[nn.Module, dict[str, Any]]:
+    """Loads a diffusers ``UNet2DConditionModel`` or ``AutoencoderKL`` model folder.
+
+    Args:
+      path: folder with ``config.json`` and ``diffusion_pytorch_model.safetensors`` (or ``.bin``).
+
+    Returns:
+      ``(module, variables)``: ``module.apply(variables, ...)`` runs the model.
+    """
+    path = os.fspath(path)
+    cfg_file = os.path.join(path, "config.json")
+    if not os.path.exists(cfg_file):
+        raise ValueError(f"{path} is not a diffusers model folder: no config.json")
+    with open(cfg_file) as f:
+        config = config_from_diffusers(json.load(f))
+    params = params_from_torch_state_dict(config, _load_state_dict(path))
+    return _module_for(config), params
+
+
+def to_diffusers(module: nn.Module, params: Mapping[str, Any], path: str | os.PathLike) -> None:
+    """Writes ``config.json`` + ``diffusion_pytorch_model.safetensors`` that diffusers' ``from_pretrained`` loads.
+
+    Args:
+      module: a ``UNet`` or ``AutoencoderKL`` (its ``config`` is written).
+      params: its variables ``{"params": ...}``.
+      path: output folder (created if needed).
+    """
+    from safetensors.numpy import save_file
+
+    config = getattr(module, "config", None)
+    if not isinstance(config, (UNetConfig, VAEConfig)):
+        raise TypeError(f"to_diffusers needs a UNet or AutoencoderKL module, got {type(module).__name__}")
+    state = params_to_torch_state_dict(config, params)
+    path = os.fspath(path)
+    os.makedirs(path, exist_ok=True)
+    cfg = {"_class_name": _class_name(config), **config.to_diffusers()}
+    try:
+        import diffusers
+
+        cfg["_diffusers_version"] = diffusers.__version__
+    except ImportError:  # writing does not need diffusers
+        pass
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump(cfg, f, indent=2, sort_keys=True)
+        f.write("\n")
+    save_file(state, os.path.join(path, WEIGHTS_SAFETENSORS), metadata={"format": "pt"})

@@ -1,0 +1,299 @@
+"""Building blocks shared by the UNet, the VAE and the text encoder (Flax linen, NHWC).
+
+Each layer computes what the diffusers PyTorch layer of the same name computes, and its
+sub-module names are the diffusers state-dict names with ``.i`` folded into ``_i``
+(``to_out.0`` -> ``to_out_0``), so checkpoint conversion is a rename plus a transpose
+(see ``diffusers_io``). Kernels are initialised like PyTorch's defaults (uniform with
+variance 1/(3·fan_in)) so that training from scratch behaves like diffusers'.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Dtype = Any
+
+__all__ = [
+    "torch_default_init",
+    "Conv2d",
+    "Linear",
+    "GroupNorm",
+    "LayerNorm",
+    "get_timestep_embedding",
+    "TimestepEmbedding",
+    "ResnetBlock2D",
+    "Downsample2D",
+    "Upsample2D",
+    "multi_head_attention",
+    "Attention",
+    "FeedForward",
+]
+
+# PyTorch's nn.Linear / nn.Conv2d default: kaiming_uniform(a=sqrt(5)) = U(±1/sqrt(fan_in)).
+torch_default_init = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
+
+
+def Conv2d(
+    features: int,
+    kernel_size: int,
+    *,
+    stride: int = 1,
+    padding: int | tuple[tuple[int, int], tuple[int, int]] | str | None = None,
+    use_bias: bool = True,
+    dtype: Dtype = jnp.float32,
+    name: str | None = None,
+) -> nn.Conv:
+    """An NHWC conv with PyTorch's symmetric padding (default ``(k - 1) // 2``)."""
+    if padding is None:
+        padding = (kernel_size - 1) // 2
+    if isinstance(padding, int):
+        padding = ((padding, padding), (padding, padding))
+    return nn.Conv(
+        features,
+        (kernel_size, kernel_size),
+        strides=(stride, stride),
+        padding=padding,
+        use_bias=use_bias,
+        dtype=dtype,
+        kernel_init=torch_default_init,
+        name=name,
+    )
+
+
+def Linear(features: int, *, use_bias: bool = True, dtype: Dtype = jnp.float32, name: str | None = None) -> nn.Dense:
+    return nn.Dense(features, use_bias=use_bias, dtype=dtype, kernel_init=torch_default_init, name=name)
+
+
+def GroupNorm(num_groups: int, eps: float, *, dtype: Dtype = jnp.float32, name: str | None = None) -> nn.GroupNorm:
+    """GroupNorm over the last (channel) axis; statistics in float32, two-pass variance."""
+    return nn.GroupNorm(num_groups=num_groups, epsilon=eps, dtype=dtype, use_fast_variance=False, name=name)
+
+
+def LayerNorm(eps: float, *, dtype: Dtype = jnp.float32, name: str | None = None) -> nn.LayerNorm:
+    return nn.LayerNorm(epsilon=eps, dtype=dtype, use_fast_variance=False, name=name)
+
+
+def get_timestep_embedding(
+    timesteps: jax.Array,
+    embedding_dim: int,
+    flip_sin_to_cos: bool = False,
+    downscale_freq_shift: float = 1.0,
+    scale: float = 1.0,
+    max_period: int = 10000,
+) -> jax.Array:
+    """Sinusoidal timestep embedding, as diffusers' ``get_timestep_embedding`` (DDPM).
+
+    Args:
+      timesteps: [N] (fractional allowed).
+      embedding_dim: output width D.
+      flip_sin_to_cos: output ``[cos, sin]`` instead of ``[sin, cos]``.
+      downscale_freq_shift: frequencies are ``exp(-log(max_period) * i / (D/2 - shift))``.
+      scale: multiplies the phase.
+      max_period: lowest frequency is ``1 / max_period``.
+
+    Returns:
+      [N, D] float32.
+    """
+    if timesteps.ndim != 1:
+        raise ValueError(f"timesteps must be 1-D [N], got shape {timesteps.shape}")
+    half_dim = embedding_dim // 2
+    exponent = -math.log(max_period) * jnp.arange(half_dim, dtype=jnp.float32)
+    exponent = exponent / (half_dim - downscale_freq_shift)
+    emb = timesteps.astype(jnp.float32)[:, None] * jnp.exp(exponent)[None, :]
+    emb = scale * emb
+    emb = jnp.concatenate([jnp.sin(emb), jnp.cos(emb)], axis=-1)
+    if flip_sin_to_cos:
+        emb = jnp.concatenate([emb[:, half_dim:], emb[:, :half_dim]], axis=-1)
+    if embedding_dim % 2 == 1:
+        emb = jnp.pad(emb, ((0, 0), (0, 1)))
+    return emb
+
+
+class TimestepEmbedding(nn.Module):
+    """``linear_1 -> SiLU -> linear_2`` on a sinusoidal embedding (diffusers ``TimestepEmbedding``).
+
+    With ``cond_proj_dim`` set, ``sample + cond_proj(condition)`` (no bias) is embedded
+    instead of ``sample``; ``condition=None`` then means no conditioning (diffusers skips the
+    projection), which equals passing zeros.
+    """
+
+    time_embed_dim: int
+    cond_proj_dim: int | None = None
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, sample: jax.Array, condition: jax.Array | None = None) -> jax.Array:
+        """sample [B, Din], condition [B, cond_proj_dim] -> [B, time_embed_dim]."""
+        if self.cond_proj_dim is not None:
+            proj = Linear(sample.shape[-1], use_bias=False, dtype=self.dtype, name="cond_proj")
+            if condition is not None:
+                sample = sample + proj(condition)
+            elif self.is_initializing():
+                proj(jnp.zeros(sample.shape[:-1] + (self.cond_proj_dim,), sample.dtype))  # create params
+        elif condition is not None:
+            raise ValueError(
+                "timestep_cond was given but the config has time_cond_proj_dim=None; set "
+                "UNetConfig.time_cond_proj_dim or drop timestep_cond"
+            )
+        sample = Linear(self.time_embed_dim, dtype=self.dtype, name="linear_1")(sample)
+        sample = nn.silu(sample)
+        return Linear(self.time_embed_dim, dtype=self.dtype, name="linear_2")(sample)
+
+
+class ResnetBlock2D(nn.Module):
+    """Pre-norm residual block (diffusers ``ResnetBlock2D``, time_embedding_norm="default").
+
+    ``x + conv2(drop(silu(norm2(conv1(silu(norm1(x))) + proj(silu(temb))))))``, with a 1x1
+    ``conv_shortcut`` on x when the channel count changes; divided by ``output_scale_factor``.
+    """
+
+    out_channels: int
+    groups: int
+    eps: float
+    output_scale_factor: float = 1.0
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, temb: jax.Array | None = None) -> jax.Array:
+        """x [B, H, W, Cin], temb [B, T] or None -> [B, H, W, out_channels]."""
+        h = GroupNorm(self.groups, self.eps, dtype=self.dtype, name="norm1")(x)
+        h = nn.silu(h)
+        h = Conv2d(self.out_channels, 3, dtype=self.dtype, name="conv1")(h)
+        if temb is not None:
+            t = Linear(self.out_channels, dtype=self.dtype, name="time_emb_proj")(nn.silu(temb))
+            h = h + t[:, None, None, :]
+        h = GroupNorm(self.groups, self.eps, dtype=self.dtype, name="norm2")(h)
+        h = nn.silu(h)
+        h = Conv2d(self.out_channels, 3, dtype=self.dtype, name="conv2")(h)
+        if x.shape[-1] != self.out_channels:
+            x = Conv2d(self.out_channels, 1, dtype=self.dtype, name="conv_shortcut")(x)
+        out = x + h
+        if self.output_scale_factor != 1.0:
+            out = out / self.output_scale_factor
+        return out
+
+
+class Downsample2D(nn.Module):
+    """Stride-2 3x3 conv (diffusers ``Downsample2D``, use_conv=True).
+
+    ``padding > 0`` pads symmetrically (UNet: 1); ``padding == 0`` pads one row/column at the
+    bottom/right and convolves VALID (VAE).
+    """
+
+    out_channels: int
+    padding: int = 1
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """[B, H, W, C] -> [B, H/2, W/2, out_channels]."""
+        if self.padding == 0:
+            x = jnp.pad(x, ((0, 0), (0, 1), (0, 1), (0, 0)))
+            pad: Any = "VALID"
+        else:
+            pad = self.padding
+        return Conv2d(self.out_channels, 3, stride=2, padding=pad, dtype=self.dtype, name="conv")(x)
+
+
+class Upsample2D(nn.Module):
+    """Nearest-neighbour x2 then 3x3 conv (diffusers ``Upsample2D``, use_conv=True)."""
+
+    out_channels: int
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """[B, H, W, C] -> [B, 2H, 2W, out_channels]."""
+        b, h, w, c = x.shape
+        x = jnp.broadcast_to(x[:, :, None, :, None, :], (b, h, 2, w, 2, c)).reshape(b, 2 * h, 2 * w, c)
+        return Conv2d(self.out_channels, 3, dtype=self.dtype, name="conv")(x)
+
+
+def multi_head_attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    num_heads: int,
+    mask: jax.Array | None = None,
+) -> jax.Array:
+    """Scaled dot-product attention; logits and softmax in float32.
+
+    Args:
+      q: [B, Nq, C] queries (already projected).
+      k: [B, Nk, C] keys.
+      v: [B, Nk, Cv] values.
+      num_heads: H; C and Cv must be divisible by H.
+      mask: optional boolean, True = attend; broadcastable to [B, H, Nq, Nk].
+
+    Returns:
+      [B, Nq, Cv] in q's dtype.
+    """
+    b, nq, c = q.shape
+    nk = k.shape[1]
+    d = c // num_heads
+    qh = q.reshape(b, nq, num_heads, d)
+    kh = k.reshape(b, nk, num_heads, d)
+    vh = v.reshape(b, nk, num_heads, v.shape[-1] // num_heads)
+    logits = jnp.einsum("bqhd,bkhd->bhqk", qh, kh, preferred_element_type=jnp.float32)
+    logits = logits * (1.0 / math.sqrt(d))
+    if mask is not None:
+        logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
+    weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+    out = jnp.einsum("bhqk,bkhd->bqhd", weights, vh)
+    return out.reshape(b, nq, -1)
+
+
+class Attention(nn.Module):
+    """diffusers ``Attention`` as SD uses it: to_q/to_k/to_v, heads, to_out.0 (with bias).
+
+    ``qkv_bias`` is False in the UNet's transformer blocks, True in the VAE's mid block.
+    """
+
+    num_heads: int
+    qkv_bias: bool = False
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(
+        self, x: jax.Array, context: jax.Array | None = None, mask: jax.Array | None = None
+    ) -> jax.Array:
+        """x [B, N, C]; context [B, L, Dc] (None: self-attention) -> [B, N, C]."""
+        inner = x.shape[-1]
+        context = x if context is None else context
+        q = Linear(inner, use_bias=self.qkv_bias, dtype=self.dtype, name="to_q")(x)
+        k = Linear(inner, use_bias=self.qkv_bias, dtype=self.dtype, name="to_k")(context)
+        v = Linear(inner, use_bias=self.qkv_bias, dtype=self.dtype, name="to_v")(context)
+        out = multi_head_attention(q, k, v, self.num_heads, mask)
+        return Linear(inner, dtype=self.dtype, name="to_out_0")(out)
+
+
+class _GEGLU(nn.Module):
+    """``h * gelu(gate)`` with ``[h, gate] = proj(x)`` (exact erf GELU, as torch's default)."""
+
+    inner_dim: int
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        h = Linear(2 * self.inner_dim, dtype=self.dtype, name="proj")(x)
+        h, gate = jnp.split(h, 2, axis=-1)
+        return h * nn.gelu(gate, approximate=False)
+
+
+class FeedForward(nn.Module):
+    """diffusers ``FeedForward`` with GEGLU: ``net.0`` (GEGLU, C -> 2·mult·C), ``net.2`` (mult·C -> C)."""
+
+    mult: int = 4
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """[..., C] -> [..., C]."""
+        dim = x.shape[-1]
+        h = _GEGLU(self.mult * dim, dtype=self.dtype, name="net_0")(x)
+        return Linear(dim, dtype=self.dtype, name="net_2")(h)
