@@ -68,6 +68,14 @@ def reference_tome(metric, x, h, w, sx, sy, r, choice):
     return merged_sets, maps, np.stack(outs), np.stack(unmerged), np.stack(unm_positions)
 
 
+@functools.partial(jax.jit, static_argnames=("h", "w", "num_merge", "sx", "sy"))
+def _plan_merge_unmerge(x, metric, key, *, h, w, num_merge, sx=2, sy=2):
+    """One compiled call per case (eager dispatch would compile every small op separately)."""
+    plan = tome.compute_merge(metric, h, w, num_merge, sx, sy, key)
+    y = tome.merge(x, plan)
+    return plan, y, tome.unmerge(y, plan)
+
+
 def _choice(key, h, w, sx, sy):
     """The per-cell dst index the library draws from ``key`` (top-left when key is None)."""
     if key is None:
@@ -96,9 +104,8 @@ def test_matches_numpy_reference(batch, h, w, c, ratio, sx, sy, rand):
     r = tome.num_merged(h * w, ratio, sx, sy, h, w)
     assert r == math.floor(ratio * h * w)
 
-    plan = tome.compute_merge(metric, h, w, r, sx, sy, key)
-    y = np.asarray(tome.merge(x, plan))
-    back = np.asarray(tome.unmerge(tome.merge(x, plan), plan))
+    plan, y, back = _plan_merge_unmerge(x, metric, key, h=h, w=w, num_merge=r, sx=sx, sy=sy)
+    y, back = np.asarray(y), np.asarray(back)
 
     sets, maps, y_ref, back_ref, unm_pos_ref = reference_tome(
         metric, x, h, w, sx, sy, r, _choice(key, h, w, sx, sy)
@@ -125,8 +132,9 @@ def test_matches_numpy_reference(batch, h, w, c, ratio, sx, sy, rand):
 def test_unmerge_of_merge_is_x_or_dst_mean(h, w, ratio, sx, sy):
     batch, c = 3, 5
     x = jax.random.normal(jax.random.PRNGKey(3), (batch, h * w, c))
-    y, plan = tome.merge_tokens(x, h, w, ratio, key=jax.random.PRNGKey(4), sx=sx, sy=sy)
-    back = np.asarray(tome.unmerge(y, plan))
+    r = tome.num_merged(h * w, ratio, sx, sy, h, w)
+    plan, y, back = _plan_merge_unmerge(x, x, jax.random.PRNGKey(4), h=h, w=w, num_merge=r, sx=sx, sy=sy)
+    back = np.asarray(back)
     xn = np.asarray(x, np.float64)
     slot = np.asarray(plan.slot)
     for bi in range(batch):
@@ -153,11 +161,17 @@ def test_ratio_zero_is_identity():
 @pytest.mark.parametrize("ratio", [0.0, 0.1, 0.25, 0.3, 0.5, 0.6, 0.75])
 @pytest.mark.parametrize("h,w", [(2, 2), (4, 4), (8, 8), (5, 6), (16, 12)])
 def test_output_token_count(ratio, h, w):
+    # Shapes are static: abstract evaluation (no compile) gives them.
     n = h * w
-    x = jnp.ones((1, n, 3)) + jnp.arange(n, dtype=jnp.float32)[None, :, None]
-    y, plan = tome.merge_tokens(x, h, w, ratio, key=jax.random.PRNGKey(0))
-    assert y.shape == (1, n - math.floor(ratio * n), 3)
-    assert tome.unmerge(y, plan).shape == (1, n, 3)
+    x = jax.ShapeDtypeStruct((2, n, 3), jnp.float32)
+
+    def roundtrip(x, key):
+        y, plan = tome.merge_tokens(x, h, w, ratio, key=key)
+        return y, tome.unmerge(y, plan)
+
+    y, back = jax.eval_shape(roundtrip, x, jax.random.PRNGKey(0))
+    assert y.shape == (2, n - math.floor(ratio * n), 3)
+    assert back.shape == (2, n, 3)
 
 
 def test_one_compile_per_shape_and_ratio():
@@ -180,12 +194,14 @@ def test_one_compile_per_shape_and_ratio():
 def test_key_determinism():
     x = jax.random.normal(jax.random.PRNGKey(0), (2, 256, 8))
 
+    plan_of = jax.jit(lambda key: tome.merge_tokens(x, 16, 16, 0.5, key=key)[1])
+
     def dst_positions(key):
-        _, plan = tome.merge_tokens(x, 16, 16, 0.5, key=key)
+        plan = plan_of(key)
         return np.asarray(plan.keep_pos[:, -64:])  # the 64 dst of a 16x16 grid
 
-    a = tome.merge_tokens(x, 16, 16, 0.5, key=jax.random.PRNGKey(7))[1]
-    b = tome.merge_tokens(x, 16, 16, 0.5, key=jax.random.PRNGKey(7))[1]
+    a = plan_of(jax.random.PRNGKey(7))
+    b = plan_of(jax.random.PRNGKey(7))
     for field in ("keep_pos", "src_pos", "src_slot", "slot"):
         np.testing.assert_array_equal(np.asarray(getattr(a, field)), np.asarray(getattr(b, field)))
     # The dst partition is shared by the batch (as in tomesd).
@@ -219,9 +235,10 @@ def test_bad_inputs_raise():
         tome.compute_merge(jnp.zeros((1, 16, 2)), 4, 4, 13)
     with pytest.raises(ValueError, match="max_downsample"):
         tome.ToMeConfig(max_downsample=0)
-    plan = tome.compute_merge(jnp.ones((1, 16, 2)), 4, 4, 4)
+    metric = jax.ShapeDtypeStruct((1, 16, 2), jnp.float32)
+    plan = jax.eval_shape(lambda m: tome.compute_merge(m, 4, 4, 4), metric)
     with pytest.raises(ValueError, match="merge expects"):
-        tome.merge(jnp.ones((1, 15, 2)), plan)
+        jax.eval_shape(tome.merge, jax.ShapeDtypeStruct((1, 15, 2), jnp.float32), plan)
     # A grid without a whole cell has nothing to merge into: r = 0.
     assert tome.num_merged(5, 0.5, h=1, w=5) == 0
 
