@@ -37,7 +37,9 @@ ue_compute_energy_j        [R] float64     UE energy for unmerge + VAE decode (J
 Scalars / strings in ``metadata.json``: ``schema_version`` (int), ``task_classes`` (list of
 C unique names), ``link_mode`` ("analog" | "digital"), ``bits_per_value`` (int for digital,
 null for analog), ``bandwidth_hz`` (link bandwidth B, Hz), ``ue_receive_power_w`` (UE radio
-power while receiving, W), ``provenance`` (object with at least ``backbone_checkpoint_hash``,
+power while receiving, W), ``tx_power_dbm`` and ``noise_figure_db`` (the ES transmit power
+(dBm) and UE receiver noise figure (dB) of the link config that was calibrated; null if
+unknown — the environment then uses its own config), ``provenance`` (object with at least ``backbone_checkpoint_hash``,
 ``backbone_preset``, ``cost_preset``, ``created`` (ISO-8601 date) and ``command``; any
 extra keys are kept), and ``conventional_schemes`` (object name -> scalar fields of
 :class:`ConventionalScheme`; their ``accuracy``/``psnr`` arrays [S, C] are stored as
@@ -142,6 +144,8 @@ class CalibrationArtifact:
     link_mode: str  # "analog" | "digital"
     bits_per_value: int | None  # quantiser bits (digital); None for analog
     provenance: Mapping[str, Any]  # see REQUIRED_PROVENANCE
+    tx_power_dbm: float | None = None  # ES transmit power of the calibrated link (dBm)
+    noise_figure_db: float | None = None  # UE receiver noise figure of the calibrated link (dB)
     conventional_schemes: Mapping[str, ConventionalScheme] = dataclasses.field(default_factory=dict)
     schema_version: int = SCHEMA_VERSION
 
@@ -222,6 +226,10 @@ class CalibrationArtifact:
                 out.append(f"{name} must be a finite number >= 0, got {value!r}")
         if isinstance(self.bandwidth_hz, (int, float, np.number)) and self.bandwidth_hz <= 0:
             out.append(f"bandwidth_hz must be > 0, got {self.bandwidth_hz}")
+        for name in ("tx_power_dbm", "noise_figure_db"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, (int, float, np.number)) or not np.isfinite(value)):
+                out.append(f"{name} must be a finite number or None, got {value!r}")
         if self.link_mode not in LINK_MODES:
             out.append(f"link_mode must be one of {LINK_MODES}, got {self.link_mode!r}")
         if self.link_mode == "digital" and not (isinstance(self.bits_per_value, int) and self.bits_per_value > 0):
@@ -289,6 +297,8 @@ class CalibrationArtifact:
             "bits_per_value": self.bits_per_value,
             "bandwidth_hz": float(self.bandwidth_hz),
             "ue_receive_power_w": float(self.ue_receive_power_w),
+            "tx_power_dbm": _plain(self.tx_power_dbm),
+            "noise_figure_db": _plain(self.noise_figure_db),
             "provenance": {k: _plain(v) for k, v in self.provenance.items()},
             "conventional_schemes": schemes_meta,
         }
@@ -346,6 +356,8 @@ class CalibrationArtifact:
             bits_per_value=meta["bits_per_value"],
             bandwidth_hz=meta["bandwidth_hz"],
             ue_receive_power_w=meta["ue_receive_power_w"],
+            tx_power_dbm=meta.get("tx_power_dbm"),
+            noise_figure_db=meta.get("noise_figure_db"),
             provenance=meta["provenance"],
             conventional_schemes=schemes,
             schema_version=version,
@@ -375,14 +387,14 @@ def synthetic_artifact(
     merge_ratios: tuple[float, ...] = tuple(np.round(np.arange(8) * 0.1, 1)),
     snr_db: tuple[float, ...] = tuple(np.linspace(-5.0, 30.0, 11)),
     task_classes: tuple[str, ...] = ("circle", "square", "triangle", "star"),
-    bandwidth_hz: float = 100e3,
+    bandwidth_hz: float = 1e6,
     bits_per_value: int = 8,
 ) -> CalibrationArtifact:
     """A small, plausible artifact **for tests only** (never a default of anything).
 
-    Quality rises with K and SNR and falls with r; the latent is 32x32 tokens x 4
-    channels; costs are of the order of a tiny model on a phone: ES 10 ms + 25 ms per
-    step, 100 kHz link, UE decode 30 ms / 60 mJ, receive power 0.8 W. Deterministic.
+    Quality rises with K and SNR (analog) and falls with r. The latent has 64x64 tokens x 4
+    channels; the link has 1 MHz, 10 dBm transmit power and a 7 dB noise figure; ES compute
+    is 10 ms + 25 ms per step; UE decode 30 ms and 10 mJ; receive power 1 W. Deterministic.
 
     Args:
       link_mode: "analog" (quality depends on SNR; payload in complex symbols) or
@@ -408,10 +420,11 @@ def synthetic_artifact(
         link_quality = np.ones_like(ss)  # error-free at the Shannon rate
     accuracy = chance + (0.97 - chance) * difficulty * step_quality * merge_keep * (0.35 + 0.65 * link_quality)
     psnr = 9.0 + 14.0 * step_quality * difficulty + 7.0 * link_quality - 8.0 * rr**2
-    tokens, channels = 32 * 32, 4
+    tokens, channels = 64 * 64, 4
     kept_values = (1.0 - r) * tokens * channels
     payload = kept_values / 2.0 if link_mode == "analog" else kept_values * bits_per_value
     side_info_bits = 2.0 * r * tokens + 32.0  # local-window merge map (2 bit/merged token) + scale
+    flat = np.ones((len(s), n_classes))
     conventional = {
         "mec_uncompressed": ConventionalScheme(
             link_mode=link_mode,
@@ -419,9 +432,9 @@ def synthetic_artifact(
             payload=float(payload[0]),
             side_info_bits=32.0,
             ue_compute_time_s=0.03,
-            ue_compute_energy_j=0.06,
-            accuracy=np.full((len(s), n_classes), 0.97),
-            psnr=np.full((len(s), n_classes), 30.0),
+            ue_compute_energy_j=0.01,
+            accuracy=0.97 * flat,
+            psnr=30.0 * flat,
         ),
         "on_device": ConventionalScheme(
             link_mode="none",
@@ -429,9 +442,9 @@ def synthetic_artifact(
             payload=0.0,
             side_info_bits=0.0,
             ue_compute_time_s=2.5,
-            ue_compute_energy_j=5.0,
-            accuracy=np.full((len(s), n_classes), 0.97),
-            psnr=np.full((len(s), n_classes), 30.0),
+            ue_compute_energy_j=1.5,
+            accuracy=0.97 * flat,
+            psnr=30.0 * flat,
         ),
     }
     return CalibrationArtifact(
@@ -446,11 +459,13 @@ def synthetic_artifact(
         payload=payload,
         side_info_bits=side_info_bits,
         ue_compute_time_s=0.03 + 0.005 * r,
-        ue_compute_energy_j=0.06 + 0.01 * r,
-        ue_receive_power_w=0.8,
+        ue_compute_energy_j=0.01 + 0.002 * r,
+        ue_receive_power_w=1.0,
         bandwidth_hz=float(bandwidth_hz),
         link_mode=link_mode,
         bits_per_value=int(bits_per_value) if link_mode == "digital" else None,
+        tx_power_dbm=10.0,
+        noise_figure_db=7.0,
         provenance={
             "backbone_checkpoint_hash": "synthetic",
             "backbone_preset": "synthetic",

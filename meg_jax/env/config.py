@@ -1,0 +1,129 @@
+"""Configuration and named presets of the MEG wireless CMDP environment.
+
+A :class:`MEGEnvConfig` is plain data read at the top (CLI overrides via
+``meg_jax.config.apply_overrides``); :func:`meg_jax.env.meg_env.build_params` turns it and a
+calibration artifact into the array pytree ``EnvParams`` that the jitted env consumes.
+
+Presets:
+
+* ``tiny``: the shipped tiny model's artifact (``checkpoints/calibration/tiny.npz``, written by
+  ``meg-jax calibrate``), pedestrian UE in a 400 m x 400 m UMi cell, one request every 0.1 s.
+* ``sdxl-mobile``: the artifact of the ``sdxl-1024`` cost preset on a phone NPU
+  (``checkpoints/calibration/sdxl-1024.npz``; same quality tables as ``tiny`` unless another
+  artifact is given), one request every 2 s.
+
+Constraint limits: unless ``limits`` is given, each limit is placed a fraction of the way
+between the cheapest and the most expensive *fixed* action's average cost under the
+environment's own stationary channel distribution (see ``meg_env.derive_limits``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+__all__ = ["MEGEnvConfig", "PRESETS", "get_preset"]
+
+SINGLE_COSTS = ("normalised_sum", "latency", "energy")
+
+
+@dataclasses.dataclass(frozen=True)
+class MEGEnvConfig:
+    """Everything that defines the environment except the episode length and batch size."""
+
+    name: str = "tiny"  # preset name, recorded in run directories
+    artifact_path: str = "checkpoints/calibration/tiny.npz"  # calibration artifact (relative to the repo root or absolute)
+    # --- requests -----------------------------------------------------------------------
+    slot_s: float = 0.1  # time between two consecutive requests of the UE (s)
+    task_class_probs: tuple[float, ...] | None = None  # probability of each artifact task class; None = uniform
+    # --- geometry and mobility ----------------------------------------------------------
+    scenario: str = "umi"  # 3GPP TR 38.901 scenario: "umi" (street canyon) or "uma"
+    carrier_hz: float = 3.5e9  # carrier frequency (Hz), NR band n78
+    bs_height_m: float = 10.0  # BS (ES) antenna height (m); 38.901 UMi: 10 m, UMa: 25 m
+    ue_height_m: float = 1.5  # UE height (m)
+    area_half_width_m: float = 200.0  # the UE moves in the square [-w, w]^2 around the BS (m)
+    min_distance_m: float = 10.0  # 2-D distance is clamped to >= this (38.901 validity range) (m)
+    speed_min_mps: float = 0.5  # per-episode UE speed ~ U[min, max] (m/s)
+    speed_max_mps: float = 3.0  # (m/s)
+    heading_std_rad: float = 0.3  # std of the random heading change per request (rad)
+    # --- large-scale fading -------------------------------------------------------------
+    shadowing_std_los_db: float = 4.0  # log-normal shadowing std in LOS (dB); 38.901 UMi 4, UMa 4
+    shadowing_std_nlos_db: float = 7.82  # in NLOS (dB); 38.901 UMi 7.82, UMa 6
+    shadowing_decorrelation_m: float = 10.0  # Gudmundson decorrelation distance (m); 38.901 UMi LOS 10
+    los_decorrelation_m: float = 50.0  # decorrelation distance of the LOS state (m); 38.901 UMi 50
+    # --- link ---------------------------------------------------------------------------
+    tx_power_dbm: float | None = None  # ES transmit power (dBm); None = the artifact's, else 30
+    noise_figure_db: float | None = None  # UE noise figure (dB); None = the artifact's, else 7
+    noise_psd_dbm_hz: float = -174.0  # thermal noise density (dBm/Hz)
+    snr_floor_db: float = -10.0  # rate floor: the link never runs slower than B log2(1 + SNR_floor)
+    # --- channel state information seen by the agent ------------------------------------
+    csi_delay_s: float = 0.005  # age of the channel estimate at decision time (s)
+    csi_error_std: float = 0.1  # estimation error std of h ~ CN(0, σ²) (NMSE = σ²)
+    history_length: int = 4  # number of past requests' SNR estimates in the observation (incl. the current)
+    # --- reward and constraints ---------------------------------------------------------
+    reward_psnr_weight: float = 0.0  # reward = (1 - w) accuracy + w psnr / psnr_scale_db
+    psnr_scale_db: float = 40.0  # PSNR that counts as quality 1 in the reward mix (dB)
+    limits: tuple[float, float] | None = None  # per-request average (latency s, UE energy J); None = derived
+    limit_fractions: tuple[float, float] = (0.3, 0.3)  # derived limit = cheapest + f (dearest - cheapest)
+    limit_samples: int = 4096  # stationary channel draws used to average action costs
+    single_cost: str = "normalised_sum"  # info["cost"]: "normalised_sum" (Σ c_i / limit_i), "latency" or "energy"
+    max_merge_ratio: float | None = None  # r_max of the continuous action; None = the artifact's largest
+
+    def validate(self) -> "MEGEnvConfig":
+        """Raises ``ValueError`` naming the field to change if the config is unusable."""
+        problems = []
+        if self.scenario not in ("umi", "uma"):
+            problems.append(f"scenario must be 'umi' or 'uma', got {self.scenario!r}")
+        if self.slot_s <= 0:
+            problems.append(f"slot_s must be > 0, got {self.slot_s}")
+        if not 0 < self.speed_min_mps <= self.speed_max_mps:
+            problems.append(f"need 0 < speed_min_mps <= speed_max_mps, got {self.speed_min_mps}, {self.speed_max_mps}")
+        if self.area_half_width_m <= self.min_distance_m:
+            problems.append("area_half_width_m must exceed min_distance_m")
+        if self.speed_max_mps * self.slot_s >= self.area_half_width_m:
+            problems.append("speed_max_mps * slot_s must be below area_half_width_m (one reflection per request)")
+        if self.bs_height_m <= 1.0 or self.ue_height_m <= 1.0:
+            problems.append("bs_height_m and ue_height_m must exceed 1 m (38.901 effective heights h - 1 m)")
+        for name in ("shadowing_decorrelation_m", "los_decorrelation_m", "carrier_hz", "psnr_scale_db"):
+            if getattr(self, name) <= 0:
+                problems.append(f"{name} must be > 0")
+        for name in ("csi_delay_s", "csi_error_std", "heading_std_rad", "shadowing_std_los_db", "shadowing_std_nlos_db"):
+            if getattr(self, name) < 0:
+                problems.append(f"{name} must be >= 0")
+        if self.history_length < 1:
+            problems.append(f"history_length must be >= 1, got {self.history_length}")
+        if not 0.0 <= self.reward_psnr_weight <= 1.0:
+            problems.append(f"reward_psnr_weight must lie in [0, 1], got {self.reward_psnr_weight}")
+        if self.limits is not None and (len(self.limits) != 2 or min(self.limits) <= 0):
+            problems.append(f"limits must be two positive numbers (latency s, energy J), got {self.limits}")
+        if len(self.limit_fractions) != 2 or not all(0.0 < f < 1.0 for f in self.limit_fractions):
+            problems.append(f"limit_fractions must be two numbers in (0, 1), got {self.limit_fractions}")
+        if self.limit_samples < 16:
+            problems.append("limit_samples must be >= 16")
+        if self.single_cost not in SINGLE_COSTS:
+            problems.append(f"single_cost must be one of {SINGLE_COSTS}, got {self.single_cost!r}")
+        if self.task_class_probs is not None and (
+            min(self.task_class_probs) < 0 or abs(sum(self.task_class_probs) - 1.0) > 1e-6
+        ):
+            problems.append(f"task_class_probs must be non-negative and sum to 1, got {self.task_class_probs}")
+        if self.max_merge_ratio is not None and not 0.0 <= self.max_merge_ratio < 1.0:
+            problems.append(f"max_merge_ratio must lie in [0, 1), got {self.max_merge_ratio}")
+        if problems:
+            raise ValueError("invalid MEGEnvConfig:\n  - " + "\n  - ".join(problems))
+        return self
+
+
+PRESETS: dict[str, MEGEnvConfig] = {
+    "tiny": MEGEnvConfig(),
+    "sdxl-mobile": MEGEnvConfig(
+        name="sdxl-mobile",
+        artifact_path="checkpoints/calibration/sdxl-1024.npz",
+        slot_s=2.0,  # SDXL-1024 requests take seconds; one request every 2 s
+    ),
+}
+
+
+def get_preset(name: str) -> MEGEnvConfig:
+    """The named preset (``tiny`` or ``sdxl-mobile``)."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown environment preset {name!r}; choose from {sorted(PRESETS)}")
+    return PRESETS[name]
