@@ -7,6 +7,7 @@ state dict, and compares outputs on the same random inputs (NCHW <-> NHWC).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 
@@ -18,6 +19,7 @@ import torch
 from diffusers import UNet2DConditionModel
 
 from meg_jax.backbone import UNet, UNetConfig, params_from_torch_state_dict
+from meg_jax.backbone.tome import ToMeConfig
 from meg_jax.backbone.unet import example_inputs
 
 TOL = 1e-4  # max abs, float32
@@ -191,3 +193,27 @@ def test_bad_inputs_say_what_to_change():
             UNet(sdxl).init, jax.random.key(0),
             **{k: v for k, v in example_inputs(sdxl).items() if k != "added_cond_kwargs"},
         )
+
+
+def test_tome_ratio_zero_is_the_plain_path_and_ratio_half_runs():
+    case = build_case("sd1x")
+    inputs = to_jax(case["inputs"])
+    plain = np.asarray(apply_fn("sd1x")(case["params"], **inputs))
+
+    off = dataclasses.replace(case["cfg"], tome=ToMeConfig(ratio=0.0))
+    np.testing.assert_array_equal(np.asarray(jax.jit(UNet(off).apply)(case["params"], **inputs)), plain)
+
+    # ratio 0.5 at the 8x8 level (64 tokens -> 32) and, with max_downsample 2, in the 4x4 blocks.
+    on = dataclasses.replace(case["cfg"], tome=ToMeConfig(ratio=0.5, max_downsample=2))
+    run = jax.jit(lambda p, key: UNet(on).apply(p, **inputs, rngs={"tome": key}))
+    a = np.asarray(run(case["params"], jax.random.key(0)))
+    b = np.asarray(run(case["params"], jax.random.key(0)))
+    c = np.asarray(run(case["params"], jax.random.key(1)))
+    assert np.isfinite(a).all()
+    np.testing.assert_array_equal(a, b)  # same key, same merge
+    assert np.abs(a - plain).max() > 1e-4  # merging changes the output
+    assert np.abs(a - c).max() > 0  # the key picks the destinations
+
+    det = dataclasses.replace(case["cfg"], tome=ToMeConfig(ratio=0.5, use_rand=False))
+    d = np.asarray(jax.jit(UNet(det).apply)(case["params"], **inputs))  # no "tome" rng needed
+    assert np.isfinite(d).all() and np.abs(d - plain).max() > 1e-4

@@ -34,6 +34,7 @@ __all__ = [
     "config_from_diffusers",
     "params_from_torch_state_dict",
     "params_to_torch_state_dict",
+    "check_state_dict_shapes",
     "param_shapes",
 ]
 
@@ -127,6 +128,99 @@ def _to_numpy(value: Any) -> np.ndarray:
     return np.asarray(value)
 
 
+def _flax_target(
+    key: str, shape: tuple[int, ...], expected: Mapping[tuple[str, ...], tuple[int, ...]]
+) -> tuple[tuple[str, ...] | None, str]:
+    """Where torch tensor ``key`` goes and how: (flax path or None if unexpected, transform).
+
+    transform: "copy", "linear" ([out, in] -> [in, out]), "conv" (OIHW -> HWIO) or
+    "conv1x1_linear" (a 1x1 conv stored for a linear layer, as in old VAE attention).
+    """
+    path, leaf = _torch_key_to_path(key)
+    if leaf == "bias":
+        target = path + ("bias",)
+    elif leaf == "weight":
+        target = path + ("scale",) if len(shape) == 1 else path + ("kernel",)
+    else:
+        return None, "copy"
+    if target not in expected:
+        return None, "copy"
+    if target[-1] != "kernel":
+        return target, "copy"
+    if len(shape) == 4 and len(expected[target]) == 2 and tuple(shape[2:]) == (1, 1):
+        return target, "conv1x1_linear"
+    return target, "conv" if len(shape) == 4 else "linear"
+
+
+def _flax_shape(shape: tuple[int, ...], transform: str) -> tuple[int, ...]:
+    if transform == "conv":
+        return (shape[2], shape[3], shape[1], shape[0])
+    if transform == "linear" and len(shape) == 2:
+        return (shape[1], shape[0])
+    if transform == "conv1x1_linear":
+        return (shape[1], shape[0])
+    return tuple(shape)
+
+
+def _convert_array(arr: np.ndarray, transform: str) -> np.ndarray:
+    if transform == "conv":
+        return arr.transpose(2, 3, 1, 0)
+    if transform == "linear" and arr.ndim == 2:
+        return arr.T
+    if transform == "conv1x1_linear":
+        return arr[:, :, 0, 0].T
+    return arr
+
+
+def _plan_conversion(
+    config: ModelConfig, shapes: Mapping[str, tuple[int, ...]]
+) -> dict[str, tuple[tuple[str, ...], str]]:
+    """Maps every torch key to (flax path, transform); raises naming every problem."""
+    expected = param_shapes(config)
+    plan: dict[str, tuple[tuple[str, ...], str]] = {}
+    unexpected: list[str] = []
+    mismatched: list[str] = []
+    covered: set[tuple[str, ...]] = set()
+    for key, shape in shapes.items():
+        shape = tuple(int(d) for d in shape)
+        target, transform = _flax_target(key, shape, expected)
+        if target is None:
+            unexpected.append(key)
+            continue
+        if target in covered:  # e.g. both old (query) and new (to_q) VAE attention names
+            unexpected.append(f"{key} (a second tensor for {'/'.join(target)})")
+            continue
+        covered.add(target)
+        got = _flax_shape(shape, transform)
+        if got != expected[target]:
+            mismatched.append(
+                f"{key}: checkpoint shape {shape} (Flax layout {got}) but {'/'.join(target)} "
+                f"of this config has shape {expected[target]}"
+            )
+            continue
+        plan[key] = (target, transform)
+    missing = sorted(_path_to_torch_key(p) for p in expected if p not in covered)
+    problems = []
+    if mismatched:
+        problems.append("shape mismatch:\n  " + "\n  ".join(mismatched))
+    if missing:
+        problems.append(f"missing from the checkpoint ({len(missing)}): {missing}")
+    if unexpected:
+        problems.append(f"unexpected in the checkpoint ({len(unexpected)}): {sorted(unexpected)}")
+    if problems:
+        raise ValueError(f"checkpoint does not fit {_class_name(config)} with this config:\n" + "\n".join(problems))
+    return plan
+
+
+def check_state_dict_shapes(config: ModelConfig, shapes: Mapping[str, tuple[int, ...]]) -> None:
+    """Checks torch key -> shape against ``config`` without touching any tensor data.
+
+    Raises:
+      ValueError: as :func:`params_from_torch_state_dict` does.
+    """
+    _plan_conversion(config, shapes)
+
+
 def params_from_torch_state_dict(config: ModelConfig, state_dict: Mapping[str, Any]) -> dict[str, Any]:
     """Converts a diffusers PyTorch state dict into Flax variables ``{"params": ...}``.
 
@@ -141,56 +235,12 @@ def params_from_torch_state_dict(config: ModelConfig, state_dict: Mapping[str, A
       ValueError: a tensor whose shape does not fit (naming the parameter and both shapes),
         or keys that are missing / unexpected (listing them).
     """
-    expected = param_shapes(config)
-    flat: dict[tuple[str, ...], np.ndarray] = {}
-    unexpected: list[str] = []
-    mismatched: list[str] = []
-    for key, value in state_dict.items():
-        path, leaf = _torch_key_to_path(key)
-        arr = _to_numpy(value)
-        if leaf == "bias":
-            target = path + ("bias",)
-        elif leaf == "weight":
-            target = path + ("scale",) if arr.ndim == 1 else path + ("kernel",)
-        else:
-            unexpected.append(key)
-            continue
-        if target not in expected:
-            unexpected.append(key)
-            continue
-        want = expected[target]
-        if target[-1] == "kernel":
-            if arr.ndim == 4 and len(want) == 2 and arr.shape[2:] == (1, 1):
-                arr = arr[:, :, 0, 0]  # 1x1 conv stored for a linear layer (old VAE attention)
-            if arr.ndim == 4:
-                arr = arr.transpose(2, 3, 1, 0)  # OIHW -> HWIO
-            elif arr.ndim == 2:
-                arr = arr.T  # [out, in] -> [in, out]
-        if tuple(arr.shape) != want:
-            mismatched.append(
-                f"{key}: checkpoint shape {tuple(_to_numpy(value).shape)} -> {tuple(arr.shape)} in Flax layout, "
-                f"but {'/'.join(target)} of this config needs {want}"
-            )
-            continue
-        flat[target] = np.asarray(arr, dtype=np.float32)
-    missing = sorted(_path_to_torch_key(p) for p in expected if p not in flat and not _mismatched(p, mismatched))
-    problems = []
-    if mismatched:
-        problems.append("shape mismatch:\n  " + "\n  ".join(mismatched))
-    if missing:
-        problems.append(f"missing from the checkpoint ({len(missing)}): {missing}")
-    if unexpected:
-        problems.append(f"unexpected in the checkpoint ({len(unexpected)}): {sorted(unexpected)}")
-    if problems:
-        raise ValueError(
-            f"checkpoint does not fit {_class_name(config)} with this config:\n" + "\n".join(problems)
-        )
+    plan = _plan_conversion(config, {k: tuple(v.shape) for k, v in state_dict.items()})
+    flat = {
+        target: np.ascontiguousarray(_convert_array(_to_numpy(state_dict[key]), transform), dtype=np.float32)
+        for key, (target, transform) in plan.items()
+    }
     return {"params": traverse_util.unflatten_dict(flat)}
-
-
-def _mismatched(path: tuple[str, ...], mismatched: list[str]) -> bool:
-    key = _path_to_torch_key(path)
-    return any(m.startswith(key + ":") for m in mismatched)
 
 
 def params_to_torch_state_dict(config: ModelConfig, params: Mapping[str, Any]) -> dict[str, np.ndarray]:

@@ -76,11 +76,9 @@ class BasicTransformerBlock(nn.Module):
     def _merge_plan(self, x: jax.Array, height: int, width: int, latent_tokens: int) -> Any:
         """ToMe plan for this block, or None when merging is off here (static decision)."""
         cfg = self.tome
-        if cfg is None or cfg.ratio <= 0:
-            return None
         n = x.shape[1]
         # ToMe for SD: merge only at resolutions at most max_downsample below the latent's.
-        if n * cfg.max_downsample**2 < latent_tokens:
+        if cfg is None or not cfg.applies(n, latent_tokens):
             return None
         from meg_jax.backbone import tome as tome_lib
 
