@@ -588,6 +588,10 @@ def stationary_channel_samples(params: EnvParams, key: Array, num: int) -> tuple
     return jax.vmap(one)(jax.random.split(key, num))
 
 
+_stationary_channel_samples_jit = jax.jit(stationary_channel_samples, static_argnums=2)
+_grid_action_table_jit = jax.jit(grid_action_table)
+
+
 @dataclasses.dataclass(frozen=True)
 class LimitReport:
     """What :func:`derive_limits` saw (per-request averages under the stationary channel)."""
@@ -612,8 +616,8 @@ def derive_limits(params: EnvParams, config: MEGEnvConfig, key: Array | None = N
     warns if "always max quality" already meets them (the limits would not bind).
     """
     key = jax.random.PRNGKey(0) if key is None else key
-    snr, cls = jax.jit(stationary_channel_samples, static_argnums=2)(params, key, config.limit_samples)
-    quality, costs = jax.jit(grid_action_table)(params, snr, cls)
+    snr, cls = _stationary_channel_samples_jit(params, key, config.limit_samples)
+    quality, costs = _grid_action_table_jit(params, snr, cls)
     quality, costs = np.asarray(quality, np.float64), np.asarray(costs, np.float64)
     mean_costs = costs.mean(axis=0)  # [A, 2]
     cheapest, dearest = mean_costs.min(axis=0), mean_costs.max(axis=0)
