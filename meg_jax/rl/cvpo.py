@@ -1,0 +1,582 @@
+"""MEG-CVPO: constrained variational policy optimisation with a vector of constraints, fully jitted.
+
+Liu et al., "Constrained Variational Policy Optimization for Safe Reinforcement Learning"
+(ICML 2022), as used by Xu et al. (IEEE TCCN 2025) to choose (K, r) per MEG request, here
+with one constraint per cost (latency, UE energy). One ``train_step(state, key)`` is a block:
+
+1. collection: ``env_steps_per_block`` vectorised steps of N parallel environments with the
+   current policy (uniform random actions until ``min_replay`` transitions are stored), each
+   transition written to a device-resident ring buffer (``replay.py``);
+2. ``updates_per_block`` gradient updates (``lax.scan``), each on a fresh batch of B:
+   * critics: twin reward Q (min in every backup) and one cost Q per constraint, TD targets
+     with the target critics and the target actor (``target_samples`` next actions averaged);
+   * E-step: M actions per state from pi_old (the target actor), scored by the target
+     critics; the dual over (eta, lam) solved to tolerance by warm-started projected Newton
+     (``dual.py``); q = softmax(log pi_old + (Q_r - lam . Q_c) / eta);
+   * M-step: weighted maximum likelihood with decoupled KL bounds on the mean and the
+     covariance of the diagonal Gaussian (a single KL bound for the categorical head), whose
+     multipliers alpha_mu, alpha_sigma follow projected dual ascent;
+   * polyak averaging of the target critics and the target actor.
+
+Conventions (documented choices where the paper is silent):
+
+* costs are divided by the episode-average limits, so a normalised cost of 1 is the limit;
+* the M-step sums over the M actions (weights sum to 1) and averages over the B states
+  (acme/rlax convention); the KL terms are averaged over states;
+* the agent sees the process as continuing: at an episode end it bootstraps into the next
+  episode's first observation (a truncation is not a termination; the observation carries
+  the episode progress). The Q-space thresholds are then ``limit (1 - gamma^T) / (1 - gamma)``
+  (``dual.q_space_threshold``, the references' formula with d = limit x T);
+* the discrete head's E-step is exact: every action of the K x r grid, weighted by pi_old.
+
+``make_cvpo(config, env, mesh)`` returns the pure functions; ``make_train(config, env,
+num_blocks)`` returns ``train(key)`` for a whole run (vmappable over seeds).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, NamedTuple, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+from flax import struct
+from jax.sharding import Mesh
+
+from meg_jax.rl import dual as dual_lib
+from meg_jax.rl import networks
+from meg_jax.rl.config import CVPOConfig
+from meg_jax.rl.replay import ReplayBuffer, Transition, replay_add, replay_init, replay_sample
+
+__all__ = [
+    "CVPOState",
+    "EpisodeTracker",
+    "CVPOAgent",
+    "make_cvpo",
+    "make_train",
+    "critic_targets",
+    "gaussian_mstep_loss",
+    "categorical_mstep_loss",
+    "update_alpha",
+    "polyak",
+    "env_limits",
+    "env_horizon",
+    "env_num_envs",
+]
+
+REWARD_HEADS = 2  # twin reward critics
+
+
+@struct.dataclass
+class EpisodeTracker:
+    """Per-block statistics of the episodes that ended (sums; divide by ``episodes``).
+
+    Attributes:
+      episodes: [] episodes finished in the block.
+      quality: [] sum over them of the episode-average quality.
+      costs: [m] sum over them of the episode-average costs (env units: s, J).
+    """
+
+    episodes: jax.Array
+    quality: jax.Array
+    costs: jax.Array
+
+    @classmethod
+    def zeros(cls, num_costs: int) -> "EpisodeTracker":
+        return cls(episodes=jnp.zeros((), jnp.float32), quality=jnp.zeros((), jnp.float32),
+                   costs=jnp.zeros((num_costs,), jnp.float32))
+
+
+@struct.dataclass
+class CVPOState:
+    """Everything a CVPO run carries from one block to the next (checkpointed whole).
+
+    Attributes:
+      actor, target_actor: policy parameters; the target actor is pi_old.
+      critic, target_critic: CriticEnsemble parameters, heads [r1, r2, c_1..c_m].
+      actor_opt, critic_opt: optax states.
+      eta: [] E-step temperature (warm start of the next solve).
+      lam: [m] E-step cost multipliers (normalised cost units).
+      alpha_mu, alpha_sigma: [] M-step KL multipliers.
+      env_state: brax State of the N environments (leaves [N, ...], sharded).
+      replay: ring buffer (leaves [N, capacity_per_env, ...], sharded).
+      block: [] int32 blocks done.
+      env_steps: [] int32 transitions collected (all environments).
+      updates: [] int32 gradient updates done.
+    """
+
+    actor: Any
+    target_actor: Any
+    critic: Any
+    target_critic: Any
+    actor_opt: Any
+    critic_opt: Any
+    eta: jax.Array
+    lam: jax.Array
+    alpha_mu: jax.Array
+    alpha_sigma: jax.Array
+    env_state: Any
+    replay: ReplayBuffer
+    block: jax.Array
+    env_steps: jax.Array
+    updates: jax.Array
+
+
+class CVPOAgent(NamedTuple):
+    """The pure functions of one CVPO configuration bound to one environment.
+
+    Attributes:
+      init: ``init(key) -> CVPOState``.
+      train_step: ``train_step(state, key) -> (state, metrics)``, one block.
+      act: ``act(actor_params, obs [N, obs_dim], key, deterministic) -> env action``.
+      thresholds: [m] Q-space thresholds of the normalised costs.
+      limits: [m] episode-average limits (env units).
+    """
+
+    init: Callable[[jax.Array], CVPOState]
+    train_step: Callable[[CVPOState, jax.Array], tuple[CVPOState, dict]]
+    act: Callable[..., jax.Array]
+    thresholds: jax.Array
+    limits: jax.Array
+
+
+# ----------------------------------------------------------------------------- env facts
+def env_limits(env: Any) -> jax.Array:
+    """[m] episode-average cost limits of a ``meg_jax.env.make`` environment (s, J)."""
+    return jnp.asarray(env.params.limits, jnp.float32)
+
+
+def env_horizon(env: Any) -> int:
+    """Requests per episode T."""
+    return int(env.episode_length)
+
+
+def env_num_envs(env: Any) -> int:
+    """Parallel environments N of a batched env."""
+    return int(env.num_envs)
+
+
+# ----------------------------------------------------------------------------- pure pieces
+def polyak(target: Any, online: Any, tau: float) -> Any:
+    """target <- (1 - tau) target + tau online, leafwise."""
+    return jax.tree.map(lambda t, o: (1.0 - tau) * t + tau * o, target, online)
+
+
+def critic_targets(
+    reward: jax.Array, costs: jax.Array, discount: jax.Array, next_values: jax.Array, gamma: float
+) -> tuple[jax.Array, jax.Array]:
+    """TD targets of the reward and cost critics.
+
+    Args:
+      reward: [B] rewards.
+      costs: [B, m] normalised costs.
+      discount: [B] 1 to bootstrap, 0 at a termination.
+      next_values: [B, 2 + m] target-critic values of the next state, averaged over next
+        actions from the target actor: [Q_r1, Q_r2, Q_c1, ..., Q_cm].
+      gamma: discount factor.
+
+    Returns:
+      y_r [B] = r + gamma d min(Q_r1, Q_r2) and y_c [B, m] = c + gamma d Q_c.
+    """
+    v_r = jnp.minimum(next_values[..., 0], next_values[..., 1])
+    v_c = next_values[..., REWARD_HEADS:]
+    y_r = reward + gamma * discount * v_r
+    y_c = costs + gamma * discount[..., None] * v_c
+    return y_r, y_c
+
+
+def gaussian_mstep_loss(
+    mean: jax.Array,
+    std: jax.Array,
+    mean_old: jax.Array,
+    std_old: jax.Array,
+    actions: jax.Array,
+    weights: jax.Array,
+    alpha_mu: jax.Array,
+    alpha_sigma: jax.Array,
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Decoupled weighted-ML loss of the Gaussian M-step (Abdolmaleki et al. 2018; CVPO eq. 10).
+
+    Args:
+      mean, std: [B, d] the policy being fitted.
+      mean_old, std_old: [B, d] pi_old.
+      actions: [B, M, d] actions sampled from pi_old (unclipped).
+      weights: [B, M] E-step weights q (rows sum to 1).
+      alpha_mu, alpha_sigma: [] KL multipliers (treated as constants).
+
+    Returns:
+      loss and {"nll", "kl_mean", "kl_std"}; kl_* are mean_s C_mu, C_Sigma.
+    """
+    logp_mu = networks.gaussian_log_prob(actions, mean[:, None], std_old[:, None])
+    logp_sigma = networks.gaussian_log_prob(actions, mean_old[:, None], std[:, None])
+    nll = -jnp.mean(jnp.sum(weights * (logp_mu + logp_sigma), axis=-1))
+    kl_mean = jnp.mean(networks.gaussian_kl_mean(mean_old, mean, std_old))
+    kl_std = jnp.mean(networks.gaussian_kl_std(std_old, std))
+    loss = nll + jax.lax.stop_gradient(alpha_mu) * kl_mean + jax.lax.stop_gradient(alpha_sigma) * kl_std
+    return loss, {"nll": nll, "kl_mean": kl_mean, "kl_std": kl_std}
+
+
+def categorical_mstep_loss(
+    logits: jax.Array, logits_old: jax.Array, weights: jax.Array, alpha: jax.Array
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Weighted ML of the categorical head under one KL(pi_old || pi) bound.
+
+    Args:
+      logits, logits_old: [B, A].
+      weights: [B, A] exact E-step weights over every action.
+      alpha: [] KL multiplier.
+    """
+    nll = -jnp.mean(jnp.sum(weights * jax.nn.log_softmax(logits, axis=-1), axis=-1))
+    kl = jnp.mean(networks.categorical_kl(logits_old, logits))
+    return nll + jax.lax.stop_gradient(alpha) * kl, {"nll": nll, "kl_mean": kl, "kl_std": jnp.zeros_like(kl)}
+
+
+def update_alpha(alpha: jax.Array, kl: jax.Array, epsilon: float, lr: float, alpha_max: float) -> jax.Array:
+    """Projected dual ascent: alpha <- clip(alpha + lr (KL / eps - 1), 0, alpha_max).
+
+    The step is measured in units of the bound so one learning rate serves every epsilon.
+    """
+    return jnp.clip(alpha + lr * (kl / epsilon - 1.0), 0.0, alpha_max)
+
+
+# ----------------------------------------------------------------------------- the agent
+def make_cvpo(config: CVPOConfig, env: Any, mesh: Optional[Mesh] = None) -> CVPOAgent:
+    """Binds CVPO to a batched environment.
+
+    Args:
+      config: hyperparameters.
+      env: a ``meg_jax.env.make`` environment (N = ``env.num_envs`` parallel episodes);
+        ``config.discrete`` must match how it was made.
+      mesh: a ``"data"`` mesh (``meg_jax.parallel.make_mesh``); when given, sampled batches
+        are constrained to be sharded over it (environment and replay shardings come from
+        how the state is placed, see ``meg_jax.rl.sharding``).
+
+    Returns:
+      the agent's pure functions.
+    """
+    _validate(config, env)
+    num_envs = env_num_envs(env)
+    horizon = env_horizon(env)
+    limits = env_limits(env)
+    m = int(limits.shape[0])
+    obs_dim = int(env.observation_size)
+    discrete = config.discrete
+    num_heads = REWARD_HEADS + m
+    capacity_per_env = max(1, config.replay_capacity // num_envs)
+    min_replay_steps = max(1, math.ceil(config.min_replay / num_envs))
+    thresholds = dual_lib.q_space_threshold(
+        jnp.full((m,), 1.0 - config.cost_margin, jnp.float32), config.gamma, horizon
+    )
+
+    if discrete:
+        num_actions = int(env.num_actions)
+        actor_net = networks.CategoricalPolicy(config.actor_hidden, num_actions)
+        critic_net = networks.DiscreteCriticEnsemble(
+            config.critic_hidden, num_heads, num_actions, config.critic_layer_norm
+        )
+    else:
+        action_dim = int(env.action_size)
+        actor_net = networks.GaussianPolicy(config.actor_hidden, action_dim, config.init_std, config.min_std)
+        critic_net = networks.CriticEnsemble(config.critic_hidden, num_heads, config.critic_layer_norm)
+
+    actor_tx = optax.chain(optax.clip_by_global_norm(config.max_grad_norm), optax.adam(config.actor_lr))
+    critic_tx = optax.chain(optax.clip_by_global_norm(config.max_grad_norm), optax.adam(config.critic_lr))
+
+    def constrain(tree: Any) -> Any:
+        if mesh is None:
+            return tree
+        from meg_jax.parallel import constrain_batch
+
+        return constrain_batch(tree, mesh)
+
+    # ---------------------------------------------------------------- acting
+    def act(actor_params: Any, obs: jax.Array, key: jax.Array, deterministic: bool = False) -> jax.Array:
+        """Environment action for obs [N, obs_dim]: [N, d] in [-1, 1] or [N] int32."""
+        if discrete:
+            logits = actor_net.apply(actor_params, obs)
+            if deterministic:
+                return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+            return jax.random.categorical(key, logits).astype(jnp.int32)
+        mean, std = actor_net.apply(actor_params, obs)
+        a = mean if deterministic else networks.gaussian_sample(key, mean, std)
+        return jnp.clip(a, -1.0, 1.0)
+
+    def random_action(key: jax.Array, n: int) -> jax.Array:
+        if discrete:
+            return jax.random.randint(key, (n,), 0, num_actions, jnp.int32)
+        return jax.random.uniform(key, (n, action_dim), jnp.float32, -1.0, 1.0)
+
+    # ---------------------------------------------------------------- init
+    def init(key: jax.Array) -> CVPOState:
+        k_actor, k_critic, k_env = jax.random.split(key, 3)
+        obs = jnp.zeros((1, obs_dim), jnp.float32)
+        actor = actor_net.init(k_actor, obs)
+        if discrete:
+            critic = critic_net.init(k_critic, obs)
+            example_action = jnp.zeros((num_envs,), jnp.int32)
+        else:
+            critic = critic_net.init(k_critic, obs, jnp.zeros((1, action_dim), jnp.float32))
+            example_action = jnp.zeros((num_envs, action_dim), jnp.float32)
+        env_state = env.reset(k_env)
+        zeros_n = jnp.zeros_like(env_state.reward)
+        example = Transition(
+            obs=env_state.obs,
+            action=example_action,
+            reward=zeros_n,
+            costs=jnp.zeros_like(env_state.info["costs"]),
+            next_obs=env_state.obs,
+            discount=zeros_n,
+        )
+        return CVPOState(
+            actor=actor,
+            target_actor=actor,
+            critic=critic,
+            target_critic=critic,
+            actor_opt=actor_tx.init(actor),
+            critic_opt=critic_tx.init(critic),
+            eta=jnp.asarray(config.eta_init, jnp.float32),
+            lam=jnp.zeros((m,), jnp.float32),
+            alpha_mu=jnp.zeros((), jnp.float32),
+            alpha_sigma=jnp.zeros((), jnp.float32),
+            env_state=env_state,
+            replay=replay_init(example, capacity_per_env),
+            block=jnp.zeros((), jnp.int32),
+            env_steps=jnp.zeros((), jnp.int32),
+            updates=jnp.zeros((), jnp.int32),
+        )
+
+    # ---------------------------------------------------------------- collection
+    def collect_one(carry: tuple[CVPOState, EpisodeTracker], key: jax.Array):
+        state, tracker = carry
+        k_pol, k_rand = jax.random.split(key)
+        es = state.env_state
+        warm = state.replay.size < min_replay_steps
+        policy_action = act(state.actor, es.obs, k_pol)
+        action = jnp.where(warm, random_action(k_rand, num_envs), policy_action)
+        nxt = env.step(es, action)
+        done = nxt.done
+        truncation = nxt.info["truncation"]
+        transition = Transition(
+            obs=es.obs,
+            action=action,
+            reward=nxt.reward,
+            costs=nxt.info["costs"] / limits,
+            next_obs=nxt.obs,  # continuing view: after an episode end, the next episode's start
+            discount=1.0 - done * (1.0 - truncation),
+        )
+        replay = replay_add(state.replay, transition)
+        ep_costs = jnp.stack([nxt.metrics["avg_latency_s"], nxt.metrics["avg_energy_j"]], axis=-1)
+        tracker = EpisodeTracker(
+            episodes=tracker.episodes + jnp.sum(done),
+            quality=tracker.quality + jnp.sum(done * nxt.metrics["avg_quality"]),
+            costs=tracker.costs + jnp.sum(done[:, None] * ep_costs, axis=0),
+        )
+        state = state.replace(env_state=nxt, replay=replay, env_steps=state.env_steps + num_envs)
+        return (state, tracker), None
+
+    # ---------------------------------------------------------------- one update
+    def next_values(state: CVPOState, next_obs: jax.Array, key: jax.Array) -> jax.Array:
+        if discrete:
+            probs = jax.nn.softmax(actor_net.apply(state.target_actor, next_obs), axis=-1)  # [B, A]
+            q = critic_net.apply(state.target_critic, next_obs)  # [B, A, H]
+            q_min = jnp.minimum(q[..., 0], q[..., 1])
+            v_r = jnp.sum(probs * q_min, axis=-1)
+            v_c = jnp.einsum("ba,bah->bh", probs, q[..., REWARD_HEADS:])
+            # pack as heads so critic_targets' min is the identity on (v_r, v_r)
+            return jnp.concatenate([v_r[:, None], v_r[:, None], v_c], axis=-1)
+        mean, std = actor_net.apply(state.target_actor, next_obs)
+        a = jnp.clip(networks.gaussian_sample(key, mean, std, config.target_samples), -1.0, 1.0)  # [K', B, d]
+        q = critic_net.apply(state.target_critic, jnp.broadcast_to(next_obs, a.shape[:-1] + next_obs.shape[-1:]), a)
+        # min of the twins per sampled action, then the mean over actions
+        q_min = jnp.minimum(q[..., 0], q[..., 1])  # [K', B]
+        v_r = jnp.mean(q_min, axis=0)
+        v_c = jnp.mean(q[..., REWARD_HEADS:], axis=0)
+        return jnp.concatenate([v_r[:, None], v_r[:, None], v_c], axis=-1)
+
+    def critic_update(state: CVPOState, batch: Transition, key: jax.Array):
+        nv = jax.lax.stop_gradient(next_values(state, batch.next_obs, key))
+        y_r, y_c = critic_targets(batch.reward, batch.costs, batch.discount, nv, config.gamma)
+        targets = jnp.concatenate([y_r[:, None], y_r[:, None], y_c], axis=-1)  # [B, H]
+
+        def loss_fn(params):
+            if discrete:
+                q_all = critic_net.apply(params, batch.obs)  # [B, A, H]
+                q = jnp.take_along_axis(q_all, batch.action[:, None, None], axis=1)[:, 0]
+            else:
+                q = critic_net.apply(params, batch.obs, batch.action)  # [B, H]
+            per_head = jnp.mean((q - targets) ** 2, axis=0)  # [H]
+            return jnp.sum(per_head), per_head
+
+        (loss, per_head), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.critic)
+        updates, opt = critic_tx.update(grads, state.critic_opt, state.critic)
+        critic = optax.apply_updates(state.critic, updates)
+        metrics = {"critic_loss": loss, "reward_critic_loss": per_head[0], "cost_critic_loss": per_head[REWARD_HEADS:]}
+        return state.replace(critic=critic, critic_opt=opt), metrics
+
+    def estep(state: CVPOState, obs: jax.Array, key: jax.Array):
+        """Candidates, their values and prior under pi_old, and the solved dual."""
+        if discrete:
+            logits_old = actor_net.apply(state.target_actor, obs)  # [B, A]
+            q = critic_net.apply(state.target_critic, obs)  # [B, A, H]
+            log_prior = jax.nn.log_softmax(logits_old, axis=-1)
+            candidates = logits_old
+        else:
+            mean_old, std_old = actor_net.apply(state.target_actor, obs)
+            a = networks.gaussian_sample(key, mean_old, std_old, config.num_action_samples)  # [M, B, d]
+            a = jnp.swapaxes(a, 0, 1)  # [B, M, d]
+            obs_b = jnp.broadcast_to(obs[:, None], a.shape[:-1] + obs.shape[-1:])
+            q = critic_net.apply(state.target_critic, obs_b, jnp.clip(a, -1.0, 1.0))  # [B, M, H]
+            log_prior = jnp.full(a.shape[:2], -math.log(config.num_action_samples), jnp.float32)
+            candidates = (a, mean_old, std_old)
+        q_r = jnp.minimum(q[..., 0], q[..., 1])
+        q_c = q[..., REWARD_HEADS:]
+        sol = dual_lib.solve_estep_dual(
+            q_r, q_c, log_prior, config.kl_epsilon, thresholds, state.eta, state.lam,
+            max_iters=config.dual_iters, tol=config.dual_tol, lam_max=config.lam_max,
+        )
+        weights = jax.lax.stop_gradient(dual_lib.estep_weights(q_r, q_c, log_prior, sol.eta, sol.lam))
+        return candidates, weights, sol
+
+    def mstep(state: CVPOState, obs: jax.Array, candidates: Any, weights: jax.Array):
+        if discrete:
+            logits_old = candidates
+
+            def loss_fn(params):
+                return categorical_mstep_loss(actor_net.apply(params, obs), logits_old, weights, state.alpha_mu)
+        else:
+            actions, mean_old, std_old = candidates
+
+            def loss_fn(params):
+                mean, std = actor_net.apply(params, obs)
+                return gaussian_mstep_loss(
+                    mean, std, mean_old, std_old, actions, weights, state.alpha_mu, state.alpha_sigma
+                )
+
+        (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.actor)
+        updates, opt = actor_tx.update(grads, state.actor_opt, state.actor)
+        actor = optax.apply_updates(state.actor, updates)
+        alpha_mu = update_alpha(state.alpha_mu, aux["kl_mean"], config.kl_mean, config.alpha_lr, config.alpha_max)
+        alpha_sigma = update_alpha(state.alpha_sigma, aux["kl_std"], config.kl_std, config.alpha_lr, config.alpha_max)
+        metrics = {"actor_loss": loss, **aux, "alpha_mu": state.alpha_mu, "alpha_sigma": state.alpha_sigma}
+        return state.replace(actor=actor, actor_opt=opt, alpha_mu=alpha_mu, alpha_sigma=alpha_sigma), metrics
+
+    def update(state: CVPOState, key: jax.Array):
+        k_sample, k_target, k_estep = jax.random.split(key, 3)
+        batch = constrain(replay_sample(state.replay, k_sample, config.batch_size))
+        state, c_metrics = critic_update(state, batch, k_target)
+        candidates, weights, sol = estep(state, batch.obs, k_estep)
+        state, a_metrics = mstep(state, batch.obs, candidates, weights)
+        state = state.replace(
+            target_critic=polyak(state.target_critic, state.critic, config.tau),
+            target_actor=polyak(state.target_actor, state.actor, config.tau),
+            eta=sol.eta,
+            lam=sol.lam,
+            updates=state.updates + 1,
+        )
+        if not discrete:
+            a_metrics["policy_std"] = jnp.mean(candidates[2])
+        metrics = {
+            **c_metrics,
+            **a_metrics,
+            "eta": sol.eta,
+            "lam": sol.lam,
+            "estep_kl": sol.kl,
+            "estep_costs_over_threshold": sol.expected_costs / thresholds,
+            "estep_reward": sol.expected_reward,
+            "dual_value": sol.value,
+            "dual_iterations": sol.iterations,
+        }
+        return state, metrics
+
+    def maybe_update(state: CVPOState, key: jax.Array):
+        ready = state.replay.size >= min_replay_steps
+
+        def skip(s, k):
+            shapes = jax.eval_shape(update, s, k)[1]
+            return s, jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), shapes)
+
+        state, metrics = jax.lax.cond(ready, update, skip, state, key)
+        return state, {**metrics, "updated": ready.astype(jnp.float32)}
+
+    # ---------------------------------------------------------------- the block
+    def train_step(state: CVPOState, key: jax.Array) -> tuple[CVPOState, dict[str, Any]]:
+        """One block: collection, then updates. Update metrics come back [updates_per_block]
+        (zeros, with ``updated`` = 0, before the replay holds ``min_replay`` transitions);
+        episode metrics are sums over the episodes that ended in the block."""
+        k_collect, k_update = jax.random.split(key)
+        (state, tracker), _ = jax.lax.scan(
+            collect_one, (state, EpisodeTracker.zeros(m)), jax.random.split(k_collect, config.env_steps_per_block)
+        )
+        state, update_metrics = jax.lax.scan(
+            maybe_update, state, jax.random.split(k_update, config.updates_per_block)
+        )
+        state = state.replace(block=state.block + 1)
+        metrics = {
+            **update_metrics,
+            "episodes": tracker.episodes,
+            "episode_quality_sum": tracker.quality,
+            "episode_costs_sum": tracker.costs,
+            "env_steps": state.env_steps,
+        }
+        return state, metrics
+
+    return CVPOAgent(init=init, train_step=train_step, act=act, thresholds=thresholds, limits=limits)
+
+
+def _validate(config: CVPOConfig, env: Any) -> None:
+    problems = []
+    if config.discrete != bool(getattr(env.unwrapped, "discrete", False)):
+        problems.append(
+            f"cvpo.discrete={config.discrete} but the environment was made with discrete="
+            f"{bool(getattr(env.unwrapped, 'discrete', False))}; make both agree"
+        )
+    if not 0.0 <= config.gamma < 1.0:
+        problems.append(f"cvpo.gamma must be in [0, 1), got {config.gamma}")
+    for name in ("batch_size", "num_action_samples", "env_steps_per_block", "updates_per_block", "target_samples"):
+        if getattr(config, name) < 1:
+            problems.append(f"cvpo.{name} must be >= 1, got {getattr(config, name)}")
+    for name in ("kl_epsilon", "kl_mean", "kl_std", "tau", "actor_lr", "critic_lr"):
+        if getattr(config, name) <= 0:
+            problems.append(f"cvpo.{name} must be > 0, got {getattr(config, name)}")
+    if not 0.0 <= config.cost_margin < 1.0:
+        problems.append(f"cvpo.cost_margin must be in [0, 1), got {config.cost_margin}")
+    if config.replay_capacity < env_num_envs(env):
+        problems.append(
+            f"cvpo.replay_capacity={config.replay_capacity} is below the {env_num_envs(env)} parallel "
+            "environments; it must hold at least one step of each"
+        )
+    if problems:
+        raise ValueError("invalid CVPO config:\n  - " + "\n  - ".join(problems))
+
+
+def make_train(config: CVPOConfig, env: Any, num_blocks: int) -> Callable[[jax.Array], tuple[CVPOState, dict]]:
+    """``train(key) -> (final state, stacked metrics)``: a whole run as one function.
+
+    Block b uses key ``fold_in(key_run, b)``, the same keys the host loop of
+    ``train/cvpo.py`` uses, so a vmapped ``train`` over seeds reproduces the job's runs.
+    """
+    agent = make_cvpo(config, env)
+
+    def train(key: jax.Array):
+        k_init, k_run = jax.random.split(key)
+        state = agent.init(k_init)
+
+        def body(s, _):
+            return agent.train_step(s, jax.random.fold_in(k_run, s.block))
+
+        return jax.lax.scan(body, state, None, length=num_blocks)
+
+    return train
+
+
+def block_key(run_key: jax.Array, block: jax.Array) -> jax.Array:
+    """The key of block ``block`` (shared by ``make_train`` and the host loop)."""
+    return jax.random.fold_in(run_key, block)
+
+
+def split_run_key(key: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(init key, run key) from a run's seed key, as ``make_train`` splits it."""
+    k_init, k_run = jax.random.split(key)
+    return k_init, k_run

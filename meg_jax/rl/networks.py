@@ -1,0 +1,180 @@
+"""Policy and critic networks of the constrained agents (Flax linen), and their distributions.
+
+* ``GaussianPolicy``: diagonal Gaussian over the continuous action in [-1, 1]^d. The action
+  is not squashed (tanh-free, as in the CVPO reference); the environment clips it. The mean
+  is linear, the standard deviation ``softplus(.) + min_std``, both state dependent.
+* ``CategoricalPolicy``: logits over the discrete K x r grid.
+* ``CriticEnsemble``: ``num_heads`` independent Q(s, a) MLPs evaluated in one call (a
+  vmapped module). CVPO uses heads [reward_1, reward_2, cost_1, ..., cost_m].
+* ``DiscreteCriticEnsemble``: the same with Q(s, .) for every discrete action at once.
+* ``ValueEnsemble``: V(s) heads for PPO (reward + one per constraint).
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+__all__ = [
+    "MLP",
+    "GaussianPolicy",
+    "CategoricalPolicy",
+    "CriticEnsemble",
+    "DiscreteCriticEnsemble",
+    "ValueEnsemble",
+    "gaussian_log_prob",
+    "gaussian_sample",
+    "gaussian_kl_mean",
+    "gaussian_kl_std",
+    "categorical_kl",
+]
+
+
+class MLP(nn.Module):
+    """ReLU MLP with optional LayerNorm after each hidden layer.
+
+    Attributes:
+      hidden: widths of the hidden layers.
+      out: output width.
+      layer_norm: LayerNorm after each hidden Dense.
+      out_scale: variance scaling of the last layer's init (small = near-zero outputs).
+    """
+
+    hidden: Sequence[int]
+    out: int
+    layer_norm: bool = False
+    out_scale: float = 1.0
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        for width in self.hidden:
+            x = nn.Dense(width)(x)
+            if self.layer_norm:
+                x = nn.LayerNorm()(x)
+            x = nn.relu(x)
+        init = nn.initializers.variance_scaling(self.out_scale, "fan_in", "truncated_normal")
+        return nn.Dense(self.out, kernel_init=init)(x)
+
+
+class GaussianPolicy(nn.Module):
+    """pi(a|s) = N(mean(s), diag(std(s)^2)); returns (mean [..., d], std [..., d])."""
+
+    hidden: Sequence[int]
+    action_dim: int
+    init_std: float = 0.5
+    min_std: float = 1e-3
+
+    @nn.compact
+    def __call__(self, obs: jax.Array) -> tuple[jax.Array, jax.Array]:
+        out = MLP(self.hidden, 2 * self.action_dim, out_scale=0.01)(obs)
+        mean, raw = jnp.split(out, 2, axis=-1)
+        # softplus offset so that raw = 0 gives init_std
+        offset = jnp.log(jnp.expm1(self.init_std - self.min_std))
+        std = jax.nn.softplus(raw + offset) + self.min_std
+        return mean, std
+
+
+class CategoricalPolicy(nn.Module):
+    """pi(a|s) = softmax(logits(s)); returns logits [..., num_actions]."""
+
+    hidden: Sequence[int]
+    num_actions: int
+
+    @nn.compact
+    def __call__(self, obs: jax.Array) -> jax.Array:
+        return MLP(self.hidden, self.num_actions, out_scale=0.01)(obs)
+
+
+class CriticEnsemble(nn.Module):
+    """``num_heads`` independent Q(s, a) MLPs; returns [..., num_heads]."""
+
+    hidden: Sequence[int]
+    num_heads: int
+    layer_norm: bool = True
+
+    @nn.compact
+    def __call__(self, obs: jax.Array, action: jax.Array) -> jax.Array:
+        x = jnp.concatenate([obs, action], axis=-1)
+        heads = nn.vmap(
+            MLP,
+            variable_axes={"params": 0},
+            split_rngs={"params": True},
+            in_axes=None,
+            out_axes=-1,
+            axis_size=self.num_heads,
+        )(self.hidden, 1, self.layer_norm)
+        return heads(x)[..., 0, :]
+
+
+class DiscreteCriticEnsemble(nn.Module):
+    """``num_heads`` Q(s, .) MLPs over every discrete action; returns [..., num_actions, num_heads]."""
+
+    hidden: Sequence[int]
+    num_heads: int
+    num_actions: int
+    layer_norm: bool = True
+
+    @nn.compact
+    def __call__(self, obs: jax.Array) -> jax.Array:
+        heads = nn.vmap(
+            MLP,
+            variable_axes={"params": 0},
+            split_rngs={"params": True},
+            in_axes=None,
+            out_axes=-1,
+            axis_size=self.num_heads,
+        )(self.hidden, self.num_actions, self.layer_norm)
+        return heads(obs)
+
+
+class ValueEnsemble(nn.Module):
+    """``num_heads`` V(s) MLPs; returns [..., num_heads]."""
+
+    hidden: Sequence[int]
+    num_heads: int
+
+    @nn.compact
+    def __call__(self, obs: jax.Array) -> jax.Array:
+        heads = nn.vmap(
+            MLP,
+            variable_axes={"params": 0},
+            split_rngs={"params": True},
+            in_axes=None,
+            out_axes=-1,
+            axis_size=self.num_heads,
+        )(self.hidden, 1)
+        return heads(obs)[..., 0, :]
+
+
+def gaussian_log_prob(action: jax.Array, mean: jax.Array, std: jax.Array) -> jax.Array:
+    """log N(action; mean, diag(std^2)) summed over the last axis, [...]."""
+    z = (action - mean) / std
+    return jnp.sum(-0.5 * z * z - jnp.log(std) - 0.5 * jnp.log(2.0 * jnp.pi), axis=-1)
+
+
+def gaussian_sample(key: jax.Array, mean: jax.Array, std: jax.Array, num: int | None = None) -> jax.Array:
+    """Samples [num, ..., d] (or [..., d] when num is None) actions."""
+    shape = mean.shape if num is None else (num,) + mean.shape
+    return mean + std * jax.random.normal(key, shape, mean.dtype)
+
+
+def gaussian_kl_mean(mean_old: jax.Array, mean: jax.Array, std_old: jax.Array) -> jax.Array:
+    """Mean part of KL(pi_old || pi): 1/2 (mu - mu_old)^T Sigma_old^-1 (mu - mu_old), [...]."""
+    z = (mean - mean_old) / std_old
+    return 0.5 * jnp.sum(z * z, axis=-1)
+
+
+def gaussian_kl_std(std_old: jax.Array, std: jax.Array) -> jax.Array:
+    """Covariance part: 1/2 [tr(Sigma^-1 Sigma_old) - d + log |Sigma| / |Sigma_old|], [...]."""
+    ratio = (std_old / std) ** 2
+    return 0.5 * jnp.sum(ratio - 1.0 - jnp.log(ratio), axis=-1)
+
+
+def categorical_kl(logits_old: jax.Array, logits: jax.Array) -> jax.Array:
+    """KL(pi_old || pi) of two categoricals, [...]."""
+    logp_old = jax.nn.log_softmax(logits_old, axis=-1)
+    logp = jax.nn.log_softmax(logits, axis=-1)
+    return jnp.sum(jnp.exp(logp_old) * (logp_old - logp), axis=-1)

@@ -1,0 +1,370 @@
+"""Train MEG-CVPO (or a baseline) on the MEG environment; resumable, sharded, multi-host.
+
+    python -m train.cvpo --env.preset tiny --seed 0 --workdir runs/cvpo-tiny-0
+    python -m train.cvpo --algo ppo_lag --env.preset sdxl-mobile --workdir runs/ppo-sdxl --cvpo.batch_size=512
+    python -m train.cvpo --distributed --coordinator host0:1234 --num-processes 2 --process-id 0 ...
+
+Any field of ``meg_jax.rl.config.RunConfig`` can be overridden as ``--a.b=value`` or
+``--a.b value`` (``--env.preset``, ``--cvpo.batch_size``, ``--ppo.lagrange_lr``,
+``--total_env_steps`` ...). ``--env.artifact synthetic`` uses the synthetic test artifact
+(for tests and labelled synthetic results only).
+
+The work directory receives ``config.json`` (the resolved config; a rerun with another
+config is refused naming the fields), ``metrics.jsonl`` + TensorBoard events (one record
+per host iteration), ``estep/`` (eta, lam, the achieved KL and expected costs under q for
+every update), orbax checkpoints of the whole train state (``checkpoints/``) and, at the end,
+``eval.json``: the policy and the baselines on the same fresh episodes. A rerun of the same
+command resumes from the latest checkpoint and ends bit-identical to an uninterrupted run on
+CPU. A non-finite metric or parameter stops the run with exit code 3, keeping the last good
+checkpoint. ``--algo fixed|oracle|max_quality`` only evaluates the baseline.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import sys
+import time
+from typing import Any, Optional, Sequence
+
+import numpy as np
+
+from meg_jax import config as config_lib
+from meg_jax.rl.config import ALGOS, RunConfig
+
+__all__ = ["main", "parse_args", "run", "TrainResult"]
+
+EXIT_BAD_CONFIG = 2
+EXIT_NON_FINITE = 3
+
+
+@dataclasses.dataclass
+class TrainResult:
+    """What :func:`run` returns to callers and tests."""
+
+    config: RunConfig
+    state: Any  # final train state (None for evaluation-only algos)
+    iterations: int  # host iterations done in total (including resumed ones)
+    evaluation: Optional[dict]  # eval.json content (None if halted before the end)
+
+
+def parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, RunConfig]:
+    """Splits the command line into job flags and a resolved ``RunConfig``.
+
+    Raises:
+      ValueError: an unknown config field or a malformed value (names the valid fields).
+    """
+    parser = argparse.ArgumentParser(prog="python -m train.cvpo", description=__doc__.split("\n")[0])
+    parser.add_argument("--workdir", required=True, help="run directory (created; resumed if it holds a checkpoint)")
+    parser.add_argument("--algo", choices=ALGOS, help="agent or baseline (default: the config's, cvpo)")
+    parser.add_argument("--seed", type=int, help="PRNG seed")
+    parser.add_argument("--config", help="a config.json to start from (then the overrides apply)")
+    parser.add_argument("--distributed", action="store_true", help="call jax.distributed.initialize()")
+    parser.add_argument("--coordinator", help="coordinator address host:port (default: from the cluster env)")
+    parser.add_argument("--num-processes", type=int, help="number of processes (default: from the cluster env)")
+    parser.add_argument("--process-id", type=int, help="this process's id (default: from the cluster env)")
+    parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    args, rest = parser.parse_known_args(list(argv))
+    overrides = []
+    i = 0
+    while i < len(rest):
+        item = rest[i]
+        if not item.startswith("--"):
+            raise ValueError(f"unexpected argument {item!r}; config overrides look like --a.b=value")
+        item = item[2:]
+        if "=" not in item:
+            if i + 1 >= len(rest):
+                raise ValueError(f"override --{item} needs a value")
+            item = f"{item}={rest[i + 1]}"
+            i += 1
+        overrides.append(item)
+        i += 1
+    if args.algo is not None:
+        overrides.append(f"algo={args.algo}")
+    if args.seed is not None:
+        overrides.append(f"seed={args.seed}")
+    # a bare string value for env.artifact / env.preset must stay a string
+    overrides = [_quote_strings(o) for o in overrides]
+    base = config_lib.load_json(RunConfig, args.config) if args.config else RunConfig()
+    config = config_lib.apply_overrides(base, overrides)
+    if config.algo not in ALGOS:
+        raise ValueError(f"unknown algo {config.algo!r}; choose from {list(ALGOS)}")
+    return args, config
+
+
+def _quote_strings(override: str) -> str:
+    key, value = override.split("=", 1)
+    if key in ("env.preset", "env.artifact", "algo") and value not in ("null",) and not value.startswith('"'):
+        return f"{key}={json.dumps(value)}"
+    return override
+
+
+# ----------------------------------------------------------------------------- helpers
+def _make_envs(config: RunConfig):
+    """(training env, its discreteness, artifact object or None)."""
+    from meg_jax.rl.evaluate import make_env
+
+    artifact = None
+    if config.env.artifact == "synthetic":
+        from meg_jax.meg.artifact import synthetic_artifact
+
+        artifact = synthetic_artifact()
+    discrete = config.ppo.discrete if config.algo in ("ppo_lag", "ppo") else config.cvpo.discrete
+    env = make_env(config.env, discrete=discrete, artifact=artifact)
+    return env, discrete, artifact
+
+
+def _local(tree: Any) -> Any:
+    """Host copy of a replicated (possibly multi-process) pytree."""
+    import jax
+
+    def get(x):
+        if isinstance(x, jax.Array) and not x.is_fully_addressable:
+            return np.asarray(x.addressable_data(0))
+        return np.asarray(x)
+
+    return jax.tree.map(get, tree)
+
+
+def _summarize(algo: str, metrics: dict, limits: np.ndarray) -> tuple[dict[str, float], list[dict[str, float]]]:
+    """Host summary of one iteration's stacked metrics, and the per-update E-step records."""
+    m = {k: np.asarray(v) for k, v in _local(metrics).items()}
+    out: dict[str, float] = {}
+    episodes = float(m["episodes"].sum())
+    out["episodes"] = episodes
+    if episodes > 0:
+        out["episode_quality"] = float(m["episode_quality_sum"].sum() / episodes)
+        costs = m["episode_costs_sum"].sum(axis=0) / episodes
+        for j, name in enumerate(("latency", "energy")):
+            out[f"episode_{name}_over_limit"] = float(costs[j] / limits[j])
+    out["env_steps"] = float(m["env_steps"].reshape(-1)[-1])
+    per_update: list[dict[str, float]] = []
+    if algo == "cvpo":
+        updated = m["updated"].reshape(-1) > 0.5
+        out["updates_done"] = float(updated.sum())
+        if updated.any():
+            for k in ("critic_loss", "reward_critic_loss", "actor_loss", "nll", "kl_mean", "kl_std", "estep_kl",
+                      "estep_reward", "dual_iterations", "policy_std"):
+                if k in m:
+                    out[k] = float(m[k].reshape(-1)[updated].mean())
+            last = {k: m[k].reshape((-1,) + m[k].shape[2:])[updated][-1] for k in ("eta", "lam", "alpha_mu", "alpha_sigma")}
+            out["eta"] = float(last["eta"])
+            out["alpha_mu"] = float(last["alpha_mu"])
+            out["alpha_sigma"] = float(last["alpha_sigma"])
+            for j in range(limits.shape[0]):
+                out[f"lam_{j}"] = float(last["lam"][j])
+            flat = {k: m[k].reshape((-1,) + m[k].shape[2:])[updated] for k in ("eta", "lam", "estep_kl", "estep_costs_over_threshold")}
+            for i in range(flat["eta"].shape[0]):
+                rec = {"eta": float(flat["eta"][i]), "estep_kl": float(flat["estep_kl"][i])}
+                for j in range(limits.shape[0]):
+                    rec[f"lam_{j}"] = float(flat["lam"][i][j])
+                    rec[f"estep_cost_{j}_over_threshold"] = float(flat["estep_costs_over_threshold"][i][j])
+                per_update.append(rec)
+    else:
+        out["policy_loss"] = float(m["policy_loss"].mean())
+        out["value_loss"] = float(m["value_loss"].mean())
+        lam = m["lam"].reshape((-1, limits.shape[0]))[-1]
+        for j in range(limits.shape[0]):
+            out[f"lam_{j}"] = float(lam[j])
+    return out, per_update
+
+
+def _postfix(summary: dict[str, float]) -> dict[str, str]:
+    post = {}
+    if "episode_quality" in summary:
+        post["ret"] = f"{summary['episode_quality']:.4f}"
+        post["lat/lim"] = f"{summary['episode_latency_over_limit']:.3f}"
+        post["en/lim"] = f"{summary['episode_energy_over_limit']:.3f}"
+    lams = [summary[k] for k in sorted(summary) if k.startswith("lam_")]
+    if lams:
+        post["lam"] = "[" + ",".join(f"{x:.3g}" for x in lams) + "]"
+    return post
+
+
+# ----------------------------------------------------------------------------- the job
+def run(
+    config: RunConfig,
+    workdir: str,
+    *,
+    progress: bool = True,
+    halt_after: Optional[int] = None,
+    evaluate: bool = True,
+) -> TrainResult:
+    """Trains (resuming from ``workdir`` if it holds a checkpoint) and evaluates.
+
+    Args:
+      config: the resolved run config.
+      workdir: run directory.
+      progress: show a tqdm bar.
+      halt_after: stop after this many host iterations of this call, as if killed right
+        after the checkpoint of that iteration (tests of resumption).
+      evaluate: evaluate the policy and the baselines at the end.
+
+    Raises:
+      ValueError: the config cannot run (unknown preset, infeasible limits, ...).
+      meg_jax.checkpoint.ConfigMismatchError: ``workdir`` holds another config.
+      meg_jax.run_log.NonFiniteError: training diverged (the last good checkpoint is kept).
+    """
+    import jax
+
+    from meg_jax import checkpoint as ckpt
+    from meg_jax import run_log
+    from meg_jax.rl import baselines
+    from meg_jax.rl.sharding import check_num_envs, jit_sharded, make_mesh
+
+    env, discrete, artifact = _make_envs(config)  # refuses unknown presets / infeasible limits
+    limits = np.asarray(env.params.limits, np.float64)
+    is_main = jax.process_index() == 0
+    os.makedirs(workdir, exist_ok=True)
+    ckpt.check_config(workdir, config)
+
+    if config.algo in baselines.BASELINES:
+        evaluation = _evaluate(config, None, None, artifact) if evaluate else None
+        if evaluate and is_main:
+            _write_json(os.path.join(workdir, "eval.json"), evaluation)
+        return TrainResult(config, None, 0, evaluation)
+
+    mesh = make_mesh()
+    check_num_envs(config.env.num_envs, mesh)
+    if config.algo == "cvpo":
+        from meg_jax.rl.cvpo import make_cvpo
+
+        agent = make_cvpo(config.cvpo, env, mesh)
+        per_block = config.env.num_envs * config.cvpo.env_steps_per_block
+    else:
+        from meg_jax.rl.ppo_lagrangian import make_ppo
+
+        ppo_config = dataclasses.replace(config.ppo, lagrangian=config.algo == "ppo_lag")
+        agent = make_ppo(ppo_config, env, mesh)
+        per_block = config.env.num_envs * config.ppo.rollout_length
+    blocks_per_log = config.blocks_per_log
+    iterations = max(1, math.ceil(config.total_env_steps / (per_block * blocks_per_log)))
+
+    seed_key = jax.random.PRNGKey(config.seed)
+    k_init, run_key = jax.random.split(seed_key)
+
+    def run_blocks(state, key):
+        def body(s, _):
+            return agent.train_step(s, jax.random.fold_in(key, s.block))
+
+        return jax.lax.scan(body, state, None, length=blocks_per_log)
+
+    init_jit, step_jit = jit_sharded(agent.init, run_blocks, mesh, k_init)
+    state = init_jit(k_init)
+    manager = ckpt.make_manager(os.path.join(workdir, "checkpoints"), max_to_keep=config.keep_checkpoints,
+                                async_save=False)
+    state, start = ckpt.restore_or_init(manager, state)
+    writer = run_log.MetricsWriter(workdir) if is_main else None
+    estep_writer = run_log.MetricsWriter(os.path.join(workdir, "estep")) if (is_main and config.algo == "cvpo") else None
+    bar = run_log.progress(iterations, initial=start, desc=config.algo, disable=not (progress and is_main))
+    done_here = 0
+    try:
+        for it in range(start, iterations):
+            if halt_after is not None and done_here >= halt_after:
+                break
+            t0 = time.time()
+            state, metrics = step_jit(state, run_key)
+            summary, per_update = _summarize(config.algo, metrics, limits)
+            summary["iteration_seconds"] = time.time() - t0
+            params_ok = ckpt.all_finite(_local(state.actor))
+            try:
+                run_log.check_finite(summary, it + 1)
+                if not params_ok:
+                    raise run_log.NonFiniteError(f"non-finite actor parameters at iteration {it + 1}")
+            except run_log.NonFiniteError:
+                manager.wait_until_finished()
+                raise
+            if writer is not None:
+                writer.write(int(summary["env_steps"]), summary)
+            if estep_writer is not None:
+                first = int(_local(state.updates)) - len(per_update)
+                for i, rec in enumerate(per_update):
+                    estep_writer.write(first + i + 1, rec)
+            bar.set_postfix(_postfix(summary), refresh=False)
+            bar.update(1)
+            done_here += 1
+            last = it + 1 == iterations
+            every = config.checkpoint_every_logs
+            if last or (every > 0 and (it + 1) % every == 0) or (halt_after is not None and done_here == halt_after):
+                ckpt.save(manager, it + 1, state)
+    finally:
+        bar.close()
+        manager.wait_until_finished()
+        manager.close()
+        if writer is not None:
+            writer.close()
+        if estep_writer is not None:
+            estep_writer.close()
+    total_iters = start + done_here
+    evaluation = None
+    if evaluate and total_iters >= iterations:
+        evaluation = _evaluate(config, agent, _local(state.actor), artifact)
+        if is_main:
+            _write_json(os.path.join(workdir, "eval.json"), evaluation)
+    return TrainResult(config, state, total_iters, evaluation)
+
+
+def _evaluate(config: RunConfig, agent: Any, actor_params: Any, artifact: Any) -> dict:
+    """The policy (if any) and every baseline on the same fresh episodes."""
+    from meg_jax.rl import baselines
+
+    return baselines.evaluate_all(config, agent, actor_params, artifact)
+
+
+def _write_json(path: str, obj: Any) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2, sort_keys=True)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
+def _init_distributed(args: argparse.Namespace) -> None:
+    import jax
+
+    if jax.default_backend() == "cpu" or os.environ.get("JAX_PLATFORMS", "").startswith("cpu"):
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    kwargs = {}
+    if args.coordinator:
+        kwargs["coordinator_address"] = args.coordinator
+    if args.num_processes is not None:
+        kwargs["num_processes"] = args.num_processes
+    if args.process_id is not None:
+        kwargs["process_id"] = args.process_id
+    jax.distributed.initialize(**kwargs)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Command-line entry point (also ``meg-jax train``)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        args, config = parse_args(argv)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_BAD_CONFIG
+    if args.distributed:
+        _init_distributed(args)
+    from meg_jax import run_log
+    from meg_jax.checkpoint import ConfigMismatchError
+
+    try:
+        result = run(config, args.workdir, progress=not args.no_progress)
+    except (ValueError, FileNotFoundError, ConfigMismatchError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_BAD_CONFIG
+    except run_log.NonFiniteError as e:
+        print(f"error: training stopped: {e}; the last good checkpoint in {args.workdir} is kept", file=sys.stderr)
+        return EXIT_NON_FINITE
+    if result.evaluation is not None:
+        import jax
+
+        if jax.process_index() == 0:
+            print(json.dumps(result.evaluation.get("summary", result.evaluation), indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
