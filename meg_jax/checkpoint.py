@@ -1,0 +1,294 @@
+"""Checkpoints: orbax training checkpoints for both trainers, and the compact shipped backbone.
+
+Two forms, for two readers:
+
+* **Training checkpoints** (``make_manager``, ``restore_or_init``, ``check_config``): an orbax
+  ``CheckpointManager`` per job directory that keeps the last N steps, saves asynchronously
+  and stores the job's resolved config as ``config.json`` beside the steps. Rerunning a job
+  with the same config resumes from the latest step; a different config is refused with the
+  differing fields named (``meg_jax.config.diff``), so a checkpoint is never silently
+  continued under other settings.
+* **Shipped backbone** (``export_component``, ``load_backbone``): what ``meg-jax demo``, the
+  calibration and the notebooks load without the training harness. One folder per component
+  (``classifier``, ``vae``, ``teacher``, ``student``) with ``config.json`` and
+  ``*.safetensors`` files of float32 parameters (flattened with ``/``-joined keys), plus a
+  ``backbone.json`` at the top with the backbone and sampling settings::
+
+      from meg_jax.checkpoint import load_backbone
+      bb = load_backbone("checkpoints/tiny")   # Backbone: configs + params of every part
+      images = meg_jax.distill.generate(bb, tokens, noise, num_steps=4)   # [B, 32, 32, 3]
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import struct
+
+from meg_jax import config as config_lib
+
+__all__ = [
+    "CONFIG_FILE",
+    "ConfigMismatchError",
+    "make_manager",
+    "check_config",
+    "restore_or_init",
+    "save",
+    "all_finite",
+    "Backbone",
+    "flatten_params",
+    "unflatten_params",
+    "save_params",
+    "load_params",
+    "export_component",
+    "load_backbone",
+    "COMPONENTS",
+]
+
+CONFIG_FILE = "config.json"
+COMPONENTS = ("classifier", "vae", "teacher", "student")
+
+
+class ConfigMismatchError(ValueError):
+    """A checkpoint directory was written with a config other than the requested one."""
+
+
+# --------------------------------------------------------------------------- training
+
+
+def make_manager(directory: str | os.PathLike, *, max_to_keep: int = 3,
+                 async_save: bool = True) -> Any:
+    """An orbax ``CheckpointManager`` over ``directory`` (created).
+
+    Args:
+      directory: where the numbered step folders go.
+      max_to_keep: keep only the latest N steps (older ones are deleted after a save).
+      async_save: write in a background thread; call ``manager.wait_until_finished()``
+        (done by ``manager.close()``) before the process ends.
+    """
+    import orbax.checkpoint as ocp
+
+    directory = os.path.abspath(os.fspath(directory))
+    os.makedirs(directory, exist_ok=True)
+    if max_to_keep < 1:
+        raise ValueError(f"max_to_keep must be >= 1, got {max_to_keep}")
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=max_to_keep, enable_async_checkpointing=async_save, create=True
+    )
+    return ocp.CheckpointManager(directory, options=options)
+
+
+def check_config(directory: str | os.PathLike, config: Any) -> None:
+    """Writes ``config`` as ``<directory>/config.json``, or refuses a different stored one.
+
+    Args:
+      directory: the job's checkpoint directory.
+      config: a config dataclass, or a JSON-ready dict of the settings that determine the
+        checkpoint's contents.
+
+    Raises:
+      ConfigMismatchError: the directory holds a config that differs; the message names
+        every differing field with both values.
+    """
+    directory = os.fspath(directory)
+    os.makedirs(directory, exist_ok=True)
+    path = os.path.join(directory, CONFIG_FILE)
+    requested = config if isinstance(config, dict) else config_lib.to_dict(config)
+    requested = json.loads(json.dumps(requested))  # tuples -> lists, as stored
+    if os.path.exists(path):
+        with open(path) as f:
+            stored = json.load(f)
+        differences = config_lib.diff(stored, requested)
+        if differences:
+            raise ConfigMismatchError(
+                f"checkpoint directory {directory} was made with another config; differing "
+                f"fields (stored != requested): {'; '.join(differences)}. Use a new --workdir, "
+                "or rerun with the stored settings."
+            )
+        return
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(requested, f, indent=2, sort_keys=True)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
+def restore_or_init(manager: Any, init_state: Any) -> tuple[Any, int]:
+    """Restores the latest step of ``manager`` into the structure of ``init_state``.
+
+    Args:
+      manager: from :func:`make_manager`.
+      init_state: a freshly initialised state pytree; its shapes, dtypes and shardings
+        say how to restore.
+
+    Returns:
+      ``(state, step)``: the restored state and its step, or ``(init_state, 0)`` when the
+      directory holds no checkpoint.
+    """
+    import orbax.checkpoint as ocp
+
+    step = manager.latest_step()
+    if step is None:
+        return init_state, 0
+    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, init_state)
+    state = manager.restore(step, args=ocp.args.StandardRestore(abstract))
+    return state, int(step)
+
+
+def save(manager: Any, step: int, state: Any) -> None:
+    """Saves ``state`` at ``step`` (asynchronously if the manager is async)."""
+    import orbax.checkpoint as ocp
+
+    manager.save(int(step), args=ocp.args.StandardSave(state), force=True)
+
+
+def all_finite(tree: Any) -> bool:
+    """True when every floating leaf of ``tree`` is finite (checked before a save)."""
+    leaves = [x for x in jax.tree.leaves(tree) if jnp.issubdtype(jnp.asarray(x).dtype, jnp.floating)]
+    if not leaves:
+        return True
+    return bool(jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves])))
+
+
+# --------------------------------------------------------------------------- shipped form
+
+
+@struct.dataclass
+class Backbone:
+    """Everything needed to generate and score images, loaded by :func:`load_backbone`.
+
+    Attributes:
+      classifier: attribute-classifier params (``meg_jax.data.classifier``).
+      vae: ``AutoencoderKL`` params.
+      text_encoder: ``TextEncoder`` params (trained with the teacher, shared by the student).
+      teacher: teacher ``UNet`` params (sampled with classifier-free guidance).
+      student: step-conditioned student ``UNet`` params (same architecture; the step count
+        enters through ``timestep_cond``).
+      config: ``meg_jax.backbone.config.BackboneConfig`` (static).
+      classifier_config: ``meg_jax.data.classifier.ClassifierConfig`` (static).
+      sampling: ``meg_jax.distill.config.SamplingConfig``: prediction type, guidance scale,
+        latent scale, step conditioning (static).
+    """
+
+    classifier: Any
+    vae: Any
+    text_encoder: Any
+    teacher: Any
+    student: Any
+    config: Any = struct.field(pytree_node=False)
+    classifier_config: Any = struct.field(pytree_node=False)
+    sampling: Any = struct.field(pytree_node=False)
+
+
+def flatten_params(params: Mapping[str, Any]) -> dict[str, np.ndarray]:
+    """Nested param dict -> ``{"a/b/kernel": np.ndarray}``."""
+    out: dict[str, np.ndarray] = {}
+
+    def walk(node: Any, prefix: str) -> None:
+        if isinstance(node, Mapping):
+            for k, v in node.items():
+                if "/" in str(k):
+                    raise ValueError(f"param name {k!r} contains '/', which is the key separator")
+                walk(v, f"{prefix}/{k}" if prefix else str(k))
+        else:
+            out[prefix] = np.ascontiguousarray(np.asarray(node))
+
+    walk(params, "")
+    return out
+
+
+def unflatten_params(flat: Mapping[str, Any]) -> dict[str, Any]:
+    """Inverse of :func:`flatten_params` (leaves become ``jax.Array``)."""
+    out: dict[str, Any] = {}
+    for key, value in flat.items():
+        node = out
+        parts = key.split("/")
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+        node[parts[-1]] = jnp.asarray(value)
+    return out
+
+
+def save_params(params: Mapping[str, Any], path: str | os.PathLike) -> None:
+    """Writes a nested param dict as one safetensors file."""
+    from safetensors.numpy import save_file
+
+    save_file(flatten_params(params), os.fspath(path))
+
+
+def load_params(path: str | os.PathLike) -> dict[str, Any]:
+    """Reads a safetensors file written by :func:`save_params`."""
+    from safetensors.numpy import load_file
+
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"no parameter file at {path}; export the checkpoints first")
+    return unflatten_params(load_file(path))
+
+
+def export_component(directory: str | os.PathLike, name: str, config: Any,
+                     params: Mapping[str, Mapping[str, Any]], **metadata: Any) -> None:
+    """Writes one shipped component: ``<directory>/<name>/{config.json, <part>.safetensors}``.
+
+    Args:
+      directory: the backbone folder (e.g. ``checkpoints/tiny``).
+      name: one of ``COMPONENTS``.
+      config: the component's config dataclass (stored under ``"config"``).
+      params: part name -> nested param dict (e.g. ``{"unet": ..., "text_encoder": ...}``).
+      **metadata: JSON-ready extras stored beside the config (steps, seeds, ...).
+    """
+    if name not in COMPONENTS:
+        raise ValueError(f"component must be one of {COMPONENTS}, got {name!r}")
+    folder = os.path.join(os.fspath(directory), name)
+    os.makedirs(folder, exist_ok=True)
+    for part, p in params.items():
+        save_params(p, os.path.join(folder, f"{part}.safetensors"))
+    record = {"config": config_lib.to_dict(config) if config is not None else None,
+              "parts": sorted(params), **metadata}
+    with open(os.path.join(folder, CONFIG_FILE), "w") as f:
+        json.dump(record, f, indent=2, sort_keys=True)
+        f.write("\n")
+
+
+def load_backbone(path: str | os.PathLike = "checkpoints/tiny") -> Backbone:
+    """Loads the shipped backbone (classifier, VAE, text encoder, teacher, student) in one call.
+
+    Needs nothing of the training harness: configs come from the JSON files, parameters
+    from safetensors.
+
+    Args:
+      path: the backbone folder written by ``python -m train.distill --export PATH``.
+
+    Returns:
+      ``Backbone`` with params as ``jax.Array`` pytrees and the configs as dataclasses.
+    """
+    from meg_jax.backbone.config import BackboneConfig
+    from meg_jax.data.classifier import ClassifierConfig
+    from meg_jax.distill.config import SamplingConfig
+
+    path = os.fspath(path)
+    top = os.path.join(path, "backbone.json")
+    if not os.path.exists(top):
+        raise FileNotFoundError(
+            f"{top} not found: {path!r} is not a backbone folder (expected backbone.json and "
+            f"the folders {COMPONENTS}); make one with `python -m train.distill --export {path}`"
+        )
+    with open(top) as f:
+        meta = json.load(f)
+    with open(os.path.join(path, "classifier", CONFIG_FILE)) as f:
+        classifier_meta = json.load(f)
+    return Backbone(
+        classifier=load_params(os.path.join(path, "classifier", "classifier.safetensors")),
+        vae=load_params(os.path.join(path, "vae", "vae.safetensors")),
+        text_encoder=load_params(os.path.join(path, "teacher", "text_encoder.safetensors")),
+        teacher=load_params(os.path.join(path, "teacher", "unet.safetensors")),
+        student=load_params(os.path.join(path, "student", "unet.safetensors")),
+        config=config_lib.from_dict(BackboneConfig, meta["backbone"]),
+        classifier_config=config_lib.from_dict(ClassifierConfig, classifier_meta["config"]),
+        sampling=config_lib.from_dict(SamplingConfig, meta["sampling"]),
+    )

@@ -1,0 +1,116 @@
+"""Data parallelism over every device of every process, for both trainers.
+
+One code path serves a laptop CPU (one device), a GPU box and a pod: a one-axis
+``jax.sharding.Mesh`` named ``"data"`` (``AxisType.Auto``, so XLA's partitioner inserts the
+collectives) spans all devices of all processes; batches are sharded on their leading
+axis, parameters and optimizer state are replicated. A jitted train step that is given
+replicated state and a batch-sharded batch (or that generates its batch on device and
+constrains it with :func:`constrain_batch`) computes the mean loss over the global batch,
+and its gradient is all-reduced by XLA, so the update equals the single-device one up to
+float summation order.
+
+Typical use::
+
+    mesh = make_mesh()
+    state = replicate(state, mesh)
+    step = jax.jit(train_step, in_shardings=(replicated_sharding(mesh), replicated_sharding(mesh)),
+                   out_shardings=(replicated_sharding(mesh), replicated_sharding(mesh)))
+    state, metrics = step(state, key)   # inside: batch = constrain_batch(batch, mesh)
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import jax
+import numpy as np
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
+
+__all__ = [
+    "DATA_AXIS",
+    "make_mesh",
+    "batch_sharding",
+    "replicated_sharding",
+    "shard_batch",
+    "replicate",
+    "constrain_batch",
+    "check_batch_size",
+]
+
+DATA_AXIS = "data"
+
+
+def make_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """A one-axis ``"data"`` mesh (``AxisType.Auto``) over ``devices``.
+
+    Args:
+      devices: the devices to span; default ``jax.devices()``, i.e. every device of every
+        process (after ``jax.distributed.initialize`` on a multi-host run).
+
+    Returns:
+      ``Mesh`` of shape ``[len(devices)]``.
+    """
+    devices = list(jax.devices() if devices is None else devices)
+    if not devices:
+        raise ValueError("make_mesh needs at least one device")
+    return jax.make_mesh(
+        (len(devices),), (DATA_AXIS,), axis_types=(AxisType.Auto,), devices=devices
+    )
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+    """Sharding of a batch: leading axis split over ``"data"``, other axes whole."""
+    return NamedSharding(mesh, PartitionSpec(DATA_AXIS))
+
+
+def replicated_sharding(mesh: Mesh) -> NamedSharding:
+    """Sharding of parameters, optimizer state, keys and scalars: a full copy per device."""
+    return NamedSharding(mesh, PartitionSpec())
+
+
+def check_batch_size(batch_size: int, mesh: Mesh) -> None:
+    """Raises ``ValueError`` unless ``batch_size`` splits evenly over the mesh's devices."""
+    n = mesh.devices.size
+    if batch_size % n:
+        raise ValueError(
+            f"batch size {batch_size} is not divisible by the {n} devices of the mesh; "
+            f"use a multiple of {n}"
+        )
+
+
+def shard_batch(batch: Any, mesh: Mesh) -> Any:
+    """Places a host (or device) batch pytree on the mesh, leading axis split over ``"data"``.
+
+    Args:
+      batch: pytree of arrays ``[B, ...]``, B divisible by the number of devices. On a
+        multi-process run each process passes the global batch (every process the same).
+
+    Returns:
+      The same pytree as global ``jax.Array``s sharded on the leading axis.
+    """
+    sharding = batch_sharding(mesh)
+
+    def put(x: Any) -> jax.Array:
+        x = np.asarray(x) if not isinstance(x, jax.Array) else x
+        if x.ndim == 0:
+            raise ValueError("shard_batch got a scalar leaf; batch leaves need a leading batch axis")
+        check_batch_size(x.shape[0], mesh)
+        return jax.device_put(x, sharding)
+
+    return jax.tree.map(put, batch)
+
+
+def replicate(tree: Any, mesh: Mesh) -> Any:
+    """Places every leaf of ``tree`` (params, optimizer state, keys) whole on every device."""
+    return jax.device_put(tree, replicated_sharding(mesh))
+
+
+def constrain_batch(batch: Any, mesh: Mesh) -> Any:
+    """Inside jit: asks XLA to shard an on-device-generated batch on its leading axis.
+
+    Data generated inside the step from a replicated key would otherwise be computed whole
+    on every device; the constraint splits the work (threefry random bits are partitionable,
+    so the values do not depend on the device count).
+    """
+    sharding = batch_sharding(mesh)
+    return jax.tree.map(lambda x: jax.lax.with_sharding_constraint(x, sharding), batch)

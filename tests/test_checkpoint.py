@@ -1,0 +1,121 @@
+"""Tests of meg_jax.checkpoint (config check, orbax restore, safetensors round trip, the
+shipped backbone) and of meg_jax.run_log (metrics files, NaN guard)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from meg_jax import checkpoint as ckpt
+from meg_jax import run_log
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SHIPPED = os.path.join(REPO, "checkpoints", "tiny")
+
+
+@dataclasses.dataclass(frozen=True)
+class _Inner:
+    lr: float = 1e-3
+    steps: int = 10
+
+
+@dataclasses.dataclass(frozen=True)
+class _Cfg:
+    name: str = "a"
+    inner: _Inner = _Inner()
+
+
+def test_check_config_writes_then_refuses_naming_fields(tmp_path):
+    ckpt.check_config(tmp_path, _Cfg())
+    assert json.loads((tmp_path / "config.json").read_text())["inner"]["lr"] == 1e-3
+    ckpt.check_config(tmp_path, _Cfg())  # same config: accepted
+    with pytest.raises(ckpt.ConfigMismatchError) as e:
+        ckpt.check_config(tmp_path, _Cfg(inner=_Inner(lr=2e-3, steps=20)))
+    msg = str(e.value)
+    assert "inner.lr: 0.001 != 0.002" in msg and "inner.steps: 10 != 20" in msg
+    assert "name" not in msg.split("requested):")[1]  # unchanged fields are not listed
+
+
+def test_restore_or_init_round_trip(tmp_path):
+    state = {"step": jnp.int32(0), "w": jnp.arange(6.0).reshape(2, 3), "opt": (jnp.zeros(2), jnp.ones(()))}
+    mgr = ckpt.make_manager(tmp_path, max_to_keep=2)
+    restored, step = ckpt.restore_or_init(mgr, state)
+    assert step == 0 and restored is state
+    for s in (1, 2, 3):
+        ckpt.save(mgr, s, jax.tree.map(lambda x: x + s, state))
+    mgr.wait_until_finished()
+    assert mgr.all_steps() == [2, 3]  # keep 2
+    mgr.close()
+    mgr = ckpt.make_manager(tmp_path, max_to_keep=2)
+    restored, step = ckpt.restore_or_init(mgr, state)
+    mgr.close()
+    assert step == 3
+    for a, b in zip(jax.tree.leaves(restored), jax.tree.leaves(jax.tree.map(lambda x: x + 3, state))):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_all_finite():
+    assert ckpt.all_finite({"a": jnp.ones(2), "n": jnp.int32(3)})
+    assert not ckpt.all_finite({"a": jnp.array([1.0, jnp.nan])})
+
+
+def test_params_safetensors_round_trip(tmp_path):
+    params = {"params": {"conv": {"kernel": np.random.default_rng(0).normal(size=(3, 3, 2, 4)).astype(np.float32),
+                                  "bias": np.zeros(4, np.float32)}, "head": {"w": np.ones((4,), np.float32)}}}
+    flat = ckpt.flatten_params(params)
+    assert sorted(flat) == ["params/conv/bias", "params/conv/kernel", "params/head/w"]
+    ckpt.save_params(params, tmp_path / "p.safetensors")
+    back = ckpt.load_params(tmp_path / "p.safetensors")
+    for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(back)):
+        np.testing.assert_array_equal(a, np.asarray(b))
+    with pytest.raises(ValueError, match="contains '/'"):
+        ckpt.flatten_params({"a/b": np.zeros(1)})
+    with pytest.raises(FileNotFoundError):
+        ckpt.load_params(tmp_path / "missing.safetensors")
+
+
+def test_load_backbone_missing_folder_says_how_to_make_it(tmp_path):
+    with pytest.raises(FileNotFoundError, match="train.distill --export"):
+        ckpt.load_backbone(tmp_path)
+
+
+def test_metrics_writer_and_nan_guard(tmp_path):
+    with run_log.MetricsWriter(tmp_path) as w:
+        w.write(1, {"loss": jnp.float32(0.5), "acc": 1})
+        w.write(2, {"loss": 0.25})
+    records = run_log.read_metrics(tmp_path)
+    assert [(r["step"], r["loss"]) for r in records] == [(1, 0.5), (2, 0.25)]
+    assert any(f.startswith("events.out.tfevents") for f in os.listdir(tmp_path))
+    assert run_log.check_finite({"loss": jnp.float32(1.0)}, 3) == {"loss": 1.0}
+    with pytest.raises(run_log.NonFiniteError, match=r"\['loss'\] at step 7"):
+        run_log.check_finite({"loss": jnp.float32(math.nan), "acc": 1.0}, 7)
+    with pytest.raises(ValueError, match="scalar"):
+        run_log.check_finite({"v": jnp.ones(2)}, 1)
+
+
+@pytest.mark.skipif(not os.path.exists(os.path.join(SHIPPED, "backbone.json")),
+                    reason="shipped checkpoints not exported yet")
+def test_shipped_backbone_loads_and_generates():
+    from meg_jax import distill
+    from meg_jax.data import tokenizer
+
+    bb = ckpt.load_backbone(SHIPPED)
+    assert bb.config.unet.time_cond_proj_dim == bb.sampling.step_embedding_dim
+    tokens = jnp.asarray(tokenizer.encode(["a large red circle at the center on a blue background"] * 2))
+    noise = jax.random.normal(jax.random.PRNGKey(0), distill.noise_shape(bb, 2))
+    images = distill.generate(bb, tokens, noise, num_steps=4)
+    assert images.shape == (2, 32, 32, 3)
+    assert bool(jnp.all(jnp.isfinite(images)))
+    # The generated image shows a red-ish centre on a blue-ish background.
+    img = np.asarray(images[0])
+    centre, corner = img[14:18, 14:18].mean((0, 1)), img[:4, :4].mean((0, 1))
+    assert centre[0] > centre[2] and corner[2] > corner[0]
+    size = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(SHIPPED) for f in fs)
+    assert size < 50e6  # the folder stays small
