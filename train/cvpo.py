@@ -219,7 +219,9 @@ def run(
     limits = np.asarray(env.params.limits, np.float64)
     is_main = jax.process_index() == 0
     os.makedirs(workdir, exist_ok=True)
-    ckpt.check_config(workdir, config)
+    if is_main:  # one writer of config.json on a shared work directory
+        ckpt.check_config(workdir, config)
+    evaluate = evaluate and config.eval.num_episodes > 0
 
     if config.algo in baselines.BASELINES:
         evaluation = _evaluate(config, None, None, artifact) if evaluate else None

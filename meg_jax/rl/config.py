@@ -102,7 +102,7 @@ class PPOConfig:
 class EvalConfig:
     """How policies are scored: fresh episodes, episode-average costs vs limits."""
 
-    num_episodes: int = 1024  # fresh episodes (run in parallel, one per slot)
+    num_episodes: int = 1024  # fresh episodes (run in parallel, one per slot); 0 = no final evaluation
     deterministic: bool = False  # True: the mean / argmax action; False: sample the policy
     feasibility_tolerance: float = 1.02  # a policy is feasible if every cost <= limit x this
 

@@ -15,7 +15,9 @@ with one constraint per cost (latency, UE energy). One ``train_step(state, key)`
      (``dual.py``); q = softmax(log pi_old + (Q_r - lam . Q_c) / eta);
    * M-step: weighted maximum likelihood with decoupled KL bounds on the mean and the
      covariance of the diagonal Gaussian (a single KL bound for the categorical head), whose
-     multipliers alpha_mu, alpha_sigma follow projected dual ascent;
+     multipliers alpha_mu, alpha_sigma follow projected dual ascent; each Adam step is then
+     backtracked (largest fraction in {1, 1/2, ..., 1/32, 0}) so the KL to pi_old stays
+     within the bounds on the batch;
    * polyak averaging of the target critics and the target actor.
 
 Conventions (documented choices where the paper is silent):
@@ -60,6 +62,7 @@ __all__ = [
     "gaussian_mstep_loss",
     "categorical_mstep_loss",
     "update_alpha",
+    "backtrack_to_kl_bounds",
     "polyak",
     "env_limits",
     "env_horizon",
@@ -239,6 +242,44 @@ def update_alpha(alpha: jax.Array, kl: jax.Array, epsilon: float, lr: float, alp
     The step is measured in units of the bound so one learning rate serves every epsilon.
     """
     return jnp.clip(alpha + lr * (kl / epsilon - 1.0), 0.0, alpha_max)
+
+
+# step fractions tried by the M-step's backtracking (largest first; 0 keeps the parameters)
+_BACKTRACK = (1.0, 0.5, 0.25, 0.125, 0.0625, 0.03125, 0.0)
+
+
+def backtrack_to_kl_bounds(
+    params: Any, updates: Any, kl_of: Callable[[Any], jax.Array], bounds: jax.Array
+) -> tuple[Any, jax.Array, jax.Array, jax.Array]:
+    """The largest fraction t of an optimiser update that keeps every KL within its bound.
+
+    The M-step's multipliers steer the fit towards the trust region, but they react with a
+    lag; this backtracking (as in TRPO's line search) makes every update respect the
+    bounds on its batch. If even t = 0 violates them (pi_old moved), the t with the smallest
+    violation max_i KL_i / bound_i is taken.
+
+    Args:
+      params: current parameters.
+      updates: the optimiser's proposed step (``optax.apply_updates(params, updates)``).
+      kl_of: parameters -> [n] KL terms (e.g. (C_mu, C_Sigma)) on the batch.
+      bounds: [n] their bounds.
+
+    Returns:
+      (new parameters, chosen t, [n] KL terms at the new parameters, [n] KL terms of the
+      full step t = 1).
+    """
+    fractions = jnp.asarray(_BACKTRACK, jnp.float32)
+
+    def at(t):
+        return jax.tree.map(lambda p, u: p + t * u, params, updates)
+
+    kls = jax.vmap(lambda t: kl_of(at(t)))(fractions)  # [T, n]
+    ratio = jnp.max(kls / bounds, axis=-1)  # [T]
+    inside = ratio <= 1.0
+    first_inside = jnp.argmax(inside)  # fractions are sorted largest first
+    choice = jnp.where(jnp.any(inside), first_inside, jnp.argmin(ratio))
+    t = fractions[choice]
+    return at(t), t, kls[choice], kls[0]
 
 
 # ----------------------------------------------------------------------------- the agent
@@ -445,6 +486,10 @@ def make_cvpo(config: CVPOConfig, env: Any, mesh: Optional[Mesh] = None) -> CVPO
 
             def loss_fn(params):
                 return categorical_mstep_loss(actor_net.apply(params, obs), logits_old, weights, state.alpha_mu)
+
+            def kl_of(params):
+                kl = jnp.mean(networks.categorical_kl(logits_old, actor_net.apply(params, obs)))
+                return jnp.stack([kl, jnp.zeros_like(kl)])
         else:
             actions, mean_old, std_old = candidates
 
@@ -454,12 +499,23 @@ def make_cvpo(config: CVPOConfig, env: Any, mesh: Optional[Mesh] = None) -> CVPO
                     mean, std, mean_old, std_old, actions, weights, state.alpha_mu, state.alpha_sigma
                 )
 
+            def kl_of(params):
+                mean, std = actor_net.apply(params, obs)
+                return jnp.stack([jnp.mean(networks.gaussian_kl_mean(mean_old, mean, std_old)),
+                                  jnp.mean(networks.gaussian_kl_std(std_old, std))])
+
         (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.actor)
         updates, opt = actor_tx.update(grads, state.actor_opt, state.actor)
-        actor = optax.apply_updates(state.actor, updates)
-        alpha_mu = update_alpha(state.alpha_mu, aux["kl_mean"], config.kl_mean, config.alpha_lr, config.alpha_max)
-        alpha_sigma = update_alpha(state.alpha_sigma, aux["kl_std"], config.kl_std, config.alpha_lr, config.alpha_max)
-        metrics = {"actor_loss": loss, **aux, "alpha_mu": state.alpha_mu, "alpha_sigma": state.alpha_sigma}
+        bounds = jnp.asarray([config.kl_mean, config.kl_std], jnp.float32)
+        actor, step_fraction, kls, full_kls = backtrack_to_kl_bounds(state.actor, updates, kl_of, bounds)
+        # the multipliers ascend on the KL the full step would have reached, so they learn to
+        # keep the fit inside the bounds and the backtracking rarely has to cut
+        alpha_mu = update_alpha(state.alpha_mu, full_kls[0], config.kl_mean, config.alpha_lr, config.alpha_max)
+        alpha_sigma = update_alpha(state.alpha_sigma, full_kls[1], config.kl_std, config.alpha_lr, config.alpha_max)
+        metrics = {
+            "actor_loss": loss, "nll": aux["nll"], "kl_mean": kls[0], "kl_std": kls[1],
+            "mstep_step_fraction": step_fraction, "alpha_mu": state.alpha_mu, "alpha_sigma": state.alpha_sigma,
+        }
         return state.replace(actor=actor, actor_opt=opt, alpha_mu=alpha_mu, alpha_sigma=alpha_sigma), metrics
 
     def update(state: CVPOState, key: jax.Array):

@@ -1,0 +1,189 @@
+"""MEG-CVPO: critic targets, M-step KL bounds, no retrace, finiteness, vmapped seeds, learning."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import meg_jax.env as menv
+from meg_jax.meg.artifact import synthetic_artifact
+from meg_jax.rl import baselines, cvpo, networks
+from meg_jax.rl.config import CVPOConfig
+from meg_jax.rl.evaluate import evaluate_policy
+
+TINY = CVPOConfig(
+    actor_hidden=(16, 16), critic_hidden=(16, 16), batch_size=32, num_action_samples=8,
+    target_samples=4, min_replay=32, replay_capacity=2048, updates_per_block=2,
+)
+
+
+@pytest.fixture(scope="module")
+def artifact():
+    return synthetic_artifact()
+
+
+@pytest.fixture(scope="module")
+def env(artifact):
+    return menv.make("tiny", num_envs=8, episode_length=8, artifact=artifact)
+
+
+def test_critic_targets_hand_case():
+    # y_r = r + gamma d min(Q_r1, Q_r2); y_c = c + gamma d Q_c
+    # row 0: 1 + 0.5 * 1 * min(2, 3) = 2.0;  costs (0.5, 1) + 0.5 * (4, 6) = (2.5, 4.0)
+    # row 1 (termination, d = 0): y_r = 0.2, y_c = (0.1, 0.3)
+    nv = jnp.asarray([[2.0, 3.0, 4.0, 6.0], [5.0, 1.0, 7.0, 8.0]])
+    y_r, y_c = cvpo.critic_targets(
+        jnp.asarray([1.0, 0.2]), jnp.asarray([[0.5, 1.0], [0.1, 0.3]]), jnp.asarray([1.0, 0.0]), nv, 0.5
+    )
+    np.testing.assert_allclose(y_r, [2.0, 0.2])
+    np.testing.assert_allclose(y_c, [[2.5, 4.0], [0.1, 0.3]])
+
+
+def test_polyak_and_alpha_updates():
+    # polyak: 0.9 * 1 + 0.1 * 3 = 1.2
+    np.testing.assert_allclose(cvpo.polyak({"w": jnp.ones(2)}, {"w": 3 * jnp.ones(2)}, 0.1)["w"], [1.2, 1.2])
+    # alpha + lr (KL / eps - 1): 1 + 0.5 (0.02 / 0.01 - 1) = 1.5; below the bound it falls, clipped at 0
+    np.testing.assert_allclose(cvpo.update_alpha(jnp.float32(1.0), 0.02, 0.01, 0.5, 10.0), 1.5)
+    np.testing.assert_allclose(cvpo.update_alpha(jnp.float32(0.2), 0.0, 0.01, 0.5, 10.0), 0.0)
+
+
+def _run_mstep(loss_and_kl, kl_of, params, steps: int, eps_mu: float, eps_sigma: float, lr: float = 1e-2):
+    """The agent's M-step loop on one batch: Adam on the weighted ML loss, backtracking into
+    the KL bounds, dual ascent on alpha (``cvpo.make_cvpo``'s ``mstep``)."""
+    tx = optax.adam(lr)
+    bounds = jnp.asarray([eps_mu, eps_sigma])
+
+    def body(carry, _):
+        p, opt, a_mu, a_sig = carry
+        (_, aux), g = jax.value_and_grad(loss_and_kl, has_aux=True)(p, a_mu, a_sig)
+        up, opt = tx.update(g, opt, p)
+        p, t, kls, full = cvpo.backtrack_to_kl_bounds(p, up, kl_of, bounds)
+        a_mu = cvpo.update_alpha(a_mu, full[0], eps_mu, 1.0, 1e4)
+        a_sig = cvpo.update_alpha(a_sig, full[1], eps_sigma, 1.0, 1e4)
+        return (p, opt, a_mu, a_sig), (kls[0], kls[1], full[0], t)
+
+    carry = (params, tx.init(params), jnp.float32(0.0), jnp.float32(0.0))
+    return jax.jit(lambda c: jax.lax.scan(body, c, None, length=steps))(carry)
+
+
+def test_gaussian_mstep_keeps_kl_within_limits():
+    # pi_old = N(0, 0.5^2) at every state; q puts all weight on actions near +1, far outside
+    # the trust region: the fitted policy must move towards them only as far as the KL bounds allow
+    key = jax.random.PRNGKey(0)
+    b, m, d = 64, 16, 2
+    obs = jax.random.normal(key, (b, 5))
+    net = networks.GaussianPolicy((16,), d, init_std=0.5)
+    params = net.init(key, obs)
+    mean_old, std_old = net.apply(params, obs)
+    actions = mean_old[:, None] + std_old[:, None] * jax.random.normal(jax.random.PRNGKey(1), (b, m, d))
+    weights = jax.nn.softmax(20.0 * jnp.sum(actions, -1), axis=-1)
+    eps_mu, eps_sigma = 0.01, 1e-3
+
+    def loss(p, a_mu, a_sig):
+        mean, std = net.apply(p, obs)
+        return cvpo.gaussian_mstep_loss(mean, std, mean_old, std_old, actions, weights, a_mu, a_sig)
+
+    def kl_of(p):
+        mean, std = net.apply(p, obs)
+        return jnp.stack([jnp.mean(networks.gaussian_kl_mean(mean_old, mean, std_old)),
+                          jnp.mean(networks.gaussian_kl_std(std_old, std))])
+
+    (p, _, a_mu, _), (kl_mu, kl_sig, full_mu, _) = _run_mstep(loss, kl_of, params, 400, eps_mu, eps_sigma)
+    # unconstrained, the fit would move the mean by ~1 std: KL_mu ~ 0.5 * d = 1 >> eps_mu
+    assert float(full_mu.max()) > eps_mu  # the bound did bind
+    assert float(a_mu) > 0
+    # every accepted step is inside both bounds
+    assert float(kl_mu.max()) <= eps_mu * (1 + 1e-5), kl_mu.max()
+    assert float(kl_sig.max()) <= eps_sigma * (1 + 1e-5), kl_sig.max()
+    # the mean moved towards the high-weight actions, up to the edge of the trust region
+    assert float(kl_mu[-1]) > 0.5 * eps_mu
+    assert float(jnp.mean(net.apply(p, obs)[0] - mean_old)) > 0
+
+
+def test_categorical_mstep_keeps_kl_within_limit():
+    key = jax.random.PRNGKey(2)
+    b, a = 64, 12
+    obs = jax.random.normal(key, (b, 5))
+    net = networks.CategoricalPolicy((16,), a)
+    params = net.init(key, obs)
+    logits_old = net.apply(params, obs)
+    weights = jax.nn.one_hot(jnp.full((b,), 3), a)  # all mass on action 3
+    eps = 0.02
+
+    def loss(p, a_mu, a_sig):
+        return cvpo.categorical_mstep_loss(net.apply(p, obs), logits_old, weights, a_mu)
+
+    def kl_of(p):
+        kl = jnp.mean(networks.categorical_kl(logits_old, net.apply(p, obs)))
+        return jnp.stack([kl, jnp.zeros_like(kl)])
+
+    (p, _, _, _), (kl, _, full, _) = _run_mstep(loss, kl_of, params, 400, eps, 1.0)
+    assert float(full.max()) > eps
+    assert float(kl.max()) <= eps * (1 + 1e-5), kl.max()
+    probs = jax.nn.softmax(net.apply(p, obs))
+    assert float(jnp.mean(probs[:, 3])) > float(jnp.mean(jax.nn.softmax(logits_old)[:, 3]))
+
+
+def test_train_step_does_not_retrace_and_stays_finite(env):
+    agent = cvpo.make_cvpo(TINY, env)
+    step = jax.jit(chex.assert_max_traces(agent.train_step, n=1))
+    state = jax.jit(agent.init)(jax.random.PRNGKey(0))
+    for i in range(8):  # 8 blocks x 8 envs: updates start after min_replay = 32 transitions
+        state, metrics = step(state, jax.random.PRNGKey(i))
+    chex.assert_tree_all_finite((state.actor, state.critic, state.target_critic, state.eta, state.lam))
+    assert float(metrics["updated"][-1]) == 1.0
+    assert int(state.updates) > 0 and int(state.env_steps) == 8 * 8
+    # the E-step met its KL bound exactly (eta interior) and logged its statistics every update
+    np.testing.assert_allclose(np.asarray(metrics["estep_kl"]), TINY.kl_epsilon, rtol=1e-2)
+    assert metrics["lam"].shape == (TINY.updates_per_block, 2)
+
+
+def test_discrete_head_trains_with_exact_estep(artifact):
+    denv = menv.make("tiny", num_envs=8, episode_length=8, artifact=artifact, discrete=True)
+    config = dataclasses.replace(TINY, discrete=True)
+    train = cvpo.make_train(config, denv, num_blocks=8)
+    state, metrics = jax.jit(train)(jax.random.PRNGKey(0))
+    chex.assert_tree_all_finite((state.actor, state.critic, state.eta, state.lam))
+    assert state.replay.data.action.dtype == jnp.int32
+    kl = np.asarray(metrics["kl_mean"])[np.asarray(metrics["updated"]) > 0]
+    assert kl.size > 0 and np.all(np.isfinite(kl))
+
+
+def test_make_train_vmaps_over_seeds(env):
+    train = cvpo.make_train(TINY, env, num_blocks=6)
+    states, metrics = jax.jit(jax.vmap(train))(jax.random.split(jax.random.PRNGKey(0), 2))
+    chex.assert_tree_all_finite(states.actor)
+    a = jax.tree.leaves(states.actor)[0]
+    assert a.shape[0] == 2 and not np.allclose(a[0], a[1])
+    # each seed equals its own unbatched run
+    single, _ = jax.jit(train)(jax.random.split(jax.random.PRNGKey(0), 2)[1])
+    np.testing.assert_allclose(jax.tree.leaves(single.actor)[0], a[1], rtol=1e-5, atol=1e-6)
+
+
+def test_learns_to_beat_best_fixed_feasible_policy(artifact):
+    """Tiny learning test: after ~4k transitions CVPO beats the best fixed feasible (K, r)
+    on 256 fresh episodes while keeping both episode-average costs within 2% of the limits."""
+    n, t = 16, 16
+    train_env = menv.make("tiny", num_envs=n, episode_length=t, artifact=artifact)
+    config = dataclasses.replace(
+        TINY, actor_hidden=(32, 32), critic_hidden=(32, 32), batch_size=64, min_replay=256, updates_per_block=4,
+    )
+    agent = cvpo.make_cvpo(config, train_env)
+    train = cvpo.make_train(config, train_env, num_blocks=256)  # 4096 transitions, 1000 updates
+    state, _ = jax.jit(train)(jax.random.PRNGKey(0))
+
+    key = jax.random.PRNGKey(123)
+    denv = menv.make("tiny", num_envs=256, episode_length=t, artifact=artifact, discrete=True)
+    limits = np.asarray(denv.params.limits)
+    quality, costs = baselines.request_tables(denv, key)
+    _, fixed_quality, _ = baselines.best_fixed_action(quality, costs, limits)
+    eval_env = menv.make("tiny", num_envs=256, episode_length=t, artifact=artifact)
+    result = evaluate_policy(eval_env, baselines.learned_policy(agent.act, state.actor), key)
+    assert result.feasible, result
+    assert result.quality > fixed_quality + 0.01, (result.quality, fixed_quality)
