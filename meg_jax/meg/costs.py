@@ -115,7 +115,9 @@ class CostPreset:
 # Exact counts from ``measure_cost_preset`` (meg_jax.backbone.flops: XLA cost analysis of the
 # architecture on abstract shapes, batch 1). Regenerate with
 #   python -c "from meg_jax.meg.costs import measure_cost_preset as m; print(m('sd15-512'))"
-# tests/test_pipeline.py checks the tiny numbers against a fresh measurement.
+# (prompt length = the text encoder's max_length: 16 for tiny, 77 for SD1.5/SDXL; SDXL's UNet
+# with its text_time conditioning). tests/test_pipeline.py checks the tiny numbers against a
+# fresh measurement.
 COST_PRESETS: dict[str, CostPreset] = {
     "tiny": CostPreset(
         name="tiny",
@@ -123,9 +125,9 @@ COST_PRESETS: dict[str, CostPreset] = {
         image_size=32,
         latent_size=8,
         latent_channels=4,
-        text_encoder_flops=1160000.0,
-        unet_flops=31820000.0,
-        vae_decoder_flops=120000000.0,
+        text_encoder_flops=1160304.0,
+        unet_flops=31822224.0,
+        vae_decoder_flops=120020160.0,
     ),
     "sd15-512": CostPreset(
         name="sd15-512",
@@ -133,9 +135,9 @@ COST_PRESETS: dict[str, CostPreset] = {
         image_size=512,
         latent_size=64,
         latent_channels=4,
-        text_encoder_flops=13510000000.0,
-        unet_flops=789500000000.0,
-        vae_decoder_flops=2504000000000.0,
+        text_encoder_flops=13510747136.0,
+        unet_flops=789498560512.0,
+        vae_decoder_flops=2504106180608.0,
     ),
     "sdxl-1024": CostPreset(
         name="sdxl-1024",
@@ -143,9 +145,9 @@ COST_PRESETS: dict[str, CostPreset] = {
         image_size=1024,
         latent_size=128,
         latent_channels=4,
-        text_encoder_flops=251100000000.0,
-        unet_flops=6774000000000.0,
-        vae_decoder_flops=10460000000000.0,
+        text_encoder_flops=251070218240.0,
+        unet_flops=6774022733824.0,
+        vae_decoder_flops=10462251974656.0,
     ),
 }
 
@@ -168,9 +170,9 @@ def measure_cost_preset(name: str) -> CostPreset:
     hw = (base.latent_size, base.latent_size)
     return dataclasses.replace(
         base,
-        text_encoder_flops=float(flops.text_encoder_flops(config.text_encoder)),
-        unet_flops=float(flops.unet_flops(config.unet, hw)),
-        vae_decoder_flops=float(flops.vae_decoder_flops(config.vae, hw)),
+        text_encoder_flops=float(flops.text_encoder_flops(config)),
+        unet_flops=float(flops.unet_flops(config, hw)),
+        vae_decoder_flops=float(flops.vae_decoder_flops(config, hw)),
     )
 
 
@@ -211,8 +213,6 @@ def system_costs(
     snr_db: jax.Array | float,
     es: devices_lib.DeviceProfile,
     ue: devices_lib.DeviceProfile,
-    *,
-    digital_only: bool = False,
 ) -> Costs:
     """Assembles :class:`Costs` from FLOPs on each side and a payload at ``snr_db``.
 
@@ -223,7 +223,6 @@ def system_costs(
       link: the link (bandwidth; mode only matters through ``load``).
       snr_db: receive SNR in dB, any shape; ``+inf`` for a noiseless link.
       es, ue: device profiles.
-      digital_only: the payload is a file sent at the Shannon rate (centralised scheme).
     """
     snr_db = jnp.asarray(snr_db, jnp.float32)
     es_time = devices_lib.compute_time(es_flops, es) + jnp.zeros_like(snr_db)
@@ -231,7 +230,6 @@ def system_costs(
     tx_time = link_lib.transmission_time(link, load, snr_db)
     ue_comp_e = devices_lib.compute_energy(ue_flops, ue) + jnp.zeros_like(snr_db)
     ue_rx_e = devices_lib.reception_energy(tx_time, ue)
-    del digital_only  # the payload already says bits vs symbols
     return Costs(
         es_time_s=es_time,
         payload_bits=load.total_bits + jnp.zeros_like(snr_db),

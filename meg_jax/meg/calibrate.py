@@ -1,0 +1,488 @@
+"""Calibration: measure MEG's quality on the (K, r, SNR, task class) grid, write the artifact.
+
+The environment never runs the backbone; it reads the table this module measures with the
+real pipeline (``meg_jax.meg.pipeline``) and the shipped checkpoints, priced by a cost
+preset (``meg_jax.meg.costs``), stored as one versioned
+``meg_jax.meg.artifact.CalibrationArtifact``.
+
+Measurement (:func:`measure`):
+
+* ``prompts_per_class`` prompts of each task class (the shape: circle, square, triangle,
+  cross), other attributes random, and one fixed noise latent per prompt, all from ``seed``;
+* the reference: the teacher's guided 50-step DDIM sample, decoded, noiseless, unmerged;
+* per K: the student's K-step latents, computed **once** and reused for every r and SNR
+  (the ES part does not depend on them);
+* per (K, r, SNR): merge -> link (one fixed channel key, so every SNR sees the same noise
+  draw scaled differently) -> unmerge -> decode -> score with
+  ``meg_jax.meg.schemes.score_images`` (8-bit image; attribute accuracy; PSNR vs the
+  reference), averaged per task class;
+* the conventional schemes on the same prompts and noise: the reference itself (centralised
+  and on-device) and the teacher's latents over the link (MEG uncompressed), and the PNG
+  size of the reference images.
+
+Artifacts (:func:`build_artifact`): the quality of one measurement priced by any cost
+preset; for ``sd15-512``/``sdxl-1024`` the quality is the tiny backbone's (the provenance
+says so) and the centralised scheme's file size is the measured PNG bits per pixel times the
+preset's pixels.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import hashlib
+import os
+import time
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from meg_jax.meg import artifact as artifact_lib
+from meg_jax.meg import costs as costs_lib
+from meg_jax.meg import devices as devices_lib
+from meg_jax.meg import pipeline, schemes
+from meg_jax.meg.link import LinkConfig
+
+__all__ = [
+    "CalibrationConfig",
+    "QualityGrid",
+    "balanced_prompts",
+    "measure",
+    "build_artifact",
+    "checkpoint_hash",
+    "artifact_filename",
+    "run",
+]
+
+
+@dataclasses.dataclass(frozen=True)
+class CalibrationConfig:
+    """What ``meg-jax calibrate`` measures and writes."""
+
+    checkpoint: str = "checkpoints/tiny"  # shipped backbone folder (meg_jax.checkpoint.load_backbone)
+    out_dir: str = "checkpoints/calibration"  # where the artifacts go (<cost preset>.npz)
+    cost_presets: tuple[str, ...] = ("tiny", "sd15-512", "sdxl-1024")  # one artifact per preset
+    link_mode: str = "analog"  # "analog" (quality depends on SNR) or "digital"
+    fading: str = "awgn"  # analog channel: "awgn" or "rayleigh"
+    bits: int = 8  # digital quantisation bits (4, 6, 8)
+    bandwidth_hz: float = 5e6  # link bandwidth B (Hz): a UE's share of an NR n78 carrier
+    tx_power_dbm: float = 30.0  # ES transmit power (dBm), recorded for the environment
+    noise_figure_db: float = 7.0  # UE noise figure (dB), recorded for the environment
+    steps: tuple[int, ...] = (1, 2, 4, 8)  # K grid
+    merge_ratios: tuple[float, ...] = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7)  # r grid
+    # SNR grid (dB): 11 values, denser where analog quality changes fastest; holds 0, 10, 20.
+    snr_db: tuple[float, ...] = (-5.0, -2.5, 0.0, 2.5, 5.0, 7.5, 10.0, 15.0, 20.0, 25.0, 30.0)
+    prompts_per_class: int = 32  # prompts per task class: 4 x 32 = 128 per (K, r, SNR) cell
+    batch_size: int = 128  # prompts per jitted call (memory bound)
+    seed: int = 0  # prompts, noise and channel draws
+
+    def validate(self) -> "CalibrationConfig":
+        """Raises ``ValueError`` naming the field to change."""
+        problems = []
+        try:
+            self.link()
+        except ValueError as e:
+            problems.append(str(e))
+        for name in self.cost_presets:
+            if name not in costs_lib.COST_PRESETS:
+                problems.append(f"cost_presets: unknown {name!r}; choose from {sorted(costs_lib.COST_PRESETS)}")
+        if not self.cost_presets:
+            problems.append("cost_presets is empty")
+        if any(k < 1 for k in self.steps) or list(self.steps) != sorted(set(self.steps)):
+            problems.append(f"steps must be increasing ints >= 1, got {self.steps}")
+        if list(self.merge_ratios) != sorted(set(self.merge_ratios)) or len(self.merge_ratios) < 2:
+            problems.append(f"merge_ratios must be >= 2 increasing values, got {self.merge_ratios}")
+        if self.merge_ratios and not 0.0 <= min(self.merge_ratios) <= max(self.merge_ratios) <= 0.75:
+            problems.append(f"merge_ratios must lie in [0, 0.75] (2x2 ToMe cells), got {self.merge_ratios}")
+        if list(self.snr_db) != sorted(set(self.snr_db)) or len(self.snr_db) < 2:
+            problems.append(f"snr_db must be >= 2 increasing values, got {self.snr_db}")
+        if self.prompts_per_class < 1 or self.batch_size < 1:
+            problems.append("prompts_per_class and batch_size must be >= 1")
+        if problems:
+            raise ValueError("invalid CalibrationConfig:\n  - " + "\n  - ".join(problems))
+        return self
+
+    def link(self) -> LinkConfig:
+        """The link this calibration measures."""
+        return LinkConfig(
+            mode=self.link_mode,
+            bandwidth_hz=self.bandwidth_hz,
+            tx_power_dbm=self.tx_power_dbm,
+            noise_figure_db=self.noise_figure_db,
+            bits=self.bits,
+            fading=self.fading,
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class QualityGrid:
+    """Everything :func:`measure` found (numpy, host side).
+
+    ``K, R, S, C`` = steps, merge ratios, SNRs, task classes.
+    """
+
+    accuracy: np.ndarray  # [K, R, S, C] mean attribute accuracy
+    psnr: np.ndarray  # [K, R, S, C] mean PSNR vs the reference (dB)
+    num_samples: np.ndarray  # [K, R, S, C] prompts per cell
+    reference_accuracy: np.ndarray  # [C] the 8-bit reference image (centralised, on-device)
+    reference_psnr: np.ndarray  # [C] its PSNR vs the float reference (8-bit rounding only)
+    uncompressed_accuracy: np.ndarray  # [S, C] teacher latents over the link, r = 0
+    uncompressed_psnr: np.ndarray  # [S, C]
+    png_bits_mean: float  # mean PNG size of the reference images (bits)
+    png_bits_per_pixel: float  # the same per pixel
+    task_classes: tuple[str, ...]  # C names
+    seconds: float  # wall time of the measurement
+
+
+def balanced_prompts(key: jax.Array, per_class: int, max_length: int = 16) -> tuple[jax.Array, Any]:
+    """``per_class`` prompts of every task class (shape), the other attributes random.
+
+    Args:
+      key: PRNG key.
+      per_class: prompts per class.
+      max_length: token length (the text encoder's ``max_length``).
+
+    Returns:
+      ``(tokens [C·per_class, L], attrs)`` with the task classes in blocks of ``per_class``.
+    """
+    from meg_jax.data import shapes, tokenizer
+
+    n = per_class * shapes.NUM_TASK_CLASSES
+    attrs = shapes.sample_attributes(key, n)
+    attrs = attrs.replace(shape=jnp.repeat(jnp.arange(shapes.NUM_TASK_CLASSES, dtype=jnp.int32), per_class))
+    return tokenizer.tokens_from_attributes(attrs, max_length), attrs
+
+
+@jax.jit
+def _context(backbone, tokens):
+    return pipeline.encode_text(backbone, tokens)
+
+
+@jax.jit
+def _teacher(backbone, context, noise):
+    return pipeline.teacher_latents(backbone, context, noise)
+
+
+@jax.jit
+def _decode(backbone, latents):
+    return pipeline.decode_latents(backbone, latents)
+
+
+_student = jax.jit(pipeline.es_latents, static_argnums=(3,))
+_transmit = jax.jit(pipeline.transmit_latents, static_argnums=(1, 2))
+
+
+@jax.jit
+def _decode_and_score(backbone, latents, attrs, reference):
+    images = pipeline.decode_latents(backbone, latents)
+    q = schemes.score_images(backbone, images, attrs, reference)
+    return q.accuracy, q.psnr
+
+
+def measure(
+    backbone: Any,
+    config: CalibrationConfig,
+    *,
+    progress: bool = True,
+    log: Callable[[str], None] | None = None,
+) -> QualityGrid:
+    """Measures quality on the grid of ``config`` with ``backbone`` (see the module docstring)."""
+    from meg_jax.data import shapes
+
+    config.validate()
+    link = config.link()
+    num_c = shapes.NUM_TASK_CLASSES
+    k_, r_, s_ = len(config.steps), len(config.merge_ratios), len(config.snr_db)
+    key = jax.random.PRNGKey(config.seed)
+    k_prompts, k_noise, k_channel = jax.random.split(key, 3)
+    tokens, attrs = balanced_prompts(k_prompts, config.prompts_per_class,
+                                     backbone.config.text_encoder.max_length)
+    n = tokens.shape[0]
+    h = backbone.config.latent_size
+    noise = jax.random.normal(k_noise, (n, h, h, backbone.config.vae.latent_channels))
+    task = np.asarray(attrs.shape)
+    snrs = [jnp.full((min(config.batch_size, n),), s, jnp.float32) for s in config.snr_db]
+
+    acc_sum = np.zeros((k_, r_, s_, num_c))
+    psnr_sum = np.zeros((k_, r_, s_, num_c))
+    counts = np.zeros((k_, r_, s_, num_c), np.int64)
+    ref_acc = np.zeros(num_c)
+    ref_psnr = np.zeros(num_c)
+    unc_acc = np.zeros((s_, num_c))
+    unc_psnr = np.zeros((s_, num_c))
+    ref_counts = np.zeros(num_c, np.int64)
+    png = []
+
+    batches = [(i, min(i + config.batch_size, n)) for i in range(0, n, config.batch_size)]
+    total = len(batches) * (1 + s_ + k_ * (1 + r_ * s_))
+    from meg_jax import run_log
+
+    bar = run_log.progress(total, desc="calibrate", disable=not progress)
+    start = time.time()
+
+    def add(sums: np.ndarray, values: jax.Array, cls: np.ndarray) -> None:
+        sums += np.bincount(cls, weights=np.asarray(values, np.float64), minlength=num_c)
+
+    for b, (lo, hi) in enumerate(batches):
+        sl = slice(lo, hi)
+        tok, nz, cls = tokens[sl], noise[sl], task[sl]
+        at = jax.tree.map(lambda a: a[sl], attrs)
+        key_b = jax.random.fold_in(k_channel, b)
+        snr_b = [s[: hi - lo] for s in snrs]
+        context = _context(backbone, tok)
+        ref_latents = _teacher(backbone, context, nz)
+        reference = _decode(backbone, ref_latents)
+        png.append(schemes.png_bits(reference))
+        a, p = _decode_and_score(backbone, ref_latents, at, reference)
+        add(ref_acc, a, cls)
+        add(ref_psnr, p, cls)
+        ref_counts += np.bincount(cls, minlength=num_c)
+        bar.update(1)
+        for si, snr in enumerate(snr_b):
+            rec = _transmit(ref_latents, 0.0, link, snr, key_b)
+            a, p = _decode_and_score(backbone, rec, at, reference)
+            add(unc_acc[si], a, cls)
+            add(unc_psnr[si], p, cls)
+            bar.update(1)
+        for ki, k in enumerate(config.steps):
+            latents = _student(backbone, context, nz, k)  # reused for every r and SNR
+            bar.update(1)
+            for ri, r in enumerate(config.merge_ratios):
+                for si, snr in enumerate(snr_b):
+                    rec = _transmit(latents, float(r), link, snr, key_b)
+                    a, p = _decode_and_score(backbone, rec, at, reference)
+                    add(acc_sum[ki, ri, si], a, cls)
+                    add(psnr_sum[ki, ri, si], p, cls)
+                    counts[ki, ri, si] += np.bincount(cls, minlength=num_c)
+                    bar.update(1)
+        if log is not None:
+            log(f"batch {b + 1}/{len(batches)} done after {time.time() - start:.0f} s")
+    bar.close()
+    png_bits = np.concatenate(png)
+    image_size = int(reference.shape[1]) * int(reference.shape[2])
+    return QualityGrid(
+        accuracy=acc_sum / counts,
+        psnr=psnr_sum / counts,
+        num_samples=counts,
+        reference_accuracy=ref_acc / ref_counts,
+        reference_psnr=ref_psnr / ref_counts,
+        uncompressed_accuracy=unc_acc / ref_counts,
+        uncompressed_psnr=unc_psnr / ref_counts,
+        png_bits_mean=float(png_bits.mean()),
+        png_bits_per_pixel=float(png_bits.mean() / image_size),
+        task_classes=tuple(shapes.SHAPES[:num_c]),
+        seconds=time.time() - start,
+    )
+
+
+def _flops_time(flops: float, profile: devices_lib.DeviceProfile) -> float:
+    return float(devices_lib.compute_time(flops, profile))
+
+
+def _flops_energy(flops: float, profile: devices_lib.DeviceProfile) -> float:
+    return float(devices_lib.compute_energy(flops, profile))
+
+
+def build_artifact(
+    grid: QualityGrid,
+    config: CalibrationConfig,
+    cost_preset: str | costs_lib.CostPreset,
+    provenance: dict[str, Any],
+) -> artifact_lib.CalibrationArtifact:
+    """Prices the measured quality with ``cost_preset`` into a validated artifact.
+
+    Args:
+      grid: from :func:`measure`.
+      config: the calibration config (grids, link).
+      cost_preset: name or preset (FLOPs, devices).
+      provenance: at least ``backbone_checkpoint_hash``, ``backbone_preset`` and ``command``;
+        ``cost_preset`` and ``created`` are filled in here when absent.
+    """
+    preset = costs_lib.cost_preset(cost_preset) if isinstance(cost_preset, str) else cost_preset
+    link = config.link()
+    es, ue = preset.es, preset.ue
+    s_, c_ = len(config.snr_db), len(grid.task_classes)
+
+    es_time = [
+        _flops_time(preset.text_encoder_flops + k * preset.student_unet_evals * preset.unet_flops, es)
+        for k in config.steps
+    ]
+    loads = [costs_lib.latent_payload(preset, link, r) for r in config.merge_ratios]
+    payload = [float(l.data_bits if link.mode == "digital" else l.data_symbols) for l in loads]
+    side = [float(l.side_bits) for l in loads]
+    ue_time = [_flops_time(preset.vae_decoder_flops, ue)] * len(config.merge_ratios)
+    ue_energy = [_flops_energy(preset.vae_decoder_flops, ue)] * len(config.merge_ratios)
+
+    teacher_unet = preset.teacher_steps * preset.teacher_unet_evals * preset.unet_flops
+    pixels = preset.image_size * preset.image_size
+    image_bits = grid.png_bits_per_pixel * pixels
+    ref_acc = np.broadcast_to(grid.reference_accuracy, (s_, c_)).copy()
+    ref_psnr = np.broadcast_to(grid.reference_psnr, (s_, c_)).copy()
+    full = loads[0] if config.merge_ratios[0] == 0.0 else costs_lib.latent_payload(preset, link, 0.0)
+    conventional = {
+        "centralised": artifact_lib.ConventionalScheme(
+            link_mode="digital",
+            es_compute_time_s=_flops_time(preset.text_encoder_flops + teacher_unet + preset.vae_decoder_flops, es),
+            payload=float(image_bits),
+            side_info_bits=0.0,
+            ue_compute_time_s=0.0,
+            ue_compute_energy_j=0.0,
+            accuracy=ref_acc,
+            psnr=ref_psnr,
+        ),
+        "meg_uncompressed": artifact_lib.ConventionalScheme(
+            link_mode=link.mode,
+            es_compute_time_s=_flops_time(preset.text_encoder_flops + teacher_unet, es),
+            payload=float(full.data_bits if link.mode == "digital" else full.data_symbols),
+            side_info_bits=float(full.side_bits),
+            ue_compute_time_s=_flops_time(preset.vae_decoder_flops, ue),
+            ue_compute_energy_j=_flops_energy(preset.vae_decoder_flops, ue),
+            accuracy=grid.uncompressed_accuracy,
+            psnr=grid.uncompressed_psnr,
+        ),
+        "on_device": artifact_lib.ConventionalScheme(
+            link_mode="none",
+            es_compute_time_s=0.0,
+            payload=0.0,
+            side_info_bits=0.0,
+            ue_compute_time_s=_flops_time(preset.text_encoder_flops + teacher_unet + preset.vae_decoder_flops, ue),
+            ue_compute_energy_j=_flops_energy(preset.text_encoder_flops + teacher_unet + preset.vae_decoder_flops, ue),
+            accuracy=ref_acc,
+            psnr=ref_psnr,
+        ),
+    }
+    prov = {
+        "cost_preset": preset.name,
+        "created": datetime.date.today().isoformat(),
+        **provenance,
+        "es_device": es.name,
+        "ue_device": ue.name,
+        "es_device_source": es.source,
+        "ue_device_source": ue.source,
+        "flops": {
+            "text_encoder": preset.text_encoder_flops,
+            "unet": preset.unet_flops,
+            "vae_decoder": preset.vae_decoder_flops,
+            "student_unet_evals_per_step": preset.student_unet_evals,
+            "teacher_unet_evals_per_step": preset.teacher_unet_evals,
+            "teacher_steps": preset.teacher_steps,
+        },
+        "latent": [preset.latent_size, preset.latent_size, preset.latent_channels],
+        "image_size": preset.image_size,
+        "fading": link.fading,
+        "quality_source": provenance.get("quality_source", "measured with the backbone named by backbone_checkpoint_hash"),
+        "accuracy_definition": "fraction of the 5 prompt attributes the classifier reads right on the 8-bit image",
+        "psnr_definition": "PSNR (data range 2) of the 8-bit image vs the teacher's 50-step float image",
+        "png_bits_per_pixel": grid.png_bits_per_pixel,
+        "centralised_image_bits": float(image_bits),
+        "not_counted": "ES merge, UE unmerge, prompt uplink, queueing",
+        "prompts_per_class": config.prompts_per_class,
+        "seed": config.seed,
+        "measure_seconds": grid.seconds,
+    }
+    return artifact_lib.CalibrationArtifact(
+        steps=np.asarray(config.steps, np.int64),
+        merge_ratios=np.asarray(config.merge_ratios, np.float64),
+        snr_db=np.asarray(config.snr_db, np.float64),
+        task_classes=grid.task_classes,
+        accuracy=grid.accuracy,
+        psnr=grid.psnr,
+        num_samples=grid.num_samples,
+        es_compute_time_s=np.asarray(es_time),
+        payload=np.asarray(payload),
+        side_info_bits=np.asarray(side),
+        ue_compute_time_s=np.asarray(ue_time),
+        ue_compute_energy_j=np.asarray(ue_energy),
+        ue_receive_power_w=ue.rx_power_w,
+        bandwidth_hz=link.bandwidth_hz,
+        link_mode=link.mode,
+        bits_per_value=link.bits if link.mode == "digital" else None,
+        tx_power_dbm=link.tx_power_dbm,
+        noise_figure_db=link.noise_figure_db,
+        provenance=prov,
+        conventional_schemes=conventional,
+    ).validate()
+
+
+def checkpoint_hash(path: str | os.PathLike) -> str:
+    """SHA-256 over every file of a checkpoint folder (relative paths and contents, sorted)."""
+    path = os.fspath(path)
+    digest = hashlib.sha256()
+    for root, dirs, files in os.walk(path):
+        dirs.sort()
+        for name in sorted(files):
+            full = os.path.join(root, name)
+            digest.update(os.path.relpath(full, path).encode())
+            with open(full, "rb") as f:
+                for chunk in iter(lambda: f.read(1 << 20), b""):
+                    digest.update(chunk)
+    return "sha256:" + digest.hexdigest()
+
+
+def artifact_filename(config: CalibrationConfig, cost_preset: str) -> str:
+    """``<preset>.npz`` for the default analog AWGN link, else tagged with the link."""
+    if config.link_mode == "analog" and config.fading == "awgn":
+        return f"{cost_preset}.npz"
+    tag = f"digital{config.bits}" if config.link_mode == "digital" else f"analog-{config.fading}"
+    return f"{cost_preset}-{tag}.npz"
+
+
+def run(
+    config: CalibrationConfig,
+    *,
+    command: str,
+    backbone: Any | None = None,
+    progress: bool = True,
+    log: Callable[[str], None] = print,
+) -> dict[str, str]:
+    """Measures once and writes one artifact per cost preset; returns preset -> path.
+
+    Args:
+      config: what to measure and where to write.
+      command: the command line that made it (stored in the provenance).
+      backbone: a loaded ``Backbone``; default ``load_backbone(config.checkpoint)``.
+      progress: show the progress bar.
+      log: where progress lines go.
+    """
+    config.validate()
+    if backbone is None:
+        from meg_jax.checkpoint import load_backbone
+
+        backbone = load_backbone(config.checkpoint)
+        ckpt_hash = checkpoint_hash(config.checkpoint)
+        backbone_preset = _backbone_preset_name(config.checkpoint)
+        checkpoint = config.checkpoint
+    else:
+        ckpt_hash = "in-memory backbone (not a checkpoint folder)"
+        backbone_preset = "unknown"
+        checkpoint = None
+    grid = measure(backbone, config, progress=progress, log=log)
+    log(f"measured {int(grid.num_samples.sum())} cell-samples in {grid.seconds:.0f} s")
+    paths = {}
+    for name in config.cost_presets:
+        art = build_artifact(
+            grid, config, name,
+            {
+                "backbone_checkpoint_hash": ckpt_hash,
+                "backbone_checkpoint": checkpoint,
+                "backbone_preset": backbone_preset,
+                "command": command,
+                "quality_source": f"{backbone_preset} backbone at {checkpoint} ({ckpt_hash})",
+            },
+        )
+        path = os.path.join(config.out_dir, artifact_filename(config, name))
+        art.save(path)
+        paths[name] = path
+        log(f"wrote {path}")
+    return paths
+
+
+def _backbone_preset_name(checkpoint: str) -> str:
+    import json
+
+    with open(os.path.join(checkpoint, "backbone.json")) as f:
+        meta = json.load(f)
+    return str(meta.get("distill_preset", "unknown"))
+
