@@ -9,12 +9,15 @@ Examples::
     python -m train.calibrate                                   # the shipped default
     python -m train.calibrate --link-mode digital --bits 8      # -> <preset>-digital8.npz
     python -m train.calibrate --set prompts_per_class=128 --set batch_size=256
+    python -m train.calibrate --no-measure --tables --accuracy-floor 0.9   # docs tables
+    python -m train.calibrate --no-measure --grid-figure docs/images/meg_grid.png
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import shlex
 import sys
 from typing import Sequence
@@ -23,8 +26,7 @@ from meg_jax import config as config_lib
 from meg_jax.meg.calibrate import CalibrationConfig, run
 
 
-def parse(argv: Sequence[str]) -> CalibrationConfig:
-    """Command line -> validated ``CalibrationConfig``."""
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="meg-jax calibrate", description=__doc__.split("\n\n")[0])
     parser.add_argument("--checkpoint", help="backbone folder (default checkpoints/tiny)")
     parser.add_argument("--out", dest="out_dir", help="artifact folder (default checkpoints/calibration)")
@@ -36,9 +38,24 @@ def parse(argv: Sequence[str]) -> CalibrationConfig:
     parser.add_argument("--seed", type=int)
     parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                         help="override any CalibrationConfig field (repeatable)")
-    args = parser.parse_args(list(argv))
+    parser.add_argument("--no-measure", dest="measure", action="store_false",
+                        help="skip the measurement (use the artifacts already in --out)")
+    parser.add_argument("--tables", action="store_true",
+                        help="print the docs' comparison tables (markdown) from the artifacts in --out")
+    parser.add_argument("--accuracy-floor", type=float, default=0.9,
+                        help="quality floor of the tables' best fixed (K, r): mean attribute accuracy")
+    parser.add_argument("--table-snrs", default="0,10,20", help="comma-separated SNRs (dB) of the tables")
+    parser.add_argument("--grid-figure", help="write the (K rows x r columns) image grid at two SNRs here")
+    parser.add_argument("--grid-snrs", default="0,20", help="the two SNRs (dB) of the grid figure")
+    return parser
+
+
+def parse(argv: Sequence[str]) -> CalibrationConfig:
+    """Command line -> validated ``CalibrationConfig``."""
+    args = _parser().parse_args(list(argv))
     config = CalibrationConfig()
-    direct = {k: v for k, v in vars(args).items() if k not in ("set", "presets") and v is not None}
+    extras = ("set", "presets", "measure", "tables", "accuracy_floor", "table_snrs", "grid_figure", "grid_snrs")
+    direct = {k: v for k, v in vars(args).items() if k not in extras and v is not None}
     if args.presets:
         direct["cost_presets"] = tuple(p.strip() for p in args.presets.split(",") if p.strip())
     config = dataclasses.replace(config, **direct)
@@ -46,13 +63,103 @@ def parse(argv: Sequence[str]) -> CalibrationConfig:
     return config.validate()
 
 
+def comparison_tables(config: CalibrationConfig, snrs: Sequence[float], accuracy_floor: float) -> str:
+    """Markdown: per cost preset and SNR, the conventional schemes and the best fixed (K, r)."""
+    from meg_jax.meg import artifact as artifact_lib
+    from meg_jax.meg import calibrate as calibrate_lib
+    from meg_jax.meg import schemes
+
+    labels = {"centralised": "centralised (ES all, PNG)", "meg_uncompressed": "MEG uncompressed (teacher 50, r = 0)",
+              "on_device": "on-device (UE all)", "meg_best_fixed": "MEG best fixed (K, r)"}
+    out = []
+    for preset in config.cost_presets:
+        path = os.path.join(config.out_dir, calibrate_lib.artifact_filename(config, preset))
+        art = artifact_lib.load(path)
+        out.append(f"### `{preset}` ({art.link_mode} link, B = {art.bandwidth_hz / 1e6:g} MHz, "
+                   f"ES {art.provenance['es_device']}, UE {art.provenance['ue_device']})\n")
+        out.append("| SNR (dB) | scheme | (K, r) | latency (s) | UE energy (J) | accuracy | PSNR (dB) |")
+        out.append("|---:|---|---|---:|---:|---:|---:|")
+        for snr in snrs:
+            rows = schemes.comparison_rows(art, snr, accuracy_floor)
+            unc = next(r for r in rows if r["name"] == "meg_uncompressed")
+            for r in rows:
+                kr = f"({r['steps']}, {r['merge_ratio']:g})" if r.get("steps") else ""
+                if r["name"] == "meg_best_fixed" and r.get("steps"):
+                    cut = 1.0 - r["latency_s"] / unc["latency_s"]
+                    kr += f" −{100 * cut:.1f}% latency vs uncompressed"
+                out.append(f"| {snr:g} | {labels[r['name']]} | {kr} | {r['latency_s']:.4g} | "
+                           f"{r['ue_energy_j']:.4g} | {r['accuracy']:.3f} | {r['psnr']:.2f} |")
+        out.append("")
+    return "\n".join(out)
+
+
+def grid_figure(config: CalibrationConfig, path: str, snrs: Sequence[float], prompt_index: int = 0) -> None:
+    """Images of one prompt: rows K, columns r (+ the teacher reference), one panel per SNR."""
+    import jax
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    from meg_jax.checkpoint import load_backbone
+    from meg_jax.data import shapes
+    from meg_jax.meg import calibrate as cal
+    from meg_jax.meg import schemes
+
+    bb = load_backbone(config.checkpoint)
+    key = jax.random.PRNGKey(config.seed)
+    k_prompts, k_noise, k_channel = jax.random.split(key, 3)
+    tokens, attrs = cal.balanced_prompts(k_prompts, 1, bb.config.text_encoder.max_length)
+    tokens = tokens[prompt_index:prompt_index + 1]
+    h = bb.config.latent_size
+    noise = jax.random.normal(k_noise, (1, h, h, bb.config.vae.latent_channels))
+    context = cal._context(bb, tokens)
+    reference = cal._decode(bb, cal._teacher(bb, context, noise))
+    link = config.link()
+    ks, rs = config.steps, config.merge_ratios
+    fig, axes = plt.subplots(len(ks), (len(rs) + 1) * len(snrs), figsize=(1.1 * (len(rs) + 1) * len(snrs), 1.2 * len(ks) + 0.6))
+    show = lambda ax, img: ax.imshow(np.asarray((schemes.to_display(img)[0] + 1) / 2))  # noqa: E731
+    for ki, k in enumerate(ks):
+        latents = cal._student(bb, context, noise, k)
+        for pi, snr in enumerate(snrs):
+            base = pi * (len(rs) + 1)
+            for ri, r in enumerate(rs):
+                rec = cal._transmit(latents, float(r), link, jax.numpy.full((1,), snr), k_channel)
+                show(axes[ki, base + ri], cal._decode(bb, rec))
+                if ki == 0:
+                    axes[ki, base + ri].set_title(f"r={r:g}" + (f"\n{snr:g} dB" if ri == 0 else ""), fontsize=7)
+            show(axes[ki, base + len(rs)], reference)
+            if ki == 0:
+                axes[ki, base + len(rs)].set_title("teacher 50", fontsize=7)
+        axes[ki, 0].set_ylabel(f"K={k}", fontsize=8)
+    for ax in axes.flat:
+        ax.set_xticks([])
+        ax.set_yticks([])
+    prompt = shapes.prompt_of(jax.tree.map(lambda a: a[prompt_index:prompt_index + 1], attrs))[0]
+    fig.suptitle(f"\"{prompt}\" — {link.mode} link, rows K, columns r; left {snrs[0]:g} dB, right {snrs[1]:g} dB",
+                 fontsize=8)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     config = parse(argv)
-    command = "meg-jax calibrate" + ("" if not argv else " " + shlex.join(argv))
-    paths = run(config, command=command)
-    for preset, path in paths.items():
-        print(f"{preset}: {path}")
+    args = _parser().parse_args(argv)
+    if args.measure:
+        command = "meg-jax calibrate" + ("" if not argv else " " + shlex.join(argv))
+        paths = run(config, command=command)
+        for preset, path in paths.items():
+            print(f"{preset}: {path}")
+    if args.tables:
+        snrs = [float(x) for x in args.table_snrs.split(",")]
+        print(comparison_tables(config, snrs, args.accuracy_floor))
+    if args.grid_figure:
+        grid_figure(config, args.grid_figure, [float(x) for x in args.grid_snrs.split(",")])
+        print(f"wrote {args.grid_figure}")
     return 0
 
 

@@ -46,6 +46,8 @@ __all__ = [
     "meg_uncompressed",
     "on_device",
     "meg",
+    "price",
+    "comparison_rows",
 ]
 
 SCHEMES = ("centralised", "meg_uncompressed", "on_device")
@@ -125,10 +127,20 @@ def png_bits(images: jax.Array | np.ndarray) -> np.ndarray:
 
 
 @jax.jit
+def _teacher_and_reference(backbone, tokens, noise):
+    latents = pipeline.teacher_latents(backbone, pipeline.encode_text(backbone, tokens), noise)
+    return latents, pipeline.decode_latents(backbone, latents)
+
+
+_score_jit = jax.jit(score_images)
+_transmit_jit = jax.jit(pipeline.transmit_latents, static_argnums=(1, 2))
+
+
 def _reference_and_score(backbone, tokens, noise, attrs):
-    context = pipeline.encode_text(backbone, tokens)
-    reference = pipeline.decode_latents(backbone, pipeline.teacher_latents(backbone, context, noise))
-    return reference, score_images(backbone, reference, attrs, reference)
+    # One compiled program makes the reference for every scheme, so all compare to the
+    # same float image bit for bit.
+    _, reference = _teacher_and_reference(backbone, tokens, noise)
+    return reference, _score_jit(backbone, reference, attrs, reference)
 
 
 def _preset(cost: str | costs_lib.CostPreset) -> costs_lib.CostPreset:
@@ -163,15 +175,6 @@ def centralised(
     return SchemeResult(images=to_display(reference), costs=c, quality=quality)
 
 
-_score_jit = jax.jit(score_images)
-_transmit_jit = jax.jit(pipeline.transmit_latents, static_argnums=(1, 2))
-
-
-@jax.jit
-def _teacher_latents(backbone, tokens, noise):
-    return pipeline.teacher_latents(backbone, pipeline.encode_text(backbone, tokens), noise)
-
-
 @jax.jit
 def _decode_and_score(backbone, latents, attrs, reference):
     images = pipeline.decode_latents(backbone, latents)
@@ -191,8 +194,7 @@ def meg_uncompressed(
 ) -> SchemeResult:
     """Scheme (b): teacher at full steps on the ES, every token over ``link``, UE decodes."""
     snr = jnp.broadcast_to(jnp.asarray(snr_db, jnp.float32), (tokens.shape[0],))
-    latents = _teacher_latents(backbone, tokens, noise)
-    reference = pipeline.decode_latents(backbone, latents)
+    latents, reference = _teacher_and_reference(backbone, tokens, noise)
     received = _transmit_jit(latents, 0.0, link, snr, key)
     images, quality = _decode_and_score(backbone, received, attrs, reference)
     c = costs_lib.uncompressed_costs(_preset(cost), link, snr)
@@ -234,3 +236,72 @@ def meg(
                                   snr_db=snr_db, noise=noise, cost=_preset(cost))
     quality = _score_jit(backbone, images, attrs, reference)
     return SchemeResult(images=to_display(images), costs=c, quality=quality)
+
+
+# ----------------------------------------------------------------------------- tables
+
+
+def price(artifact: Any, snr_db: float, *, steps_index: int | None = None, ratio_index: int | None = None,
+          scheme: str | None = None) -> tuple[float, float]:
+    """Latency (s) and UE energy (J) at ``snr_db`` by the artifact's own pricing formula.
+
+    Give either ``steps_index`` and ``ratio_index`` (an MEG action on the artifact's grid) or
+    ``scheme`` (a conventional scheme stored in the artifact).
+    """
+    rate = artifact.bandwidth_hz * np.log2(1.0 + 10.0 ** (snr_db / 10.0))
+    if scheme is not None:
+        s = artifact.conventional_schemes[scheme]
+        mode = s.link_mode
+        es, payload, side, ue_t, ue_e = (s.es_compute_time_s, s.payload, s.side_info_bits,
+                                         s.ue_compute_time_s, s.ue_compute_energy_j)
+    else:
+        mode = artifact.link_mode
+        es = artifact.es_compute_time_s[steps_index]
+        payload = artifact.payload[ratio_index]
+        side = artifact.side_info_bits[ratio_index]
+        ue_t = artifact.ue_compute_time_s[ratio_index]
+        ue_e = artifact.ue_compute_energy_j[ratio_index]
+    if mode == "none":
+        t_tx = 0.0
+    elif mode == "analog":
+        t_tx = payload / artifact.bandwidth_hz + side / rate
+    else:
+        t_tx = (payload + side) / rate
+    return float(es + t_tx + ue_t), float(ue_e + artifact.ue_receive_power_w * t_tx)
+
+
+def comparison_rows(artifact: Any, snr_db: float, accuracy_floor: float) -> list[dict[str, Any]]:
+    """The three conventional schemes and the best fixed (K, r) meeting ``accuracy_floor``.
+
+    Quality is averaged uniformly over task classes at the grid SNR ``snr_db`` (must be on
+    the artifact's grid). "Best" is the lowest latency among the (K, r) whose mean accuracy
+    is at least ``accuracy_floor``; ties go to lower UE energy.
+
+    Returns:
+      One dict per row: ``name``, ``latency_s``, ``ue_energy_j``, ``accuracy``, ``psnr``,
+      and for the MEG row ``steps`` and ``merge_ratio`` (None when no setting qualifies).
+    """
+    grid = np.asarray(artifact.snr_db)
+    hits = np.nonzero(np.isclose(grid, snr_db))[0]
+    if hits.size == 0:
+        raise ValueError(f"snr_db={snr_db} is not on the artifact's grid {grid.tolist()}")
+    si = int(hits[0])
+    rows = []
+    for name in SCHEMES:
+        s = artifact.conventional_schemes[name]
+        lat, energy = price(artifact, snr_db, scheme=name)
+        rows.append(dict(name=name, latency_s=lat, ue_energy_j=energy,
+                         accuracy=float(np.mean(s.accuracy[si])), psnr=float(np.mean(s.psnr[si]))))
+    best = None
+    for ki, k in enumerate(artifact.steps):
+        for ri, r in enumerate(artifact.merge_ratios):
+            acc = float(np.mean(artifact.accuracy[ki, ri, si]))
+            if acc < accuracy_floor:
+                continue
+            lat, energy = price(artifact, snr_db, steps_index=ki, ratio_index=ri)
+            if best is None or (lat, energy) < (best["latency_s"], best["ue_energy_j"]):
+                best = dict(name="meg_best_fixed", latency_s=lat, ue_energy_j=energy, accuracy=acc,
+                            psnr=float(np.mean(artifact.psnr[ki, ri, si])), steps=int(k), merge_ratio=float(r))
+    rows.append(best or dict(name="meg_best_fixed", latency_s=float("nan"), ue_energy_j=float("nan"),
+                             accuracy=float("nan"), psnr=float("nan"), steps=None, merge_ratio=None))
+    return rows
