@@ -97,6 +97,9 @@ class UNetRow:
     single_core: bool  # pin the process to one CPU (PyTorch then runs 1 thread)
     xla_flags: str = ""  # extra XLA_FLAGS for the child ("" = XLA defaults)
     torch_threads: int | None = None  # None: one per available core
+    # "library": meg_jax.backbone.layers.multi_head_attention as it is; "bhnd": the
+    # diagnostic variant below patched in (a proposed change, measured against the same baseline).
+    attention: str = "library"
 
 
 UNET_ROWS = (
@@ -106,7 +109,37 @@ UNET_ROWS = (
     # with all cores available is then its best, and the fair baseline.
     UNetRow("all cores, PyTorch 1 thread", single_core=False, torch_threads=1),
     UNetRow(f"all cores, XLA_FLAGS={NO_YNN_FLAGS}", single_core=False, xla_flags=NO_YNN_FLAGS),
+    UNetRow("all cores, [B,H,N,d] attention (diagnostic)", single_core=False, attention="bhnd"),
+    UNetRow("1 core, [B,H,N,d] attention (diagnostic)", single_core=True, attention="bhnd"),
 )
+
+
+def _attention_bhnd(
+    q: Any, k: Any, v: Any, num_heads: int, mask: Any | None = None
+) -> Any:
+    """Diagnostic variant of ``layers.multi_head_attention`` with heads moved before tokens.
+
+    Same maths (q pre-scaled by 1/sqrt(d) instead of the logits), but the two matmuls run
+    on ``[B, H, N, d]`` operands. On XLA:CPU (jax 0.10) the library's ``bqhd`` einsums get
+    fused with the softmax into one YNNPACK fusion that is several times slower than the
+    plain batched matmuls this layout yields (see the profile table).
+    """
+    import math
+
+    import jax
+    import jax.numpy as jnp
+
+    b, nq, c = q.shape
+    nk = k.shape[1]
+    d = c // num_heads
+    qh = (q * (1.0 / math.sqrt(d))).reshape(b, nq, num_heads, d).transpose(0, 2, 1, 3)
+    kh = k.reshape(b, nk, num_heads, d).transpose(0, 2, 3, 1)
+    vh = v.reshape(b, nk, num_heads, v.shape[-1] // num_heads).transpose(0, 2, 1, 3)
+    logits = jnp.matmul(qh, kh, preferred_element_type=jnp.float32)
+    if mask is not None:
+        logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
+    weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+    return jnp.matmul(weights, vh).transpose(0, 2, 1, 3).reshape(b, nq, -1)
 
 
 # ------------------------------------------------------------------------------ helpers
@@ -231,7 +264,9 @@ def _torch_unet_call(torch_model: Any) -> tuple[Callable[[], Any], Callable[[], 
     return call, lambda: call().numpy()
 
 
-def _child_unet(settings: BenchSettings, single_core: bool, torch_threads: int | None, profile: bool) -> None:
+def _child_unet(
+    settings: BenchSettings, single_core: bool, torch_threads: int | None, attention: str, profile: bool
+) -> None:
     """Child mode: one paired Flax/PyTorch measurement, printed as JSON.
 
     Affinity is set here, before JAX creates its thread pool; ``XLA_FLAGS`` comes from the
@@ -242,6 +277,10 @@ def _child_unet(settings: BenchSettings, single_core: bool, torch_threads: int |
     import jax
     import torch
 
+    if attention == "bhnd":
+        from meg_jax.backbone import layers
+
+        layers.multi_head_attention = _attention_bhnd  # looked up at trace time by layers.Attention
     cores = len(os.sched_getaffinity(0))
     torch.set_num_threads(torch_threads or cores)
     model = _torch_unet()
@@ -272,6 +311,7 @@ def _run_child(settings: BenchSettings, row: UNetRow, profile: bool) -> dict[str
     ]
     cmd += ["--_single-core"] if row.single_core else []
     cmd += ["--_torch-threads", str(row.torch_threads)] if row.torch_threads else []
+    cmd += ["--_attention", row.attention]
     cmd += ["--_profile"] if profile else []
     env = dict(os.environ, JAX_PLATFORMS="cpu")
     flags = " ".join(f for f in (os.environ.get("XLA_FLAGS", ""), row.xla_flags) if f)
@@ -469,7 +509,9 @@ def _report(
             "'1 core': the process is pinned to one CPU and PyTorch runs 1 thread. "
             "'PyTorch 1 thread': all cores available, `torch.set_num_threads(1)` (on a loaded "
             "machine PyTorch's OpenMP threads wait on each other, so this is then its best setting). "
-            "The last row is a diagnostic: XLA:CPU without its YNNPACK library fusions.",
+            "Diagnostic rows: XLA:CPU without its YNNPACK library fusions; and the library's "
+            "`multi_head_attention` replaced by a variant that runs its matmuls on [B, H, N, d] "
+            "operands (`_attention_bhnd` in the script; a proposed change to `layers.py`).",
             "",
             _markdown_table(UNET_HEADER, rows),
             "",
@@ -520,6 +562,7 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[argparse.Namespace, B
     p.add_argument("--_single-core", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--_profile", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--_torch-threads", type=int, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--_attention", choices=("library", "bhnd"), default="library", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     quick = args.quick
     if args.out is None:
@@ -544,7 +587,7 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[argparse.Namespace, B
 def main(argv: Sequence[str] | None = None) -> None:
     args, settings = parse_args(argv)
     if args._child_unet:
-        _child_unet(settings, args._single_core, args._torch_threads, args._profile)
+        _child_unet(settings, args._single_core, args._torch_threads, args._attention, args._profile)
         return
     import jax
 
