@@ -114,3 +114,7 @@ def make(
     base, report = make_unbatched(preset, episode_length, artifact, discrete, **overrides)
     base.limit_report = report
     return FreshAutoResetWrapper(EpisodeLimitWrapper(VmapWrapper(base), episode_length), num_envs)
+
+
+# Registers the gymnasium ids (meg_jax/MEG-tiny-v0, ...); needs no artifact.
+from meg_jax.env import gym_adapter as _gym_adapter  # noqa: E402,F401
