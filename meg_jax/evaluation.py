@@ -66,6 +66,14 @@ __all__ = [
     "link_of_artifact",
     "class_prompt",
     "ALGO_LABELS",
+    "evaluate_runs",
+    "oracle_rollout",
+    "summarise_rollout",
+    "fit_oracle_on",
+    "best_fixed_index",
+    "fixed_policies",
+    "matched_quality_meg",
+    "QUALITY_TOLERANCE",
 ]
 
 # display names of the algorithms of train.cvpo
@@ -377,33 +385,61 @@ def _action_label(ro: Rollout, index: int) -> tuple[int, float]:
     return int(ro.grid_steps[index // num_r]), float(ro.grid_ratios[index % num_r])
 
 
-def reference_policies(ro: Rollout, limits: Optional[np.ndarray] = None) -> dict[str, dict[str, Any]]:
-    """Best fixed feasible (K, r), always-max-quality and the Lagrangian oracle on ``ro``'s requests.
+def fit_oracle_on(ro: Rollout, limits: Optional[np.ndarray] = None) -> tuple[Any, np.ndarray, float]:
+    """The environment's Lagrangian oracle fitted on ``ro``'s tables.
 
-    The oracle (perfect channel knowledge) is ``rl.baselines``': multipliers λ* of the LP
-    dual, then per request argmax_a Q − λ*·C/limits; ``ceiling_quality`` is the LP value.
+    Returns ``(solution, probs [E, T, A], ceiling)``: ``meg_jax.env.oracle.fit_oracle``'s
+    multipliers, the oracle's per-request action distribution (Boltzmann at its final
+    temperature, so its average costs meet the active limits) and the exact LP dual at those
+    multipliers (an upper bound on any feasible policy's quality, by weak duality).
     """
-    from meg_jax.rl import baselines
+    from meg_jax.env import oracle as env_oracle
 
     limits = ro.limits if limits is None else np.asarray(limits, np.float64)
     q, c = ro.table_quality, ro.table_costs
+    a = q.shape[-1]
+    sol = env_oracle.fit_oracle(q.reshape(-1, a), c.reshape(-1, a, c.shape[-1]), limits)
+    f32 = lambda x: jnp.asarray(x, jnp.float32)  # noqa: E731
+    probs = np.asarray(env_oracle.oracle_probabilities(f32(q), f32(c), f32(limits), f32(sol.lambdas), sol.temperature),
+                       np.float64)
+    lam = np.maximum(np.asarray(sol.lambdas, np.float64), 0.0)
+    ceiling = float(np.mean(np.max(q - np.einsum("etam,m->eta", c / limits, lam), axis=-1)) + lam.sum())
+    return sol, probs, ceiling
+
+
+def best_fixed_index(ro: Rollout, limits: Optional[np.ndarray] = None) -> Optional[int]:
+    """The grid action with the highest average quality whose average costs meet every limit (None if none)."""
+    limits = ro.limits if limits is None else np.asarray(limits, np.float64)
+    mean_q = ro.table_quality.mean(axis=(0, 1))
+    mean_c = ro.table_costs.mean(axis=(0, 1))
+    feasible = np.all(mean_c <= limits, axis=-1)
+    if not feasible.any():
+        return None
+    return int(np.argmax(np.where(feasible, mean_q, -np.inf)))
+
+
+def reference_policies(ro: Rollout, limits: Optional[np.ndarray] = None) -> dict[str, dict[str, Any]]:
+    """Best fixed feasible (K, r), always-max-quality and the Lagrangian oracle on ``ro``'s requests.
+
+    The oracle (perfect channel knowledge) is the environment's (``meg_jax.env.oracle``),
+    scored by its expected quality and costs per request; ``ceiling_quality`` is the LP dual
+    bound at its multipliers. The best fixed action is chosen on the same requests.
+    """
+    limits = ro.limits if limits is None else np.asarray(limits, np.float64)
+    q, c = ro.table_quality, ro.table_costs
     out: dict[str, dict[str, Any]] = {}
-    try:
-        idx, _, _ = baselines.best_fixed_action(q, c, limits)
+    idx = best_fixed_index(ro, limits)
+    if idx is not None:
         fixed = summarise(q[:, :, idx], c[:, :, idx, 0], c[:, :, idx, 1], limits)
         k, r = _action_label(ro, idx)
         fixed.update(action=idx, steps=k, merge_ratio=r)
-    except ValueError:
-        fixed = None
-    if fixed is not None:
         out["best_fixed"] = fixed
     best = np.argmax(q, axis=-1)
     out["max_quality"] = summarise(_pick(q, best), _pick(c, best)[..., 0], _pick(c, best)[..., 1], limits)
-    lam, ceiling = baselines.oracle_multipliers(q, c, limits)
-    score = q - np.einsum("etam,m->eta", c / limits, lam)
-    choice = np.argmax(score, axis=-1)
-    oracle = summarise(_pick(q, choice), _pick(c, choice)[..., 0], _pick(c, choice)[..., 1], limits)
-    oracle.update(lam=[float(x) for x in lam], ceiling_quality=float(ceiling))
+    sol, probs, ceiling = fit_oracle_on(ro, limits)
+    ec = np.einsum("eta,etam->etm", probs, c)
+    oracle = summarise(np.sum(probs * q, axis=-1), ec[..., 0], ec[..., 1], limits)
+    oracle.update(lam=[float(x) for x in sol.lambdas], ceiling_quality=ceiling, temperature=float(sol.temperature))
     out["oracle"] = oracle
     return out
 
@@ -765,21 +801,23 @@ def _cost_weights(params: Any, limits: jax.Array) -> jax.Array:
 
 
 def limit_sweep(run: Callable, params: Any, latency_limits: np.ndarray, actors: Any, key: jax.Array,
-                trained_limits: Optional[np.ndarray] = None) -> dict[str, Any]:
+                fallback_actor: Any = None) -> dict[str, Any]:
     """Item 3: quality and costs over latency limits: retrained CVPO (if ``actors``), oracle, best fixed.
 
     Args:
       run: a rollout function of the CVPO policy (from :func:`make_rollout`).
       params: nominal ``EnvParams``.
       latency_limits: [L, 2] (latency s, energy J) limits.
-      actors: stacked actor params [L, ...] (from :func:`train_limit_sweep`) or None.
+      actors: stacked actor params [L, ...] (from :func:`train_limit_sweep`) or None (then
+        only the oracle and the best fixed policy are scored).
       key: evaluation key (same for every limit).
+      fallback_actor: the actor ``run`` is called with when ``actors`` is None.
     """
     rows = []
     for i, lim in enumerate(np.asarray(latency_limits, np.float64)):
         lim32 = jnp.asarray(lim, jnp.float32)
         p = params.replace(limits=lim32, cost_weights=_cost_weights(params, lim32))
-        actor = None if actors is None else jax.tree.map(lambda x: x[i], actors)
+        actor = fallback_actor if actors is None else jax.tree.map(lambda x: x[i], actors)
         ro = rollout(run, p, actor, key)
         refs = reference_policies(ro)
         row = {"latency_limit_s": float(lim[0]), "energy_limit_j": float(lim[1]),
@@ -828,7 +866,15 @@ CLASS_PROMPTS = (
 
 
 def class_prompt(task: str, index: int = 0) -> str:
-    """A prompt of the procedural grammar whose shape is the task class ``task``."""
+    """A prompt of the procedural grammar whose shape is the task class ``task``.
+
+    A class name the grammar does not know (e.g. the synthetic test artifact's) is replaced
+    by the grammar's shape of the same index.
+    """
+    from meg_jax.data.shapes import SHAPES
+
+    if task not in SHAPES:
+        task = SHAPES[index % len(SHAPES)]
     return CLASS_PROMPTS[index % len(CLASS_PROMPTS)].format(task)
 
 
@@ -930,11 +976,9 @@ def _receive(backbone, latents, merge_ratio, link, snr_db, key):
 
 # ------------------------------------------------------------------------ orchestration
 def oracle_rollout(ro: Rollout) -> Rollout:
-    """``ro`` with the choices replaced by the deterministic Lagrangian oracle's (perfect CSI)."""
-    from meg_jax.rl import baselines
-
-    lam, _ = baselines.oracle_multipliers(ro.table_quality, ro.table_costs, ro.limits)
-    choice = np.argmax(ro.table_quality - np.einsum("etam,m->eta", ro.table_costs / ro.limits, lam), axis=-1)
+    """``ro`` with the choices replaced by the oracle's most likely action per request (perfect CSI)."""
+    _, probs, _ = fit_oracle_on(ro)
+    choice = np.argmax(probs, axis=-1)
     num_r = len(ro.grid_ratios)
     c = _pick(ro.table_costs, choice)
     return dataclasses.replace(
@@ -1044,12 +1088,16 @@ def evaluate_runs(
                                 "env_steps": curves["env_steps"][-1] if curves["env_steps"] else 0.0,
                                 "config": _config_dict(p.config)})
         results.setdefault("training", {})[p.name] = curves
-    tables_fn = make_rollout(base_env)
+    # any compiled rollout records the action tables (they do not depend on the policy): reuse one
+    if policies:
+        tables_fn, tables_actor = runs_fn[policies[0].name], policies[0].actor_params
+    else:
+        tables_fn, tables_actor = make_rollout(base_env), None
     if rollouts:
         nominal = next(iter(rollouts.values()))
     else:
         _log(progress, f"recording the action tables on {episodes} fresh episodes")
-        nominal = rollout(tables_fn, params, None, k_eval)
+        nominal = rollout(tables_fn, params, tables_actor, k_eval)
 
     # (1) schemes
     _log(progress, "(1) comparing with the conventional schemes")
@@ -1071,8 +1119,10 @@ def evaluate_runs(
         extra_art = menv.load_artifact(cfg)
         same_shape = all(np.shape(a) == np.shape(b) for a, b in
                          zip(jax.tree.leaves(extra_env.params), jax.tree.leaves(params)))
-        fn = tables_fn if same_shape and int(extra_env.episode_length) == int(base_env.episode_length) else make_rollout(extra_env)
-        ro = rollout(fn, extra_env.params, None, k_eval)
+        if same_shape and int(extra_env.episode_length) == int(base_env.episode_length):
+            ro = rollout(tables_fn, extra_env.params, tables_actor, k_eval)
+        else:
+            ro = rollout(make_rollout(extra_env), extra_env.params, None, k_eval)
         comparisons.append(scheme_comparison(ro, extra_art, extra_env.params, {}, extra))
         comparisons[-1]["note"] = "no trained policy on this preset: frontier, references and schemes only"
     results["comparisons"] = comparisons
@@ -1092,7 +1142,7 @@ def evaluate_runs(
     if not robust:
         rows = []
         for shift in shifts:
-            ro = rollout(tables_fn, shift_params(params, shift), None, k_eval)
+            ro = rollout(tables_fn, shift_params(params, shift), tables_actor, k_eval)
             refs = reference_policies(ro)
             rows.append({"shift": shift.name, "mean_snr_db": float(np.mean(ro.snr_db)), "policy": refs["oracle"],
                          "oracle": refs["oracle"], "best_fixed": refs.get("best_fixed")})
@@ -1123,7 +1173,7 @@ def evaluate_runs(
                     f"(K, r) on the same evaluation episodes.")
         else:
             _log(progress, "(3) oracle and best fixed over latency limits")
-        sweep = limit_sweep(fn, sweep_params, limits, actors, k_eval)
+        sweep = limit_sweep(fn, sweep_params, limits, actors, k_eval, fallback_actor=tables_actor)
         sweep["note"] = note
         results["sweep"] = sweep
 

@@ -12,7 +12,8 @@ and draws one figure per report item, each with axes labels in units and a legen
   and the (K, r) grid;
 * ``robustness.png`` — (6) quality and costs over limits under shifted channels.
 
-Matplotlib runs with the non-interactive Agg backend; nothing here touches JAX.
+Figures are drawn on ``matplotlib.figure.Figure`` objects (no pyplot state, any backend);
+nothing here touches JAX.
 """
 
 from __future__ import annotations
@@ -39,13 +40,12 @@ _COLORS = {
 }
 
 
-def _plt():
-    import matplotlib
+def _subplots(*args: Any, figsize: tuple[float, float] | None = None, **kwargs: Any) -> tuple[Any, Any]:
+    """A new ``matplotlib.figure.Figure`` and its axes, without pyplot (no global backend change)."""
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
+    fig = Figure(figsize=figsize)
+    return fig, fig.subplots(*args, **kwargs)
 
 
 def _fmt(x: Any, digits: int = 3) -> str:
@@ -127,8 +127,7 @@ def format_summary_table(comparison: Mapping[str, Any]) -> str:
 
 # ---------------------------------------------------------------------------- figures
 def _plot_schemes(comparison: Mapping[str, Any], path: str) -> None:
-    plt = _plt()
-    fig, axes = plt.subplots(1, 3, figsize=(16, 4.8))
+    fig, axes = _subplots(1, 3, figsize=(16, 4.8))
     ax = axes[0]
     fr = comparison["frontier"]
     ax.plot(1e3 * np.asarray(fr["latency_s"]), fr["quality"], "-", color="0.5", lw=1.5,
@@ -186,12 +185,10 @@ def _plot_schemes(comparison: Mapping[str, Any], path: str) -> None:
         ax.grid(alpha=0.3, axis="x")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 def _plot_training(curves: Mapping[str, Mapping[str, Any]], path: str) -> None:
-    plt = _plt()
-    fig, axes = plt.subplots(1, 3, figsize=(16, 4.2))
+    fig, axes = _subplots(1, 3, figsize=(16, 4.2))
     for name, c in curves.items():
         color = _COLORS.get(name, None)
         x = np.asarray(c["env_steps"])
@@ -217,14 +214,12 @@ def _plot_training(curves: Mapping[str, Mapping[str, Any]], path: str) -> None:
             ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 def _plot_sweep(sweep: Mapping[str, Any], path: str) -> None:
-    plt = _plt()
     rows = sweep["rows"]
     x = 1e3 * np.asarray([r["latency_limit_s"] for r in rows])
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    fig, axes = _subplots(1, 2, figsize=(11, 4.2))
     axes[0].plot(x, [r["oracle"]["quality"] for r in rows], "k*-", label="oracle (perfect CSI)")
     bf = [r["best_fixed"]["quality"] if r.get("best_fixed") else np.nan for r in rows]
     axes[0].plot(x, bf, "s--", color="tab:gray", label="best fixed feasible (K, r)")
@@ -247,13 +242,11 @@ def _plot_sweep(sweep: Mapping[str, Any], path: str) -> None:
         ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 def _plot_behaviour(behaviour: Mapping[str, Mapping[str, Any]], path: str) -> None:
-    plt = _plt()
     n = len(behaviour)
-    fig, axes = plt.subplots(n, 2, figsize=(11, 3.8 * n), squeeze=False)
+    fig, axes = _subplots(n, 2, figsize=(11, 3.8 * n), squeeze=False)
     for i, (name, b) in enumerate(behaviour.items()):
         x = np.asarray(b["snr_centres"])
         for c, cls in enumerate(b["task_classes"]):
@@ -270,7 +263,6 @@ def _plot_behaviour(behaviour: Mapping[str, Mapping[str, Any]], path: str) -> No
             ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 def _to_unit(img: np.ndarray) -> np.ndarray:
@@ -278,9 +270,8 @@ def _to_unit(img: np.ndarray) -> np.ndarray:
 
 
 def _plot_images(images: Mapping[str, Any], cases: Sequence[Mapping[str, Any]], path: str) -> None:
-    plt = _plt()
     n = len(cases)
-    fig, axes = plt.subplots(2, n, figsize=(2.6 * n, 5.6), squeeze=False)
+    fig, axes = _subplots(2, n, figsize=(max(2.8 * n, 5.0), 6.0), squeeze=False)
     for j, c in enumerate(cases):
         axes[0, j].imshow(_to_unit(images["images"][j]), interpolation="nearest")
         axes[0, j].set_title(f"SNR {c['snr_db']:.1f} dB\npolicy: K={c['steps']}, r={c['merge_ratio']:.2f}", fontsize=8)
@@ -290,17 +281,15 @@ def _plot_images(images: Mapping[str, Any], cases: Sequence[Mapping[str, Any]], 
         for ax in axes[:, j]:
             ax.set_xticks([])
             ax.set_yticks([])
-    fig.suptitle("(5) images at the policy's choices (top) and the teacher's (bottom), same prompt and noise")
+    fig.suptitle("(5) the policy's choices (top) and the teacher (bottom):\nsame prompt, same initial noise", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 def save_image_grid(grid: np.ndarray, steps: Sequence[int], ratios: Sequence[float], snr_db: float, prompt: str,
                     path: str) -> None:
     """Draws images ``[K, R, H, W, 3]`` as rows K, columns r."""
-    plt = _plt()
-    fig, axes = plt.subplots(len(steps), len(ratios), figsize=(1.9 * len(ratios), 1.9 * len(steps)), squeeze=False)
+    fig, axes = _subplots(len(steps), len(ratios), figsize=(1.9 * len(ratios), 1.9 * len(steps)), squeeze=False)
     for i, k in enumerate(steps):
         for j, r in enumerate(ratios):
             axes[i, j].imshow(_to_unit(grid[i, j]), interpolation="nearest")
@@ -314,12 +303,10 @@ def save_image_grid(grid: np.ndarray, steps: Sequence[int], ratios: Sequence[flo
                  f"“{prompt}”", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 def _plot_robustness(robust: Mapping[str, Sequence[Mapping[str, Any]]], path: str) -> None:
-    plt = _plt()
-    fig, axes = plt.subplots(1, 3, figsize=(16, 4.4))
+    fig, axes = _subplots(1, 3, figsize=(16, 4.4))
     first = next(iter(robust.values()))
     shifts = [r["shift"] for r in first]
     x = np.arange(len(shifts))
@@ -347,7 +334,6 @@ def _plot_robustness(robust: Mapping[str, Sequence[Mapping[str, Any]]], path: st
         ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 # ---------------------------------------------------------------------------- markdown

@@ -87,8 +87,11 @@ def test_reference_policies_hand_case():
     # best fixed meeting a 2 s limit: a0 (a1 costs 3 s); max quality: a1 everywhere, 1.5x the limit
     assert refs["best_fixed"]["steps"] == 1 and refs["best_fixed"]["quality"] == pytest.approx(0.5)
     assert refs["max_quality"]["latency_over_limit"] == pytest.approx(1.5)
-    # LP ceiling: half the requests at a1: quality 0.75 at exactly 2 s
-    assert refs["oracle"]["ceiling_quality"] == pytest.approx(0.75, abs=1e-4)
+    # LP optimum: a1 with probability 1/2: quality 0.75 at exactly 2 s; the oracle's Boltzmann
+    # choice (temperature 1e-4) gets there within a few 1e-4, and the dual bound sits just above.
+    assert refs["oracle"]["quality"] == pytest.approx(0.75, abs=2e-3)
+    assert refs["oracle"]["latency_over_limit"] == pytest.approx(1.0, abs=2e-3)
+    assert refs["oracle"]["ceiling_quality"] >= refs["oracle"]["quality"] - 1e-6
 
 
 def test_shift_params_arithmetic():

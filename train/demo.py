@@ -1,139 +1,257 @@
-"""``meg-jax demo``: the main job.
+"""``meg-jax demo``: the main job — train MEG-CVPO and PPO-Lagrangian on the shipped checkpoints, evaluate, report.
 
-Interim version (until the evaluation issue lands the full demo): runs the generative half of
-mobile edge generation on the ``tiny`` preset — text encoder, K trailing DDIM steps of the
-step-conditioned UNet at the "edge server", token merging of the latents at ratio r (the
-features that would be transmitted), unmerging and VAE decoding at the "device" — for a few
-prompts over a grid of (K, r), and writes the image grid to ``WORKDIR/demo_grid.png``.
+    meg-jax demo                          # ~10 minutes on a 2-core CPU; report in runs/demo/report.md
+    meg-jax demo --smoke                  # the same pipeline at a toy budget (under 2 minutes; tests)
+    meg-jax demo --budget 60000 --workdir runs/demo-long
+    meg-jax demo --recalibrate            # re-measure the calibration artifact first (minutes more)
 
-With the shipped checkpoints (``checkpoints/tiny``) the images show the prompts; without them
-(randomly initialised weights) the job still exercises the whole stack but draws noise.
+Steps: (0) check the shipped backbone (``checkpoints/tiny``) and calibration artifact
+(``checkpoints/calibration/<preset>.npz``), or re-measure the artifact into
+``WORKDIR/calibration`` with ``--recalibrate``; (1) train MEG-CVPO and (2) PPO-Lagrangian
+on the channel environment of ``--preset`` with ``--budget`` environment steps each
+(``python -m train.cvpo`` run directories ``WORKDIR/cvpo`` and ``WORKDIR/ppo_lag``); (3)
+evaluate both on fresh episodes beside the oracle, the fixed policies and the conventional
+schemes, retrain CVPO at several latency limits (one vmapped run), test robustness to a
+shifted channel and generate images with the backbone at the policy's choices; (4) write
+``WORKDIR/report.md`` with plots and ``WORKDIR/metrics.json``, print the summary table.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
+import shutil
 import sys
 import time
-from typing import Sequence
+from typing import Any, Optional, Sequence
 
-import jax
-import jax.numpy as jnp
-import numpy as np
+__all__ = ["main", "parse_args", "DemoPlan", "plan", "check_shipped", "MissingCheckpointError"]
 
-DEFAULT_PROMPTS = (
-    "a large red circle at the center on a blue background",
-    "a small yellow square at the top left on a black background",
-    "a large white triangle at the bottom on a green background",
-    "a small cyan cross at the right on a magenta background",
-)
+DEFAULT_BACKBONE = "checkpoints/tiny"
+DEFAULT_BUDGET = 24_576  # environment steps per agent (the default run; see DemoPlan)
+SMOKE_BUDGET = 512
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+class MissingCheckpointError(FileNotFoundError):
+    """A shipped file the demo needs is missing (the message names it and the command that makes it)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class DemoPlan:
+    """Sizes of one demo run (derived from ``--budget`` and ``--smoke``)."""
+
+    budget: int  # environment steps per agent
+    num_envs: int  # parallel environments during training
+    episode_length: int  # requests per episode
+    eval_episodes: int  # fresh evaluation episodes
+    cvpo_hidden: tuple[int, ...]  # actor and critic widths
+    batch_size: int  # CVPO batch
+    num_action_samples: int  # CVPO M
+    target_samples: int  # CVPO next-state actions in the critic target
+    updates_per_block: int  # CVPO gradient updates per vectorised env step
+    min_replay: int  # CVPO warm-up transitions
+    replay_capacity: int  # CVPO replay size
+    ppo_rollout: int  # PPO-Lagrangian rollout length
+    sweep_blocks: int  # CVPO blocks per swept latency limit (0: oracle/fixed only)
+    sweep_fractions: tuple[float, ...]  # swept latency limits (see evaluation.sweep_latency_limits)
+    image_snrs_db: tuple[float, ...]  # channel states of the item-5 images
+    grid_steps: tuple[int, ...]  # (K, r) image grid rows
+    grid_ratios: tuple[float, ...]  # and columns
+    blocks_per_log: int  # CVPO blocks per logged iteration
+
+
+def plan(budget: Optional[int], smoke: bool) -> DemoPlan:
+    """The run sizes for ``--budget`` (env steps per agent) and ``--smoke``."""
+    if smoke:
+        budget = budget or SMOKE_BUDGET
+        return DemoPlan(
+            budget=budget, num_envs=16, episode_length=16, eval_episodes=64, cvpo_hidden=(32, 32), batch_size=64,
+            num_action_samples=8, target_samples=4, updates_per_block=2, min_replay=128, replay_capacity=2048,
+            ppo_rollout=16, sweep_blocks=8, sweep_fractions=(0.3, 1.0), image_snrs_db=(0.0, 20.0),
+            grid_steps=(1, 8), grid_ratios=(0.0, 0.5), blocks_per_log=4,
+        )
+    budget = budget or DEFAULT_BUDGET
+    num_envs = 32
+    return DemoPlan(
+        budget=budget, num_envs=num_envs, episode_length=32, eval_episodes=1024, cvpo_hidden=(64, 64),
+        batch_size=128, num_action_samples=16, target_samples=8, updates_per_block=4, min_replay=1024,
+        replay_capacity=32_768, ppo_rollout=32, sweep_blocks=max(8, budget // (2 * num_envs)),
+        sweep_fractions=(0.15, 0.35, 0.6, 1.0), image_snrs_db=(0.0, 10.0, 25.0), grid_steps=(1, 2, 4, 8),
+        grid_ratios=(0.0, 0.25, 0.5, 0.75), blocks_per_log=max(1, budget // (num_envs * 24)),
+    )
+
+
+def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="meg-jax demo", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--workdir", default="runs/demo", help="where the grid is written")
-    parser.add_argument("--checkpoints", default="checkpoints/tiny", help="backbone folder")
-    parser.add_argument("--steps", default="1,2,4,8", help="comma-separated step counts K")
-    parser.add_argument("--ratios", default="0,0.25,0.5,0.75", help="comma-separated merge ratios r")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--smoke", action="store_true", help="one K and one r: a quick check")
-    args = parser.parse_args(argv)
-
-    from meg_jax.backbone import AutoencoderKL, TextEncoder, UNet, init_text_encoder, init_unet, init_vae, preset
-    from meg_jax.backbone import schedules, tome
-    from meg_jax.data import tokenizer
-
-    steps = [int(s) for s in args.steps.split(",")]
-    ratios = [float(r) for r in args.ratios.split(",")]
-    if args.smoke:
-        steps, ratios = steps[:1], ratios[-1:]
-    config = preset("tiny")
-    key = jax.random.PRNGKey(args.seed)
-
-    trained = os.path.exists(os.path.join(args.checkpoints, "backbone.json"))
-    if trained:
-        from meg_jax.checkpoint import load_backbone
-
-        backbone = load_backbone(args.checkpoints)
-        config = backbone.config
-        unet_vars, vae_vars, text_vars = backbone.student, backbone.vae, backbone.text_encoder
-        print(f"loaded the shipped backbone from {args.checkpoints}")
-    else:
-        k1, k2, k3 = jax.random.split(key, 3)
-        unet_vars, vae_vars, text_vars = init_unet(config.unet, k1), init_vae(config.vae, k2), init_text_encoder(config.text_encoder, k3)
-        print(f"no checkpoints at {args.checkpoints}: random weights (the images will be noise)")
-
-    tokens = jnp.asarray(tokenizer.encode(DEFAULT_PROMPTS, config.text_encoder.max_length))
-    context = TextEncoder(config.text_encoder).apply(text_vars, tokens)
-    schedule = schedules.make_schedule()
-    h = w = config.latent_size
-    c = config.unet.in_channels
-    noise = jax.random.normal(jax.random.fold_in(key, 1), (len(DEFAULT_PROMPTS), h, w, c))
-    unet, vae = UNet(config.unet), AutoencoderKL(config.vae)
-
-    def generate(num_steps: int, ratio: float) -> jax.Array:
-        cond = step_condition(num_steps, config.unet.time_cond_proj_dim, noise.shape[0])
-
-        def model_fn(x, t):
-            return unet.apply(unet_vars, x, t, context, timestep_cond=cond)
-
-        latents = schedules.sample(model_fn, schedule, noise, num_steps=num_steps, spacing="trailing",
-                                   prediction_type=config.prediction_type)
-        flat = latents.reshape(latents.shape[0], h * w, c)
-        merged, plan = tome.merge_tokens(flat, h, w, ratio, key=jax.random.fold_in(key, 2))
-        received = tome.unmerge(merged, plan).reshape(latents.shape)
-        return vae.apply(vae_vars, received / config.vae.scaling_factor, method="decode")
-
-    rows = []
-    t0 = time.perf_counter()
-    for k in steps:
-        row = []
-        for r in ratios:
-            images = jax.jit(lambda: generate(k, r))()
-            row.append(np.asarray(images))
-            print(f"  K={k} r={r:.2f}: {images.shape[0]} images")
-        rows.append(row)
-    print(f"generated {len(steps) * len(ratios) * len(DEFAULT_PROMPTS)} images in {time.perf_counter() - t0:.1f} s")
-    os.makedirs(args.workdir, exist_ok=True)
-    path = os.path.join(args.workdir, "demo_grid.png")
-    save_grid(rows, steps, ratios, path)
-    print(f"wrote {path}")
-    return 0
+    parser.add_argument("--workdir", default="runs/demo", help="where runs, plots and report.md go (default runs/demo)")
+    parser.add_argument("--preset", default="tiny", help="environment preset: tiny (default) or sdxl-mobile")
+    parser.add_argument("--budget", type=int, default=None,
+                        help=f"environment steps per agent (default {DEFAULT_BUDGET}; smoke {SMOKE_BUDGET})")
+    parser.add_argument("--smoke", action="store_true", help="toy sizes: the whole pipeline in under 2 minutes")
+    parser.add_argument("--checkpoints", default=DEFAULT_BACKBONE, help="shipped backbone folder")
+    parser.add_argument("--artifact", default=None,
+                        help="calibration artifact (.npz; default the preset's, checkpoints/calibration/...)")
+    parser.add_argument("--recalibrate", action="store_true",
+                        help="re-measure the calibration artifact with the backbone into WORKDIR/calibration")
+    parser.add_argument("--seed", type=int, default=0, help="training and evaluation seed")
+    parser.add_argument("--no-progress", action="store_true", help="hide the training progress bars")
+    args = parser.parse_args(list(argv))
+    if args.budget is not None and args.budget < 1:
+        parser.error("--budget must be a positive number of environment steps")
+    return args
 
 
-def step_condition(num_steps: int, dim: int | None, batch: int) -> jax.Array | None:
-    """The student's step conditioning, as the distillation stage defines it (if present)."""
-    if dim is None:
-        return None
+def _resolve(path: str) -> str:
+    """``path`` as given if it exists (relative to the cwd), else relative to the repository root."""
+    if os.path.isabs(path) or os.path.exists(path):
+        return path
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    candidate = os.path.join(root, path)
+    return candidate if os.path.exists(candidate) else path
+
+
+def check_shipped(checkpoints: str, artifact: Optional[str], preset: str, recalibrate: bool) -> tuple[str, Optional[str]]:
+    """Paths of the backbone folder and the artifact; raises :class:`MissingCheckpointError` if absent."""
+    import meg_jax.env as menv
+
+    backbone = _resolve(checkpoints)
+    if not os.path.isfile(os.path.join(backbone, "backbone.json")):
+        raise MissingCheckpointError(
+            f"the shipped backbone {os.path.join(checkpoints, 'backbone.json')} is missing. Make it with:\n"
+            f"  python -m train.distill --preset tiny --workdir runs/tiny --export {checkpoints}\n"
+            "(or pass --checkpoints DIR)"
+        )
+    if recalibrate:
+        return backbone, None
+    if artifact is None:
+        artifact = menv.get_preset(preset).artifact_path
+    path = _resolve(artifact)
+    if not os.path.isfile(path):
+        raise MissingCheckpointError(
+            f"the calibration artifact {artifact} is missing. Make it with:\n"
+            f"  meg-jax calibrate --checkpoint {checkpoints}\n"
+            "(python -m train.calibrate; or run the demo with --recalibrate)"
+        )
+    return backbone, path
+
+
+def _run_config(algo: str, p: DemoPlan, preset: str, artifact: str, seed: int) -> Any:
+    from meg_jax.rl.config import CVPOConfig, EnvSpec, EvalConfig, PPOConfig, RunConfig
+
+    cvpo = CVPOConfig(
+        actor_hidden=p.cvpo_hidden, critic_hidden=p.cvpo_hidden, batch_size=p.batch_size,
+        num_action_samples=p.num_action_samples, target_samples=p.target_samples,
+        updates_per_block=p.updates_per_block, min_replay=p.min_replay, replay_capacity=p.replay_capacity,
+    )
+    ppo = PPOConfig(rollout_length=p.ppo_rollout)
+    per_block = p.num_envs * (p.ppo_rollout if algo != "cvpo" else 1)
+    blocks_per_log = p.blocks_per_log if algo == "cvpo" else max(1, p.blocks_per_log // p.ppo_rollout)
+    del per_block
+    return RunConfig(
+        algo=algo, seed=seed,
+        env=EnvSpec(preset=preset, num_envs=p.num_envs, episode_length=p.episode_length, artifact=artifact),
+        cvpo=cvpo, ppo=ppo, eval=EvalConfig(num_episodes=p.eval_episodes),
+        total_env_steps=p.budget, blocks_per_log=blocks_per_log, checkpoint_every_logs=0, keep_checkpoints=1,
+    )
+
+
+def _train(config: Any, workdir: str, progress: bool) -> float:
+    """Runs ``train.cvpo`` into ``workdir`` (a stale run of another config is replaced)."""
+    from meg_jax.checkpoint import ConfigMismatchError
+    from train import cvpo as cvpo_job
+
+    t0 = time.time()
     try:
-        from meg_jax.distill.train import step_embedding
-    except ImportError:
-        return jnp.zeros((batch, dim))
-    return step_embedding(jnp.full((batch,), num_steps), dim)
+        cvpo_job.run(config, workdir, progress=progress, evaluate=False)
+    except ConfigMismatchError:
+        print(f"  {workdir} holds a run with other settings: starting it afresh")
+        shutil.rmtree(workdir)
+        cvpo_job.run(config, workdir, progress=progress, evaluate=False)
+    return time.time() - t0
 
 
-def save_grid(rows: list[list[np.ndarray]], steps: list[int], ratios: list[float], path: str) -> None:
-    import matplotlib
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Command-line entry point (``meg-jax demo``)."""
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    t_start = time.time()
+    try:
+        backbone_path, artifact_path = check_shipped(args.checkpoints, args.artifact, args.preset, args.recalibrate)
+    except MissingCheckpointError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    p = plan(args.budget, args.smoke)
+    os.makedirs(args.workdir, exist_ok=True)
+    timings: dict[str, float] = {}
+    from meg_jax.run_log import progress as progress_bar
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    stages = ["calibrate"] if args.recalibrate else []
+    stages += ["MEG-CVPO", "PPO-Lagrangian", "evaluate", "report"]
+    bar = progress_bar(len(stages), desc="demo", disable=args.no_progress)
+    print(f"meg-jax demo: preset {args.preset}, {p.budget} env steps per agent, backbone {backbone_path}, "
+          f"workdir {args.workdir}" + (" (smoke)" if args.smoke else ""), flush=True)
 
-    fig, axes = plt.subplots(len(steps), len(ratios), figsize=(2.2 * len(ratios), 2.2 * len(steps)), squeeze=False)
-    for i, k in enumerate(steps):
-        for j, r in enumerate(ratios):
-            images = (np.clip(rows[i][j], -1, 1) + 1) / 2
-            axes[i, j].imshow(np.concatenate(list(images), axis=1))
-            axes[i, j].set_xticks([])
-            axes[i, j].set_yticks([])
-            if i == 0:
-                axes[i, j].set_title(f"r = {r:.2f}")
-            if j == 0:
-                axes[i, j].set_ylabel(f"K = {k}")
-    fig.suptitle("ES: K student steps → merge r of the latent tokens → UE: unmerge, decode")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    if args.recalibrate:
+        from meg_jax.meg.calibrate import CalibrationConfig, run as calibrate
+
+        t0 = time.time()
+        cal = CalibrationConfig(checkpoint=backbone_path, out_dir=os.path.join(args.workdir, "calibration"),
+                                cost_presets=("tiny",) if args.preset == "tiny" else ("sdxl-1024",),
+                                prompts_per_class=4 if args.smoke else 32)
+        paths = calibrate(cal, command="meg-jax demo --recalibrate", progress=not args.no_progress)
+        artifact_path = next(iter(paths.values()))
+        timings["calibrate"] = time.time() - t0
+        bar.update(1)
+
+    run_dirs = []
+    for algo, label in (("cvpo", "MEG-CVPO"), ("ppo_lag", "PPO-Lagrangian")):
+        bar.set_description(f"demo: {label}")
+        config = _run_config(algo, p, args.preset, artifact_path, args.seed)
+        run_dir = os.path.join(args.workdir, algo)
+        print(f"training {label} for {p.budget} env steps ({p.num_envs} parallel envs) -> {run_dir}", flush=True)
+        try:
+            timings[label] = _train(config, run_dir, not args.no_progress)
+        except (ValueError, FileNotFoundError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        run_dirs.append(run_dir)
+        bar.update(1)
+
+    from meg_jax import evaluation, report
+
+    bar.set_description("demo: evaluate")
+    t0 = time.time()
+    results = evaluation.evaluate_runs(
+        run_dirs, episodes=p.eval_episodes, sweep_blocks=p.sweep_blocks, sweep_fractions=p.sweep_fractions,
+        backbone_path=backbone_path, image_snrs_db=p.image_snrs_db, grid_steps=p.grid_steps,
+        grid_ratios=p.grid_ratios, seed=args.seed,
+        progress=lambda m: print(f"  [{time.time() - t_start:6.1f} s] {m}", flush=True),
+    )
+    timings["evaluate"] = time.time() - t0
+    bar.update(1)
+    bar.set_description("demo: report")
+    t0 = time.time()
+    total = time.time() - t_start
+    cmd = "meg-jax demo" + ("" if not argv else " " + " ".join(argv))
+    preamble = [
+        f"Made by `{cmd}` in {total:.0f} s before the report was written "
+        f"({', '.join(f'{k} {v:.0f} s' for k, v in timings.items())}); "
+        f"{p.budget} environment steps per agent, {p.eval_episodes} evaluation episodes of {p.episode_length} requests.",
+        f"Backbone `{backbone_path}`; calibration artifact `{artifact_path}`.",
+    ]
+    results["demo"] = {"command": cmd, "plan": dataclasses.asdict(p), "timings_s": timings}
+    path = report.write_report(results, args.workdir, title=f"meg-jax demo report ({args.preset})", preamble=preamble)
+    timings["report"] = time.time() - t0
+    bar.update(1)
+    bar.close()
+    print()
+    print(report.format_summary_table(results["comparisons"][0]))
+    print()
+    print(f"demo finished in {time.time() - t_start:.0f} s; report: {path}")
+    return 0
 
 
 if __name__ == "__main__":
