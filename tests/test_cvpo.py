@@ -12,6 +12,7 @@ import optax
 import pytest
 
 import meg_jax.env as menv
+from meg_jax.env import oracle as env_oracle
 from meg_jax.meg.artifact import synthetic_artifact
 from meg_jax.rl import baselines, cvpo, networks
 from meg_jax.rl.config import CVPOConfig
@@ -182,7 +183,9 @@ def test_learns_to_beat_best_fixed_feasible_policy(artifact):
     denv = menv.make("tiny", num_envs=256, episode_length=t, artifact=artifact, discrete=True)
     limits = np.asarray(denv.params.limits)
     quality, costs = baselines.request_tables(denv, key)
-    _, fixed_quality, _ = baselines.best_fixed_action(quality, costs, limits)
+    a = quality.shape[-1]
+    fixed = env_oracle.best_fixed_action(denv.params, quality.reshape(-1, a), costs.reshape(-1, a, 2), limits)
+    fixed_quality = fixed.avg_quality
     eval_env = menv.make("tiny", num_envs=256, episode_length=t, artifact=artifact)
     result = evaluate_policy(eval_env, baselines.learned_policy(agent.act, state.actor), key)
     assert result.feasible, result

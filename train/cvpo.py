@@ -229,24 +229,28 @@ def run(
             _write_json(os.path.join(workdir, "eval.json"), evaluation)
         return TrainResult(config, None, 0, evaluation)
 
-    mesh = make_mesh()
-    check_num_envs(config.env.num_envs, mesh)
     if config.algo == "cvpo":
         from meg_jax.rl.cvpo import make_cvpo
 
-        agent = make_cvpo(config.cvpo, env, mesh)
         per_block = config.env.num_envs * config.cvpo.env_steps_per_block
     else:
         from meg_jax.rl.ppo_lagrangian import make_ppo
 
         ppo_config = dataclasses.replace(config.ppo, lagrangian=config.algo == "ppo_lag")
-        agent = make_ppo(ppo_config, env, mesh)
         per_block = config.env.num_envs * config.ppo.rollout_length
+    vmapped = config.num_seeds > 1
+    if config.num_seeds < 1:
+        raise ValueError(f"num_seeds must be >= 1, got {config.num_seeds}")
+    # one seed: the mesh over every device; several seeds: vmapped on the default device
+    mesh = None if vmapped else make_mesh()
+    if mesh is not None:
+        check_num_envs(config.env.num_envs, mesh)
+    agent = make_cvpo(config.cvpo, env, mesh) if config.algo == "cvpo" else make_ppo(ppo_config, env, mesh)
     blocks_per_log = config.blocks_per_log
     iterations = max(1, math.ceil(config.total_env_steps / (per_block * blocks_per_log)))
-
-    seed_key = jax.random.PRNGKey(config.seed)
-    k_init, run_key = jax.random.split(seed_key)
+    seeds = [config.seed + i for i in range(config.num_seeds)]
+    seed_keys = jax.numpy.stack([jax.random.PRNGKey(s) for s in seeds])
+    k_init, run_key = jax.vmap(jax.random.split, out_axes=1)(seed_keys)  # [S, 2] each
 
     def run_blocks(state, key):
         def body(s, _):
@@ -254,13 +258,21 @@ def run(
 
         return jax.lax.scan(body, state, None, length=blocks_per_log)
 
-    init_jit, step_jit = jit_sharded(agent.init, run_blocks, mesh, k_init)
-    state = init_jit(k_init)
+    if vmapped:
+        init_jit = jax.jit(jax.vmap(agent.init))
+        step_jit = jax.jit(jax.vmap(run_blocks), donate_argnums=0)
+        state = init_jit(k_init)
+    else:
+        k_init, run_key = k_init[0], run_key[0]
+        init_jit, step_jit = jit_sharded(agent.init, run_blocks, mesh, k_init)
+        state = init_jit(k_init)
     manager = ckpt.make_manager(os.path.join(workdir, "checkpoints"), max_to_keep=config.keep_checkpoints,
                                 async_save=False)
     state, start = ckpt.restore_or_init(manager, state)
-    writer = run_log.MetricsWriter(workdir) if is_main else None
-    estep_writer = run_log.MetricsWriter(os.path.join(workdir, "estep")) if (is_main and config.algo == "cvpo") else None
+    seed_dirs = [os.path.join(workdir, f"seed_{s}") for s in seeds] if vmapped else [workdir]
+    writers = [run_log.MetricsWriter(d) for d in seed_dirs] if is_main else []
+    estep_writers = ([run_log.MetricsWriter(os.path.join(d, "estep")) for d in seed_dirs]
+                     if (is_main and config.algo == "cvpo") else [])
     bar = run_log.progress(iterations, initial=start, desc=config.algo, disable=not (progress and is_main))
     done_here = 0
     try:
@@ -269,23 +281,28 @@ def run(
                 break
             t0 = time.time()
             state, metrics = step_jit(state, run_key)
-            summary, per_update = _summarize(config.algo, metrics, limits)
-            summary["iteration_seconds"] = time.time() - t0
-            params_ok = ckpt.all_finite(_local(state.actor))
-            try:
-                run_log.check_finite(summary, it + 1)
-                if not params_ok:
-                    raise run_log.NonFiniteError(f"non-finite actor parameters at iteration {it + 1}")
-            except run_log.NonFiniteError:
-                manager.wait_until_finished()
-                raise
-            if writer is not None:
-                writer.write(int(summary["env_steps"]), summary)
-            if estep_writer is not None:
-                first = int(_local(state.updates)) - len(per_update)
-                for i, rec in enumerate(per_update):
-                    estep_writer.write(first + i + 1, rec)
-            bar.set_postfix(_postfix(summary), refresh=False)
+            seconds = time.time() - t0
+            per_seed = [jax.tree.map(lambda x, i=i: x[i], metrics) for i in range(len(seeds))] if vmapped else [metrics]
+            summaries = []
+            for i, m in enumerate(per_seed):
+                summary, per_update = _summarize(config.algo, m, limits)
+                summary["iteration_seconds"] = seconds
+                summaries.append(summary)
+                try:
+                    run_log.check_finite(summary, it + 1)
+                except run_log.NonFiniteError:
+                    manager.wait_until_finished()
+                    raise
+                if writers:
+                    writers[i].write(int(summary["env_steps"]), summary)
+                if estep_writers:
+                    updates = np.asarray(_local(state.updates)).reshape(-1)[i]
+                    first = int(updates) - len(per_update)
+                    for j, rec in enumerate(per_update):
+                        estep_writers[i].write(first + j + 1, rec)
+            if not ckpt.all_finite(_local((state.actor, state.critic))):
+                raise run_log.NonFiniteError(f"non-finite actor or critic parameters at iteration {it + 1}")
+            bar.set_postfix(_postfix(summaries[0]), refresh=False)
             bar.update(1)
             done_here += 1
             last = it + 1 == iterations
@@ -296,17 +313,40 @@ def run(
         bar.close()
         manager.wait_until_finished()
         manager.close()
-        if writer is not None:
-            writer.close()
-        if estep_writer is not None:
-            estep_writer.close()
+        for w in writers + estep_writers:
+            w.close()
     total_iters = start + done_here
     evaluation = None
     if evaluate and total_iters >= iterations:
-        evaluation = _evaluate(config, agent, _local(state.actor), artifact)
-        if is_main:
+        actors = _local(state.actor)
+        evals = []
+        for i, seed in enumerate(seeds):
+            params = jax.tree.map(lambda x, i=i: x[i], actors) if vmapped else actors
+            ev = _evaluate(dataclasses.replace(config, seed=seed, num_seeds=1), agent, params, artifact)
+            evals.append(ev)
+            if is_main:
+                _write_json(os.path.join(seed_dirs[i], "eval.json"), ev)
+        evaluation = evals[0] if not vmapped else _combine(evals, seeds)
+        if is_main and vmapped:
             _write_json(os.path.join(workdir, "eval.json"), evaluation)
     return TrainResult(config, state, total_iters, evaluation)
+
+
+def _combine(evals: list[dict], seeds: list[int]) -> dict:
+    """Per-seed summaries and the medians / feasibility count over seeds."""
+    rows = [dict(seed=s, **ev["summary"]) for s, ev in zip(seeds, evals)]
+    gaps = [r["gap_closed"] for r in rows]
+    return {
+        "per_seed": rows,
+        "summary": {
+            "algo": rows[0]["algo"],
+            "seeds": seeds,
+            "median_gap_closed": float(np.median(gaps)),
+            "feasible_seeds": int(sum(bool(r["feasible"]) for r in rows)),
+            "median_quality": float(np.median([r["quality"] for r in rows])),
+            "max_costs_over_limit": [float(max(r["costs_over_limit"][j] for r in rows)) for j in range(len(rows[0]["costs_over_limit"]))],
+        },
+    }
 
 
 def _evaluate(config: RunConfig, agent: Any, actor_params: Any, artifact: Any) -> dict:
@@ -327,8 +367,9 @@ def _write_json(path: str, obj: Any) -> None:
 def _init_distributed(args: argparse.Namespace) -> None:
     import jax
 
-    if jax.default_backend() == "cpu" or os.environ.get("JAX_PLATFORMS", "").startswith("cpu"):
-        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    # CPU collectives across processes need gloo; the setting only concerns the CPU backend, and
+    # asking which backend is in use would initialise it (initialize() must come first)
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
     kwargs = {}
     if args.coordinator:
         kwargs["coordinator_address"] = args.coordinator

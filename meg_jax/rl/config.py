@@ -113,6 +113,7 @@ class RunConfig:
 
     algo: str = "cvpo"  # one of ALGOS
     seed: int = 0  # PRNG seed of the run
+    num_seeds: int = 1  # > 1: seeds seed .. seed + num_seeds - 1 trained together (vmapped, one device)
     env: EnvSpec = EnvSpec()
     cvpo: CVPOConfig = CVPOConfig()
     ppo: PPOConfig = PPOConfig()
