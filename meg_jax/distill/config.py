@@ -1,0 +1,248 @@
+"""Configs of the distillation job: one frozen dataclass per stage, bundled with the models.
+
+``DistillConfig`` is everything ``python -m train.distill`` needs: the backbone architecture
+(``meg_jax.backbone.config.BackboneConfig``), the procedural data (``ShapesConfig``), the
+classifier, and the four stages (classifier, VAE, teacher, student) with their step counts,
+batch sizes, learning rates, EMA decays, checkpoint intervals and seeds. Named presets:
+``tiny`` (the shipped checkpoints, sized for a 2-core CPU) and ``test`` (seconds per stage,
+for the tests). The command line only overrides fields (``--set student.steps=100``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Literal
+
+from meg_jax.backbone.config import BackboneConfig
+from meg_jax.backbone.config import preset as backbone_preset
+from meg_jax.data.classifier import ClassifierConfig
+from meg_jax.data.shapes import ShapesConfig
+
+__all__ = [
+    "StageConfig",
+    "ClassifierStageConfig",
+    "VAEStageConfig",
+    "TeacherStageConfig",
+    "StudentStageConfig",
+    "SamplingConfig",
+    "DistillConfig",
+    "STAGES",
+    "preset",
+    "PRESETS",
+]
+
+STAGES = ("classifier", "vae", "teacher", "student")
+
+
+@dataclasses.dataclass(frozen=True)
+class StageConfig:
+    """Optimisation and bookkeeping shared by every stage."""
+
+    steps: int = 1000  # optimizer steps of the stage
+    batch_size: int = 64  # global batch (split over devices; must divide evenly)
+    learning_rate: float = 1e-3  # peak AdamW learning rate
+    warmup_steps: int = 100  # linear warm-up from 0 to the peak
+    final_lr_fraction: float = 0.1  # cosine decay ends at this fraction of the peak
+    weight_decay: float = 0.0  # AdamW decoupled weight decay
+    grad_clip: float = 1.0  # global-norm gradient clipping
+    ema_decay: float = 0.999  # EMA of the parameters (the exported weights are the EMA)
+    checkpoint_every: int = 500  # steps between orbax checkpoints (and the last step)
+    log_every: int = 50  # steps between metric fetches (JSONL/TensorBoard, NaN check)
+    seed: int = 0  # seed of initialisation and of every batch of the stage
+
+    def __post_init__(self) -> None:
+        for f in ("steps", "batch_size", "checkpoint_every", "log_every"):
+            if getattr(self, f) < 1:
+                raise ValueError(f"{type(self).__name__}.{f} must be >= 1, got {getattr(self, f)}")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ValueError(f"{type(self).__name__}.ema_decay must be in [0, 1), got {self.ema_decay}")
+        if self.learning_rate <= 0:
+            raise ValueError(f"{type(self).__name__}.learning_rate must be > 0, got {self.learning_rate}")
+
+
+@dataclasses.dataclass(frozen=True)
+class ClassifierStageConfig(StageConfig):
+    """Attribute classifier: cross-entropy on fresh, augmented images (``classifier_model``
+    gives the architecture and the augmentation; this gives the optimisation)."""
+
+    steps: int = 1500
+    batch_size: int = 64
+    learning_rate: float = 3e-3
+    warmup_steps: int = 50
+    final_lr_fraction: float = 0.05
+    checkpoint_every: int = 300
+    log_every: int = 50
+    ema_decay: float = 0.0  # the classifier is used as trained (no EMA needed)
+
+
+@dataclasses.dataclass(frozen=True)
+class VAEStageConfig(StageConfig):
+    """VAE: reconstruction (MSE) + small KL to N(0, I) + an edge (image-gradient) term."""
+
+    steps: int = 1500
+    batch_size: int = 16
+    learning_rate: float = 2e-3
+    warmup_steps: int = 50
+    ema_decay: float = 0.995
+    checkpoint_every: int = 100
+    log_every: int = 25
+    kl_weight: float = 1e-6  # weight of the per-element KL (keeps latents bounded, not Gaussian)
+    edge_weight: float = 0.5  # weight of the MSE between horizontal/vertical image gradients
+    # Decode a posterior sample (True) or the mean (False). With a tiny KL weight the sampled
+    # noise (std 1 at init) swamps the still-small means for hundreds of steps and the decoder
+    # learns only the mean image; decoding the mean trains in the step budget of a CPU.
+    sample_posterior: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class TeacherStageConfig(StageConfig):
+    """Teacher LDM (UNet + text encoder) on VAE latents, with prompt dropout for CFG."""
+
+    steps: int = 1600
+    batch_size: int = 64
+    learning_rate: float = 2e-3
+    warmup_steps: int = 50
+    ema_decay: float = 0.995
+    checkpoint_every: int = 100
+    log_every: int = 20
+    cond_dropout: float = 0.1  # probability of training a sample unconditionally (zero context)
+    latent_scale_samples: int = 1024  # images used to measure the latent std after the VAE stage
+    num_latents: int = 8192  # generated images encoded once by the frozen VAE (the teacher's data)
+    latent_chunk: int = 1024  # images encoded per resumable chunk
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.num_latents % self.latent_chunk:
+            raise ValueError(
+                f"TeacherStageConfig.num_latents={self.num_latents} must be a multiple of "
+                f"latent_chunk={self.latent_chunk}"
+            )
+
+
+@dataclasses.dataclass(frozen=True)
+class StudentStageConfig(StageConfig):
+    """Step-conditioned student: unrolled K-step trailing DDIM regressed onto teacher DDIM-50.
+
+    The student starts as a copy of the teacher (step-conditioning projection at zero),
+    samples K ∈ ``step_counts`` trailing DDIM steps from the stored noise and prompt, and the
+    result is regressed onto the teacher's guided ``target_steps``-step DDIM sample from the
+    same noise and prompt (latent MSE, plus decoded-pixel MSE with ``pixel_weight``).
+    """
+
+    steps: int = 200
+    batch_size: int = 32
+    learning_rate: float = 4e-4
+    warmup_steps: int = 20
+    ema_decay: float = 0.98
+    checkpoint_every: int = 50
+    log_every: int = 10
+    step_counts: tuple[int, ...] = (1, 2, 4, 8)  # K values one set of weights serves
+    step_probs: tuple[float, ...] = (0.25, 0.25, 0.25, 0.25)  # how often each K is trained
+    num_targets: int = 384  # (noise, prompt, teacher sample) triples precomputed
+    target_steps: int = 50  # teacher DDIM steps of a target (trailing spacing, with CFG)
+    target_chunk: int = 128  # triples generated per resumable chunk
+    pixel_weight: float = 0.0  # weight of the decoded-pixel MSE (0: latents only)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if len(self.step_counts) != len(self.step_probs):
+            raise ValueError(
+                f"StudentStageConfig: step_counts {self.step_counts} and step_probs "
+                f"{self.step_probs} need the same length"
+            )
+        if any(k < 1 for k in self.step_counts):
+            raise ValueError(f"StudentStageConfig.step_counts must be >= 1, got {self.step_counts}")
+        if self.num_targets % self.target_chunk:
+            raise ValueError(
+                f"StudentStageConfig.num_targets={self.num_targets} must be a multiple of "
+                f"target_chunk={self.target_chunk}"
+            )
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingConfig:
+    """How the shipped teacher and student are sampled (stored in ``backbone.json``)."""
+
+    guidance_scale: float = 3.0  # classifier-free guidance of the teacher (student: none)
+    spacing: Literal["leading", "trailing", "linspace"] = "trailing"  # timestep spacing
+    teacher_steps: int = 50  # the reference: teacher DDIM steps
+    # Width of the student's step embedding (sinusoid of the step size T/K, fed to the
+    # UNet's ``timestep_cond``); equals ``UNetConfig.time_cond_proj_dim``.
+    step_embedding_dim: int = 32
+
+
+@dataclasses.dataclass(frozen=True)
+class DistillConfig:
+    """Everything the distillation job needs."""
+
+    preset: str  # the preset these values came from (informational)
+    backbone: BackboneConfig  # UNet, VAE and text encoder architectures, prediction type
+    data: ShapesConfig = ShapesConfig()  # procedural text-to-image data
+    sampling: SamplingConfig = SamplingConfig()  # guidance scale, spacing, step embedding
+    classifier_model: ClassifierConfig = ClassifierConfig()  # classifier architecture + augmentation
+    classifier: ClassifierStageConfig = ClassifierStageConfig()
+    vae: VAEStageConfig = VAEStageConfig()
+    teacher: TeacherStageConfig = TeacherStageConfig()
+    student: StudentStageConfig = StudentStageConfig()
+    keep_checkpoints: int = 2  # orbax keeps the latest N steps per stage
+    async_checkpointing: bool = True  # orbax saves in a background thread
+
+    def __post_init__(self) -> None:
+        unet = self.backbone.unet
+        if unet.time_cond_proj_dim != self.sampling.step_embedding_dim:
+            raise ValueError(
+                f"DistillConfig: backbone.unet.time_cond_proj_dim={unet.time_cond_proj_dim} must equal "
+                f"sampling.step_embedding_dim={self.sampling.step_embedding_dim} (the student's step "
+                "conditioning enters through timestep_cond)"
+            )
+        if self.backbone.text_encoder.max_length != self.data.max_length:
+            raise ValueError(
+                f"DistillConfig: backbone.text_encoder.max_length={self.backbone.text_encoder.max_length} "
+                f"must equal data.max_length={self.data.max_length}"
+            )
+        if self.data.resolution != (self.backbone.vae.sample_size if isinstance(self.backbone.vae.sample_size, int)
+                                    else self.backbone.vae.sample_size[0]):
+            raise ValueError(
+                f"DistillConfig: data.resolution={self.data.resolution} must equal "
+                f"backbone.vae.sample_size={self.backbone.vae.sample_size}"
+            )
+        if self.classifier_model.data != self.data:
+            raise ValueError(
+                "DistillConfig: classifier_model.data must equal data (the classifier reads the same images)"
+            )
+        if self.student.target_steps != self.sampling.teacher_steps:
+            raise ValueError(
+                f"DistillConfig: student.target_steps={self.student.target_steps} must equal "
+                f"sampling.teacher_steps={self.sampling.teacher_steps} (the reference the student imitates)"
+            )
+
+
+def _tiny() -> DistillConfig:
+    backbone = dataclasses.replace(backbone_preset("tiny"), prediction_type="v_prediction")
+    return DistillConfig(preset="tiny", backbone=backbone)
+
+
+def _test() -> DistillConfig:
+    """Seconds per stage: a handful of steps at tiny batches (for tests, not for quality)."""
+    backbone = dataclasses.replace(backbone_preset("tiny"), prediction_type="v_prediction")
+    small = dict(steps=4, batch_size=8, warmup_steps=1, checkpoint_every=2, log_every=1)
+    return DistillConfig(
+        preset="test",
+        backbone=backbone,
+        classifier=ClassifierStageConfig(**small),
+        vae=VAEStageConfig(**small),
+        teacher=TeacherStageConfig(**small, latent_scale_samples=16, num_latents=32, latent_chunk=16),
+        student=StudentStageConfig(**small, num_targets=16, target_chunk=8, target_steps=4),
+        sampling=SamplingConfig(teacher_steps=4),
+        keep_checkpoints=2,
+    )
+
+
+PRESETS = {"tiny": _tiny, "test": _test}
+
+
+def preset(name: str) -> DistillConfig:
+    """Named distillation configs: ``tiny`` (shipped checkpoints) and ``test`` (tests)."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown distill preset {name!r}; choose one of {sorted(PRESETS)}")
+    return PRESETS[name]()

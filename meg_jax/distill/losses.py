@@ -1,0 +1,268 @@
+"""Losses of the distillation stages, and the teacher/student samplers they are built on.
+
+Pure functions over arrays and params; the train steps in ``meg_jax.distill.train`` wrap
+them with ``jax.value_and_grad``.
+
+* VAE: ``reconstruction_loss`` (pixel MSE), ``edge_loss`` (MSE of image gradients, which
+  sharpens the shape borders that dominate PSNR on this data) and ``gaussian_kl`` (KL to
+  N(0, I), per latent element, with a small weight).
+* Teacher: ``diffusion_target`` (ε or v, Salimans & Ho 2022) and ``drop_context``
+  (classifier-free guidance dropout: a dropped prompt becomes an all-zero context, which
+  makes every cross-attention output exactly its output bias).
+* Student: ``step_embedding`` (sinusoid of the step size T/K, the UNet's ``timestep_cond``),
+  ``student_sample`` (K trailing DDIM steps of the step-conditioned student) and
+  ``rollout_loss`` (MSE between the student's K-step sample and the teacher's guided
+  50-step DDIM sample from the same noise and prompt, backpropagated through all K steps).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+
+from meg_jax.backbone import schedules
+
+__all__ = [
+    "reconstruction_loss",
+    "edge_loss",
+    "gaussian_kl",
+    "diffusion_target",
+    "drop_context",
+    "step_embedding",
+    "teacher_model_fn",
+    "student_model_fn",
+    "teacher_sample",
+    "student_sample",
+    "rollout_loss",
+]
+
+
+# --------------------------------------------------------------------------- VAE
+
+
+def reconstruction_loss(recon: jax.Array, target: jax.Array) -> jax.Array:
+    """Mean squared error over every element. ``[B, H, W, C]`` x2 -> scalar."""
+    return jnp.mean(jnp.square(recon - target))
+
+
+def edge_loss(recon: jax.Array, target: jax.Array) -> jax.Array:
+    """MSE between the horizontal and vertical finite differences of two images.
+
+    Args:
+      recon, target: ``[B, H, W, C]``.
+
+    Returns:
+      scalar: mean over the ``[B, H-1, W, C]`` vertical and ``[B, H, W-1, C]`` horizontal
+      differences, averaged.
+    """
+    def grads(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+        return x[:, 1:] - x[:, :-1], x[:, :, 1:] - x[:, :, :-1]
+
+    (ry, rx), (ty, tx) = grads(recon), grads(target)
+    return 0.5 * (jnp.mean(jnp.square(ry - ty)) + jnp.mean(jnp.square(rx - tx)))
+
+
+def gaussian_kl(mean: jax.Array, logvar: jax.Array) -> jax.Array:
+    """KL(N(mean, exp(logvar)) || N(0, 1)) averaged over every latent element (nats).
+
+    ``0.5 · (mean² + exp(logvar) − 1 − logvar)`` per element.
+    """
+    return 0.5 * jnp.mean(jnp.square(mean) + jnp.exp(logvar) - 1.0 - logvar)
+
+
+# --------------------------------------------------------------------------- teacher
+
+
+def diffusion_target(
+    schedule: schedules.NoiseSchedule,
+    x0: jax.Array,
+    noise: jax.Array,
+    t: jax.Array,
+    prediction_type: str,
+) -> jax.Array:
+    """What the denoiser should output at ``x_t = add_noise(x0, noise, t)``.
+
+    Args:
+      schedule: the noise schedule.
+      x0: ``[B, ...]`` clean latents.
+      noise: ``[B, ...]`` ε.
+      t: ``[B]`` integer timesteps.
+      prediction_type: "epsilon" (ε), "v_prediction" (v = sqrt(ᾱ) ε − sqrt(1 − ᾱ) x₀) or
+        "sample" (x₀).
+
+    Returns:
+      ``[B, ...]``.
+    """
+    if prediction_type == "epsilon":
+        return noise
+    if prediction_type == "v_prediction":
+        return schedules.get_velocity(schedule, x0, noise, t)
+    if prediction_type == "sample":
+        return x0
+    raise ValueError(f"prediction_type must be epsilon, v_prediction or sample, got {prediction_type!r}")
+
+
+def drop_context(key: jax.Array, context: jax.Array, p: float) -> jax.Array:
+    """Zeroes each sample's text context with probability ``p`` (CFG dropout).
+
+    Args:
+      key: random key.
+      context: ``[B, L, D]`` text-encoder output.
+      p: drop probability in [0, 1].
+
+    Returns:
+      ``[B, L, D]``; dropped rows are all zero, the unconditional context used at sampling.
+    """
+    keep = jax.random.uniform(key, (context.shape[0],)) >= p
+    return jnp.where(keep[:, None, None], context, jnp.zeros_like(context))
+
+
+# --------------------------------------------------------------------------- samplers
+
+
+def step_embedding(num_steps: int | jax.Array, dim: int, num_train_timesteps: int = 1000) -> jax.Array:
+    """Sinusoidal embedding of the student's step size ``T / K`` (the UNet's ``timestep_cond``).
+
+    The same frequencies as the timestep embedding (cos half first): ``cos(s · f_i)``,
+    ``sin(s · f_i)`` with ``f_i = 10000^(−i / (dim/2))`` and ``s = T / K``.
+
+    Args:
+      num_steps: K (Python int or traced scalar).
+      dim: embedding width (even).
+      num_train_timesteps: T.
+
+    Returns:
+      ``[dim]`` float32.
+    """
+    if dim % 2:
+        raise ValueError(f"step embedding width must be even, got {dim}")
+    half = dim // 2
+    freqs = jnp.exp(-math.log(10000.0) * jnp.arange(half, dtype=jnp.float32) / half)
+    s = jnp.asarray(num_train_timesteps, jnp.float32) / jnp.asarray(num_steps, jnp.float32)
+    args = s * freqs
+    return jnp.concatenate([jnp.cos(args), jnp.sin(args)])
+
+
+def teacher_model_fn(unet: Any, params: Any, context: jax.Array) -> schedules.ModelFn:
+    """The teacher as a doubled-batch ``ModelFn`` for ``schedules.sample(guidance_scale=...)``.
+
+    Args:
+      unet: the ``UNet`` module.
+      params: its params.
+      context: ``[B, L, D]`` conditional text context; the unconditional half is zeros.
+    """
+    doubled = jnp.concatenate([jnp.zeros_like(context), context])
+
+    def fn(x: jax.Array, t: jax.Array) -> jax.Array:
+        return unet.apply(params, x, t, doubled)
+
+    return fn
+
+
+def student_model_fn(unet: Any, params: Any, context: jax.Array, num_steps: int,
+                     embedding_dim: int, num_train_timesteps: int = 1000) -> schedules.ModelFn:
+    """The student conditioned on its step count K, as a ``ModelFn`` (no guidance)."""
+    emb = step_embedding(num_steps, embedding_dim, num_train_timesteps)
+    cond = jnp.broadcast_to(emb, (context.shape[0], embedding_dim))
+
+    def fn(x: jax.Array, t: jax.Array) -> jax.Array:
+        return unet.apply(params, x, t, context, timestep_cond=cond)
+
+    return fn
+
+
+def teacher_sample(unet: Any, params: Any, schedule: schedules.NoiseSchedule, x_T: jax.Array,
+                   context: jax.Array, *, num_steps: int, guidance_scale: float,
+                   prediction_type: str, spacing: str = "trailing") -> jax.Array:
+    """Teacher DDIM sample with classifier-free guidance (zero context = unconditional).
+
+    Args:
+      unet, params: the teacher.
+      schedule: the noise schedule.
+      x_T: ``[B, h, w, c]`` unit Gaussian noise.
+      context: ``[B, L, D]`` text context.
+      num_steps: DDIM steps (static).
+      guidance_scale: CFG scale s (1: conditional only, computed without the doubled batch).
+      prediction_type, spacing: as ``schedules.sample``.
+
+    Returns:
+      ``[B, h, w, c]`` latents.
+    """
+    if guidance_scale == 1.0:
+        fn = lambda x, t: unet.apply(params, x, t, context)  # noqa: E731
+        return schedules.sample(fn, schedule, x_T, num_steps=num_steps, spacing=spacing,
+                                prediction_type=prediction_type)
+    return schedules.sample(teacher_model_fn(unet, params, context), schedule, x_T,
+                            num_steps=num_steps, spacing=spacing, prediction_type=prediction_type,
+                            guidance_scale=guidance_scale)
+
+
+def student_sample(unet: Any, params: Any, schedule: schedules.NoiseSchedule, x_T: jax.Array,
+                   context: jax.Array, *, num_steps: int, embedding_dim: int,
+                   prediction_type: str, spacing: str = "trailing") -> jax.Array:
+    """K trailing DDIM steps of the step-conditioned student.
+
+    Args:
+      unet, params: the student.
+      schedule: the noise schedule.
+      x_T: ``[B, h, w, c]`` unit Gaussian noise.
+      context: ``[B, L, D]`` text context.
+      num_steps: K (static); also the value of the step conditioning.
+      embedding_dim: width of ``timestep_cond``.
+      prediction_type, spacing: as ``schedules.sample``.
+
+    Returns:
+      ``[B, h, w, c]`` latents.
+    """
+    fn = student_model_fn(unet, params, context, num_steps, embedding_dim,
+                          schedule.num_train_timesteps)
+    return schedules.sample(fn, schedule, x_T, num_steps=num_steps, spacing=spacing,
+                            prediction_type=prediction_type)
+
+
+def rollout_loss(
+    sample_fn: Callable[[int], jax.Array],
+    target: jax.Array,
+    step_index: jax.Array,
+    step_counts: Sequence[int],
+    decode_fn: Callable[[jax.Array], jax.Array] | None = None,
+    target_pixels: jax.Array | None = None,
+    pixel_weight: float = 0.0,
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Student distillation loss for one randomly chosen step count, one compiled program.
+
+    ``lax.switch`` over ``step_counts`` selects the branch that unrolls K student steps, so
+    each train step pays for one K only while the step function is compiled once.
+
+    Args:
+      sample_fn: ``sample_fn(K) -> [B, h, w, c]`` the student's K-step sample (traced with
+        the params being differentiated).
+      target: ``[B, h, w, c]`` the teacher's guided many-step sample from the same noise.
+      step_index: scalar int32 index into ``step_counts``.
+      step_counts: the static K values.
+      decode_fn: latents -> pixels (the frozen VAE decoder), for the pixel term.
+      target_pixels: ``[B, H, W, 3]`` decoded ``target`` (only with ``pixel_weight > 0``).
+      pixel_weight: weight of the pixel MSE.
+
+    Returns:
+      ``(loss, metrics)`` with ``latent_mse`` and ``pixel_mse`` (0 when unused).
+    """
+
+    def branch(k: int) -> Callable[[], tuple[jax.Array, jax.Array]]:
+        def run() -> tuple[jax.Array, jax.Array]:
+            out = sample_fn(k)
+            latent = jnp.mean(jnp.square(out - target))
+            if pixel_weight > 0.0:
+                pixel = jnp.mean(jnp.square(decode_fn(out) - target_pixels))
+            else:
+                pixel = jnp.zeros((), jnp.float32)
+            return latent, pixel
+
+        return run
+
+    latent, pixel = jax.lax.switch(step_index, [branch(k) for k in step_counts])
+    loss = latent + pixel_weight * pixel
+    return loss, {"latent_mse": latent, "pixel_mse": pixel}

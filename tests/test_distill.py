@@ -1,0 +1,247 @@
+"""Tests of meg_jax.distill: losses on hand-checked cases, samplers, one train step per stage,
+resume to identical parameters, config mismatch refused, NaN guard, the CLI.
+
+Compile time dominates on CPU, so the four stages of the ``test`` preset run once per module
+(``stages`` fixture) and every other test reuses the compiled steps
+(``train.compiled_train_step`` caches them per process).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from meg_jax import checkpoint as ckpt
+from meg_jax import parallel, run_log
+from meg_jax.backbone import schedules
+from meg_jax.distill import config as dconfig
+from meg_jax.distill import losses, train
+
+# --------------------------------------------------------------------------- losses
+
+
+def test_gaussian_kl_hand_cases():
+    # KL(N(0,1) || N(0,1)) = 0.
+    assert float(losses.gaussian_kl(jnp.zeros(4), jnp.zeros(4))) == pytest.approx(0.0)
+    # mean 1, var 1: 0.5 * (1 + 1 - 1 - 0) = 0.5 per element.
+    assert float(losses.gaussian_kl(jnp.ones(4), jnp.zeros(4))) == pytest.approx(0.5)
+    # mean 0, var 2: 0.5 * (0 + 2 - 1 - ln 2) = 0.153426.
+    assert float(losses.gaussian_kl(jnp.zeros(3), jnp.full(3, math.log(2.0)))) == pytest.approx(
+        0.5 * (1.0 - math.log(2.0)), rel=1e-6)
+    # mixed elements average: (0.5 + 0) / 2 = 0.25.
+    assert float(losses.gaussian_kl(jnp.array([1.0, 0.0]), jnp.zeros(2))) == pytest.approx(0.25)
+
+
+def test_reconstruction_and_edge_loss_hand_cases():
+    target = jnp.zeros((1, 2, 2, 1))
+    recon = jnp.array([[[1.0], [0.0]], [[0.0], [0.0]]])[None]  # one pixel at 1
+    # MSE: one of four elements off by 1 -> 0.25.
+    assert float(losses.reconstruction_loss(recon, target)) == pytest.approx(0.25)
+    # Vertical differences of recon: [[-1, 0]] (2 values), horizontal: [[-1], [0]] (2 values);
+    # target differences are 0 -> each mean is 1/2, averaged -> 0.5.
+    assert float(losses.edge_loss(recon, target)) == pytest.approx(0.5)
+    # A constant offset has no edges.
+    assert float(losses.edge_loss(target + 3.0, target)) == pytest.approx(0.0)
+
+
+def test_diffusion_target_hand_cases():
+    sched = schedules.make_schedule()
+    x0 = jnp.full((1, 2), 2.0)
+    noise = jnp.full((1, 2), -1.0)
+    t = jnp.array([499])
+    a = float(sched.alphas_cumprod[499])  # 0.27767 (reference/schedules.md)
+    assert a == pytest.approx(0.27767, abs=1e-4)
+    v = losses.diffusion_target(sched, x0, noise, t, "v_prediction")
+    # v = sqrt(a) * eps - sqrt(1 - a) * x0 = 0.52694 * -1 - 0.84990 * 2 = -2.22674.
+    np.testing.assert_allclose(v, math.sqrt(a) * -1.0 - math.sqrt(1 - a) * 2.0, rtol=1e-6)
+    np.testing.assert_array_equal(losses.diffusion_target(sched, x0, noise, t, "epsilon"), noise)
+    np.testing.assert_array_equal(losses.diffusion_target(sched, x0, noise, t, "sample"), x0)
+    with pytest.raises(ValueError, match="prediction_type"):
+        losses.diffusion_target(sched, x0, noise, t, "flow")
+
+
+def test_drop_context():
+    ctx = jnp.ones((64, 3, 2))
+    key = jax.random.PRNGKey(0)
+    np.testing.assert_array_equal(losses.drop_context(key, ctx, 0.0), ctx)
+    np.testing.assert_array_equal(losses.drop_context(key, ctx, 1.0), jnp.zeros_like(ctx))
+    half = losses.drop_context(key, ctx, 0.5)
+    rows = np.asarray(half[:, 0, 0])
+    assert set(np.unique(rows)) <= {0.0, 1.0}
+    assert np.all(np.asarray(half) == rows[:, None, None])  # whole prompts are dropped
+    assert 10 < rows.sum() < 54
+
+
+def test_step_embedding_hand_case():
+    # dim 2: one frequency f = 10000^0 = 1; K = 4 -> s = 1000 / 4 = 250 -> [cos 250, sin 250].
+    np.testing.assert_allclose(losses.step_embedding(4, 2), [math.cos(250.0), math.sin(250.0)], rtol=1e-5)
+    e = np.asarray(jnp.stack([losses.step_embedding(k, 32) for k in (1, 2, 4, 8)]))
+    assert e.shape == (4, 32)
+    assert np.min(np.linalg.norm(e[:, None] - e[None], axis=-1) + np.eye(4) * 9) > 0.5  # distinct
+    with pytest.raises(ValueError, match="even"):
+        losses.step_embedding(1, 3)
+
+
+def test_rollout_loss_selects_one_branch():
+    # sample_fn(K) = K everywhere; target 0 -> latent MSE = K^2 for the chosen K.
+    target = jnp.zeros((2, 2, 2, 1))
+    fn = lambda k: jnp.full_like(target, float(k))  # noqa: E731
+    for idx, k in enumerate((1, 2, 4, 8)):
+        loss, m = losses.rollout_loss(fn, target, jnp.int32(idx), (1, 2, 4, 8))
+        assert float(loss) == pytest.approx(k * k)
+        assert float(m["pixel_mse"]) == 0.0
+    # with a pixel term: decode doubles -> pixel MSE = (2K)^2 = 16 for K = 2; weight 0.5 -> 4 + 8.
+    loss, m = losses.rollout_loss(fn, target, jnp.int32(1), (1, 2, 4, 8), lambda z: 2.0 * z,
+                                  jnp.zeros_like(target), 0.5)
+    assert float(m["pixel_mse"]) == pytest.approx(16.0)
+    assert float(loss) == pytest.approx(4.0 + 0.5 * 16.0)
+
+
+# --------------------------------------------------------------------------- samplers
+
+
+@pytest.fixture(scope="module")
+def test_config():
+    return dconfig.preset("test")
+
+
+@pytest.fixture(scope="module")
+def models(test_config):
+    return train.build_models(test_config)
+
+
+def test_student_starts_as_teacher(test_config, models):
+    """Zeroed step projection: the student's K-step sample equals the unguided teacher's."""
+    from meg_jax.backbone import init_text_encoder, init_unet
+
+    b = test_config.backbone
+    teacher = init_unet(b.unet, jax.random.PRNGKey(1))
+    student = train.zero_step_conditioning(teacher)
+    assert float(jnp.abs(student["params"]["time_embedding"]["cond_proj"]["kernel"]).max()) == 0.0
+    context = models.text_encoder.apply(init_text_encoder(b.text_encoder, jax.random.PRNGKey(2)),
+                                        jnp.ones((2, b.text_encoder.max_length), jnp.int32))
+    noise = jax.random.normal(jax.random.PRNGKey(3), (2, 8, 8, 4))
+    s = losses.student_sample(models.unet, student, models.schedule, noise, context, num_steps=2,
+                              embedding_dim=32, prediction_type="v_prediction")
+    t = losses.teacher_sample(models.unet, teacher, models.schedule, noise, context, num_steps=2,
+                              guidance_scale=1.0, prediction_type="v_prediction")
+    np.testing.assert_allclose(s, t, atol=1e-5)
+
+
+# --------------------------------------------------------------------------- stages
+
+
+@pytest.fixture(scope="module")
+def stages(tmp_path_factory, test_config):
+    """Runs all four stages of the test preset once (also compiles every step)."""
+    workdir = str(tmp_path_factory.mktemp("distill"))
+    finished = train.run(test_config, dconfig.STAGES, workdir, progress=False)
+    return workdir, finished
+
+
+@pytest.mark.parametrize("stage", dconfig.STAGES)
+def test_one_train_run_per_stage(stages, test_config, stage):
+    workdir, finished = stages
+    assert finished[stage]
+    records = run_log.read_metrics(os.path.join(workdir, stage))
+    cfg = getattr(test_config, stage)
+    assert [r["step"] for r in records] == list(range(1, cfg.steps + 1))  # log_every 1
+    assert all(math.isfinite(r["loss"]) for r in records)
+    assert os.path.exists(os.path.join(workdir, stage, "final", "DONE"))
+    mgr = ckpt.make_manager(os.path.join(workdir, stage, "checkpoints"), max_to_keep=2)
+    assert mgr.all_steps() == [2, 4]  # every 2 steps, keep 2
+    mgr.close()
+    with open(os.path.join(workdir, "config.json")) as f:
+        assert json.load(f)["preset"] == "test"
+
+
+def test_student_targets_cached(stages, test_config):
+    workdir, _ = stages
+    folder = os.path.join(workdir, "student", "targets")
+    chunks = sorted(os.listdir(folder))
+    assert chunks == ["chunk_00000.npz", "chunk_00001.npz"]  # 16 targets in chunks of 8
+    with np.load(os.path.join(folder, chunks[0])) as d:
+        assert d["noise"].shape == (8, 8, 8, 4) and d["latents"].shape == (8, 8, 8, 4)
+        assert d["tokens"].shape == (8, 16) and d["tokens"].dtype == np.int32
+        assert np.all(np.isfinite(d["latents"]))
+
+
+def test_resume_gives_identical_params(stages, test_config, tmp_path):
+    """Stop after the step-2 checkpoint (as a kill would), rerun: same params as uninterrupted."""
+    workdir, _ = stages
+    other = str(tmp_path / "resumed")
+    first = train.run(test_config, ("vae",), other, progress=False, stop_after=3)
+    assert first == {"vae": False}
+    mgr = ckpt.make_manager(os.path.join(other, "vae", "checkpoints"))
+    assert mgr.latest_step() == 2  # step 3 ran but was never saved: it is lost, like a kill
+    mgr.close()
+    assert train.run(test_config, ("vae",), other, progress=False) == {"vae": True}
+    a = train.load_final(workdir, "vae", ("vae",))
+    b = train.load_final(other, "vae", ("vae",))
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_mismatched_config_refused(stages, test_config):
+    workdir, _ = stages
+    changed = dataclasses.replace(test_config, teacher=dataclasses.replace(test_config.teacher, learning_rate=0.5))
+    with pytest.raises(ckpt.ConfigMismatchError, match=r"teacher\.learning_rate"):
+        train.run(changed, ("teacher",), workdir, progress=False)
+
+
+def test_nan_stops_and_keeps_last_good_checkpoint(tmp_path):
+    """A step whose loss turns NaN at step 5 stops the loop; checkpoints stop at step 4."""
+    mesh = parallel.make_mesh()
+    cfg = dconfig.StageConfig(steps=10, batch_size=1, checkpoint_every=2, log_every=1)
+
+    @jax.jit
+    def step(state, inputs, key):
+        s = state.step + 1
+        loss = jnp.where(s >= 5, jnp.nan, 1.0 / s)
+        new = state.replace(step=s, params={"w": state.params["w"] + 1.0})
+        return new, {"loss": loss}
+
+    state = train.TrainState(step=jnp.zeros((), jnp.int32), params={"w": jnp.zeros(2)},
+                             ema_params={"w": jnp.zeros(2)}, opt_state=())
+    with pytest.raises(run_log.NonFiniteError, match="loss"):
+        train.train_stage("toy", str(tmp_path), {"toy": 1}, state, step, {}, cfg, mesh,
+                          progress=False, async_save=False)
+    mgr = ckpt.make_manager(tmp_path / "toy" / "checkpoints")
+    assert mgr.latest_step() == 4
+    mgr.close()
+    records = run_log.read_metrics(tmp_path / "toy")
+    assert [r["step"] for r in records] == [1, 2, 3, 4]
+
+
+def test_cli_refuses_mismatch_and_unknown_override(stages, capsys):
+    from train import distill as cli
+
+    workdir, _ = stages
+    assert cli.main(["--preset", "test", "--stage", "vae", "--workdir", workdir,
+                     "--set", "vae.kl_weight=0.5", "--no-progress"]) == 2
+    assert "vae.kl_weight" in capsys.readouterr().err
+    assert cli.main(["--preset", "test", "--workdir", workdir, "--set", "vae.nope=1"]) == 2
+    assert "unknown config field" in capsys.readouterr().err
+
+
+def test_export_and_load_backbone(stages, test_config, tmp_path):
+    from meg_jax import distill
+
+    workdir, _ = stages
+    out = str(tmp_path / "backbone")
+    train.export(workdir, out, test_config)
+    bb = ckpt.load_backbone(out)
+    assert bb.config.prediction_type == "v_prediction"
+    assert bb.config.latent_scaling_factor > 0
+    tokens = jnp.ones((2, 16), jnp.int32)
+    noise = jax.random.normal(jax.random.PRNGKey(0), distill.noise_shape(bb, 2))
+    images = distill.generate(bb, tokens, noise, num_steps=1)
+    assert images.shape == (2, 32, 32, 3)
+    assert bool(jnp.all(jnp.isfinite(images)))
