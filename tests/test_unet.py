@@ -11,6 +11,7 @@ import dataclasses
 import functools
 import math
 
+import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -18,7 +19,7 @@ import pytest
 import torch
 from diffusers import UNet2DConditionModel
 
-from meg_jax.backbone import UNet, UNetConfig, params_from_torch_state_dict
+from meg_jax.backbone import UNet, UNetConfig, init_unet, params_from_torch_state_dict
 from meg_jax.backbone.tome import ToMeConfig
 from meg_jax.backbone.unet import example_inputs
 
@@ -159,7 +160,7 @@ def test_scalar_timestep_equals_broadcast_vector():
     case = build_case("sd1x")
     inputs = to_jax(case["inputs"])
     vec = apply_fn("sd1x")(case["params"], **{**inputs, "timestep": jnp.array([500, 500])})
-    scalar = UNet(case["cfg"]).apply(case["params"], **{**inputs, "timestep": 500})
+    scalar = jax.jit(UNet(case["cfg"]).apply)(case["params"], **{**inputs, "timestep": 500})
     np.testing.assert_allclose(np.asarray(scalar), np.asarray(vec), atol=1e-6)
 
 
@@ -168,7 +169,7 @@ def test_timestep_cond_none_equals_zeros():
     case = build_case("cond")
     inputs = to_jax(case["inputs"])
     zeros = apply_fn("cond")(case["params"], **{**inputs, "timestep_cond": jnp.zeros_like(inputs["timestep_cond"])})
-    none = UNet(case["cfg"]).apply(case["params"], **{k: v for k, v in inputs.items() if k != "timestep_cond"})
+    none = jax.jit(UNet(case["cfg"]).apply)(case["params"], **{k: v for k, v in inputs.items() if k != "timestep_cond"})
     np.testing.assert_allclose(np.asarray(none), np.asarray(zeros), atol=1e-6)
     # and the conditioning matters when it is not zero
     given = apply_fn("cond")(case["params"], **inputs)
@@ -217,3 +218,24 @@ def test_tome_ratio_zero_is_the_plain_path_and_ratio_half_runs():
     det = dataclasses.replace(case["cfg"], tome=ToMeConfig(ratio=0.5, use_rand=False))
     d = np.asarray(jax.jit(UNet(det).apply)(case["params"], **inputs))  # no "tome" rng needed
     assert np.isfinite(d).all() and np.abs(d - plain).max() > 1e-4
+
+
+def test_init_unet_matches_module_init_shapes_and_scales():
+    cfg = CONFIGS["sdxl"]
+    params = init_unet(cfg, jax.random.key(0))
+    shapes = jax.eval_shape(
+        lambda: UNet(cfg).init({"params": jax.random.key(0), "tome": jax.random.key(0)}, **example_inputs(cfg))
+    )
+    assert jax.tree_util.tree_structure(params) == jax.tree_util.tree_structure(shapes)
+    assert jax.tree_util.tree_map(lambda a: a.shape, params) == jax.tree_util.tree_map(lambda a: a.shape, shapes)
+    flat = flax.traverse_util.flatten_dict(params["params"])
+    for path, value in flat.items():
+        value = np.asarray(value)
+        if path[-1] == "kernel":
+            # PyTorch default: U(-1/sqrt(fan_in), 1/sqrt(fan_in)), fan_in = all axes but the last
+            bound = 1 / math.sqrt(np.prod(value.shape[:-1]))
+            assert np.abs(value).max() <= bound and np.abs(value).max() > 0.5 * bound, path
+        else:
+            assert np.all(value == (1.0 if path[-1] == "scale" else 0.0)), path
+    again = init_unet(cfg, jax.random.key(0))
+    assert all(np.array_equal(a, b) for a, b in zip(jax.tree_util.tree_leaves(params), jax.tree_util.tree_leaves(again)))

@@ -17,10 +17,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Literal, Mapping
 
-try:  # token merging is optional at import time: tome.py is developed alongside this file
-    from meg_jax.backbone.tome import ToMeConfig
-except ImportError:  # pragma: no cover - only while tome.py is missing
-    ToMeConfig = Any  # type: ignore[misc,assignment]
+from meg_jax.backbone.tome import ToMeConfig
 
 __all__ = [
     "UNetConfig",

@@ -88,4 +88,4 @@ class TextEncoder(nn.Module):
 
 def init_text_encoder(config: TextEncoderConfig, key: jax.Array) -> dict[str, Any]:
     """Randomly initialised text-encoder variables ``{"params": ...}``."""
-    return TextEncoder(config).init(key, jnp.zeros((1, config.max_length), jnp.int32))
+    return jax.jit(TextEncoder(config).init)(key, jnp.zeros((1, config.max_length), jnp.int32))

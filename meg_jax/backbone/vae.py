@@ -22,6 +22,7 @@ from meg_jax.backbone.layers import (
     Linear,
     ResnetBlock2D,
     Upsample2D,
+    init_from_shapes,
     multi_head_attention,
 )
 
@@ -215,5 +216,10 @@ def example_image(config: VAEConfig, batch: int = 1, size: int | None = None, dt
 
 
 def init_vae(config: VAEConfig, key: jax.Array) -> dict[str, Any]:
-    """Randomly initialised VAE variables ``{"params": ...}`` (PyTorch-default scales)."""
-    return AutoencoderKL(config).init(key, example_image(config))
+    """Randomly initialised VAE variables ``{"params": ...}``.
+
+    Same distributions as ``AutoencoderKL(config).init`` (see ``layers.init_from_shapes``)
+    without compiling one initializer per parameter; values differ from ``init``'s.
+    """
+    shapes = jax.eval_shape(lambda: AutoencoderKL(config).init(jax.random.key(0), example_image(config)))
+    return {"params": init_from_shapes(shapes["params"], key)}
