@@ -74,7 +74,7 @@ def test_one_vs_eight_devices_agree(tmp_path):
     script = tmp_path / "one_vs_eight.py"
     script.write_text(ONE_VS_EIGHT)
     proc = subprocess.run(
-        [sys.executable, str(script)], capture_output=True, text=True, timeout=900, cwd=REPO,
+        [sys.executable, str(script)], capture_output=True, text=True, timeout=1800, cwd=REPO,
         env=_env({"XLA_FLAGS": "--xla_force_host_platform_device_count=8"}),
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
@@ -116,7 +116,7 @@ def test_two_processes_agree_with_one(tmp_path):
     single = tmp_path / "single"
     proc = subprocess.run(
         [sys.executable, "-m", "train.cvpo", "--workdir", str(single), *JOB_ARGS],
-        capture_output=True, text=True, timeout=900, cwd=REPO, env=_env(),
+        capture_output=True, text=True, timeout=1800, cwd=REPO, env=_env(),
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
 
@@ -130,7 +130,7 @@ def test_two_processes_agree_with_one(tmp_path):
         )
         for i in range(2)
     ]
-    outs = [p.communicate(timeout=900) for p in procs]
+    outs = [p.communicate(timeout=1800) for p in procs]
     for p, (_, err) in zip(procs, outs):
         assert p.returncode == 0, err[-4000:]
 

@@ -625,14 +625,3 @@ def make_train(config: CVPOConfig, env: Any, num_blocks: int) -> Callable[[jax.A
         return jax.lax.scan(body, state, None, length=num_blocks)
 
     return train
-
-
-def block_key(run_key: jax.Array, block: jax.Array) -> jax.Array:
-    """The key of block ``block`` (shared by ``make_train`` and the host loop)."""
-    return jax.random.fold_in(run_key, block)
-
-
-def split_run_key(key: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """(init key, run key) from a run's seed key, as ``make_train`` splits it."""
-    k_init, k_run = jax.random.split(key)
-    return k_init, k_run
