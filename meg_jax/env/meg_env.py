@@ -367,37 +367,57 @@ def init_core(params: EnvParams, key: Array, noise: ResetNoise) -> MEGCore:
 
 
 # ------------------------------------------------------------------------- pricing
-def _bracket(grid: Array, x: Array) -> tuple[Array, Array]:
-    """Lower index i in [0, n-2] and weight w in [0, 1] of ``x`` on an increasing ``grid``."""
-    i = jnp.sum(x >= grid[1:-1]).astype(jnp.int32)
-    lo, hi = grid[i], grid[i + 1]
-    return i, jnp.clip((x - lo) / (hi - lo), 0.0, 1.0)
+def _bracket_index(grid: Array, x: Array) -> Array:
+    """Lower index i in [0, n-2] of ``x`` on an increasing ``grid`` (clamped at the ends)."""
+    return jnp.sum(x >= grid[1:-1]).astype(jnp.int32)
+
+
+def _pairs(v: Array) -> Array:
+    """[n, ...] -> [n-1, 2, ...]: (v[i], v[i+1]) side by side."""
+    return jnp.stack([v[:-1], v[1:]], axis=1)
 
 
 def price_action(params: EnvParams, snr_db: Array, task_class: Array, k_idx: Array, r: Array) -> dict[str, Array]:
     """Quality and costs of (K option ``k_idx``, merge ratio ``r``) at true ``snr_db``.
 
+    Quality is bilinear in (r, SNR clamped to the grid); per-r costs linear in r; the rate
+    uses max(SNR, ``snr_floor_db``). Tables are packed so that each request needs four
+    gathers (gathers dominate on CPU); the packing acts on the unbatched params, so under
+    ``vmap`` it runs once per call, not per env.
+
     Returns a dict of scalars: ``accuracy``, ``psnr_db``, ``quality`` (the reward),
     ``latency_s``, ``energy_j``, ``tx_time_s``.
     """
-    ri, wr = _bracket(params.merge_ratios, r)
-    si, ws = _bracket(params.snr_grid_db, jnp.clip(snr_db, params.snr_grid_db[0], params.snr_grid_db[-1]))
-    table = params.quality_table
-    q0 = (1.0 - ws) * table[k_idx, ri, si, task_class] + ws * table[k_idx, ri, si + 1, task_class]
-    q1 = (1.0 - ws) * table[k_idx, ri + 1, si, task_class] + ws * table[k_idx, ri + 1, si + 1, task_class]
-    acc, psnr = (1.0 - wr) * q0 + wr * q1
+    # Per merge-ratio interval: (r, payload, side bits, UE time, UE energy) at both ends.
+    per_r = jnp.stack(
+        [params.merge_ratios, params.payload, params.side_info_bits, params.ue_time_s, params.ue_energy_j], axis=-1
+    )
+    ri = _bracket_index(params.merge_ratios, r)
+    lo, hi = _pairs(per_r)[ri]  # [5] each
+    wr = jnp.clip((r - lo[0]) / (hi[0] - lo[0]), 0.0, 1.0)
+    payload, side, ue_time, ue_energy = ((1.0 - wr) * lo + wr * hi)[1:]
+    snr_q = jnp.clip(snr_db, params.snr_grid_db[0], params.snr_grid_db[-1])
+    si = _bracket_index(params.snr_grid_db, snr_q)
+    s_lo, s_hi = _pairs(params.snr_grid_db)[si]
+    ws = jnp.clip((snr_q - s_lo) / (s_hi - s_lo), 0.0, 1.0)
+    # Quality corners [K, R-1, S-1, C, 2 (snr lo/hi), 2 (r lo/hi), 2 (acc, psnr)].
+    t = params.quality_table
+    corners = jnp.stack(
+        [
+            jnp.stack([t[:, :-1, :-1], t[:, 1:, :-1]], axis=-2),  # SNR low end: r low, r high
+            jnp.stack([t[:, :-1, 1:], t[:, 1:, 1:]], axis=-2),  # SNR high end
+        ],
+        axis=-3,
+    )
+    c = corners[k_idx, ri, si, task_class]  # [2 (snr), 2 (r), 2]
+    q_lo_s = (1.0 - wr) * c[0, 0] + wr * c[0, 1]
+    q_hi_s = (1.0 - wr) * c[1, 0] + wr * c[1, 1]
+    acc, psnr = (1.0 - ws) * q_lo_s + ws * q_hi_s
     quality = (1.0 - params.reward_psnr_weight) * acc + params.reward_psnr_weight * psnr / params.psnr_scale_db
-
-    def lerp(v: Array) -> Array:
-        return (1.0 - wr) * v[ri] + wr * v[ri + 1]
-
     tx = wireless.transmission_time_s(
-        lerp(params.payload), lerp(params.side_info_bits), params.bandwidth_hz,
-        jnp.maximum(snr_db, params.snr_floor_db), params.analog,
+        payload, side, params.bandwidth_hz, jnp.maximum(snr_db, params.snr_floor_db), params.analog
     )
-    latency, energy = wireless.request_costs(
-        params.es_time_s[k_idx], tx, lerp(params.ue_time_s), lerp(params.ue_energy_j), params.ue_receive_power_w
-    )
+    latency, energy = wireless.request_costs(params.es_time_s[k_idx], tx, ue_time, ue_energy, params.ue_receive_power_w)
     return {"accuracy": acc, "psnr_db": psnr, "quality": quality, "latency_s": latency, "energy_j": energy, "tx_time_s": tx}
 
 
