@@ -132,6 +132,7 @@ class LoadedPolicy:
       discrete: whether the policy acts on the discrete K x r grid.
       step: the checkpoint step (host iterations) restored.
       artifact: the ``CalibrationArtifact`` object the run used, or None (the preset's file).
+      log_dir: the folder of its ``metrics.jsonl``.
     """
 
     name: str
@@ -143,6 +144,7 @@ class LoadedPolicy:
     discrete: bool
     step: int
     artifact: Any = None
+    log_dir: str = ""  # where its metrics.jsonl is (the run dir, or its seed_<seed> folder)
 
 
 def find_runs(path: str | os.PathLike) -> list[str]:
@@ -193,8 +195,11 @@ def policy_discrete(config: Any) -> bool:
     return bool(config.cvpo.discrete if config.algo == "cvpo" else config.ppo.discrete)
 
 
-def load_run(run_dir: str | os.PathLike) -> LoadedPolicy:
+def load_run(run_dir: str | os.PathLike, seed_index: int = 0) -> LoadedPolicy:
     """Restores the latest checkpoint of a ``train.cvpo`` run (CVPO or PPO) through the library API.
+
+    A multi-seed run (``num_seeds > 1``, states stacked over seeds) yields the policy of seed
+    ``seed + seed_index``; its training curves are under ``run_dir/seed_<seed>``.
 
     Raises:
       FileNotFoundError: no ``config.json`` or no checkpoint in ``run_dir``.
@@ -223,8 +228,15 @@ def load_run(run_dir: str | os.PathLike) -> LoadedPolicy:
     k_init, _ = jax.random.split(jax.random.PRNGKey(config.seed))
     # abstract template (no compile of init): the shapes of the saved state, on one device
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    template = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
-                            jax.eval_shape(agent.init, k_init))
+    num_seeds = int(getattr(config, "num_seeds", 1))
+    if not 0 <= seed_index < num_seeds:
+        raise ValueError(f"seed_index {seed_index} out of range: the run trained {num_seeds} seed(s)")
+    if num_seeds > 1:  # train.cvpo stacks the seeds' states (vmapped init)
+        keys = jnp.stack([jax.random.split(jax.random.PRNGKey(config.seed + i))[0] for i in range(num_seeds)])
+        shapes = jax.eval_shape(jax.vmap(agent.init), keys)
+    else:
+        shapes = jax.eval_shape(agent.init, k_init)
+    template = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), shapes)
     manager = ckpt.make_manager(os.path.join(run_dir, "checkpoints"), async_save=False)
     try:
         step = manager.latest_step()
@@ -237,9 +249,12 @@ def load_run(run_dir: str | os.PathLike) -> LoadedPolicy:
             f"{run_dir}/checkpoints holds no checkpoint; train first: "
             f"python -m train.cvpo --algo {config.algo} --workdir {run_dir}"
         )
+    actor = state.actor if num_seeds == 1 else jax.tree.map(lambda x: x[seed_index], state.actor)
+    log_dir = run_dir if num_seeds == 1 else os.path.join(run_dir, f"seed_{config.seed + seed_index}")
     return LoadedPolicy(
         name=ALGO_LABELS[config.algo], algo=config.algo, run_dir=run_dir, config=config, act=agent.act,
-        actor_params=jax.tree.map(jnp.asarray, state.actor), discrete=discrete, step=int(step), artifact=artifact,
+        actor_params=jax.tree.map(jnp.asarray, actor), discrete=discrete, step=int(step), artifact=artifact,
+        log_dir=log_dir,
     )
 
 
@@ -1083,7 +1098,7 @@ def evaluate_runs(
         ro = rollout(fn, env.params, p.actor_params, k_eval)
         rollouts[p.name] = ro
         learned[p.name] = summarise_rollout(ro)
-        curves = training_curves(p.run_dir)
+        curves = training_curves(p.log_dir or p.run_dir)
         results["runs"].append({"name": p.name, "algo": p.algo, "run_dir": p.run_dir, "checkpoint_step": p.step,
                                 "env_steps": curves["env_steps"][-1] if curves["env_steps"] else 0.0,
                                 "config": _config_dict(p.config)})

@@ -145,9 +145,8 @@ def _run_config(algo: str, p: DemoPlan, preset: str, artifact: str, seed: int) -
         updates_per_block=p.updates_per_block, min_replay=p.min_replay, replay_capacity=p.replay_capacity,
     )
     ppo = PPOConfig(rollout_length=p.ppo_rollout)
-    per_block = p.num_envs * (p.ppo_rollout if algo != "cvpo" else 1)
+    # a PPO block is a whole rollout (ppo_rollout env steps): log about as often as CVPO
     blocks_per_log = p.blocks_per_log if algo == "cvpo" else max(1, p.blocks_per_log // p.ppo_rollout)
-    del per_block
     return RunConfig(
         algo=algo, seed=seed,
         env=EnvSpec(preset=preset, num_envs=p.num_envs, episode_length=p.episode_length, artifact=artifact),
@@ -174,7 +173,7 @@ def _train(config: Any, workdir: str, progress: bool) -> float:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Command-line entry point (``meg-jax demo``)."""
     args = parse_args(sys.argv[1:] if argv is None else argv)
-    t_start = time.time()
+    t_start, cpu_start = time.time(), time.process_time()
     try:
         backbone_path, artifact_path = check_shipped(args.checkpoints, args.artifact, args.preset, args.recalibrate)
     except MissingCheckpointError as e:
@@ -236,13 +235,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     t0 = time.time()
     total = time.time() - t_start
     cmd = "meg-jax demo" + ("" if not argv else " " + " ".join(argv))
+    cpu = time.process_time() - cpu_start
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     preamble = [
-        f"Made by `{cmd}` in {total:.0f} s before the report was written "
-        f"({', '.join(f'{k} {v:.0f} s' for k, v in timings.items())}); "
+        f"Made by `{cmd}` in {total:.0f} s wall-clock before the report was written "
+        f"({', '.join(f'{k} {v:.0f} s' for k, v in timings.items())}; {cpu:.0f} s of CPU time in this process, "
+        f"{os.cpu_count()} CPUs, 1-minute load average {load:.1f} at the end); "
         f"{p.budget} environment steps per agent, {p.eval_episodes} evaluation episodes of {p.episode_length} requests.",
         f"Backbone `{backbone_path}`; calibration artifact `{artifact_path}`.",
     ]
-    results["demo"] = {"command": cmd, "plan": dataclasses.asdict(p), "timings_s": timings}
+    results["demo"] = {"command": cmd, "plan": dataclasses.asdict(p), "timings_s": timings, "cpu_s": cpu,
+                       "load_average_1min": load, "cpu_count": os.cpu_count()}
     path = report.write_report(results, args.workdir, title=f"meg-jax demo report ({args.preset})", preamble=preamble)
     timings["report"] = time.time() - t0
     bar.update(1)
@@ -250,7 +253,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     print()
     print(report.format_summary_table(results["comparisons"][0]))
     print()
-    print(f"demo finished in {time.time() - t_start:.0f} s; report: {path}")
+    print(f"demo finished in {time.time() - t_start:.0f} s (CPU time {time.process_time() - cpu_start:.0f} s, "
+          f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs); report: {path}")
     return 0
 
 
