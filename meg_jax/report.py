@@ -331,8 +331,9 @@ def _plot_robustness(robust: Mapping[str, Sequence[Mapping[str, Any]]], path: st
         ax.set_xticks(x)
         ax.set_xticklabels(shifts, rotation=20, fontsize=8)
         ax.grid(alpha=0.3, axis="y")
-        ax.legend(fontsize=7)
-    fig.tight_layout()
+    handles, labels = axes[1].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="upper center", ncol=len(labels), fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0, 1, 0.93))
     fig.savefig(path, dpi=110)
 
 

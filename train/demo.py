@@ -212,7 +212,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         run_dir = os.path.join(args.workdir, algo)
         print(f"training {label} for {p.budget} env steps ({p.num_envs} parallel envs) -> {run_dir}", flush=True)
         try:
+            cpu0 = time.process_time()
             timings[label] = _train(config, run_dir, not args.no_progress)
+            print(f"  {label}: {timings[label]:.0f} s wall, {time.process_time() - cpu0:.0f} s CPU", flush=True)
         except (ValueError, FileNotFoundError) as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
@@ -227,7 +229,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         run_dirs, episodes=p.eval_episodes, sweep_blocks=p.sweep_blocks, sweep_fractions=p.sweep_fractions,
         backbone_path=backbone_path, image_snrs_db=p.image_snrs_db, grid_steps=p.grid_steps,
         grid_ratios=p.grid_ratios, seed=args.seed,
-        progress=lambda m: print(f"  [{time.time() - t_start:6.1f} s] {m}", flush=True),
+        progress=lambda m: print(f"  [{time.time() - t_start:6.1f} s, CPU {time.process_time() - cpu_start:6.1f} s] {m}",
+                                 flush=True),
     )
     timings["evaluate"] = time.time() - t0
     bar.update(1)
