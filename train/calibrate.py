@@ -42,8 +42,11 @@ def _parser() -> argparse.ArgumentParser:
                         help="skip the measurement (use the artifacts already in --out)")
     parser.add_argument("--tables", action="store_true",
                         help="print the docs' comparison tables (markdown) from the artifacts in --out")
-    parser.add_argument("--accuracy-floor", type=float, default=0.9,
-                        help="quality floor of the tables' best fixed (K, r): mean attribute accuracy")
+    parser.add_argument("--accuracy-floor", type=float, default=0.95,
+                        help="quality floor of the tables' best fixed (K, r): mean attribute accuracy, "
+                             "or a fraction of --floor-relative-to's accuracy at the same SNR")
+    parser.add_argument("--floor-relative-to", default="meg_uncompressed",
+                        help="conventional scheme the floor is relative to ('none': absolute floor)")
     parser.add_argument("--table-snrs", default="0,10,20", help="comma-separated SNRs (dB) of the tables")
     parser.add_argument("--grid-figure", help="write the (K rows x r columns) image grid at two SNRs here")
     parser.add_argument("--grid-snrs", default="0,20", help="the two SNRs (dB) of the grid figure")
@@ -54,7 +57,8 @@ def parse(argv: Sequence[str]) -> CalibrationConfig:
     """Command line -> validated ``CalibrationConfig``."""
     args = _parser().parse_args(list(argv))
     config = CalibrationConfig()
-    extras = ("set", "presets", "measure", "tables", "accuracy_floor", "table_snrs", "grid_figure", "grid_snrs")
+    extras = ("set", "presets", "measure", "tables", "accuracy_floor", "floor_relative_to", "table_snrs",
+              "grid_figure", "grid_snrs")
     direct = {k: v for k, v in vars(args).items() if k not in extras and v is not None}
     if args.presets:
         direct["cost_presets"] = tuple(p.strip() for p in args.presets.split(",") if p.strip())
@@ -63,7 +67,8 @@ def parse(argv: Sequence[str]) -> CalibrationConfig:
     return config.validate()
 
 
-def comparison_tables(config: CalibrationConfig, snrs: Sequence[float], accuracy_floor: float) -> str:
+def comparison_tables(config: CalibrationConfig, snrs: Sequence[float], accuracy_floor: float,
+                      relative_to: str | None = "meg_uncompressed") -> str:
     """Markdown: per cost preset and SNR, the conventional schemes and the best fixed (K, r)."""
     from meg_jax.meg import artifact as artifact_lib
     from meg_jax.meg import calibrate as calibrate_lib
@@ -80,13 +85,15 @@ def comparison_tables(config: CalibrationConfig, snrs: Sequence[float], accuracy
         out.append("| SNR (dB) | scheme | (K, r) | latency (s) | UE energy (J) | accuracy | PSNR (dB) |")
         out.append("|---:|---|---|---:|---:|---:|---:|")
         for snr in snrs:
-            rows = schemes.comparison_rows(art, snr, accuracy_floor)
+            rows = schemes.comparison_rows(art, snr, accuracy_floor, relative_to)
             unc = next(r for r in rows if r["name"] == "meg_uncompressed")
             for r in rows:
                 kr = f"({r['steps']}, {r['merge_ratio']:g})" if r.get("steps") else ""
-                if r["name"] == "meg_best_fixed" and r.get("steps"):
-                    cut = 1.0 - r["latency_s"] / unc["latency_s"]
-                    kr += f" −{100 * cut:.1f}% latency vs uncompressed"
+                if r["name"] == "meg_best_fixed":
+                    kr += f" (floor {r['floor']:.3f})"
+                    if r.get("steps"):
+                        cut = 1.0 - r["latency_s"] / unc["latency_s"]
+                        kr += f", latency {-100 * cut:+.1f}% vs uncompressed"
                 out.append(f"| {snr:g} | {labels[r['name']]} | {kr} | {r['latency_s']:.4g} | "
                            f"{r['ue_energy_j']:.4g} | {r['accuracy']:.3f} | {r['psnr']:.2f} |")
         out.append("")
@@ -156,7 +163,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"{preset}: {path}")
     if args.tables:
         snrs = [float(x) for x in args.table_snrs.split(",")]
-        print(comparison_tables(config, snrs, args.accuracy_floor))
+        relative = None if args.floor_relative_to == "none" else args.floor_relative_to
+        print(comparison_tables(config, snrs, args.accuracy_floor, relative))
     if args.grid_figure:
         grid_figure(config, args.grid_figure, [float(x) for x in args.grid_snrs.split(",")])
         print(f"wrote {args.grid_figure}")
