@@ -111,11 +111,28 @@ def evaluate(bb, num: int = 512, seed: int = 20261126, chunk: int = 128) -> tupl
         print(f"{name:18s} acc_all {acc['all']:.3f} psnr {rows[-1]['psnr']:.2f} "
               f"({time.strftime('%H:%M:%S')})", flush=True)
     prompts = prompt_of(attrs)
-    return rows, {"images": images, "prompts": prompts, "real": np.asarray(real)}
+    extra = {"vae_psnr": vae_reconstruction_psnr(bb, real, chunk)}
+    print(f"VAE reconstruction PSNR {extra['vae_psnr']:.2f} dB", flush=True)
+    return rows, {"images": images, "prompts": prompts, "real": np.asarray(real), **extra}
 
 
-def quality_table(rows: list[dict], num: int) -> str:
-    """Markdown table of the rows."""
+def vae_reconstruction_psnr(bb, images: jax.Array, chunk: int = 128) -> float:
+    """Mean PSNR (dB) of ``decode(encode(x).mean)`` against ``x`` [N, H, W, 3]."""
+    from meg_jax import distill, metrics
+
+    @jax.jit
+    def recon(x):
+        from meg_jax.backbone import AutoencoderKL
+
+        mean, _ = AutoencoderKL(bb.config.vae).apply(bb.vae, x, method="encode")
+        return distill.decode_latents(bb, mean * bb.config.latent_scaling_factor)
+
+    out = jnp.concatenate([recon(images[i:i + chunk]) for i in range(0, images.shape[0], chunk)])
+    return float(jnp.mean(metrics.psnr(out, images)))
+
+
+def quality_table(rows: list[dict], num: int, vae_psnr: float | None = None) -> str:
+    """Markdown table of the rows (and the VAE's reconstruction PSNR on the real images)."""
     lines = [
         f"Quality on {num} fresh prompts (same noise every row); PSNR/SSIM vs the teacher's "
         "guided DDIM-50 sample; FD: Fréchet distance of classifier features to the real images.",
@@ -130,6 +147,8 @@ def quality_table(rows: list[dict], num: int) -> str:
             f"{r['acc_color']:.3f} | {r['acc_shape']:.3f} | {r['acc_position']:.3f} | "
             f"{r['acc_background']:.3f} | {psnr} | {r['ssim']:.3f} | {r['fd']:.2f} | {r['images_per_s']:.0f} |"
         )
+    if vae_psnr is not None:
+        lines += ["", f"VAE reconstruction of the {num} real images: PSNR {vae_psnr:.2f} dB."]
     return "\n".join(lines) + "\n"
 
 
@@ -166,7 +185,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     bb = load(args.path)
     rows, samples = evaluate(bb, args.num, args.seed)
-    table = quality_table(rows, args.num)
+    table = quality_table(rows, args.num, samples["vae_psnr"])
     print(table)
     out = args.out or args.path
     os.makedirs(out, exist_ok=True)
