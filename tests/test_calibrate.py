@@ -130,8 +130,11 @@ def test_quality_is_deterministic_and_reuses_latents(calibrated, tmp_path):
     art = artifact_lib.load(os.path.join(out, "tiny.npz"))
     np.testing.assert_array_equal(grid.accuracy, art.accuracy)
     np.testing.assert_array_equal(grid.psnr, art.psnr)
-    # Analog quality over SNR at r = 0 (common channel noise): PSNR at 30 dB above -5 dB.
-    assert np.all(grid.psnr[:, 0, -1, :].mean(-1) > grid.psnr[:, 0, 0, :].mean(-1))
+    # The teacher's own latents over the analog link (MEG uncompressed) are compared with
+    # their noiseless decode, so only the channel separates them: far better at 30 dB than
+    # at -5 dB. (The student rows are not used here: a random student differs from the
+    # random teacher by more than the channel does.)
+    assert np.all(grid.uncompressed_psnr[-1] > grid.uncompressed_psnr[0] + 10.0)
 
 
 def test_balanced_prompts():
@@ -153,3 +156,20 @@ def test_config_validation_and_file_names():
     assert calibrate.artifact_filename(cfg, "tiny") == "tiny.npz"
     digital = dataclasses.replace(cfg, link_mode="digital", bits=6)
     assert calibrate.artifact_filename(digital, "sdxl-1024") == "sdxl-1024-digital6.npz"
+
+
+def test_digital_calibration_is_flat_in_snr(calibrated):
+    folder, _, _ = calibrated
+    bb = checkpoint.load_backbone(folder)
+    cfg = calibrate.CalibrationConfig(
+        link_mode="digital", bits=4, steps=(1,), merge_ratios=(0.0, 0.5), snr_db=(-5.0, 30.0), prompts_per_class=2
+    )
+    grid = calibrate.measure(bb, cfg, progress=False)
+    # Error-free at the Shannon rate: the SNR only sets the air time, never the image.
+    np.testing.assert_array_equal(grid.psnr[:, :, 0], grid.psnr[:, :, 1])
+    np.testing.assert_array_equal(grid.uncompressed_psnr[0], grid.uncompressed_psnr[1])
+    prov = {"backbone_checkpoint_hash": "x", "backbone_preset": "test", "command": "test"}
+    art = calibrate.build_artifact(grid, cfg, "tiny", prov)
+    # r = 0: 64 tokens x 4 channels x 4 bits = 1024 bits; side = 64 range bits, no map.
+    assert art.bits_per_value == 4 and art.payload[0] == 1024 and art.side_info_bits[0] == 64
+    assert art.conventional_schemes["meg_uncompressed"].link_mode == "digital"
