@@ -179,7 +179,7 @@ def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, ema_decay
         s = state.step.astype(jnp.float32)
         decay = jnp.minimum(ema_decay, (1.0 + s) / (10.0 + s))
         ema = jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, state.ema_params, params)
-        metrics = {**metrics, "loss": loss, "grad_norm": optax.global_norm(grads)}
+        metrics = {**metrics, "loss": loss, "grad_norm": optax.tree.norm(grads)}
         new = TrainState(step=state.step + 1, params=params, ema_params=ema, opt_state=opt_state)
         return new, metrics
 
