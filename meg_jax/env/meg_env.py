@@ -538,6 +538,7 @@ class MEGEnv(Env):
         self.params = params
         self.discrete = discrete
         self.config = config
+        self.limit_report: LimitReport | None = None  # set by meg_jax.env.make: how the limits were chosen
 
     def with_params(self, params: EnvParams) -> "MEGEnv":
         return MEGEnv(params, self.discrete, self.config)

@@ -1,0 +1,174 @@
+"""Throughput of the MEG environment: JAX (jit + vmap + lax.scan) vs NumPy vs a gymnasium loop.
+
+    python -m eval.bench_env                       # the table in docs/bench_env.md
+    python -m eval.bench_env --sizes 1 64 --steps 200 --quick
+
+Rows, all measured in the same process with random actions:
+
+* ``jax``: ``meg_jax.env.make("tiny", num_envs=N)`` (fresh auto-reset, episode limit, vmap),
+  one jitted ``lax.scan`` of ``--steps`` env steps whose body draws uniform random actions
+  and steps the env; timed after a compile run, best of ``--repeats``.
+* ``numpy``: ``numpy_reference.NumpyMEGEnv`` (same dynamics, vectorized over N, float32,
+  noise from ``numpy.random.Generator``, fresh resets), ``--numpy-steps`` steps.
+* ``gym``: ``MEGGymEnv`` (one env, one jitted call per step) in a Python loop with
+  ``action_space.sample()``, resetting at truncation; ``--gym-steps`` steps.
+
+Env-steps/s = N x steps / wall seconds. Each row also reports env-steps per CPU-second of
+this process (``time.process_time``, all threads), which is far less sensitive to other jobs
+on a shared machine than wall time. The load average (``os.getloadavg``) is printed with the
+table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import meg_jax.env as menv
+from meg_jax.env import numpy_reference
+from meg_jax.env.gym_adapter import MEGGymEnv
+from meg_jax.env.wrappers import replace_params
+from meg_jax.meg.artifact import CalibrationArtifact, synthetic_artifact
+
+EPISODE_LENGTH = 64
+
+
+def _artifact(arg: str) -> tuple[CalibrationArtifact, str]:
+    if arg == "synthetic":
+        return synthetic_artifact(), "synthetic_artifact() (tests-only artifact)"
+    if arg == "auto":
+        path = menv.resolve_artifact_path(menv.get_preset("tiny").artifact_path)
+        if os.path.exists(path):
+            return CalibrationArtifact.load(path), path
+        return synthetic_artifact(), "synthetic_artifact() (tiny.npz not found)"
+    return CalibrationArtifact.load(arg), arg
+
+
+def jax_rate(num_envs: int, steps: int, repeats: int, artifact: CalibrationArtifact) -> tuple[float, float, float]:
+    """(env-steps/s, env-steps per CPU-second, compile seconds) of the batched JAX env."""
+    env = menv.make("tiny", num_envs=num_envs, episode_length=EPISODE_LENGTH, artifact=artifact, limit_samples=1024)
+    params = env.params
+
+    # params enter as an argument (not closed-over constants): XLA then does not constant-fold
+    # the tables, which on this shared CPU once took minutes of compile time.
+    @jax.jit
+    def run(params, state, key):
+        e = replace_params(env, params)
+
+        def body(carry, k):
+            s, total = carry
+            a = jax.random.uniform(k, (num_envs, 2), minval=-1.0, maxval=1.0)
+            s = e.step(s, a)
+            return (s, total + s.reward), None
+
+        (state, total), _ = jax.lax.scan(body, (state, jnp.zeros(num_envs)), jax.random.split(key, steps))
+        return state, total
+
+    state = jax.jit(env.reset)(jax.random.PRNGKey(0))
+    t0 = time.perf_counter()
+    state, total = run(params, state, jax.random.PRNGKey(1))
+    jax.block_until_ready(total)
+    compile_s = time.perf_counter() - t0
+    best, best_cpu = float("inf"), float("inf")
+    for i in range(repeats):
+        t0, c0 = time.perf_counter(), time.process_time()
+        state, total = run(params, state, jax.random.PRNGKey(2 + i))
+        jax.block_until_ready(total)
+        best, best_cpu = min(best, time.perf_counter() - t0), min(best_cpu, time.process_time() - c0)
+    assert np.all(np.isfinite(np.asarray(total)))
+    return num_envs * steps / best, num_envs * steps / best_cpu, compile_s
+
+
+def numpy_rate(num_envs: int, steps: int, params) -> tuple[float, float]:
+    """(env-steps/s, env-steps per CPU-second) of the NumPy reference."""
+    rng = np.random.default_rng(0)
+    env = numpy_reference.NumpyMEGEnv(params, num_envs, rng, dtype=np.float32)
+    env.reset()
+    env.step(rng.uniform(-1, 1, (num_envs, 2)).astype(np.float32))  # warm caches
+    t0, c0 = time.perf_counter(), time.process_time()
+    for _ in range(steps):
+        env.step(rng.uniform(-1, 1, (num_envs, 2)).astype(np.float32))
+    return num_envs * steps / (time.perf_counter() - t0), num_envs * steps / (time.process_time() - c0)
+
+
+def gym_rate(steps: int, artifact: CalibrationArtifact) -> tuple[float, float]:
+    """(env-steps/s, env-steps per CPU-second) of a gymnasium single-env Python loop."""
+    env = MEGGymEnv("tiny", episode_length=EPISODE_LENGTH, artifact=artifact, limit_samples=1024)
+    env.action_space.seed(0)
+    env.reset(seed=0)
+    env.step(env.action_space.sample())  # compile
+    env.reset(seed=1)
+    t0, c0 = time.perf_counter(), time.process_time()
+    for _ in range(steps):
+        _, _, terminated, truncated, _ = env.step(env.action_space.sample())
+        if terminated or truncated:
+            env.reset()
+    return steps / (time.perf_counter() - t0), steps / (time.process_time() - c0)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", type=int, nargs="+", default=[1, 64, 1024, 4096, 16384])
+    parser.add_argument("--steps", type=int, default=1000, help="scan length of the JAX rows")
+    parser.add_argument("--repeats", type=int, default=3, help="timed JAX runs per size (best counts)")
+    parser.add_argument("--numpy-steps", type=int, default=100)
+    parser.add_argument("--gym-steps", type=int, default=2000)
+    parser.add_argument("--artifact", default="auto", help="'auto' (tiny.npz if present), 'synthetic' or a path")
+    parser.add_argument("--quick", action="store_true", help="fewer steps everywhere (smoke test)")
+    parser.add_argument("--out", default=None, help="write the results as JSON here")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.steps, args.repeats, args.numpy_steps, args.gym_steps = 100, 1, 10, 200
+
+    artifact, source = _artifact(args.artifact)
+    params = menv.make_unbatched("tiny", EPISODE_LENGTH, artifact, limit_samples=1024)[0].params
+    load_before = os.getloadavg()
+    gym, gym_cpu = gym_rate(args.gym_steps, artifact)
+    rows = []
+    for n in args.sizes:
+        jr, jr_cpu, compile_s = jax_rate(n, args.steps, args.repeats, artifact)
+        nr, nr_cpu = numpy_rate(n, args.numpy_steps, params)
+        rows.append({"num_envs": n, "jax": jr, "numpy": nr, "jax_over_numpy": jr / nr, "jax_over_gym": jr / gym,
+                     "jax_cpu": jr_cpu, "numpy_cpu": nr_cpu, "compile_s": compile_s, "load": os.getloadavg()[0]})
+        print(f"N={n:6d}  jax {jr / 1e6:8.3f} M/s ({jr_cpu / 1e6:.3f} M/CPU-s)  numpy {nr / 1e6:8.3f} M/s "
+              f"({nr_cpu / 1e6:.3f} M/CPU-s)  ratio {jr / nr:7.1f}x  vs gym {jr / gym:9.0f}x  "
+              f"(compile {compile_s:.1f} s, load {os.getloadavg()[0]:.1f})", flush=True)
+    load_after = os.getloadavg()
+
+    print()
+    print(f"artifact: {source}; device: {jax.devices()[0].device_kind} ({jax.default_backend()}), "
+          f"{os.cpu_count()} CPUs, {platform.processor() or platform.machine()}; jax {jax.__version__}")
+    print(f"load average before {load_before[0]:.1f}, after {load_after[0]:.1f} (1-min)")
+    print(f"gym single-env loop: {gym:,.0f} env-steps/s, {gym_cpu:,.0f} per CPU-second ({args.gym_steps} steps)")
+    print()
+    print("| envs | JAX env-steps/s | NumPy env-steps/s | JAX / NumPy | JAX / gym loop "
+          "| JAX per CPU-s | NumPy per CPU-s | JAX / NumPy per CPU-s | load |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for r in rows:
+        print(f"| {r['num_envs']} | {r['jax']:,.0f} | {r['numpy']:,.0f} | {r['jax_over_numpy']:.1f}x | "
+              f"{r['jax_over_gym']:,.0f}x | {r['jax_cpu']:,.0f} | {r['numpy_cpu']:,.0f} | "
+              f"{r['jax_cpu'] / r['numpy_cpu']:.1f}x | {r['load']:.1f} |")
+    print(f"| gym loop (1 env) | {gym:,.0f} | | | | {gym_cpu:,.0f} | | | |")
+    at = {r["num_envs"]: r for r in rows}
+    if 4096 in at:
+        r = at[4096]
+        print()
+        print(f"targets at 4096 envs: >= 3 M steps/s: {r['jax'] / 1e6:.2f} M ({'met' if r['jax'] >= 3e6 else 'NOT met'}); "
+              f">= 10x NumPy: {r['jax_over_numpy']:.1f}x ({'met' if r['jax_over_numpy'] >= 10 else 'NOT met'}); "
+              f">= 1000x gym: {r['jax_over_gym']:,.0f}x ({'met' if r['jax_over_gym'] >= 1000 else 'NOT met'})")
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump({"rows": rows, "gym": gym, "gym_cpu": gym_cpu, "artifact": source, "load_before": load_before,
+                       "load_after": load_after, "args": vars(args)}, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
