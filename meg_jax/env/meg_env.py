@@ -39,8 +39,8 @@ budget     2       latency and energy spent so far / (limit x T): 1 = the whole 
 
 Randomness is injectable: ``init_core(params, key, ResetNoise)`` and
 ``transition(params, core, k_idx, r, StepNoise)`` are pure functions of their noise, shared
-with the NumPy reference test; ``MEGEnv`` draws the noise from the episode key folded with the
-request index. Actions: continuous ``[-1, 1]²`` → (K = nearest option to (a0 + 1)/2 (K-1)
+with the NumPy reference test; ``MEGEnv`` draws the noise from the episode key and the
+request index (counter-mode threefry, :func:`episode_step_noise`). Actions: continuous ``[-1, 1]²`` → (K = nearest option to (a0 + 1)/2 (K-1)
 as an index, r = (a1 + 1)/2 · r_max), or (``discrete=True``) one int index
 ``k_idx * R + r_idx`` over the artifact's K x R grid.
 """
@@ -54,6 +54,7 @@ import warnings
 from typing import Any
 
 import jax
+import jax.extend.random  # noqa: F401  (threefry_2x32)
 import jax.numpy as jnp
 import numpy as np
 from brax.envs.base import Env, State
@@ -74,6 +75,7 @@ __all__ = [
     "build_params",
     "observation_fields",
     "sample_step_noise",
+    "episode_step_noise",
     "sample_reset_noise",
     "init_core",
     "transition",
@@ -101,7 +103,7 @@ METRIC_KEYS = (
     "avg_energy_j",
 )
 _SQRT_HALF = math.sqrt(0.5)
-RESET_STREAM = 2**31 - 1  # fold_in index of the reset draws; episodes must be shorter than this
+RESET_STREAM = 2**31 - 1  # fold_in index of the reset draws
 
 
 @struct.dataclass
@@ -201,7 +203,7 @@ class MEGCore:
     t: Array  # int32 requests served in this episode
     cum_costs: Array  # [2] latency (s), energy (J) spent in this episode
     cum_quality: Array  # summed reward in this episode
-    key: Array  # episode PRNG key (legacy uint32 [2]); step noise = fold_in(key, t)
+    key: Array  # episode PRNG key (legacy uint32 [2]); step noise = episode_step_noise(key, t)
 
 
 @struct.dataclass
@@ -257,6 +259,22 @@ def _step_noise_from_uniform(u: Array) -> StepNoise:
 def sample_step_noise(key: Array) -> StepNoise:
     """Draws one transition's noise from one key (one threefry call: compile time matters)."""
     return _step_noise_from_uniform(_uniform_open(key, (8,)))
+
+
+def episode_step_noise(episode_key: Array, t: Array) -> StepNoise:
+    """The noise of request ``t`` of the episode with legacy key ``episode_key`` (uint32 [2]).
+
+    Counter-mode threefry: the 8 words are threefry_2x32(episode_key, 8 t + [0..7]), four
+    threefry blocks and no per-step key derivation (random bits are the env's main CPU cost).
+    Streams of different t never overlap (t < 2^29).
+    """
+    if jax.dtypes.issubdtype(episode_key.dtype, jax.dtypes.prng_key):
+        episode_key = jax.random.key_data(episode_key)
+    counts = (8 * t).astype(jnp.uint32) + jnp.arange(8, dtype=jnp.uint32)
+    bits = jax.extend.random.threefry_2x32(episode_key, counts)
+    unit = jax.lax.bitcast_convert_type((bits >> 9) | jnp.uint32(0x3F800000), jnp.float32) - 1.0  # [0, 1)
+    u = jnp.maximum(2.0 * unit - 1.0, jnp.nextafter(jnp.float32(-1.0), jnp.float32(0.0)))  # (-1, 1)
+    return _step_noise_from_uniform(u)
 
 
 def sample_reset_noise(key: Array, history_length: int) -> ResetNoise:
@@ -328,7 +346,7 @@ def init_core(params: EnvParams, key: Array, noise: ResetNoise) -> MEGCore:
 
     Args:
       params: environment parameters.
-      key: the episode key stored in the state (step noise is ``fold_in(key, t)``).
+      key: the episode key stored in the state (step noise is ``episode_step_noise(key, t)``).
       noise: one reset's draws.
     """
     speed = params.speed_min_mps + noise.speed_u * (params.speed_max_mps - params.speed_min_mps)
@@ -479,8 +497,8 @@ def transition(
 # ---------------------------------------------------------------------- brax Env
 def reset_env(params: EnvParams, rng: Array) -> State:
     """``Env.reset`` as a pure function of (params, key)."""
-    # The episode key is rng itself: step t draws from fold_in(rng, t), the reset from a
-    # stream no step reaches (fewer random calls keep XLA compile times low).
+    # The episode key is rng itself: step t draws counters 8t..8t+7 under it, the reset
+    # draws under fold_in(rng, RESET_STREAM) (fewer random calls keep compile times low).
     core = init_core(params, rng, sample_reset_noise(jax.random.fold_in(rng, RESET_STREAM), params.history_length))
     zero = jnp.zeros((), jnp.float32)
     return State(
@@ -497,8 +515,7 @@ def step_env(params: EnvParams, state: State, action: Array, discrete: bool = Fa
     """``Env.step`` as a pure function; keeps every ``info`` key that wrappers added."""
     core: MEGCore = state.pipeline_state
     k_idx, r = discrete_to_choice(params, action) if discrete else continuous_to_choice(params, action)
-    noise = sample_step_noise(jax.random.fold_in(core.key, core.t))
-    nxt, out = transition(params, core, k_idx, r, noise)
+    nxt, out = transition(params, core, k_idx, r, episode_step_noise(core.key, core.t))
     costs = jnp.stack([out["latency_s"], out["energy_j"]])
     n = nxt.t.astype(jnp.float32)
     metrics = {

@@ -35,7 +35,7 @@ from meg_jax.env.meg_env import (
     discrete_to_choice,
     grid_action_table,
     reset_env,
-    sample_step_noise,
+    episode_step_noise,
     transition,
 )
 
@@ -43,6 +43,7 @@ __all__ = [
     "OracleSolution",
     "FixedAction",
     "collect_requests",
+    "collect_env_requests",
     "action_tables",
     "fit_oracle",
     "oracle_probabilities",
@@ -90,7 +91,7 @@ def collect_requests(params: EnvParams, key: Array, num_episodes: int, episode_l
     """True SNR (dB) and task class of every request of ``num_episodes`` episodes.
 
     Uses the environment's own reset and transition with the env's key discipline (episode
-    key = reset key, step t from ``fold_in(key, t)``), so ``env.reset(keys)`` on the same
+    key = reset key, step t from ``episode_step_noise(key, t)``), so ``env.reset(keys)`` on the same
     per-episode keys sees the same channels. The action does not matter (it does not
     influence the channel). Returns ``snr_db`` and ``task_class``, each [E, T].
     """
@@ -99,13 +100,32 @@ def collect_requests(params: EnvParams, key: Array, num_episodes: int, episode_l
         core = reset_env(params, k).pipeline_state
 
         def body(c: MEGCore, _):
-            noise = sample_step_noise(jax.random.fold_in(c.key, c.t))
-            nxt, _ = transition(params, c, jnp.int32(0), jnp.float32(0.0), noise)
+            nxt, _ = transition(params, c, jnp.int32(0), jnp.float32(0.0), episode_step_noise(c.key, c.t))
             return nxt, (c.channel.snr_db, c.task_class)
 
         return jax.lax.scan(body, core, None, length=episode_length)[1]
 
     return jax.vmap(episode)(jax.random.split(key, num_episodes))
+
+
+def collect_env_requests(env: Env, key: Array, episode_length: int) -> tuple[Array, Array]:
+    """True SNR (dB) and class of every request a batched env (from ``make``) serves.
+
+    Uses the same reset key as :func:`rollout_policy` with the same ``key``, so a policy
+    rolled out afterwards faces exactly these requests (the channel ignores actions).
+    Returns ``snr_db`` and ``task_class``, each [N, T] for the N slots' first episodes.
+    """
+    k_reset, _ = jax.random.split(key)
+    state = env.reset(k_reset)
+    num = state.done.shape[0]
+    action = jnp.zeros((num,), jnp.int32) if getattr(env, "discrete", False) else jnp.zeros((num, 2), jnp.float32)
+
+    def body(s: State, _):
+        core: MEGCore = s.pipeline_state
+        return env.step(s, action), (core.channel.snr_db, core.task_class)
+
+    _, (snr, cls) = jax.lax.scan(body, state, None, length=episode_length)
+    return snr.T, cls.T
 
 
 def action_tables(params: EnvParams, snr_db: Array, task_class: Array) -> tuple[Array, Array]:
