@@ -116,10 +116,11 @@ def test_short_training_reaches_high_accuracy(trained):
     assert int(state.step) == TEST_CONFIG.num_steps
     assert history[-1]["loss"] < history[0]["loss"]
     acc = clf.evaluate(state.params, jax.random.key(12345), 512, TEST_CONFIG)
-    # Measured at these settings: >= 0.99 for every attribute (the shape learns last).
+    # Measured at these settings: 1.0 for everything on these 512 samples, 0.997 all-right on
+    # 4096 others (the shape learns last); the margin allows other CPUs' float rounding.
     for name in shapes.ATTRIBUTE_NAMES:
-        assert acc[name] >= 0.95, acc
-    assert acc["all"] >= 0.9, acc
+        assert acc[name] >= 0.98, acc
+    assert acc["all"] >= 0.95, acc
     assert acc["all"] <= min(acc[n] for n in shapes.ATTRIBUTE_NAMES)
 
 
