@@ -305,11 +305,10 @@ def test_make_without_artifact_names_path_and_command(tmp_path, monkeypatch):
     assert "meg-jax calibrate" in str(err.value)
 
 
-def test_make_default_artifact_path_error_when_missing():
-    path = menv.resolve_artifact_path(menv.get_preset("tiny").artifact_path)
-    if os.path.exists(path):
-        pytest.skip(f"{path} exists (made by meg-jax calibrate)")
-    with pytest.raises(FileNotFoundError, match="checkpoints/calibration/tiny.npz.*meg-jax calibrate"):
+def test_make_default_artifact_path_error_when_missing(tmp_path, monkeypatch):
+    # As on a fresh checkout before `meg-jax calibrate`: the preset's path resolves to nothing.
+    monkeypatch.setattr(menv, "resolve_artifact_path", lambda path: str(tmp_path / path))
+    with pytest.raises(FileNotFoundError, match="checkpoints/calibration/tiny.npz does not exist.*meg-jax calibrate"):
         menv.make("tiny")
 
 
