@@ -103,25 +103,3 @@ def test_meg_scheme_is_scored_like_the_others(setup):
     assert res.quality.psnr.shape == (4,) and res.costs.latency_s.shape == (4,)
     unc = costs.uncompressed_costs(costs.cost_preset("tiny"), LINK, 20.0)
     assert float(res.costs.es_time_s[0]) < float(unc.es_time_s)
-
-
-def test_classifier_params_under_older_layer_names_score_the_same():
-    # The shipped tiny classifier was saved while the module named its layers convs_i /
-    # heads_<attr>; scoring renames them to the module's current names.
-    cfg = ClassifierConfig()
-    params = init_classifier(cfg, jax.random.PRNGKey(0))
-    names = set(params["params"])
-
-    def old(name):
-        for a, b in (("conv_", "convs_"), ("head_", "heads_")):
-            if name.startswith(a):
-                return b + name[len(a):]
-        return name
-
-    renamed = {"params": {old(n): v for n, v in params["params"].items()}}
-    assert set(renamed["params"]) != names
-    images, _, attrs = shapes.sample_batch(jax.random.PRNGKey(1), 8)
-    bb = pipeline.init_random_backbone(jax.random.PRNGKey(2))
-    q_new = schemes.score_images(bb.replace(classifier=params, classifier_config=cfg), images, attrs, images)
-    q_old = schemes.score_images(bb.replace(classifier=renamed, classifier_config=cfg), images, attrs, images)
-    np.testing.assert_array_equal(q_new.accuracy, q_old.accuracy)

@@ -88,32 +88,6 @@ def _classes(attrs: Any) -> dict[str, jax.Array]:
     return {n: getattr(attrs, n) for n in ATTRIBUTE_NAMES}
 
 
-def _classifier_params(params: Any, config: Any) -> Any:
-    """The classifier params under the names the current ``AttributeClassifier`` expects.
-
-    Workaround: the shipped tiny classifier was trained while the module named its layers
-    ``convs_i``/``heads_<attr>``; the module now names them ``conv_i``/``head_<attr>`` (same
-    shapes). Renames in whichever direction makes the names match; anything else is left
-    for Flax to report.
-    """
-    from meg_jax.data.classifier import init_classifier
-
-    expected = jax.eval_shape(lambda k: init_classifier(config, k), jax.random.PRNGKey(0))
-    want = set(expected["params"])
-    have = set(params["params"])
-    if have == want:
-        return params
-    for renames in ((("convs_", "conv_"), ("heads_", "head_")), (("conv_", "convs_"), ("head_", "heads_"))):
-        def rename(name: str) -> str:
-            for a, b in renames:
-                if name.startswith(a):
-                    return b + name[len(a):]
-            return name
-        if {rename(n) for n in have} == want:
-            return {"params": {rename(n): v for n, v in params["params"].items()}}
-    return params
-
-
 def score_images(backbone: Any, images: jax.Array, attrs: Any, reference: jax.Array) -> Quality:
     """Quality of generated ``images`` ``[B, H, W, 3]`` (traceable).
 
@@ -126,8 +100,7 @@ def score_images(backbone: Any, images: jax.Array, attrs: Any, reference: jax.Ar
     from meg_jax.data.classifier import classify
 
     shown = to_display(images)
-    params = _classifier_params(backbone.classifier, backbone.classifier_config)
-    logits = classify(params, shown, backbone.classifier_config)
+    logits = classify(backbone.classifier, shown, backbone.classifier_config)
     truth = _classes(attrs)
     correct = jnp.stack([jnp.argmax(logits[n], axis=-1) == truth[n] for n in truth])
     return Quality(
