@@ -97,9 +97,10 @@ class UNetRow:
     single_core: bool  # pin the process to one CPU (PyTorch then runs 1 thread)
     xla_flags: str = ""  # extra XLA_FLAGS for the child ("" = XLA defaults)
     torch_threads: int | None = None  # None: one per available core
-    # "library": meg_jax.backbone.layers.multi_head_attention as it is; "bhnd": the
-    # diagnostic variant below patched in (a proposed change, measured against the same baseline).
-    attention: str = "library"
+    # "library": meg_jax.backbone.layers as it is. Diagnostic variants patched in (proposed
+    # changes to layers.py, measured against the same baseline): "bhnd" = _attention_bhnd;
+    # "bhnd+gn" = that plus _GroupNormMatmul.
+    variant: str = "library"
 
 
 UNET_ROWS = (
@@ -109,9 +110,11 @@ UNET_ROWS = (
     # with all cores available is then its best, and the fair baseline.
     UNetRow("all cores, PyTorch 1 thread", single_core=False, torch_threads=1),
     UNetRow(f"all cores, XLA_FLAGS={NO_YNN_FLAGS}", single_core=False, xla_flags=NO_YNN_FLAGS),
-    UNetRow("all cores, [B,H,N,d] attention (diagnostic)", single_core=False, attention="bhnd"),
-    UNetRow("1 core, [B,H,N,d] attention (diagnostic)", single_core=True, attention="bhnd"),
+    UNetRow("all cores, [B,H,N,d] attention (diagnostic)", single_core=False, variant="bhnd"),
+    UNetRow("all cores, [B,H,N,d] attention + matmul GroupNorm (diagnostic)", single_core=False, variant="bhnd+gn"),
+    UNetRow("1 core, [B,H,N,d] attention + matmul GroupNorm (diagnostic)", single_core=True, variant="bhnd+gn"),
 )
+VARIANTS = ("library", "bhnd", "bhnd+gn")
 
 
 def _attention_bhnd(
@@ -140,6 +143,55 @@ def _attention_bhnd(
         logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
     weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
     return jnp.matmul(weights, vh).transpose(0, 2, 1, 3).reshape(b, nq, -1)
+
+
+def _group_norm_matmul(num_groups: int, eps: float, *, dtype: Any = None, name: str | None = None) -> Any:
+    """Diagnostic variant of ``layers.GroupNorm`` (same parameters ``scale``/``bias``, same maths).
+
+    Two-pass statistics as before, but each reduction first sums over the spatial axis
+    (a reduction XLA:CPU does well) and then over the channels of a group with a tiny
+    one-hot matmul ``[B, C] @ [C, G]``, instead of one reduction over the strided
+    ``(H, W, C/G)`` axes of a ``[B, H, W, G, C/G]`` view.
+    """
+    import flax.linen as nn
+    import jax
+    import jax.numpy as jnp
+
+    class GroupNormMatmul(nn.Module):
+        @nn.compact
+        def __call__(self, x: Any) -> Any:
+            c = x.shape[-1]
+            scale = self.param("scale", nn.initializers.ones, (c,))
+            bias = self.param("bias", nn.initializers.zeros, (c,))
+            b = x.shape[0]
+            xf = x.reshape(b, -1, c).astype(jnp.float32)
+            count = xf.shape[1] * (c // num_groups)
+            onehot = (jnp.arange(c)[:, None] // (c // num_groups) == jnp.arange(num_groups)[None, :]).astype(
+                jnp.float32
+            )
+            hi = jax.lax.Precision.HIGHEST
+            mean = jnp.dot(xf.sum(1), onehot, precision=hi) / count  # [B, G]
+            centred = xf - jnp.dot(mean, onehot.T, precision=hi)[:, None, :]
+            var = jnp.dot((centred * centred).sum(1), onehot, precision=hi) / count
+            inv = jnp.dot(jax.lax.rsqrt(var + eps), onehot.T, precision=hi)[:, None, :]
+            out = (centred * inv * scale + bias).reshape(x.shape)
+            return out.astype(dtype or x.dtype)
+
+    return GroupNormMatmul(name=name)
+
+
+def _apply_variant(variant: str) -> None:
+    """Patches the diagnostic layer variants into the library modules (before any tracing)."""
+    if variant == "library":
+        return
+    from meg_jax.backbone import layers, unet
+
+    # Attention.__call__ looks multi_head_attention up in layers' globals at trace time;
+    # ResnetBlock2D and unet.py look GroupNorm up in their own module globals.
+    layers.multi_head_attention = _attention_bhnd
+    if variant == "bhnd+gn":
+        layers.GroupNorm = _group_norm_matmul
+        unet.GroupNorm = _group_norm_matmul
 
 
 # ------------------------------------------------------------------------------ helpers
@@ -265,7 +317,7 @@ def _torch_unet_call(torch_model: Any) -> tuple[Callable[[], Any], Callable[[], 
 
 
 def _child_unet(
-    settings: BenchSettings, single_core: bool, torch_threads: int | None, attention: str, profile: bool
+    settings: BenchSettings, single_core: bool, torch_threads: int | None, variant: str, profile: bool
 ) -> None:
     """Child mode: one paired Flax/PyTorch measurement, printed as JSON.
 
@@ -277,10 +329,7 @@ def _child_unet(
     import jax
     import torch
 
-    if attention == "bhnd":
-        from meg_jax.backbone import layers
-
-        layers.multi_head_attention = _attention_bhnd  # looked up at trace time by layers.Attention
+    _apply_variant(variant)
     cores = len(os.sched_getaffinity(0))
     torch.set_num_threads(torch_threads or cores)
     model = _torch_unet()
@@ -311,7 +360,7 @@ def _run_child(settings: BenchSettings, row: UNetRow, profile: bool) -> dict[str
     ]
     cmd += ["--_single-core"] if row.single_core else []
     cmd += ["--_torch-threads", str(row.torch_threads)] if row.torch_threads else []
-    cmd += ["--_attention", row.attention]
+    cmd += ["--_variant", row.variant]
     cmd += ["--_profile"] if profile else []
     env = dict(os.environ, JAX_PLATFORMS="cpu")
     flags = " ".join(f for f in (os.environ.get("XLA_FLAGS", ""), row.xla_flags) if f)
@@ -509,9 +558,11 @@ def _report(
             "'1 core': the process is pinned to one CPU and PyTorch runs 1 thread. "
             "'PyTorch 1 thread': all cores available, `torch.set_num_threads(1)` (on a loaded "
             "machine PyTorch's OpenMP threads wait on each other, so this is then its best setting). "
-            "Diagnostic rows: XLA:CPU without its YNNPACK library fusions; and the library's "
+            "Diagnostic rows: XLA:CPU without its YNNPACK library fusions; the library's "
             "`multi_head_attention` replaced by a variant that runs its matmuls on [B, H, N, d] "
-            "operands (`_attention_bhnd` in the script; a proposed change to `layers.py`).",
+            "operands (`_attention_bhnd` in the script); and that plus a GroupNorm whose group "
+            "sums are one-hot matmuls (`_group_norm_matmul`). Both are proposed changes to "
+            "`meg_jax/backbone/layers.py`, patched in only inside their child process.",
             "",
             _markdown_table(UNET_HEADER, rows),
             "",
@@ -562,7 +613,7 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[argparse.Namespace, B
     p.add_argument("--_single-core", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--_profile", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--_torch-threads", type=int, default=None, help=argparse.SUPPRESS)
-    p.add_argument("--_attention", choices=("library", "bhnd"), default="library", help=argparse.SUPPRESS)
+    p.add_argument("--_variant", choices=VARIANTS, default="library", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     quick = args.quick
     if args.out is None:
@@ -587,7 +638,7 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[argparse.Namespace, B
 def main(argv: Sequence[str] | None = None) -> None:
     args, settings = parse_args(argv)
     if args._child_unet:
-        _child_unet(settings, args._single_core, args._torch_threads, args._attention, args._profile)
+        _child_unet(settings, args._single_core, args._torch_threads, args._variant, args._profile)
         return
     import jax
 
