@@ -285,9 +285,7 @@ def _flax_unet(
 
     from meg_jax.backbone import UNet, UNetConfig, params_from_torch_state_dict
 
-    # Keys starting with "_" are diffusers bookkeeping (``_use_default_values`` is added in
-    # memory by diffusers and not written to config.json).
-    config = UNetConfig.from_diffusers({k: v for k, v in dict(torch_model.config).items() if not k.startswith("_")})
+    config = UNetConfig.from_diffusers(dict(torch_model.config))
     params = params_from_torch_state_dict(config, torch_model.state_dict())
     x, t, ctx = _unet_inputs()
     args = jax.device_put((params, x.transpose(0, 2, 3, 1), t.astype(np.int32), ctx), device)

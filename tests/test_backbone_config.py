@@ -62,6 +62,18 @@ def test_diffusers_written_config_round_trips():
     assert sum(p.numel() for p in model.parameters()) == n_params(cfg)
 
 
+def test_in_memory_diffusers_config_is_accepted():
+    """``model.config`` of a model built in memory carries ``_use_default_values``; it is bookkeeping."""
+    import inspect
+
+    defaults = inspect.signature(UNet2DConditionModel.__init__).parameters
+    given = {k: v for k, v in TINY_UNET.to_diffusers().items() if k not in defaults or defaults[k].default != v}
+    model = UNet2DConditionModel(**given)  # the rest left to diffusers' defaults
+    data = dict(model.config)
+    assert data.get("_use_default_values")
+    assert UNetConfig.from_diffusers(data) == TINY_UNET
+
+
 def test_vae_diffusers_config_round_trips():
     vae = preset("tiny").vae
     model = TorchAutoencoderKL(**vae.to_diffusers())

@@ -30,7 +30,8 @@ __all__ = [
 ]
 
 # Keys diffusers adds to every config.json that say nothing about the architecture.
-DIFFUSERS_BOOKKEEPING_KEYS = frozenset({"_class_name", "_diffusers_version", "_name_or_path"})
+# ``_use_default_values`` is added by diffusers to the config of a model built in memory.
+DIFFUSERS_BOOKKEEPING_KEYS = frozenset({"_class_name", "_diffusers_version", "_name_or_path", "_use_default_values"})
 
 UNET_DOWN_BLOCKS = ("CrossAttnDownBlock2D", "DownBlock2D")
 UNET_UP_BLOCKS = ("CrossAttnUpBlock2D", "UpBlock2D")
