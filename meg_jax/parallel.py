@@ -68,12 +68,18 @@ def replicated_sharding(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec())
 
 
-def check_batch_size(batch_size: int, mesh: Mesh) -> None:
-    """Raises ``ValueError`` unless ``batch_size`` splits evenly over the mesh's devices."""
+def check_batch_size(batch_size: int, mesh: Mesh, what: str = "batch size") -> None:
+    """Raises ``ValueError`` unless ``batch_size`` splits evenly over the mesh's devices.
+
+    Args:
+      batch_size: the global leading-axis size (batch, number of environments, ...).
+      mesh: the ``"data"`` mesh.
+      what: how the error names the quantity (e.g. the config field to change).
+    """
     n = mesh.devices.size
     if batch_size % n:
         raise ValueError(
-            f"batch size {batch_size} is not divisible by the {n} devices of the mesh; "
+            f"{what} {batch_size} is not divisible by the {n} devices of the mesh; "
             f"use a multiple of {n}"
         )
 

@@ -213,7 +213,8 @@ def run(
     from meg_jax import checkpoint as ckpt
     from meg_jax import run_log
     from meg_jax.rl import baselines
-    from meg_jax.rl.sharding import check_num_envs, jit_sharded, make_mesh
+    from meg_jax.parallel import check_batch_size
+    from meg_jax.rl.sharding import jit_sharded, make_mesh
 
     env, discrete, artifact = _make_envs(config)  # refuses unknown presets / infeasible limits
     limits = np.asarray(env.params.limits, np.float64)
@@ -244,7 +245,7 @@ def run(
     # one seed: the mesh over every device; several seeds: vmapped on the default device
     mesh = None if vmapped else make_mesh()
     if mesh is not None:
-        check_num_envs(config.env.num_envs, mesh)
+        check_batch_size(config.env.num_envs, mesh, what="env.num_envs")
     agent = make_cvpo(config.cvpo, env, mesh) if config.algo == "cvpo" else make_ppo(ppo_config, env, mesh)
     blocks_per_log = config.blocks_per_log
     iterations = max(1, math.ceil(config.total_env_steps / (per_block * blocks_per_log)))

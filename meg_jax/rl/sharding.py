@@ -19,19 +19,10 @@ from jax.sharding import Mesh, NamedSharding
 
 from meg_jax.parallel import batch_sharding, make_mesh, replicated_sharding
 
-__all__ = ["BATCHED_FIELDS", "state_shardings", "place_state", "jit_sharded", "make_mesh", "check_num_envs"]
+__all__ = ["BATCHED_FIELDS", "state_shardings", "place_state", "jit_sharded", "make_mesh"]
 
 # fields of an agent state whose array leaves carry the environment batch on axis 0
 BATCHED_FIELDS = ("env_state", "replay", "rollout")
-
-
-def check_num_envs(num_envs: int, mesh: Mesh) -> None:
-    """Raises ``ValueError`` unless the environments split evenly over the mesh's devices."""
-    n = mesh.devices.size
-    if num_envs % n:
-        raise ValueError(
-            f"env.num_envs={num_envs} does not split over the {n} devices of the mesh; use a multiple of {n}"
-        )
 
 
 def state_shardings(state: Any, mesh: Mesh) -> Any:
