@@ -121,6 +121,30 @@ class Transformer2DModel(nn.Module):
         return x + residual
 
 
+def _resnet_and_attention(
+    block: "_DownBlock | _UpBlock", j: int, x: jax.Array, temb: jax.Array, context: jax.Array, latent_tokens: int
+) -> jax.Array:
+    """Layer ``j`` of a down/up block: ``resnets_j`` then, with attention, ``attentions_j``.
+
+    Called from the block's compact ``__call__``, so the submodules belong to ``block``.
+    """
+    cfg = block.config
+    x = ResnetBlock2D(block.out_channels, cfg.norm_num_groups, cfg.norm_eps, dtype=block.dtype, name=f"resnets_{j}")(
+        x, temb
+    )
+    if block.with_attention:
+        x = Transformer2DModel(
+            block.num_heads,
+            block.transformer_layers,
+            cfg.norm_num_groups,
+            cfg.use_linear_projection,
+            tome=cfg.tome,
+            dtype=block.dtype,
+            name=f"attentions_{j}",
+        )(x, context, latent_tokens)
+    return x
+
+
 class _DownBlock(nn.Module):
     """``CrossAttnDownBlock2D`` (with_attention) or ``DownBlock2D``."""
 
@@ -140,19 +164,7 @@ class _DownBlock(nn.Module):
         cfg = self.config
         skips = []
         for j in range(self.num_layers):
-            x = ResnetBlock2D(self.out_channels, cfg.norm_num_groups, cfg.norm_eps, dtype=self.dtype, name=f"resnets_{j}")(
-                x, temb
-            )
-            if self.with_attention:
-                x = Transformer2DModel(
-                    self.num_heads,
-                    self.transformer_layers,
-                    cfg.norm_num_groups,
-                    cfg.use_linear_projection,
-                    tome=cfg.tome,
-                    dtype=self.dtype,
-                    name=f"attentions_{j}",
-                )(x, context, latent_tokens)
+            x = _resnet_and_attention(self, j, x, temb, context, latent_tokens)
             skips.append(x)
         if self.add_downsample:
             x = Downsample2D(self.out_channels, cfg.downsample_padding, dtype=self.dtype, name="downsamplers_0")(x)
@@ -177,22 +189,9 @@ class _UpBlock(nn.Module):
         self, x: jax.Array, skips: tuple[jax.Array, ...], temb: jax.Array, context: jax.Array, latent_tokens: int
     ) -> jax.Array:
         """skips: this block's ``num_layers`` skip tensors in the order the down path made them."""
-        cfg = self.config
         for j in range(self.num_layers):
             x = jnp.concatenate([x, skips[-1 - j]], axis=-1)
-            x = ResnetBlock2D(self.out_channels, cfg.norm_num_groups, cfg.norm_eps, dtype=self.dtype, name=f"resnets_{j}")(
-                x, temb
-            )
-            if self.with_attention:
-                x = Transformer2DModel(
-                    self.num_heads,
-                    self.transformer_layers,
-                    cfg.norm_num_groups,
-                    cfg.use_linear_projection,
-                    tome=cfg.tome,
-                    dtype=self.dtype,
-                    name=f"attentions_{j}",
-                )(x, context, latent_tokens)
+            x = _resnet_and_attention(self, j, x, temb, context, latent_tokens)
         if self.add_upsample:
             x = Upsample2D(self.out_channels, dtype=self.dtype, name="upsamplers_0")(x)
         return x
