@@ -12,7 +12,7 @@
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Any, Sequence
 
 import flax.linen as nn
 import jax
@@ -88,6 +88,21 @@ class CategoricalPolicy(nn.Module):
         return MLP(self.hidden, self.num_actions, out_scale=0.01)(obs)
 
 
+def _mlp_ensemble(num_heads: int, *mlp_args: Any) -> nn.Module:
+    """``num_heads`` independent ``MLP(*mlp_args)`` with stacked params; outputs on the last axis.
+
+    Built inside the caller's compact ``__call__`` (the ensemble is its submodule).
+    """
+    return nn.vmap(
+        MLP,
+        variable_axes={"params": 0},
+        split_rngs={"params": True},
+        in_axes=None,
+        out_axes=-1,
+        axis_size=num_heads,
+    )(*mlp_args)
+
+
 class CriticEnsemble(nn.Module):
     """``num_heads`` independent Q(s, a) MLPs; returns [..., num_heads]."""
 
@@ -98,14 +113,7 @@ class CriticEnsemble(nn.Module):
     @nn.compact
     def __call__(self, obs: jax.Array, action: jax.Array) -> jax.Array:
         x = jnp.concatenate([obs, action], axis=-1)
-        heads = nn.vmap(
-            MLP,
-            variable_axes={"params": 0},
-            split_rngs={"params": True},
-            in_axes=None,
-            out_axes=-1,
-            axis_size=self.num_heads,
-        )(self.hidden, 1, self.layer_norm)
+        heads = _mlp_ensemble(self.num_heads, self.hidden, 1, self.layer_norm)
         return heads(x)[..., 0, :]
 
 
@@ -119,14 +127,7 @@ class DiscreteCriticEnsemble(nn.Module):
 
     @nn.compact
     def __call__(self, obs: jax.Array) -> jax.Array:
-        heads = nn.vmap(
-            MLP,
-            variable_axes={"params": 0},
-            split_rngs={"params": True},
-            in_axes=None,
-            out_axes=-1,
-            axis_size=self.num_heads,
-        )(self.hidden, self.num_actions, self.layer_norm)
+        heads = _mlp_ensemble(self.num_heads, self.hidden, self.num_actions, self.layer_norm)
         return heads(obs)
 
 
@@ -138,14 +139,7 @@ class ValueEnsemble(nn.Module):
 
     @nn.compact
     def __call__(self, obs: jax.Array) -> jax.Array:
-        heads = nn.vmap(
-            MLP,
-            variable_axes={"params": 0},
-            split_rngs={"params": True},
-            in_axes=None,
-            out_axes=-1,
-            axis_size=self.num_heads,
-        )(self.hidden, 1)
+        heads = _mlp_ensemble(self.num_heads, self.hidden, 1)
         return heads(obs)[..., 0, :]
 
 
