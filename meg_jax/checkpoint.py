@@ -83,13 +83,16 @@ def make_manager(directory: str | os.PathLike, *, max_to_keep: int = 3,
     return ocp.CheckpointManager(directory, options=options)
 
 
-def check_config(directory: str | os.PathLike, config: Any) -> None:
+def check_config(directory: str | os.PathLike, config: Any, ignore: tuple[str, ...] = ()) -> None:
     """Writes ``config`` as ``<directory>/config.json``, or refuses a different stored one.
 
     Args:
       directory: the job's checkpoint directory.
       config: a config dataclass, or a JSON-ready dict of the settings that determine the
         checkpoint's contents.
+      ignore: top-level fields that do not change the checkpoint's contents (e.g. how a
+        finished run is scored): they may differ; the stored file is then updated to the
+        requested values, so it always describes the last run.
 
     Raises:
       ConfigMismatchError: the directory holds a config that differs; the message names
@@ -104,13 +107,16 @@ def check_config(directory: str | os.PathLike, config: Any) -> None:
         with open(path) as f:
             stored = json.load(f)
         differences = config_lib.diff(stored, requested)
-        if differences:
+        ignored = tuple(f"{name}." for name in ignore) + tuple(f"{name}:" for name in ignore)
+        blocking = [d for d in differences if not d.startswith(ignored)]
+        if blocking:
             raise ConfigMismatchError(
                 f"checkpoint directory {directory} was made with another config; differing "
-                f"fields (stored != requested): {'; '.join(differences)}. Use a new --workdir, "
+                f"fields (stored != requested): {'; '.join(blocking)}. Use a new --workdir, "
                 "or rerun with the stored settings."
             )
-        return
+        if not differences:
+            return
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
         json.dump(requested, f, indent=2, sort_keys=True)

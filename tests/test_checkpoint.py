@@ -43,6 +43,17 @@ def test_check_config_writes_then_refuses_naming_fields(tmp_path):
     assert "name" not in msg.split("requested):")[1]  # unchanged fields are not listed
 
 
+def test_check_config_ignored_fields_may_differ_and_are_updated(tmp_path):
+    ckpt.check_config(tmp_path, _Cfg(), ignore=("name",))
+    # Only an ignored top-level field differs: accepted, and the file now holds the new value.
+    ckpt.check_config(tmp_path, dataclasses.replace(_Cfg(), name="other"), ignore=("name",))
+    assert json.loads((tmp_path / "config.json").read_text())["name"] == "other"
+    # A non-ignored field still refuses, and the message lists only the blocking field.
+    with pytest.raises(ckpt.ConfigMismatchError) as e:
+        ckpt.check_config(tmp_path, _Cfg(name="third", inner=_Inner(lr=2e-3)), ignore=("name",))
+    assert "inner.lr" in str(e.value) and "name:" not in str(e.value).split("requested):")[1]
+
+
 def test_restore_or_init_round_trip(tmp_path):
     state = {"step": jnp.int32(0), "w": jnp.arange(6.0).reshape(2, 3), "opt": (jnp.zeros(2), jnp.ones(()))}
     mgr = ckpt.make_manager(tmp_path, max_to_keep=2)

@@ -221,7 +221,9 @@ def run(
     is_main = jax.process_index() == 0
     os.makedirs(workdir, exist_ok=True)
     if is_main:  # one writer of config.json on a shared work directory
-        ckpt.check_config(workdir, config)
+        # The final evaluation's settings do not change what is trained: a finished run can
+        # be re-scored (e.g. --eval.deterministic true) without retraining.
+        ckpt.check_config(workdir, config, ignore=("eval",))
     evaluate = evaluate and config.eval.num_episodes > 0
 
     if config.algo in baselines.BASELINES:
