@@ -38,6 +38,10 @@ class EnvSpec:
     artifact: Optional[str] = None  # calibration artifact path; None = the preset's default
     # episode-average limits (latency s, UE energy J); None = the preset's default limits
     limits: Optional[tuple[float, ...]] = None
+    # channel-estimate quality (``MEGEnvConfig`` fields); None = the preset's. Zero delay and
+    # zero error give the agent the channel the oracle sees.
+    csi_delay_s: Optional[float] = None
+    csi_error_std: Optional[float] = None
 
 
 @dataclasses.dataclass(frozen=True)

@@ -74,6 +74,9 @@ def make_env(spec: EnvSpec, num_envs: Optional[int] = None, discrete: bool = Fal
     overrides = {}
     if spec.limits is not None:
         overrides["limits"] = tuple(float(x) for x in spec.limits)
+    for name in ("csi_delay_s", "csi_error_std"):
+        if getattr(spec, name) is not None:
+            overrides[name] = float(getattr(spec, name))
     return menv.make(
         spec.preset,
         num_envs=spec.num_envs if num_envs is None else num_envs,
