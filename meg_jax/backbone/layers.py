@@ -111,9 +111,49 @@ def Linear(features: int, *, use_bias: bool = True, dtype: Dtype = jnp.float32, 
     return nn.Dense(features, use_bias=use_bias, dtype=dtype, kernel_init=torch_default_init, name=name)
 
 
-def GroupNorm(num_groups: int, eps: float, *, dtype: Dtype = jnp.float32, name: str | None = None) -> nn.GroupNorm:
-    """GroupNorm over the last (channel) axis; statistics in float32, two-pass variance."""
-    return nn.GroupNorm(num_groups=num_groups, epsilon=eps, dtype=dtype, use_fast_variance=False, name=name)
+class _GroupNorm(nn.Module):
+    """GroupNorm over the last (channel) axis with ``flax.linen.GroupNorm``'s parameters.
+
+    Same maths as ``nn.GroupNorm(use_fast_variance=False)`` (two-pass variance, float32
+    statistics), but each statistic is a sum over the spatial axis (a reduction XLA:CPU does
+    well) followed by a tiny one-hot ``[B, C] @ [C, G]`` matmul over the channels of a group,
+    instead of one reduction over the strided ``(H, W, C/G)`` axes of a ``[B, H, W, G, C/G]``
+    view. ``eval/bench_backbone.py`` measured the strided reduction among the slowest ops of
+    the UNet on CPU.
+    """
+
+    num_groups: int
+    epsilon: float
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        c = x.shape[-1]
+        if c % self.num_groups:
+            raise ValueError(f"GroupNorm: {c} channels are not divisible by num_groups={self.num_groups}")
+        scale = self.param("scale", nn.initializers.ones, (c,))
+        bias = self.param("bias", nn.initializers.zeros, (c,))
+        b = x.shape[0]
+        xf = x.reshape(b, -1, c).astype(jnp.float32)  # [B, N, C]
+        size = c // self.num_groups
+        count = xf.shape[1] * size
+        onehot = (np.arange(c)[:, None] // size == np.arange(self.num_groups)[None, :]).astype(np.float32)
+        hi = jax.lax.Precision.HIGHEST
+        mean = jnp.dot(xf.sum(1), onehot, precision=hi) / count  # [B, G]
+        centred = xf - jnp.dot(mean, onehot.T, precision=hi)[:, None, :]
+        var = jnp.dot(jnp.square(centred).sum(1), onehot, precision=hi) / count  # [B, G]
+        inv = jnp.dot(jax.lax.rsqrt(var + self.epsilon), onehot.T, precision=hi)[:, None, :]  # [B, 1, C]
+        out = centred * inv * scale.astype(jnp.float32) + bias.astype(jnp.float32)
+        return out.reshape(x.shape).astype(self.dtype)
+
+
+def GroupNorm(num_groups: int, eps: float, *, dtype: Dtype = jnp.float32, name: str | None = None) -> nn.Module:
+    """GroupNorm over the last (channel) axis; statistics in float32, two-pass variance.
+
+    Parameters ``scale`` and ``bias`` as ``flax.linen.GroupNorm`` (and diffusers' ``weight`` /
+    ``bias`` after conversion).
+    """
+    return _GroupNorm(num_groups=num_groups, epsilon=eps, dtype=dtype, name=name)
 
 
 def LayerNorm(eps: float, *, dtype: Dtype = jnp.float32, name: str | None = None) -> nn.LayerNorm:
@@ -278,16 +318,18 @@ def multi_head_attention(
     b, nq, c = q.shape
     nk = k.shape[1]
     d = c // num_heads
-    qh = q.reshape(b, nq, num_heads, d)
-    kh = k.reshape(b, nk, num_heads, d)
-    vh = v.reshape(b, nk, num_heads, v.shape[-1] // num_heads)
-    logits = jnp.einsum("bqhd,bkhd->bhqk", qh, kh, preferred_element_type=jnp.float32)
-    logits = logits * (1.0 / math.sqrt(d))
+    # Heads before tokens ([B, H, N, d]) so both products are plain batched matmuls: on
+    # XLA:CPU the "bqhd,bkhd" einsum form was fused with the softmax into one kernel several
+    # times slower (eval/bench_backbone.py). q is pre-scaled by 1/sqrt(d) (same maths).
+    qh = (q * (1.0 / math.sqrt(d))).reshape(b, nq, num_heads, d).transpose(0, 2, 1, 3)  # [B, H, Nq, d]
+    kh = k.reshape(b, nk, num_heads, d).transpose(0, 2, 3, 1)  # [B, H, d, Nk]
+    vh = v.reshape(b, nk, num_heads, v.shape[-1] // num_heads).transpose(0, 2, 1, 3)  # [B, H, Nk, dv]
+    logits = jnp.matmul(qh, kh, preferred_element_type=jnp.float32)  # [B, H, Nq, Nk]
     if mask is not None:
         logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
     weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-    out = jnp.einsum("bhqk,bkhd->bqhd", weights, vh)
-    return out.reshape(b, nq, -1)
+    out = jnp.matmul(weights, vh)  # [B, H, Nq, dv]
+    return out.transpose(0, 2, 1, 3).reshape(b, nq, -1)
 
 
 class Attention(nn.Module):
