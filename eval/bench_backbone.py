@@ -3,14 +3,16 @@
 Two tables, each with its baseline measured in the same run:
 
 1. UNet forward, same tiny config and same weights (the PyTorch state dict loaded into
-   Flax): Flax (jitted, float32) vs diffusers ``UNet2DConditionModel`` under
-   ``torch.no_grad()``. Every row is a *pair* timed round-robin (Flax call, PyTorch call,
-   Flax call, ...) in one process, so both see the same machine load — this CPU is shared.
-   Rows: all cores (``torch.set_num_threads(cores)``); one core (process pinned to one CPU,
-   PyTorch 1 thread); and, as a diagnostic, all cores with XLA's CPU YNNPACK fusions
-   switched off (``--xla_cpu_experimental_ynn_fusion_type=``). Each row runs in a child
-   process because CPU affinity and ``XLA_FLAGS`` must be set before JAX starts. Max abs
-   output difference against PyTorch is a sanity column.
+   Flax): the library's Flax ``UNet`` as it is (jitted, float32; nothing patched in) vs
+   diffusers ``UNet2DConditionModel`` under ``torch.no_grad()``. Every row is a *pair*
+   timed round-robin (Flax call, PyTorch call, Flax call, ...) in one process, so both see
+   the same machine load — this CPU is shared. Rows: all cores
+   (``torch.set_num_threads(cores)``); one core (process pinned to one CPU, PyTorch 1
+   thread); all cores with PyTorch at 1 thread (its best setting on a loaded machine); and,
+   as a diagnostic, all cores with XLA's CPU YNNPACK fusions switched off
+   (``--xla_cpu_experimental_ynn_fusion_type=``). Each row runs in a child process because
+   CPU affinity and ``XLA_FLAGS`` must be set before JAX starts. Max abs output difference
+   against PyTorch is a sanity column.
 2. Token merging (ToMe for SD) inside the UNet's own ``BasicTransformerBlock`` (self-attn,
    cross-attn, GEGLU FF) at 64x64 = 4096 tokens: time per forward at ratio 0, 0.3, 0.5
    (round-robin), speed-up vs ratio 0, and the relative L2 error of the output vs ratio 0.
@@ -97,10 +99,6 @@ class UNetRow:
     single_core: bool  # pin the process to one CPU (PyTorch then runs 1 thread)
     xla_flags: str = ""  # extra XLA_FLAGS for the child ("" = XLA defaults)
     torch_threads: int | None = None  # None: one per available core
-    # "library": meg_jax.backbone.layers as it is. Diagnostic variants patched in (proposed
-    # changes to layers.py, measured against the same baseline): "bhnd" = _attention_bhnd;
-    # "bhnd+gn" = that plus _GroupNormMatmul.
-    variant: str = "library"
 
 
 UNET_ROWS = (
@@ -109,89 +107,9 @@ UNET_ROWS = (
     # On a loaded machine PyTorch's OpenMP threads wait on each other; its 1-thread time
     # with all cores available is then its best, and the fair baseline.
     UNetRow("all cores, PyTorch 1 thread", single_core=False, torch_threads=1),
+    # Diagnostic: how much of the Flax time XLA:CPU's YNNPACK library fusions account for.
     UNetRow(f"all cores, XLA_FLAGS={NO_YNN_FLAGS}", single_core=False, xla_flags=NO_YNN_FLAGS),
-    UNetRow("all cores, [B,H,N,d] attention (diagnostic)", single_core=False, variant="bhnd"),
-    UNetRow("all cores, [B,H,N,d] attention + matmul GroupNorm (diagnostic)", single_core=False, variant="bhnd+gn"),
-    UNetRow("1 core, [B,H,N,d] attention + matmul GroupNorm (diagnostic)", single_core=True, variant="bhnd+gn"),
 )
-VARIANTS = ("library", "bhnd", "bhnd+gn")
-
-
-def _attention_bhnd(
-    q: Any, k: Any, v: Any, num_heads: int, mask: Any | None = None
-) -> Any:
-    """Diagnostic variant of ``layers.multi_head_attention`` with heads moved before tokens.
-
-    Same maths (q pre-scaled by 1/sqrt(d) instead of the logits), but the two matmuls run
-    on ``[B, H, N, d]`` operands. On XLA:CPU (jax 0.10) the library's ``bqhd`` einsums get
-    fused with the softmax into one YNNPACK fusion that is several times slower than the
-    plain batched matmuls this layout yields (see the profile table).
-    """
-    import math
-
-    import jax
-    import jax.numpy as jnp
-
-    b, nq, c = q.shape
-    nk = k.shape[1]
-    d = c // num_heads
-    qh = (q * (1.0 / math.sqrt(d))).reshape(b, nq, num_heads, d).transpose(0, 2, 1, 3)
-    kh = k.reshape(b, nk, num_heads, d).transpose(0, 2, 3, 1)
-    vh = v.reshape(b, nk, num_heads, v.shape[-1] // num_heads).transpose(0, 2, 1, 3)
-    logits = jnp.matmul(qh, kh, preferred_element_type=jnp.float32)
-    if mask is not None:
-        logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
-    weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-    return jnp.matmul(weights, vh).transpose(0, 2, 1, 3).reshape(b, nq, -1)
-
-
-def _group_norm_matmul(num_groups: int, eps: float, *, dtype: Any = None, name: str | None = None) -> Any:
-    """Diagnostic variant of ``layers.GroupNorm`` (same parameters ``scale``/``bias``, same maths).
-
-    Two-pass statistics as before, but each reduction first sums over the spatial axis
-    (a reduction XLA:CPU does well) and then over the channels of a group with a tiny
-    one-hot matmul ``[B, C] @ [C, G]``, instead of one reduction over the strided
-    ``(H, W, C/G)`` axes of a ``[B, H, W, G, C/G]`` view.
-    """
-    import flax.linen as nn
-    import jax
-    import jax.numpy as jnp
-
-    class GroupNormMatmul(nn.Module):
-        @nn.compact
-        def __call__(self, x: Any) -> Any:
-            c = x.shape[-1]
-            scale = self.param("scale", nn.initializers.ones, (c,))
-            bias = self.param("bias", nn.initializers.zeros, (c,))
-            b = x.shape[0]
-            xf = x.reshape(b, -1, c).astype(jnp.float32)
-            count = xf.shape[1] * (c // num_groups)
-            onehot = (jnp.arange(c)[:, None] // (c // num_groups) == jnp.arange(num_groups)[None, :]).astype(
-                jnp.float32
-            )
-            hi = jax.lax.Precision.HIGHEST
-            mean = jnp.dot(xf.sum(1), onehot, precision=hi) / count  # [B, G]
-            centred = xf - jnp.dot(mean, onehot.T, precision=hi)[:, None, :]
-            var = jnp.dot((centred * centred).sum(1), onehot, precision=hi) / count
-            inv = jnp.dot(jax.lax.rsqrt(var + eps), onehot.T, precision=hi)[:, None, :]
-            out = (centred * inv * scale + bias).reshape(x.shape)
-            return out.astype(dtype or x.dtype)
-
-    return GroupNormMatmul(name=name)
-
-
-def _apply_variant(variant: str) -> None:
-    """Patches the diagnostic layer variants into the library modules (before any tracing)."""
-    if variant == "library":
-        return
-    from meg_jax.backbone import layers, unet
-
-    # Attention.__call__ looks multi_head_attention up in layers' globals at trace time;
-    # ResnetBlock2D and unet.py look GroupNorm up in their own module globals.
-    layers.multi_head_attention = _attention_bhnd
-    if variant == "bhnd+gn":
-        layers.GroupNorm = _group_norm_matmul
-        unet.GroupNorm = _group_norm_matmul
 
 
 # ------------------------------------------------------------------------------ helpers
@@ -314,9 +232,7 @@ def _torch_unet_call(torch_model: Any) -> tuple[Callable[[], Any], Callable[[], 
     return call, lambda: call().numpy()
 
 
-def _child_unet(
-    settings: BenchSettings, single_core: bool, torch_threads: int | None, variant: str, profile: bool
-) -> None:
+def _child_unet(settings: BenchSettings, single_core: bool, torch_threads: int | None, profile: bool) -> None:
     """Child mode: one paired Flax/PyTorch measurement, printed as JSON.
 
     Affinity is set here, before JAX creates its thread pool; ``XLA_FLAGS`` comes from the
@@ -327,7 +243,6 @@ def _child_unet(
     import jax
     import torch
 
-    _apply_variant(variant)
     cores = len(os.sched_getaffinity(0))
     torch.set_num_threads(torch_threads or cores)
     model = _torch_unet()
@@ -358,7 +273,6 @@ def _run_child(settings: BenchSettings, row: UNetRow, profile: bool) -> dict[str
     ]
     cmd += ["--_single-core"] if row.single_core else []
     cmd += ["--_torch-threads", str(row.torch_threads)] if row.torch_threads else []
-    cmd += ["--_variant", row.variant]
     cmd += ["--_profile"] if profile else []
     env = dict(os.environ, JAX_PLATFORMS="cpu")
     flags = " ".join(f for f in (os.environ.get("XLA_FLAGS", ""), row.xla_flags) if f)
@@ -556,11 +470,9 @@ def _report(
             "'1 core': the process is pinned to one CPU and PyTorch runs 1 thread. "
             "'PyTorch 1 thread': all cores available, `torch.set_num_threads(1)` (on a loaded "
             "machine PyTorch's OpenMP threads wait on each other, so this is then its best setting). "
-            "Diagnostic rows: XLA:CPU without its YNNPACK library fusions; the library's "
-            "`multi_head_attention` replaced by a variant that runs its matmuls on [B, H, N, d] "
-            "operands (`_attention_bhnd` in the script); and that plus a GroupNorm whose group "
-            "sums are one-hot matmuls (`_group_norm_matmul`). Both are proposed changes to "
-            "`meg_jax/backbone/layers.py`, patched in only inside their child process.",
+            "Flax is `meg_jax.backbone` as committed, nothing patched in. Diagnostic row: "
+            "XLA:CPU without its YNNPACK library fusions (a process-wide `XLA_FLAGS` setting, "
+            "not a library change).",
             "",
             _markdown_table(UNET_HEADER, rows),
             "",
@@ -611,7 +523,6 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[argparse.Namespace, B
     p.add_argument("--_single-core", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--_profile", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--_torch-threads", type=int, default=None, help=argparse.SUPPRESS)
-    p.add_argument("--_variant", choices=VARIANTS, default="library", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     quick = args.quick
     if args.out is None:
@@ -636,7 +547,7 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[argparse.Namespace, B
 def main(argv: Sequence[str] | None = None) -> None:
     args, settings = parse_args(argv)
     if args._child_unet:
-        _child_unet(settings, args._single_core, args._torch_threads, args._variant, args._profile)
+        _child_unet(settings, args._single_core, args._torch_threads, args._profile)
         return
     import jax
 
