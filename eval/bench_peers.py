@@ -45,11 +45,12 @@ collection of ``episode_per_collect`` episodes per epoch so the budget is checke
 cores). Choices where FSRL differs from the task (``--peer-set key=value`` to change them):
 
 * FSRL's CVPO takes one constraint (one cost critic, one ``cost_limit``). The environment has
-  two (latency, UE energy). The script gives FSRL the cost of every limit that binds (the
-  always-max-quality policy breaks it; ``LimitReport``), divided by its limit, as
-  ``info["cost"]``, and ``cost_limit = T x (number of binding limits)``. With one binding limit
-  (the ``tiny`` preset: latency) this is the task's constraint exactly; with two it is their
-  sum, a relaxation the table names. Dividing by the limit is what meg-jax's agent does
+  two (latency, UE energy). The script gives FSRL the cost of every limit that binds at the
+  optimum (the oracle's multiplier, fitted on the evaluation episodes before training, is
+  positive), divided by its limit, as ``info["cost"]``, and ``cost_limit = T x (number of
+  binding limits)``. A limit with a zero multiplier can be dropped without changing the optimal
+  policy, so with one binding limit this is the task's constraint problem; with two it is
+  their sum, a relaxation the table names. Feasibility is always judged on both limits. Dividing by the limit is what meg-jax's agent does
   internally; raw costs (about 1e-4 s) would leave FSRL's Adam-stepped lambda (lr 0.02) far
   too small for tens of thousands of updates.
 * ``gamma`` = meg-jax's ``cvpo.gamma`` (0.5; the task is nearly myopic), not FSRL's default
@@ -188,13 +189,15 @@ def parse_peer_settings(items: Sequence[str], gamma: float) -> dict[str, Any]:
     return settings
 
 
-def binding_constraints(limits: Sequence[float], max_quality_costs: Sequence[float]) -> list[int]:
-    """Indices of the limits that bind: "always max quality" averages above them.
+def binding_constraints(oracle_lambdas: Sequence[float]) -> list[int]:
+    """Indices of the limits that bind at the optimum: the oracle's multiplier is positive.
 
-    If none binds (no trade-off), every index is returned so FSRL still sees the costs.
+    A limit whose multiplier is zero at the (LP) optimum can be dropped without changing the
+    optimal policy's value, so FSRL's single constraint loses nothing by leaving it out. If
+    none binds, every index is returned so FSRL still sees the costs.
     """
-    idx = [i for i, (lim, c) in enumerate(zip(limits, max_quality_costs)) if c > lim]
-    return idx or list(range(len(limits)))
+    idx = [i for i, lam in enumerate(oracle_lambdas) if lam > 0]
+    return idx or list(range(len(oracle_lambdas)))
 
 
 def peer_cost_weights(limits: Sequence[float], binding: Sequence[int]) -> np.ndarray:
@@ -594,7 +597,7 @@ def run_megjax(config: Any, env: Any, budget_s: float, every_s: float, chunk_blo
             "compile_s": compile_s, "load_before": load_before, "load_after": os.getloadavg()[0]}
 
 
-def run_fsrl(args: argparse.Namespace, config: Any, env: Any, work: str) -> dict[str, Any]:
+def run_fsrl(args: argparse.Namespace, config: Any, env: Any, work: str, oracle_lam: Sequence[float]) -> dict[str, Any]:
     """Runs the FSRL worker in the peer venv; returns its checkpoint records."""
     import jax
 
@@ -611,8 +614,7 @@ def run_fsrl(args: argparse.Namespace, config: Any, env: Any, work: str) -> dict
     npz = os.path.join(work, "env_params.npz")
     np.savez(npz, **arrays)
     limits = np.asarray(env.params.limits, np.float64)
-    report = env.limit_report
-    binding = binding_constraints(limits, report.max_quality_costs)
+    binding = binding_constraints(oracle_lam)
     # probe observations: the JAX env's first observations of a few fresh episodes
     probe = np.asarray(jax.jit(env.reset)(jax.random.PRNGKey(12345)).obs[:PROBE_OBS], np.float32)
     spec = {
@@ -669,16 +671,23 @@ def check_fsrl_export(weights: dict[str, np.ndarray], record: dict, probe: np.nd
                            f"probe observations ({record['weights']}); its evaluation would not be FSRL's policy")
 
 
-def evaluate_checkpoints(config: Any, episodes: int, deterministic: bool, runs: dict[str, dict]) -> tuple[dict, dict]:
-    """Baselines once, then every checkpoint of every agent, on the same fresh episodes."""
+def reference_policies(config: Any, episodes: int, deterministic: bool) -> tuple[Any, dict]:
+    """The evaluation config and ``baselines.evaluate_all``'s fixed / oracle / max-quality scores."""
+    from meg_jax.rl import baselines
+
+    cfg = dataclasses.replace(config, algo="fixed", eval=dataclasses.replace(
+        config.eval, num_episodes=episodes, deterministic=deterministic))
+    return cfg, baselines.evaluate_all(cfg, None, None)
+
+
+def evaluate_checkpoints(cfg: Any, ref: dict, runs: dict[str, dict]) -> dict[str, list[dict]]:
+    """Every checkpoint of every agent on the baselines' fresh episodes (``reference_policies``)."""
     import jax
 
     from meg_jax.rl import baselines
     from meg_jax.rl.evaluate import evaluate_policy, gap_closed, make_env
 
-    cfg = dataclasses.replace(config, algo="fixed", eval=dataclasses.replace(
-        config.eval, num_episodes=episodes, deterministic=deterministic))
-    ref = baselines.evaluate_all(cfg, None, None)
+    episodes, deterministic = cfg.eval.num_episodes, cfg.eval.deterministic
     fixed_q, oracle_q = ref["fixed"]["quality"], ref["oracle"]["quality"]
     key = jax.random.fold_in(jax.random.PRNGKey(cfg.seed), 10**6)  # evaluate_all's key: the same episodes
     penv = make_env(cfg.env, num_envs=episodes, discrete=False)
@@ -702,7 +711,7 @@ def evaluate_checkpoints(config: Any, episodes: int, deterministic: bool, runs: 
                   f"Q={res['quality']:.4f} cost/limit={['%.3f' % x for x in res['costs_over_limit']]} "
                   f"feasible={res['feasible']} gap={res['gap_closed']:.1%}", flush=True)
         evaluated[name] = rows
-    return ref, evaluated
+    return evaluated
 
 
 def _versions() -> dict[str, str]:
@@ -752,6 +761,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     started = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     load_start = os.getloadavg()
     env = make_env(config.env)  # before either clock: derives the limits, loads the artifact
+    print(f"fitting the reference policies on {args.episodes} fresh episodes ...", flush=True)
+    cfg, ref = reference_policies(config, args.episodes, args.deterministic)
     runs: dict[str, dict] = {}
     with tempfile.TemporaryDirectory(prefix="bench_peers_") as work:
         for name in args.agents:
@@ -759,9 +770,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             if name == "megjax":
                 runs[name] = run_megjax(config, env, args.budget_s, args.eval_every, args.chunk_blocks)
             else:
-                runs[name] = run_fsrl(args, config, env, work)
+                runs[name] = run_fsrl(args, config, env, work, ref["oracle"]["lam"])
         print(f"evaluating checkpoints on {args.episodes} fresh episodes ...", flush=True)
-        ref, evaluated = evaluate_checkpoints(config, args.episodes, args.deterministic, runs)
+        evaluated = evaluate_checkpoints(cfg, ref, runs)
         if "fsrl" in runs:  # keep the FSRL weights beside the results
             shutil.copytree(os.path.join(work, "fsrl"), os.path.join(args.out, "fsrl_checkpoints"), dirs_exist_ok=True)
     load_end = os.getloadavg()
@@ -778,7 +789,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         f"agent; load average (1/5/15 min) at start {load_start[0]:.1f}/{load_start[1]:.1f}/{load_start[2]:.1f}, "
         f"at end {load_end[0]:.1f}/{load_end[1]:.1f}/{load_end[2]:.1f}.",
         f"Versions: {json.dumps(_versions())}" + (f"; peer: {json.dumps(runs['fsrl']['versions'])}" if "fsrl" in runs else ""),
-        f"Environment: `tiny`, {int(env.episode_length)} requests per episode, limits {np.asarray(env.params.limits).tolist()} "
+        f"Environment: `tiny`, {int(env.episode_length)} requests per episode, limits {', '.join(f'{x:.4g}' for x in np.asarray(env.params.limits))} "
         f"(latency s, UE energy J); evaluation: {args.episodes} fresh episodes, "
         f"{'mean' if args.deterministic else 'sampled'} actions; fixed Q {ref['fixed']['quality']:.4f}, "
         f"oracle Q {ref['oracle']['quality']:.4f}; budget {args.budget_s:.0f} s per agent, checkpoints every "

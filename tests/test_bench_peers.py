@@ -64,10 +64,10 @@ def test_parse_peer_settings_defaults_gamma_and_json_values():
 
 
 def test_binding_constraints_and_cost_weights():
-    # max-quality latency 0.11 > 0.10 binds; energy 0.019 < 0.02 does not
-    assert bp.binding_constraints([0.10, 0.02], [0.11, 0.019]) == [0]
-    assert bp.binding_constraints([0.10, 0.02], [0.11, 0.03]) == [0, 1]
-    assert bp.binding_constraints([0.10, 0.02], [0.09, 0.01]) == [0, 1]  # none binds: keep both
+    # oracle multipliers: latency 0.24 > 0 binds, energy 0 is slack at the optimum
+    assert bp.binding_constraints([0.24, 0.0]) == [0]
+    assert bp.binding_constraints([0.24, 0.5]) == [0, 1]
+    assert bp.binding_constraints([0.0, 0.0]) == [0, 1]  # none binds: keep both
     # weights 1/limit on binding costs: a request at (0.10 s, 0.01 J) costs 0.10 / 0.10 = 1.0
     w = bp.peer_cost_weights([0.10, 0.02], [0])
     np.testing.assert_allclose(w, [10.0, 0.0])
