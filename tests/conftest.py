@@ -7,12 +7,52 @@ needs several devices starts a subprocess with ``--xla_force_host_platform_devic
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
+import tempfile
 
 # Deterministic float32 matmuls on CPU for parity tests against PyTorch.
 os.environ.setdefault("JAX_DEFAULT_MATMUL_PRECISION", "highest")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+# One on-disk XLA compilation cache per test session: many tests build fresh jitted closures
+# of identical programs (every job run of a resume test, the notebook kernel, the processes
+# of the two-process test), which then load the executable instead of compiling it again.
+# Subprocesses inherit the variables. A cache the caller set up is used as is.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    _cache_dir = tempfile.mkdtemp(prefix="meg_jax_tests_xla_cache_")
+    atexit.register(shutil.rmtree, _cache_dir, ignore_errors=True)
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = _cache_dir
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+
 import jax  # noqa: E402
+import pytest  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
+jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])
+jax.config.update("jax_persistent_cache_min_compile_time_secs",
+                  float(os.environ.get("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "1")))
+
+
+# A tiny MEG-CVPO run on the synthetic artifact (seconds of training, 2 logged iterations),
+# shared by tests/test_evaluate.py and tests/test_notebook.py: both only read the run
+# directory (restore, curves, evaluation), so one training per session serves both.
+TINY_CVPO_RUN = [
+    "--env.artifact", "synthetic", "--env.num_envs", "8", "--env.episode_length", "8",
+    "--total_env_steps", "128", "--blocks_per_log", "8",
+    "--cvpo.actor_hidden", "[16,16]", "--cvpo.critic_hidden", "[16,16]", "--cvpo.batch_size", "32",
+    "--cvpo.num_action_samples", "4", "--cvpo.target_samples", "2", "--cvpo.min_replay", "32",
+    "--cvpo.replay_capacity", "512", "--cvpo.updates_per_block", "1",
+]
+
+
+@pytest.fixture(scope="session")
+def tiny_cvpo_runs(tmp_path_factory):
+    """A folder holding one finished tiny ``train.cvpo`` run, ``<root>/cvpo`` (read-only for tests)."""
+    from train import cvpo as cvpo_job
+
+    root = tmp_path_factory.mktemp("tiny_cvpo_runs")
+    args, config = cvpo_job.parse_args(["--workdir", str(root / "cvpo"), *TINY_CVPO_RUN])
+    cvpo_job.run(config, args.workdir, progress=False, evaluate=False)
+    return str(root)

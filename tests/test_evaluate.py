@@ -12,14 +12,6 @@ import pytest
 from meg_jax import evaluation
 from meg_jax.meg.artifact import synthetic_artifact
 
-TINY_RUN = [
-    "--env.artifact", "synthetic", "--env.num_envs", "8", "--env.episode_length", "8",
-    "--total_env_steps", "256", "--blocks_per_log", "8",
-    "--cvpo.actor_hidden", "[16,16]", "--cvpo.critic_hidden", "[16,16]", "--cvpo.batch_size", "32",
-    "--cvpo.num_action_samples", "4", "--cvpo.target_samples", "2", "--cvpo.min_replay", "32",
-    "--cvpo.replay_capacity", "512", "--cvpo.updates_per_block", "1",
-]
-
 
 # ------------------------------------------------------------------------- hand-worked
 def test_summarise_hand_case():
@@ -116,13 +108,9 @@ def test_find_runs_and_missing_run(tmp_path):
 
 # --------------------------------------------------------------- end to end on a run dir
 @pytest.fixture(scope="module")
-def run_root(tmp_path_factory):
-    from train import cvpo as cvpo_job
-
-    root = tmp_path_factory.mktemp("runs")
-    args, config = cvpo_job.parse_args(["--workdir", str(root / "cvpo"), *TINY_RUN])
-    cvpo_job.run(config, args.workdir, progress=False, evaluate=False)
-    return str(root)
+def run_root(tiny_cvpo_runs):
+    """The session's tiny CVPO run (``conftest.tiny_cvpo_runs``; also read by test_notebook)."""
+    return tiny_cvpo_runs
 
 
 @pytest.fixture(scope="module")

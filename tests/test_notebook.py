@@ -12,15 +12,6 @@ nbclient = pytest.importorskip("nbclient")
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NOTEBOOK = os.path.join(REPO, "notebooks", "evaluate_checkpoints.ipynb")
 
-# a seconds-long CVPO run on the synthetic artifact (the notebook then loads it like a real one)
-TINY_RUN = [
-    "--env.artifact", "synthetic", "--env.num_envs", "8", "--env.episode_length", "8",
-    "--total_env_steps", "128", "--blocks_per_log", "8",
-    "--cvpo.actor_hidden", "[16,16]", "--cvpo.critic_hidden", "[16,16]", "--cvpo.batch_size", "32",
-    "--cvpo.num_action_samples", "4", "--cvpo.target_samples", "2", "--cvpo.min_replay", "32",
-    "--cvpo.replay_capacity", "512", "--cvpo.updates_per_block", "1",
-]
-
 
 def test_notebook_is_stored_without_outputs():
     nb = nbformat.read(NOTEBOOK, as_version=4)
@@ -29,14 +20,12 @@ def test_notebook_is_stored_without_outputs():
     assert "parameters" in code[0].metadata.get("tags", [])
 
 
-def test_notebook_executes(tmp_path, monkeypatch):
-    from train import cvpo as cvpo_job
-
-    args, config = cvpo_job.parse_args(["--workdir", str(tmp_path / "runs" / "cvpo"), *TINY_RUN])
-    cvpo_job.run(config, args.workdir, progress=False, evaluate=False)
+def test_notebook_executes(tmp_path, monkeypatch, tiny_cvpo_runs):
+    # tiny_cvpo_runs: a seconds-long CVPO run on the synthetic artifact, shared with
+    # test_evaluate (conftest); the notebook loads it like a real one
     shipped = os.path.exists(os.path.join(REPO, "checkpoints", "tiny", "backbone.json"))
     monkeypatch.setenv("MEG_NOTEBOOK_SMOKE", "1")
-    monkeypatch.setenv("MEG_NOTEBOOK_RUN_DIR", str(tmp_path / "runs"))
+    monkeypatch.setenv("MEG_NOTEBOOK_RUN_DIR", tiny_cvpo_runs)
     monkeypatch.setenv("MEG_NOTEBOOK_ARTIFACT", "synthetic")  # the artifact the run was trained on
     monkeypatch.setenv("MEG_NOTEBOOK_CHECKPOINTS", os.path.join(REPO, "checkpoints", "tiny") if shipped else "random")
     monkeypatch.setenv("MEG_NOTEBOOK_OUT", str(tmp_path / "report"))
