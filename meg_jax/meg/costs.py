@@ -126,8 +126,8 @@ COST_PRESETS: dict[str, CostPreset] = {
         latent_size=8,
         latent_channels=4,
         text_encoder_flops=1160304.0,
-        unet_flops=31822224.0,
-        vae_decoder_flops=120020160.0,
+        unet_flops=31864328.0,
+        vae_decoder_flops=120070512.0,
     ),
     "sd15-512": CostPreset(
         name="sd15-512",
@@ -135,9 +135,9 @@ COST_PRESETS: dict[str, CostPreset] = {
         image_size=512,
         latent_size=64,
         latent_channels=4,
-        text_encoder_flops=13510747136.0,
-        unet_flops=789498560512.0,
-        vae_decoder_flops=2504106180608.0,
+        text_encoder_flops=13510609920.0,
+        unet_flops=788804534272.0,
+        vae_decoder_flops=2504093597696.0,
     ),
     "sdxl-1024": CostPreset(
         name="sdxl-1024",
@@ -145,9 +145,9 @@ COST_PRESETS: dict[str, CostPreset] = {
         image_size=1024,
         latent_size=128,
         latent_channels=4,
-        text_encoder_flops=251070218240.0,
-        unet_flops=6774022733824.0,
-        vae_decoder_flops=10462251974656.0,
+        text_encoder_flops=251072282624.0,
+        unet_flops=6771165364224.0,
+        vae_decoder_flops=10461991927808.0,
     ),
 }
 
