@@ -64,7 +64,7 @@ def test_sd15_unet_against_published_macs(sd15_counts):
     # XLA also counts the attention matmuls q·kᵀ and weights·v (63.0 G MACs, mostly the
     # 4096-token self-attention at 64x64), which that convention leaves out: XLA's total is
     # 788.8 GFLOP, 16% above 678. Without them it is within 10% of the published figure
-    # (663.4 GFLOP: 2.2% below, the difference being skipped padding taps and elementwise ops).
+    # (662.7 GFLOP: 2.3% below, the difference being skipped padding taps and elementwise ops).
     assert abs((total - 2 * macs["attention"]) / SD15_PUBLISHED_FLOPS - 1) < 0.10
     # Layer by layer, XLA = 2 x (conv MACs inside the input + Linear + attention MACs) plus
     # one FLOP per elementwise op (norms, activations, residuals: 7.7 GFLOP, 1%).
