@@ -107,8 +107,8 @@ def check_config(directory: str | os.PathLike, config: Any, ignore: tuple[str, .
         with open(path) as f:
             stored = json.load(f)
         differences = config_lib.diff(stored, requested)
-        ignored = tuple(f"{name}." for name in ignore) + tuple(f"{name}:" for name in ignore)
-        blocking = [d for d in differences if not d.startswith(ignored)]
+        # A difference reads "a.b.c: stored != requested"; its top-level field is "a".
+        blocking = [d for d in differences if d.split(":")[0].split(".")[0] not in ignore]
         if blocking:
             raise ConfigMismatchError(
                 f"checkpoint directory {directory} was made with another config; differing "
