@@ -1,0 +1,134 @@
+"""How much of the fixed -> oracle gap can a policy close that sees only its channel *estimate*?
+
+    python -m eval.observable_oracle                          # tiny preset, default CSI
+    python -m eval.observable_oracle --preset sdxl-mobile --csi-delay-s 0 --csi-error-std 0
+
+The oracle of ``meg_jax.env.oracle`` knows every request's true SNR. A learned policy sees the
+observation: the estimated SNR (``csi_delay_s`` old, with ``csi_error_std`` error), its
+history, the large-scale SNR, speed, task class and budget. This script measures an
+*information ceiling* for the simplest such policy, "a table over (estimated SNR bin, task
+class)":
+
+1. ``--fit-episodes`` episodes (key 123) give, per bin of the current SNR estimate and class,
+   the conditional mean quality and costs of every grid action;
+2. the Lagrangian oracle (``fit_oracle``) is fitted on those conditional means: its action
+   depends on (bin, class) only;
+3. that table policy is scored on the evaluation episodes of ``train.cvpo`` (key
+   ``fold_in(PRNGKey(seed), 10**6)``, ``--episodes`` of 32 requests), beside the true oracle and
+   the best fixed (K, r) of the same episodes, as ``gap closed`` like docs/results.md.
+
+A learned policy also has the SNR history and the large-scale SNR, so it can in principle do
+somewhat better than this table; if the table already closes most of the gap, the channel
+estimate is not what keeps an agent from the oracle.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from meg_jax.env import oracle as oracle_lib
+from meg_jax.env.meg_env import observation_fields
+from meg_jax.rl.config import EnvSpec
+from meg_jax.rl.evaluate import gap_closed, make_env
+
+EPISODE_LENGTH = 32
+
+
+def collect(env, key: jax.Array, episode_length: int):
+    """True SNR, estimated SNR (dB) and class of every request, each [N·T] (numpy)."""
+    params = env.params
+    fields = observation_fields(params)
+    grid = np.asarray(params.snr_grid_db)
+    mid, half = 0.5 * (grid[0] + grid[-1]), 0.5 * (grid[-1] - grid[0])
+    k_reset, _ = jax.random.split(key)  # as evaluate_policy / rollout_policy split it
+    state = env.reset(k_reset)
+    action = jnp.zeros((state.done.shape[0],), jnp.int32)
+
+    def body(s, _):
+        core = s.pipeline_state
+        est = s.obs[:, fields["est_snr"].start] * half + mid
+        return env.step(s, action), (core.channel.snr_db, est, core.task_class)
+
+    _, out = jax.jit(lambda s: jax.lax.scan(body, s, None, length=episode_length))(state)
+    return tuple(np.asarray(x).T.reshape(-1) for x in out)
+
+
+def table_policy_scores(fit, test, limits, num_classes: int, bin_db: float):
+    """Fits the (estimate bin, class) table on ``fit`` and scores it on ``test``."""
+    _, f_est, f_cls, f_q, f_c = fit
+    _, t_est, t_cls, t_q, t_c = test
+    edges = np.arange(-80.0, 120.0, bin_db)
+    f_bin = np.digitize(f_est, edges) * num_classes + f_cls
+    t_bin = np.digitize(t_est, edges) * num_classes + t_cls
+    nb = (len(edges) + 1) * num_classes
+    count = np.maximum(np.bincount(f_bin, minlength=nb), 1)
+    num_a = f_q.shape[1]
+    mean_q = np.stack([np.bincount(f_bin, f_q[:, a], nb) for a in range(num_a)], 1) / count[:, None]
+    mean_c = np.stack(
+        [np.stack([np.bincount(f_bin, f_c[:, a, i], nb) for a in range(num_a)], 1) for i in range(2)], -1
+    ) / count[:, None, None]
+    sol = oracle_lib.fit_oracle(mean_q[f_bin], mean_c[f_bin], limits)
+    probs = np.asarray(oracle_lib.oracle_probabilities(
+        jnp.asarray(mean_q[t_bin]), jnp.asarray(mean_c[t_bin]), jnp.asarray(limits), jnp.asarray(sol.lambdas),
+        sol.temperature), np.float64)
+    quality = float(np.mean(np.sum(probs * t_q, axis=1)))
+    costs = np.einsum("ma,mak->k", probs, t_c) / len(t_q)
+    unseen = float(np.mean(np.bincount(f_bin, minlength=nb)[t_bin] == 0))
+    return quality, costs / limits, unseen
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--preset", default="tiny")
+    ap.add_argument("--episodes", type=int, default=1024, help="evaluation episodes (train.cvpo's eval.num_episodes)")
+    ap.add_argument("--fit-episodes", type=int, default=4096, help="episodes that fit the table")
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4], help="evaluation keys as in train.cvpo")
+    ap.add_argument("--bins", type=float, nargs="+", default=[0.5, 2.0], help="SNR-estimate bin widths (dB)")
+    ap.add_argument("--csi-delay-s", type=float, default=None)
+    ap.add_argument("--csi-error-std", type=float, default=None)
+    args = ap.parse_args(argv)
+
+    spec = EnvSpec(preset=args.preset, csi_delay_s=args.csi_delay_s, csi_error_std=args.csi_error_std)
+    fit_env = make_env(spec, num_envs=args.fit_episodes, discrete=True)
+    params = fit_env.params
+    limits = np.asarray(params.limits, np.float64)
+    num_classes = int(params.num_classes)
+
+    def tables(env, key):
+        snr, est, cls = collect(env, key, EPISODE_LENGTH)
+        q, c = oracle_lib.action_tables(params, jnp.asarray(snr), jnp.asarray(cls))
+        return snr, est, cls, np.asarray(q, np.float64), np.asarray(c, np.float64)
+
+    fit = tables(fit_env, jax.random.PRNGKey(123))
+    eval_env = make_env(spec, num_envs=args.episodes, discrete=True)
+    cfg = fit_env.config
+    print(f"preset {args.preset}; CSI delay {cfg.csi_delay_s} s, error std {cfg.csi_error_std}; "
+          f"fit on {args.fit_episodes} episodes, evaluated on {args.episodes} x "
+          f"{EPISODE_LENGTH} requests per seed")
+    rows = []
+    for seed in args.seeds:
+        test = tables(eval_env, jax.random.fold_in(jax.random.PRNGKey(seed), 10**6))
+        err = np.abs(test[1] - test[0])
+        orc = oracle_lib.fit_oracle(test[3], test[4], limits)
+        fixed = oracle_lib.best_fixed_action(params, jnp.asarray(test[3]), jnp.asarray(test[4]), limits)
+        for width in args.bins:
+            q, ratio, unseen = table_policy_scores(fit, test, limits, num_classes, width)
+            rows.append((seed, width, float(np.mean(err)), float(np.percentile(err, 90)), fixed.avg_quality,
+                         orc.avg_quality, q, ratio, gap_closed(q, fixed.avg_quality, orc.avg_quality), unseen))
+    print("\n| seed | bin (dB) | mean abs SNR-estimate error (dB) | p90 (dB) | best fixed Q | oracle Q | "
+          "table policy Q | latency / limit | energy / limit | gap closed | eval requests in unseen bins |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for seed, width, e_mean, e_p90, fq, oq, q, ratio, gap, unseen in rows:
+        print(f"| {seed} | {width:g} | {e_mean:.2f} | {e_p90:.2f} | {fq:.4f} | {oq:.4f} | {q:.4f} | {ratio[0]:.4f} | "
+              f"{ratio[1]:.4f} | {100 * gap:.1f}% | {unseen:.4f} |")
+    for width in args.bins:
+        gaps = [r[8] for r in rows if r[1] == width]
+        print(f"bin {width:g} dB: median gap closed {100 * float(np.median(gaps)):.1f}% over {len(gaps)} seeds")
+
+
+if __name__ == "__main__":
+    main()
