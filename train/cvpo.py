@@ -13,7 +13,8 @@ The work directory receives ``config.json`` (the resolved config; a rerun with a
 config is refused naming the fields), ``metrics.jsonl`` + TensorBoard events (one record
 per host iteration), ``estep/`` (eta, lam, the achieved KL and expected costs under q for
 every update), orbax checkpoints of the whole train state (``checkpoints/``) and, at the end,
-``eval.json``: the policy and the baselines on the same fresh episodes. A rerun of the same
+``eval.json``: the policy and the baselines on the same fresh episodes (``--eval.deterministic true``
+writes ``eval-deterministic.json`` beside it). A rerun of the same
 command resumes from the latest checkpoint and ends bit-identical to an uninterrupted run on
 CPU. A non-finite metric or parameter stops the run with exit code 3, keeping the last good
 checkpoint. ``--algo fixed|oracle|max_quality`` only evaluates the baseline.
@@ -33,7 +34,7 @@ from typing import Any, Optional, Sequence
 import numpy as np
 
 from meg_jax import config as config_lib
-from meg_jax.rl.config import ALGOS, RunConfig
+from meg_jax.rl.config import ALGOS, EvalConfig, RunConfig
 
 __all__ = ["main", "parse_args", "run", "TrainResult"]
 
@@ -229,7 +230,7 @@ def run(
     if config.algo in baselines.BASELINES:
         evaluation = _evaluate(config, None, None, artifact) if evaluate else None
         if evaluate and is_main:
-            _write_json(os.path.join(workdir, "eval.json"), evaluation)
+            _write_json(os.path.join(workdir, eval_filename(config)), evaluation)
         return TrainResult(config, None, 0, evaluation)
 
     if config.algo == "cvpo":
@@ -328,11 +329,20 @@ def run(
             ev = _evaluate(dataclasses.replace(config, seed=seed, num_seeds=1), agent, params, artifact)
             evals.append(ev)
             if is_main:
-                _write_json(os.path.join(seed_dirs[i], "eval.json"), ev)
+                _write_json(os.path.join(seed_dirs[i], eval_filename(config)), ev)
         evaluation = evals[0] if not vmapped else _combine(evals, seeds)
         if is_main and vmapped:
-            _write_json(os.path.join(workdir, "eval.json"), evaluation)
+            _write_json(os.path.join(workdir, eval_filename(config)), evaluation)
     return TrainResult(config, state, total_iters, evaluation)
+
+
+def eval_filename(config: RunConfig) -> str:
+    """``eval.json`` for the sampled policy, ``eval-deterministic.json`` for its mean / argmax.
+
+    Re-scoring a finished run with ``--eval.deterministic true`` writes beside the first
+    evaluation instead of over it.
+    """
+    return "eval-deterministic.json" if config.eval.deterministic else "eval.json"
 
 
 def _combine(evals: list[dict], seeds: list[int]) -> dict:
