@@ -92,19 +92,15 @@ def test_fixed_baseline_is_evaluated_in_the_harness(tmp_path):
     # the oracle is a ceiling and meets the limits (within the feasibility tolerance)
     assert ev["oracle"]["quality"] >= ev["fixed"]["quality"]
     assert ev["oracle"]["feasible"] and ev["fixed"]["feasible"]
-
-
-def test_deterministic_rescoring_writes_beside_the_first_evaluation(tmp_path):
-    workdir = tmp_path / "fixed"
-    common = ["--workdir", str(workdir), *TINY_ARGS, "--algo", "fixed", "--eval.num_episodes", "64", "--no-progress"]
-    assert job.main(common) == 0
-    with open(workdir / "eval.json") as f:
-        first = json.load(f)
-    first["marker"] = "first evaluation"  # survives only if the re-score writes elsewhere
+    # Re-scoring with --eval.deterministic writes beside the first evaluation, not over it.
+    ev["marker"] = "first evaluation"
     with open(workdir / "eval.json", "w") as f:
-        json.dump(first, f)
-    assert job.main([*common, "--eval.deterministic", "true"]) == 0
+        json.dump(ev, f)
+    rc = job.main(["--workdir", str(workdir), *TINY_ARGS, "--algo", "fixed", "--eval.num_episodes", "64",
+                   "--eval.deterministic", "true", "--no-progress"])
+    assert rc == 0
     with open(workdir / "eval.json") as f:
         assert json.load(f)["marker"] == "first evaluation"
     with open(workdir / "eval-deterministic.json") as f:
         assert json.load(f)["summary"]["algo"] == "fixed"
+
