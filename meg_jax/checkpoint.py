@@ -83,6 +83,11 @@ def make_manager(directory: str | os.PathLike, *, max_to_keep: int = 3,
     return ocp.CheckpointManager(directory, options=options)
 
 
+def _without(cfg: dict, names: tuple[str, ...]) -> dict:
+    """``cfg`` without the top-level fields ``names``."""
+    return {k: v for k, v in cfg.items() if k not in names}
+
+
 def check_config(directory: str | os.PathLike, config: Any, ignore: tuple[str, ...] = ()) -> None:
     """Writes ``config`` as ``<directory>/config.json``, or refuses a different stored one.
 
@@ -106,16 +111,14 @@ def check_config(directory: str | os.PathLike, config: Any, ignore: tuple[str, .
     if os.path.exists(path):
         with open(path) as f:
             stored = json.load(f)
-        differences = config_lib.diff(stored, requested)
-        # A difference reads "a.b.c: stored != requested"; its top-level field is "a".
-        blocking = [d for d in differences if d.split(":")[0].split(".")[0] not in ignore]
+        blocking = config_lib.diff(_without(stored, ignore), _without(requested, ignore))
         if blocking:
             raise ConfigMismatchError(
                 f"checkpoint directory {directory} was made with another config; differing "
                 f"fields (stored != requested): {'; '.join(blocking)}. Use a new --workdir, "
                 "or rerun with the stored settings."
             )
-        if not differences:
+        if stored == requested:
             return
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
