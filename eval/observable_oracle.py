@@ -31,43 +31,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from meg_jax.env import oracle as oracle_lib
-from meg_jax.env.meg_env import observation_fields
 from meg_jax.rl.config import EnvSpec
 from meg_jax.rl.evaluate import gap_closed, make_env
 
 EPISODE_LENGTH = 32
-
-
-_COLLECTORS: dict[int, tuple] = {}
-
-
-def collect(env, key: jax.Array, episode_length: int):
-    """True SNR, estimated SNR (dB) and class of every request, each [N·T] (numpy).
-
-    The rollout is compiled once per (env, episode length) and reused for every key.
-    """
-    cache_key = (id(env), episode_length)
-    if cache_key not in _COLLECTORS:
-        params = env.params
-        fields = observation_fields(params)
-        grid = np.asarray(params.snr_grid_db)
-        mid, half = 0.5 * (grid[0] + grid[-1]), 0.5 * (grid[-1] - grid[0])
-
-        def run(k):
-            k_reset, _ = jax.random.split(k)  # as evaluate_policy / rollout_policy split it
-            state = env.reset(k_reset)
-            action = jnp.zeros((state.done.shape[0],), jnp.int32)
-
-            def body(s, _):
-                core = s.pipeline_state
-                est = s.obs[:, fields["est_snr"].start] * half + mid
-                return env.step(s, action), (core.channel.snr_db, est, core.task_class)
-
-            return jax.lax.scan(body, state, None, length=episode_length)[1]
-
-        _COLLECTORS[cache_key] = (env, jax.jit(run))  # keeps env alive so its id stays unique
-    out = _COLLECTORS[cache_key][1](key)
-    return tuple(np.asarray(x).T.reshape(-1) for x in out)
 
 
 def table_policy_scores(fit, test, limits, num_classes: int, bin_db: float):
@@ -78,19 +45,19 @@ def table_policy_scores(fit, test, limits, num_classes: int, bin_db: float):
     f_bin = np.digitize(f_est, edges) * num_classes + f_cls
     t_bin = np.digitize(t_est, edges) * num_classes + t_cls
     nb = (len(edges) + 1) * num_classes
-    count = np.maximum(np.bincount(f_bin, minlength=nb), 1)
-    num_a = f_q.shape[1]
-    mean_q = np.stack([np.bincount(f_bin, f_q[:, a], nb) for a in range(num_a)], 1) / count[:, None]
-    mean_c = np.stack(
-        [np.stack([np.bincount(f_bin, f_c[:, a, i], nb) for a in range(num_a)], 1) for i in range(2)], -1
-    ) / count[:, None, None]
+    count = np.bincount(f_bin, minlength=nb)
+    sum_q, sum_c = np.zeros((nb,) + f_q.shape[1:]), np.zeros((nb,) + f_c.shape[1:])
+    np.add.at(sum_q, f_bin, f_q)
+    np.add.at(sum_c, f_bin, f_c)
+    mean_q = sum_q / np.maximum(count, 1)[:, None]
+    mean_c = sum_c / np.maximum(count, 1)[:, None, None]
     sol = oracle_lib.fit_oracle(mean_q[f_bin], mean_c[f_bin], limits)
     probs = np.asarray(oracle_lib.oracle_probabilities(
         jnp.asarray(mean_q[t_bin]), jnp.asarray(mean_c[t_bin]), jnp.asarray(limits), jnp.asarray(sol.lambdas),
         sol.temperature), np.float64)
     quality = float(np.mean(np.sum(probs * t_q, axis=1)))
     costs = np.einsum("ma,mak->k", probs, t_c) / len(t_q)
-    unseen = float(np.mean(np.bincount(f_bin, minlength=nb)[t_bin] == 0))
+    unseen = float(np.mean(count[t_bin] == 0))
     return quality, costs / limits, unseen
 
 
@@ -111,20 +78,26 @@ def main(argv=None) -> None:
     limits = np.asarray(params.limits, np.float64)
     num_classes = int(params.num_classes)
 
-    def tables(env, key):
-        snr, est, cls = collect(env, key, EPISODE_LENGTH)
+    def collector(env):  # compiled once per env, reused for every key
+        return jax.jit(lambda k: oracle_lib.collect_env_requests(env, k, EPISODE_LENGTH, estimate=True))
+
+    def tables(collect, key):
+        """True SNR, its estimate, class [N·T] and every action's quality and costs (numpy)."""
+        snr, cls, est = (np.asarray(x).reshape(-1) for x in collect(key))
         q, c = oracle_lib.action_tables(params, jnp.asarray(snr), jnp.asarray(cls))
         return snr, est, cls, np.asarray(q, np.float64), np.asarray(c, np.float64)
 
-    fit = tables(fit_env, jax.random.PRNGKey(123))
-    eval_env = fit_env if args.episodes == args.fit_episodes else make_env(spec, num_envs=args.episodes, discrete=True)
+    collect_fit = collector(fit_env)
+    fit = tables(collect_fit, jax.random.PRNGKey(123))
+    collect_eval = (collect_fit if args.episodes == args.fit_episodes
+                    else collector(make_env(spec, num_envs=args.episodes, discrete=True)))
     cfg = fit_env.config
     print(f"preset {args.preset}; CSI delay {cfg.csi_delay_s} s, error std {cfg.csi_error_std}; "
           f"fit on {args.fit_episodes} episodes, evaluated on {args.episodes} x "
           f"{EPISODE_LENGTH} requests per seed")
     rows = []
     for seed in args.seeds:
-        test = tables(eval_env, jax.random.fold_in(jax.random.PRNGKey(seed), 10**6))
+        test = tables(collect_eval, jax.random.fold_in(jax.random.PRNGKey(seed), 10**6))
         err = np.abs(test[1] - test[0])
         orc = oracle_lib.fit_oracle(test[3], test[4], limits)
         fixed = oracle_lib.best_fixed_action(params, jnp.asarray(test[3]), jnp.asarray(test[4]), limits)

@@ -108,12 +108,16 @@ def collect_requests(params: EnvParams, key: Array, num_episodes: int, episode_l
     return jax.vmap(episode)(jax.random.split(key, num_episodes))
 
 
-def collect_env_requests(env: Env, key: Array, episode_length: int) -> tuple[Array, Array]:
+def collect_env_requests(
+    env: Env, key: Array, episode_length: int, *, estimate: bool = False
+) -> tuple[Array, ...]:
     """True SNR (dB) and class of every request a batched env (from ``make``) serves.
 
     Uses the same reset key as :func:`rollout_policy` with the same ``key``, so a policy
     rolled out afterwards faces exactly these requests (the channel ignores actions).
-    Returns ``snr_db`` and ``task_class``, each [N, T] for the N slots' first episodes.
+    Returns ``snr_db`` and ``task_class``, each [N, T] for the N slots' first episodes; with
+    ``estimate=True`` also the SNR estimate the agent observes for each request (dB, [N, T])
+    as a third array: ``(snr_db, task_class, est_snr_db)``.
     """
     k_reset, _ = jax.random.split(key)
     state = env.reset(k_reset)
@@ -122,10 +126,13 @@ def collect_env_requests(env: Env, key: Array, episode_length: int) -> tuple[Arr
 
     def body(s: State, _):
         core: MEGCore = s.pipeline_state
-        return env.step(s, action), (core.channel.snr_db, core.task_class)
+        seen = (core.channel.snr_db, core.task_class)
+        if estimate:  # newest entry of the observed estimate history
+            seen = seen + (core.channel.est_snr_db[..., 0],)
+        return env.step(s, action), seen
 
-    _, (snr, cls) = jax.lax.scan(body, state, None, length=episode_length)
-    return snr.T, cls.T
+    _, seen = jax.lax.scan(body, state, None, length=episode_length)
+    return tuple(x.T for x in seen)
 
 
 def action_tables(params: EnvParams, snr_db: Array, task_class: Array) -> tuple[Array, Array]:
