@@ -103,4 +103,3 @@ def test_fixed_baseline_is_evaluated_in_the_harness(tmp_path):
         assert json.load(f)["marker"] == "first evaluation"
     with open(workdir / "eval-deterministic.json") as f:
         assert json.load(f)["summary"]["algo"] == "fixed"
-

@@ -13,9 +13,9 @@ The work directory receives ``config.json`` (the resolved config; a rerun with a
 config is refused naming the fields), ``metrics.jsonl`` + TensorBoard events (one record
 per host iteration), ``estep/`` (eta, lam, the achieved KL and expected costs under q for
 every update), orbax checkpoints of the whole train state (``checkpoints/``) and, at the end,
-``eval.json``: the policy and the baselines on the same fresh episodes (``--eval.deterministic true``
-writes ``eval-deterministic.json`` beside it). A rerun of the same
-command resumes from the latest checkpoint and ends bit-identical to an uninterrupted run on
+``eval.json``: the policy and the baselines on the same fresh episodes
+(``--eval.deterministic true`` writes ``eval-deterministic.json`` beside it). A rerun of the
+same command resumes from the latest checkpoint and ends bit-identical to an uninterrupted run on
 CPU. A non-finite metric or parameter stops the run with exit code 3, keeping the last good
 checkpoint. ``--algo fixed|oracle|max_quality`` only evaluates the baseline.
 """
@@ -34,7 +34,7 @@ from typing import Any, Optional, Sequence
 import numpy as np
 
 from meg_jax import config as config_lib
-from meg_jax.rl.config import ALGOS, EvalConfig, RunConfig
+from meg_jax.rl.config import ALGOS, RunConfig
 
 __all__ = ["main", "parse_args", "run", "TrainResult"]
 
