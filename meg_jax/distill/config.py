@@ -242,7 +242,10 @@ def _test() -> DistillConfig:
         classifier=ClassifierStageConfig(**small),
         vae=VAEStageConfig(**small),
         teacher=TeacherStageConfig(**small, latent_scale_samples=16, num_latents=32, latent_chunk=16),
-        student=StudentStageConfig(**small, num_targets=16, target_chunk=8, target_steps=4),
+        # Two step counts, not four: each K is its own unrolled branch of the compiled student
+        # step, and compilation is what a test pays for.
+        student=StudentStageConfig(**small, num_targets=16, target_chunk=8, target_steps=4,
+                                   step_counts=(1, 2), step_probs=(0.5, 0.5)),
         sampling=SamplingConfig(teacher_steps=4),
         keep_checkpoints=2,
     )
