@@ -27,10 +27,10 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 
 # pytest-xdist runs the files in several worker processes (see pyproject's addopts). When
-# there are no more cores than workers, each worker's multi-threaded XLA runtime would fight
-# the others for the same cores (on this project's 2-core CI machine that made XLA several
-# times slower), so each worker then runs XLA on one thread. Subprocesses started by tests set
-# their own XLA_FLAGS. Flags the caller set are kept.
+# there are no more cores than workers, each worker's multi-threaded XLA runtime fights the
+# others for the same cores (on a 2-core machine, two such workers took 1150 s, no better than
+# one serial process; with one XLA thread each, 761 s), so each worker then runs XLA on one
+# thread. Subprocesses started by tests set their own XLA_FLAGS. Flags the caller set are kept.
 _workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
 if _workers > 1 and (os.cpu_count() or 1) <= _workers and "XLA_FLAGS" not in os.environ:
     os.environ["XLA_FLAGS"] = "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
