@@ -140,8 +140,12 @@ def from_json(cls: type[C], text: str) -> C:
 
 
 def save_json(config: Any, path: str | os.PathLike) -> None:
-    """Writes ``config`` as JSON, atomically (write then rename)."""
-    tmp = f"{os.fspath(path)}.tmp"
+    """Writes ``config`` as JSON, atomically (write then rename).
+
+    The temporary name carries the process id: two jobs started at once in one work
+    directory (e.g. two distillation stages side by side) must not rename each other's file.
+    """
+    tmp = f"{os.fspath(path)}.{os.getpid()}.tmp"
     with open(tmp, "w") as f:
         f.write(to_json(config) + "\n")
     os.replace(tmp, path)

@@ -1,7 +1,7 @@
 """Tests of meg_jax.distill: losses on hand-checked cases, samplers, one train step per stage,
 resume to identical parameters, config mismatch refused, NaN guard, the CLI.
 
-Compile time dominates on CPU, so the four stages of the ``test`` preset run once per module
+Compile time dominates on CPU, so the six stages of the ``test`` preset run once per module
 (``stages`` fixture) and every other test reuses the compiled steps
 (``train.compiled_train_step`` caches them per process).
 """
@@ -49,6 +49,23 @@ def test_reconstruction_and_edge_loss_hand_cases():
     assert float(losses.edge_loss(recon, target)) == pytest.approx(0.5)
     # A constant offset has no edges.
     assert float(losses.edge_loss(target + 3.0, target)) == pytest.approx(0.0)
+
+
+def test_foreground_mask_and_masked_mse_hand_cases():
+    bg = jnp.array([[-1.0, -1.0, -1.0]])  # black background
+    images = jnp.full((1, 5, 5, 3), -1.0).at[0, 2, 2].set(jnp.array([1.0, -1.0, -1.0]))  # one red pixel
+    exact = losses.foreground_mask(images, bg)
+    assert exact.shape == (1, 5, 5, 1) and float(exact.sum()) == 1.0 and float(exact[0, 2, 2, 0]) == 1.0
+    wide = losses.foreground_mask(images, bg, dilation=3)
+    assert float(wide.sum()) == 9.0 and float(wide[0, 1:4, 1:4].min()) == 1.0  # the 3x3 around it
+    # Error 2 on one channel of the shape pixel: masked MSE = 4 / (3 channels x 1 pixel);
+    # whole-image MSE dilutes the same error 25-fold.
+    recon = images.at[0, 2, 2, 0].set(-1.0)
+    assert float(losses.masked_mse(recon, images, exact)) == pytest.approx(4.0 / 3.0)
+    assert float(losses.reconstruction_loss(recon, images)) == pytest.approx(4.0 / 75.0)
+    # Normalised per image: the same error on a shape twice the size counts half.
+    assert float(losses.masked_mse(recon, images, wide)) == pytest.approx(4.0 / 27.0)
+    assert float(losses.masked_mse(recon, images, jnp.zeros_like(exact))) == 0.0  # empty mask: 0
 
 
 def test_diffusion_target_hand_cases():
@@ -140,7 +157,7 @@ def test_student_starts_as_teacher(test_config, models):
 
 @pytest.fixture(scope="module")
 def stages(tmp_path_factory, test_config):
-    """Runs all four stages of the test preset once (also compiles every step)."""
+    """Runs all six stages of the test preset once (also compiles every step)."""
     workdir = str(tmp_path_factory.mktemp("distill"))
     finished = train.run(test_config, dconfig.STAGES, workdir, progress=False)
     return workdir, finished
@@ -160,6 +177,50 @@ def test_one_train_run_per_stage(stages, test_config, stage):
     mgr.close()
     with open(os.path.join(workdir, "config.json")) as f:
         assert json.load(f)["preset"] == "test"
+
+
+def test_refinement_stages_keep_the_latent_space(stages, test_config):
+    """decoder: encoder groups bit-identical to the VAE stage's, decoder changed;
+    teacher_ft: starts from the teacher and moves away; the student reads teacher_ft."""
+    workdir, _ = stages
+    vae = train.load_final(workdir, "vae", ("vae",))["vae"]
+    refined = train.load_final(workdir, "decoder", ("vae",))["vae"]
+    enc_a, dec_a = train.split_vae(vae)
+    enc_b, dec_b = train.split_vae(refined)
+    for x, y in zip(jax.tree.leaves(enc_a), jax.tree.leaves(enc_b)):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    assert any(not np.array_equal(x, y) for x, y in zip(jax.tree.leaves(dec_a), jax.tree.leaves(dec_b)))
+    assert sorted(os.listdir(os.path.join(workdir, "teacher_ft", "latents"))) == ["chunk_00000.npz", "chunk_00001.npz"]
+    with np.load(os.path.join(workdir, "teacher", "latents", "chunk_00000.npz")) as a, \
+            np.load(os.path.join(workdir, "teacher_ft", "latents", "chunk_00000.npz")) as b:
+        assert not np.array_equal(a["tokens"], b["tokens"])  # its own seed: other images
+    teacher = train.load_final(workdir, "teacher", ("unet",))["unet"]
+    ft = train.load_final(workdir, "teacher_ft", ("unet",))["unet"]
+    assert any(not np.array_equal(x, y) for x, y in zip(jax.tree.leaves(teacher), jax.tree.leaves(ft)))
+    assert train.teacher_stage(test_config) == "teacher_ft" and train.vae_stage(test_config) == "decoder"
+    assert "teacher_ft" in train.stage_record("student", test_config)
+
+
+def test_refinement_stages_are_optional(stages, test_config, capsys):
+    from train import distill as cli
+
+    off = dataclasses.replace(test_config, decoder=None, teacher_ft=None)
+    assert train.enabled_stages(off) == ("classifier", "vae", "teacher", "student")
+    assert train.teacher_stage(off) == "teacher" and train.vae_stage(off) == "vae"
+    # Off, the student's record is the one made before the refinements existed.
+    assert sorted(train.stage_record("student", off)) == ["backbone", "backbone.vae", "data", "sampling",
+                                                          "student", "teacher", "vae"]
+    # A finished work directory: run() with them off skips them; the earlier stages are
+    # unaffected, but the student learnt from teacher_ft and is refused, naming it.
+    assert train.run(off, dconfig.STAGES[:4], stages[0], progress=False) == dict.fromkeys(
+        ("classifier", "vae", "teacher"), True)
+    with pytest.raises(ckpt.ConfigMismatchError, match="teacher_ft"):
+        train.run(off, ("student",), stages[0], progress=False)
+    assert cli.main(["--preset", "test", "--stage", "decoder", "--workdir", stages[0],
+                     "--set", "decoder=null"]) == 2
+    assert "'decoder' is off" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="unknown stage"):
+        train.run(test_config, ("teacher2",), stages[0], progress=False)
 
 
 def test_student_targets_cached(stages, test_config):
@@ -238,6 +299,13 @@ def test_export_and_load_backbone(stages, test_config, tmp_path):
     out = str(tmp_path / "backbone")
     train.export(workdir, out, test_config)
     bb = ckpt.load_backbone(out)
+    # The shipped VAE is the decoder stage's and the teacher the continuation's.
+    for shipped, final in ((bb.vae, train.load_final(workdir, "decoder", ("vae",))["vae"]),
+                           (bb.teacher, train.load_final(workdir, "teacher_ft", ("unet",))["unet"])):
+        for x, y in zip(jax.tree.leaves(shipped), jax.tree.leaves(final)):
+            np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    with open(os.path.join(out, "teacher", "config.json")) as f:
+        assert sorted(json.load(f)["stage"]) == ["teacher", "teacher_ft"]
     assert bb.config.prediction_type == "v_prediction"
     assert bb.config.latent_scaling_factor > 0
     tokens = jnp.ones((2, 16), jnp.int32)

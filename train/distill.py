@@ -1,7 +1,12 @@
 """Distillation job: classifier, VAE, teacher LDM and the step-conditioned student.
 
+Stages, in order: classifier, vae, decoder (decoder refinement, encoder frozen), teacher,
+teacher_ft (teacher continuation on more latents), student. The two refinements keep the
+latent space and can be switched off (``--set decoder=null``).
+
     python -m train.distill --preset tiny --stage all --workdir runs/tiny
     python -m train.distill --preset tiny --stage student --workdir runs/tiny --set student.steps=400
+    python -m train.distill --preset tiny --stage all --workdir runs/tiny --set decoder=null --set teacher_ft=null
     python -m train.distill --preset tiny --workdir runs/tiny --export checkpoints/tiny
 
 (``meg-jax distill ...`` is the same command.) Rerunning a command resumes every unfinished
@@ -28,8 +33,9 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     )
     parser.add_argument("--preset", default="tiny", help="distill preset: tiny (shipped) or test (seconds)")
     parser.add_argument("--stage", default="all",
-                        choices=("classifier", "vae", "teacher", "student", "all", "none"),
-                        help="which stage to run; 'all' runs the four in order (finished ones are skipped)")
+                        choices=("classifier", "vae", "decoder", "teacher", "teacher_ft", "student", "all", "none"),
+                        help="which stage to run; 'all' runs every stage the preset enables, in order "
+                        "(finished ones are skipped; decoder and teacher_ft are optional refinements)")
     parser.add_argument("--workdir", required=True, help="run directory (checkpoints, metrics, config)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE",
                         help="config override, e.g. --set student.steps=100 (repeatable)")
@@ -55,6 +61,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     stages = {"all": distill_config.STAGES, "none": ()}.get(args.stage, (args.stage,))
+    if args.stage in distill_config.OPTIONAL_STAGES and getattr(config, args.stage) is None:
+        print(f"error: stage {args.stage!r} is off in preset {args.preset!r} ({args.stage} is null); "
+              "use a preset that enables it (tiny does)", file=sys.stderr)
+        return 2
     start = time.time()
     try:
         finished = train.run(config, tuple(stages), args.workdir, progress=not args.no_progress)

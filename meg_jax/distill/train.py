@@ -1,6 +1,6 @@
 """Train states, jitted train steps and the host loop of the distillation stages.
 
-Each stage (classifier, VAE, teacher, student) is one pure function
+Each stage (classifier, VAE, decoder, teacher, teacher_ft, student) is one pure function
 ``train_step(state, inputs, key) -> (state, metrics)`` over a ``TrainState`` pytree (params,
 EMA params, optimizer state, step), jitted once with the state donated. Batches are
 generated on device from ``key`` (``meg_jax.data.sample_batch``) and sharded over the
@@ -11,7 +11,8 @@ same batches as an uninterrupted one and ends with identical parameters.
 
 ``train_stage`` is the host loop: progress bar, metrics (JSONL + TensorBoard), NaN guard,
 orbax checkpoints (keep N, async), resume, config check. ``run`` chains the stages of a
-``DistillConfig`` in a work directory; ``export`` writes the compact shipped form
+``DistillConfig`` in a work directory (the optional ``decoder`` and ``teacher_ft`` stages run
+when their config is set); ``export`` writes the compact shipped form
 (``meg_jax.checkpoint.load_backbone`` reads it).
 
 Work directory layout::
@@ -21,6 +22,8 @@ Work directory layout::
     WORKDIR/<stage>/checkpoints/<step>/      orbax steps (latest N)
     WORKDIR/<stage>/metrics.jsonl, events.*  metrics
     WORKDIR/<stage>/final/                   EMA params of the finished stage (safetensors)
+    WORKDIR/teacher/latents/chunk_*.npz      cached VAE latents of the teacher (resumable)
+    WORKDIR/teacher_ft/latents/chunk_*.npz   the continuation's own latents
     WORKDIR/student/targets/chunk_*.npz      cached teacher samples (resumable)
 """
 
@@ -46,7 +49,7 @@ from meg_jax import run_log
 from meg_jax.backbone import schedules
 from meg_jax.data.shapes import sample_batch
 from meg_jax.distill import losses
-from meg_jax.distill.config import STAGES, DistillConfig, StageConfig
+from meg_jax.distill.config import OPTIONAL_STAGES, STAGES, DistillConfig, StageConfig
 
 __all__ = [
     "TrainState",
@@ -56,6 +59,7 @@ __all__ = [
     "create_state",
     "make_train_step",
     "vae_loss_fn",
+    "decoder_loss_fn",
     "teacher_loss_fn",
     "student_loss_fn",
     "classifier_loss_fn",
@@ -231,15 +235,61 @@ def vae_loss_fn(models: Models, config: DistillConfig, mesh: jax.sharding.Mesh) 
     return loss_fn
 
 
-def teacher_loss_fn(models: Models, config: DistillConfig, mesh: jax.sharding.Mesh) -> LossFn:
+VAE_ENCODER = ("encoder", "quant_conv")  # VAE param groups the decoder stage keeps frozen
+VAE_DECODER = ("decoder", "post_quant_conv")  # the groups it trains
+
+
+def split_vae(vae: Any) -> tuple[dict, dict]:
+    """``{"params": {...}}`` of the VAE -> (encoder groups, decoder groups)."""
+    p = vae["params"]
+    return {k: p[k] for k in VAE_ENCODER}, {k: p[k] for k in VAE_DECODER}
+
+
+def merge_vae(encoder: Mapping[str, Any], decoder: Mapping[str, Any]) -> dict:
+    """Inverse of ``split_vae``."""
+    return {"params": {**encoder, **decoder}}
+
+
+def decoder_loss_fn(models: Models, config: DistillConfig, mesh: jax.sharding.Mesh) -> LossFn:
+    """Decoder refinement loss; ``params`` = the decoder groups, ``inputs = {"encoder": ...}``.
+
+    MSE + ``edge_weight`` x edge MSE + ``shape_weight`` x the MSE over the dilated shape
+    mask normalised by its area (``losses.masked_mse``), on reconstructions of the frozen
+    encoder's posterior means of a fresh batch.
+    """
+    from meg_jax.data.shapes import COLOR_RGB
+
+    cfg = config.decoder
+    parallel.check_batch_size(cfg.batch_size, mesh)
+    palette = jnp.asarray(COLOR_RGB, jnp.float32)
+
+    def loss_fn(params: Any, inputs: Any, key: jax.Array) -> tuple[jax.Array, dict]:
+        images, _, attrs = sample_batch(key, cfg.batch_size, config.data)
+        images, attrs = parallel.constrain_batch((images, attrs), mesh)
+        vae = merge_vae(inputs["encoder"], params)
+        mean, _ = models.vae.apply(vae, images, method="encode")
+        recon = models.vae.apply(vae, jax.lax.stop_gradient(mean), method="decode")
+        rec = losses.reconstruction_loss(recon, images)
+        edge = losses.edge_loss(recon, images)
+        mask = losses.foreground_mask(images, palette[attrs.background], cfg.mask_dilation)
+        shape = losses.masked_mse(recon, images, mask)
+        loss = rec + cfg.edge_weight * edge + cfg.shape_weight * shape
+        return loss, {"mse": rec, "edge": edge, "shape_mse": shape, "psnr": 10.0 * jnp.log10(4.0 / rec)}
+
+    return loss_fn
+
+
+def teacher_loss_fn(models: Models, config: DistillConfig, mesh: jax.sharding.Mesh,
+                    stage: str = "teacher") -> LossFn:
     """Teacher diffusion loss; ``inputs = {"latents": [N, h, w, c], "tokens": [N, L]}``.
 
     The latents are the frozen VAE's scaled posterior means of ``N`` generated images,
     encoded once (``make_latent_cache``): the VAE encoder at 32 × 32 costs about twice the
     tiny UNet's forward pass, so encoding every batch afresh would almost double the
-    stage. Trains ``params = {"unet": ..., "text_encoder": ...}`` together.
+    stage. Trains ``params = {"unet": ..., "text_encoder": ...}`` together. ``stage`` picks
+    the config: "teacher" or its continuation "teacher_ft" (same loss).
     """
-    cfg = config.teacher
+    cfg = getattr(config, stage)
     pred = config.backbone.prediction_type
     schedule = models.schedule
     parallel.check_batch_size(cfg.batch_size, mesh)
@@ -315,15 +365,17 @@ def zero_step_conditioning(unet_params: Any) -> Any:
 
 
 def init_stage_state(stage: str, models: Models, config: DistillConfig,
-                     teacher_params: Any | None = None) -> TrainState:
+                     teacher_params: Any | None = None, vae_params: Any | None = None) -> TrainState:
     """A fresh ``TrainState`` for ``stage`` (seeded by the stage's ``seed``).
 
     Args:
       stage: one of ``STAGES``.
       models: from ``build_models``.
       config: the job config.
-      teacher_params: for "student": the teacher's ``{"unet", "text_encoder"}`` EMA params
-        (the student's UNet starts as a copy with the step projection zeroed).
+      teacher_params: for "student" and "teacher_ft": the teacher's ``{"unet",
+        "text_encoder"}`` EMA params (the continuation starts from them; the student's UNet
+        starts as a copy with the step projection zeroed).
+      vae_params: for "decoder": the VAE stage's params (its decoder groups are trained on).
     """
     cfg = getattr(config, stage)
     key = jax.random.PRNGKey(cfg.seed)
@@ -342,6 +394,14 @@ def init_stage_state(stage: str, models: Models, config: DistillConfig,
 
         k_unet, k_text = jax.random.split(key)
         params = {"unet": init_unet(b.unet, k_unet), "text_encoder": init_text_encoder(b.text_encoder, k_text)}
+    elif stage == "decoder":
+        if vae_params is None:
+            raise ValueError("the decoder stage needs the trained VAE's params")
+        params = jax.tree.map(jnp.copy, split_vae(vae_params)[1])
+    elif stage == "teacher_ft":
+        if teacher_params is None:
+            raise ValueError("the teacher_ft stage needs the trained teacher's params")
+        params = jax.tree.map(jnp.copy, dict(teacher_params))
     elif stage == "student":
         if teacher_params is None:
             raise ValueError("the student stage needs the trained teacher's params")
@@ -357,15 +417,37 @@ def stage_record(stage: str, config: DistillConfig) -> dict[str, Any]:
     record: dict[str, Any] = {stage: d[stage], "data": d["data"]}
     if stage == "classifier":
         record["classifier_model"] = d["classifier_model"]
-    if stage in ("vae", "teacher", "student"):
+    if stage in ("vae", "decoder", "teacher", "teacher_ft", "student"):
         record["backbone.vae"] = d["backbone"]["vae"]
-    if stage in ("teacher", "student"):
+    if stage == "decoder":
+        record["vae"] = d["vae"]
+    if stage in ("teacher", "teacher_ft", "student"):
         record["backbone"] = {k: v for k, v in d["backbone"].items() if k != "vae"}
         record["vae"] = d["vae"]
-    if stage == "student":
+    if stage in ("teacher_ft", "student"):
         record["teacher"] = d["teacher"]
+    if stage == "student":
         record["sampling"] = d["sampling"]
+        if d["teacher_ft"] is not None:  # absent when off, so records made before it stay valid
+            record["teacher_ft"] = d["teacher_ft"]
+        if d["decoder"] is not None and d["student"]["pixel_weight"] > 0:
+            record["decoder"] = d["decoder"]
     return record
+
+
+def enabled_stages(config: DistillConfig, stages: tuple[str, ...] = STAGES) -> tuple[str, ...]:
+    """``stages`` without the optional ones whose config is ``None``."""
+    return tuple(s for s in stages if s not in OPTIONAL_STAGES or getattr(config, s) is not None)
+
+
+def teacher_stage(config: DistillConfig) -> str:
+    """The stage whose final weights are the teacher: "teacher_ft" when enabled."""
+    return "teacher_ft" if config.teacher_ft is not None else "teacher"
+
+
+def vae_stage(config: DistillConfig) -> str:
+    """The stage whose final weights are the shipped VAE: "decoder" when enabled."""
+    return "decoder" if config.decoder is not None else "vae"
 
 
 # --------------------------------------------------------------------------- host side
@@ -411,23 +493,25 @@ def latent_scale(workdir: str, models: Models, vae_params: Any, config: DistillC
         with open(path) as f:
             return float(json.load(f)["latent_scale"])
     scale = measure_latent_scale(models, vae_params, config)
-    with open(path + ".tmp", "w") as f:
+    tmp = f"{path}.{os.getpid()}.tmp"  # stages may run side by side in one work directory
+    with open(tmp, "w") as f:
         json.dump({"latent_scale": scale}, f)
-    os.replace(path + ".tmp", path)
+    os.replace(tmp, path)
     return scale
 
 
 def make_latent_cache(workdir: str, models: Models, config: DistillConfig, vae: Any, scale: float,
-                      progress: bool = True) -> dict[str, np.ndarray]:
-    """Scaled VAE latents and tokens of ``teacher.num_latents`` generated images (cached, resumable).
+                      progress: bool = True, stage: str = "teacher") -> dict[str, np.ndarray]:
+    """Scaled VAE latents and tokens of ``<stage>.num_latents`` generated images (cached, resumable).
 
-    Chunk ``i`` draws its images from ``fold_in(PRNGKey(teacher.seed + 2), i)``.
+    Chunk ``i`` draws its images from ``fold_in(PRNGKey(<stage>.seed + 2), i)``; ``stage``
+    is "teacher" or "teacher_ft" (each has its own seed and cache folder).
 
     Returns:
       ``{"latents": [N, h, w, c] float32, "tokens": [N, L] int32}``.
     """
-    cfg = config.teacher
-    folder = os.path.join(workdir, "teacher", "latents")
+    cfg = getattr(config, stage)
+    folder = os.path.join(workdir, stage, "latents")
     os.makedirs(folder, exist_ok=True)
 
     @jax.jit
@@ -437,7 +521,7 @@ def make_latent_cache(workdir: str, models: Models, config: DistillConfig, vae: 
         return mean * scale, tokens
 
     return _cached_chunks(folder, cfg.num_latents // cfg.latent_chunk, chunk_fn,
-                          jax.random.PRNGKey(cfg.seed + 2), ("latents", "tokens"), "latent cache", progress)
+                          jax.random.PRNGKey(cfg.seed + 2), ("latents", "tokens"), f"{stage} latents", progress)
 
 
 def _cached_chunks(folder: str, num_chunks: int, chunk_fn: Callable, base: jax.Array,
@@ -580,12 +664,17 @@ def stage_inputs(stage: str, workdir: str, models: Models, config: DistillConfig
     if stage in ("classifier", "vae"):
         return {}, init_stage_state(stage, models, config)
     vae = load_final(workdir, "vae", ("vae",))["vae"]
+    if stage == "decoder":
+        return {"encoder": split_vae(vae)[0]}, init_stage_state(stage, models, config, vae_params=vae)
     scale = latent_scale(workdir, models, vae, config)
-    if stage == "teacher":
-        cache = make_latent_cache(workdir, models, config, vae, scale, progress=progress)
+    if stage in ("teacher", "teacher_ft"):
+        # The decoder stage leaves the encoder as it was: both caches read the VAE stage's.
+        cache = make_latent_cache(workdir, models, config, vae, scale, progress=progress, stage=stage)
         inputs = {k: jnp.asarray(v) for k, v in cache.items()}
-        return inputs, init_stage_state(stage, models, config)
-    teacher = load_final(workdir, "teacher", ("unet", "text_encoder"))
+        teacher = load_final(workdir, "teacher", ("unet", "text_encoder")) if stage == "teacher_ft" else None
+        return inputs, init_stage_state(stage, models, config, teacher_params=teacher)
+    teacher = load_final(workdir, teacher_stage(config), ("unet", "text_encoder"))
+    vae = load_final(workdir, vae_stage(config), ("vae",))["vae"]  # decodes for the pixel loss
     targets = make_targets(workdir, models, config, teacher, progress=progress)
     inputs = {"vae": vae, "latent_scale": jnp.float32(scale), "text_encoder": teacher["text_encoder"],
               "targets": {k: jnp.asarray(v) for k, v in targets.items()}}
@@ -595,18 +684,22 @@ def stage_inputs(stage: str, workdir: str, models: Models, config: DistillConfig
 _LOSS_FNS = {
     "classifier": classifier_loss_fn,
     "vae": vae_loss_fn,
+    "decoder": decoder_loss_fn,
     "teacher": teacher_loss_fn,
+    "teacher_ft": functools.partial(teacher_loss_fn, stage="teacher_ft"),
     "student": student_loss_fn,
 }
 
 
-def _final_parts(stage: str, state: TrainState) -> dict[str, Any]:
+def _final_parts(stage: str, state: TrainState, inputs: Any) -> dict[str, Any]:
     ema = jax.device_get(state.ema_params)
     if stage == "classifier":
         return {"classifier": ema}  # ema_decay 0: the EMA equals the params
     if stage == "vae":
         return {"vae": ema}
-    if stage == "teacher":
+    if stage == "decoder":  # the whole VAE: frozen encoder + refined decoder
+        return {"vae": merge_vae(jax.device_get(inputs["encoder"]), ema)}
+    if stage in ("teacher", "teacher_ft"):
         return {"unet": ema["unet"], "text_encoder": ema["text_encoder"]}
     return {"unet": ema}
 
@@ -626,9 +719,15 @@ def run(config: DistillConfig, stages: tuple[str, ...], workdir: str, *, mesh: j
         progress: bool = True, stop_after: int | None = None) -> dict[str, bool]:
     """Runs ``stages`` in order in ``workdir`` (each resumes or is skipped when finished).
 
+    Optional stages whose config is ``None`` are left out (``enabled_stages``).
+
     Returns:
-      stage -> finished.
+      stage -> finished, for the stages that ran or had finished.
     """
+    unknown = [s for s in stages if s not in STAGES]
+    if unknown:
+        raise ValueError(f"unknown stage(s) {unknown}; choose from {STAGES}")
+    stages = enabled_stages(config, tuple(stages))
     mesh = parallel.make_mesh() if mesh is None else mesh
     os.makedirs(workdir, exist_ok=True)
     config_lib.save_json(config, os.path.join(workdir, "config.json"))
@@ -648,7 +747,7 @@ def run(config: DistillConfig, stages: tuple[str, ...], workdir: str, *, mesh: j
         finished[stage] = done
         if not done:
             break
-        save_final(workdir, stage, _final_parts(stage, state))
+        save_final(workdir, stage, _final_parts(stage, state, inputs))
         with open(os.path.join(_final_dir(workdir, stage), "DONE"), "w") as f:
             f.write(f"{cfg.steps}\n")
     return finished
@@ -659,20 +758,29 @@ def export(workdir: str, out: str, config: DistillConfig) -> None:
 
     ``out/backbone.json`` (backbone config with the measured latent scale, sampling
     settings, data config) and ``out/{classifier,vae,teacher,student}/`` (config.json +
-    safetensors). ``meg_jax.checkpoint.load_backbone(out)`` reads it back.
+    safetensors). The VAE is the decoder stage's and the teacher the teacher_ft stage's
+    when those are enabled; each component's ``stage`` record lists the stages it went
+    through. ``meg_jax.checkpoint.load_backbone(out)`` reads it back.
     """
     models = build_models(config)
     classifier = load_final(workdir, "classifier", ("classifier",))
-    vae = load_final(workdir, "vae", ("vae",))
-    teacher = load_final(workdir, "teacher", ("unet", "text_encoder"))
+    encoder_vae = load_final(workdir, "vae", ("vae",))["vae"]  # the latent space (and its scale)
+    vae = load_final(workdir, vae_stage(config), ("vae",))
+    teacher = load_final(workdir, teacher_stage(config), ("unet", "text_encoder"))
     student = load_final(workdir, "student", ("unet",))
-    scale = latent_scale(workdir, models, vae["vae"], config)
+    scale = latent_scale(workdir, models, encoder_vae, config)
     backbone = dataclasses.replace(config.backbone, latent_scaling_factor=scale)
     os.makedirs(out, exist_ok=True)
-    meta = {s: {"steps": getattr(config, s).steps, "seed": getattr(config, s).seed} for s in STAGES}
+    meta = {s: {"steps": getattr(config, s).steps, "seed": getattr(config, s).seed}
+            for s in enabled_stages(config)}
+
+    def stages_of(*names: str) -> dict[str, Any]:
+        chain = [n for n in names if n in meta]
+        return meta[chain[0]] if len(chain) == 1 else {n: meta[n] for n in chain}
+
     ckpt.export_component(out, "classifier", config.classifier_model, classifier, stage=meta["classifier"])
-    ckpt.export_component(out, "vae", backbone.vae, vae, stage=meta["vae"], latent_scale=scale)
-    ckpt.export_component(out, "teacher", backbone.unet, teacher, stage=meta["teacher"],
+    ckpt.export_component(out, "vae", backbone.vae, vae, stage=stages_of("vae", "decoder"), latent_scale=scale)
+    ckpt.export_component(out, "teacher", backbone.unet, teacher, stage=stages_of("teacher", "teacher_ft"),
                           text_encoder=config_lib.to_dict(backbone.text_encoder))
     ckpt.export_component(out, "student", backbone.unet, {"unet": student["unet"]}, stage=meta["student"])
     record = {
