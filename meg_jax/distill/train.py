@@ -674,7 +674,8 @@ def stage_inputs(stage: str, workdir: str, models: Models, config: DistillConfig
         teacher = load_final(workdir, "teacher", ("unet", "text_encoder")) if stage == "teacher_ft" else None
         return inputs, init_stage_state(stage, models, config, teacher_params=teacher)
     teacher = load_final(workdir, teacher_stage(config), ("unet", "text_encoder"))
-    vae = load_final(workdir, vae_stage(config), ("vae",))["vae"]  # decodes for the pixel loss
+    if vae_stage(config) != "vae":  # the refined decoder decodes for the pixel loss
+        vae = load_final(workdir, vae_stage(config), ("vae",))["vae"]
     targets = make_targets(workdir, models, config, teacher, progress=progress)
     inputs = {"vae": vae, "latent_scale": jnp.float32(scale), "text_encoder": teacher["text_encoder"],
               "targets": {k: jnp.asarray(v) for k, v in targets.items()}}
@@ -765,7 +766,7 @@ def export(workdir: str, out: str, config: DistillConfig) -> None:
     models = build_models(config)
     classifier = load_final(workdir, "classifier", ("classifier",))
     encoder_vae = load_final(workdir, "vae", ("vae",))["vae"]  # the latent space (and its scale)
-    vae = load_final(workdir, vae_stage(config), ("vae",))
+    vae = {"vae": encoder_vae} if vae_stage(config) == "vae" else load_final(workdir, "decoder", ("vae",))
     teacher = load_final(workdir, teacher_stage(config), ("unet", "text_encoder"))
     student = load_final(workdir, "student", ("unet",))
     scale = latent_scale(workdir, models, encoder_vae, config)
