@@ -13,7 +13,9 @@ same batches as an uninterrupted one and ends with identical parameters.
 orbax checkpoints (keep N, async), resume, config check. ``run`` chains the stages of a
 ``DistillConfig`` in a work directory (the optional ``decoder`` and ``teacher_ft`` stages run
 when their config is set); ``export`` writes the compact shipped form
-(``meg_jax.checkpoint.load_backbone`` reads it).
+(``meg_jax.checkpoint.load_backbone`` reads it). The stage objectives live in
+``meg_jax.distill.objectives`` and what stages keep on disk in ``meg_jax.distill.stage_io``;
+both are re-exported here.
 
 Work directory layout::
 
@@ -38,7 +40,6 @@ from typing import Any, Callable, Mapping
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 from flax import struct
 
@@ -46,10 +47,29 @@ from meg_jax import checkpoint as ckpt
 from meg_jax import config as config_lib
 from meg_jax import parallel
 from meg_jax import run_log
-from meg_jax.backbone import schedules
-from meg_jax.data.shapes import sample_batch
-from meg_jax.distill import losses
 from meg_jax.distill.config import OPTIONAL_STAGES, STAGES, DistillConfig, StageConfig
+from meg_jax.distill.objectives import (  # noqa: F401  (re-exported: the stage objectives)
+    LossFn,
+    Models,
+    build_models,
+    classifier_loss_fn,
+    decoder_loss_fn,
+    merge_vae,
+    split_vae,
+    student_loss_fn,
+    teacher_loss_fn,
+    vae_loss_fn,
+    zero_step_conditioning,
+)
+from meg_jax.distill.stage_io import (  # noqa: F401  (re-exported: what stages keep on disk)
+    _final_dir,
+    latent_scale,
+    load_final,
+    make_latent_cache,
+    make_targets,
+    measure_latent_scale,
+    save_final,
+)
 
 __all__ = [
     "TrainState",
@@ -76,8 +96,6 @@ __all__ = [
     "load_final",
 ]
 
-LossFn = Callable[[Any, Any, jax.Array], tuple[jax.Array, dict[str, jax.Array]]]
-
 
 @struct.dataclass
 class TrainState:
@@ -95,40 +113,6 @@ class TrainState:
     ema_params: Any
     opt_state: Any
 
-
-@dataclasses.dataclass(frozen=True)
-class Models:
-    """The Flax modules of a backbone (stateless; params live in the states)."""
-
-    unet: Any
-    vae: Any
-    text_encoder: Any
-    classifier: Any
-    schedule: schedules.NoiseSchedule
-
-
-def build_models(config: DistillConfig) -> Models:
-    """Instantiates the UNet, VAE, text encoder and classifier modules and the schedule."""
-    from meg_jax.backbone.text_encoder import TextEncoder
-    from meg_jax.backbone.unet import UNet
-    from meg_jax.backbone.vae import AutoencoderKL
-
-    b = config.backbone
-    return Models(
-        unet=UNet(b.unet),
-        vae=AutoencoderKL(b.vae),
-        text_encoder=TextEncoder(b.text_encoder),
-        classifier=_classifier_module(config),
-        schedule=schedules.make_schedule(),
-    )
-
-
-def _classifier_module(config: DistillConfig) -> Any:
-    try:
-        from meg_jax.data.classifier import AttributeClassifier
-    except ImportError:  # the classifier stage is then unavailable; the others still run
-        return None
-    return AttributeClassifier(config.classifier_model)
 
 
 # --------------------------------------------------------------------------- optimisation
@@ -192,176 +176,8 @@ def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, ema_decay
                    donate_argnums=(0,))
 
 
-# --------------------------------------------------------------------------- losses per stage
-
-
-def classifier_loss_fn(models: Models, config: DistillConfig, mesh: jax.sharding.Mesh) -> LossFn:
-    """Cross-entropy of the attribute classifier on a fresh batch (``inputs`` unused)."""
-    from meg_jax.data.classifier import classifier_loss, training_batch
-
-    batch_size = config.classifier.batch_size
-    parallel.check_batch_size(batch_size, mesh)
-    model_cfg = dataclasses.replace(config.classifier_model, batch_size=batch_size)
-
-    def loss_fn(params: Any, inputs: Any, key: jax.Array) -> tuple[jax.Array, dict]:
-        images, attrs = training_batch(key, model_cfg)  # augmented like generated images
-        images, attrs = parallel.constrain_batch((images, attrs), mesh)
-        return classifier_loss(models.classifier, params, images, attrs)
-
-    return loss_fn
-
-
-def vae_loss_fn(models: Models, config: DistillConfig, mesh: jax.sharding.Mesh) -> LossFn:
-    """VAE loss on a fresh batch: MSE + edge MSE + small KL (``inputs`` unused)."""
-    cfg = config.vae
-    parallel.check_batch_size(cfg.batch_size, mesh)
-
-    def loss_fn(params: Any, inputs: Any, key: jax.Array) -> tuple[jax.Array, dict]:
-        k_data, k_z = jax.random.split(key)
-        images, _, _ = sample_batch(k_data, cfg.batch_size, config.data)
-        images = parallel.constrain_batch(images, mesh)
-        mean, logvar = models.vae.apply(params, images, method="encode")
-        z = mean
-        if cfg.sample_posterior:
-            z = z + jnp.exp(0.5 * logvar) * jax.random.normal(k_z, mean.shape)
-        recon = models.vae.apply(params, z, method="decode")
-        rec = losses.reconstruction_loss(recon, images)
-        edge = losses.edge_loss(recon, images)
-        kl = losses.gaussian_kl(mean, logvar)
-        loss = rec + cfg.edge_weight * edge + cfg.kl_weight * kl
-        # PSNR of the batch on [-1, 1] images: peak-to-peak 2 -> 10 log10(4 / MSE).
-        return loss, {"mse": rec, "edge": edge, "kl": kl, "psnr": 10.0 * jnp.log10(4.0 / rec)}
-
-    return loss_fn
-
-
-VAE_ENCODER = ("encoder", "quant_conv")  # VAE param groups the decoder stage keeps frozen
-VAE_DECODER = ("decoder", "post_quant_conv")  # the groups it trains
-
-
-def split_vae(vae: Any) -> tuple[dict, dict]:
-    """``{"params": {...}}`` of the VAE -> (encoder groups, decoder groups)."""
-    p = vae["params"]
-    return {k: p[k] for k in VAE_ENCODER}, {k: p[k] for k in VAE_DECODER}
-
-
-def merge_vae(encoder: Mapping[str, Any], decoder: Mapping[str, Any]) -> dict:
-    """Inverse of ``split_vae``."""
-    return {"params": {**encoder, **decoder}}
-
-
-def decoder_loss_fn(models: Models, config: DistillConfig, mesh: jax.sharding.Mesh) -> LossFn:
-    """Decoder refinement loss; ``params`` = the decoder groups, ``inputs = {"encoder": ...}``.
-
-    MSE + ``edge_weight`` x edge MSE + ``shape_weight`` x the MSE over the dilated shape
-    mask normalised by its area (``losses.masked_mse``), on reconstructions of the frozen
-    encoder's posterior means of a fresh batch.
-    """
-    from meg_jax.data.shapes import COLOR_RGB
-
-    cfg = config.decoder
-    parallel.check_batch_size(cfg.batch_size, mesh)
-    palette = jnp.asarray(COLOR_RGB, jnp.float32)
-
-    def loss_fn(params: Any, inputs: Any, key: jax.Array) -> tuple[jax.Array, dict]:
-        images, _, attrs = sample_batch(key, cfg.batch_size, config.data)
-        images, attrs = parallel.constrain_batch((images, attrs), mesh)
-        vae = merge_vae(inputs["encoder"], params)
-        mean, _ = models.vae.apply(vae, images, method="encode")
-        recon = models.vae.apply(vae, jax.lax.stop_gradient(mean), method="decode")
-        rec = losses.reconstruction_loss(recon, images)
-        edge = losses.edge_loss(recon, images)
-        mask = losses.foreground_mask(images, palette[attrs.background], cfg.mask_dilation)
-        shape = losses.masked_mse(recon, images, mask)
-        loss = rec + cfg.edge_weight * edge + cfg.shape_weight * shape
-        return loss, {"mse": rec, "edge": edge, "shape_mse": shape, "psnr": 10.0 * jnp.log10(4.0 / rec)}
-
-    return loss_fn
-
-
-def teacher_loss_fn(models: Models, config: DistillConfig, mesh: jax.sharding.Mesh,
-                    stage: str = "teacher") -> LossFn:
-    """Teacher diffusion loss; ``inputs = {"latents": [N, h, w, c], "tokens": [N, L]}``.
-
-    The latents are the frozen VAE's scaled posterior means of ``N`` generated images,
-    encoded once (``make_latent_cache``): the VAE encoder at 32 × 32 costs about twice the
-    tiny UNet's forward pass, so encoding every batch afresh would almost double the
-    stage. Trains ``params = {"unet": ..., "text_encoder": ...}`` together. ``stage`` picks
-    the config: "teacher" or its continuation "teacher_ft" (same loss).
-    """
-    cfg = getattr(config, stage)
-    pred = config.backbone.prediction_type
-    schedule = models.schedule
-    parallel.check_batch_size(cfg.batch_size, mesh)
-
-    def loss_fn(params: Any, inputs: Any, key: jax.Array) -> tuple[jax.Array, dict]:
-        k_idx, k_noise, k_t, k_drop = jax.random.split(key, 4)
-        n = inputs["latents"].shape[0]
-        idx = jax.random.randint(k_idx, (cfg.batch_size,), 0, n)
-        x0, tokens = parallel.constrain_batch((inputs["latents"][idx], inputs["tokens"][idx]), mesh)
-        noise = jax.random.normal(k_noise, x0.shape)
-        t = jax.random.randint(k_t, (cfg.batch_size,), 0, schedule.num_train_timesteps)
-        x_t = schedules.add_noise(schedule, x0, noise, t)
-        context = models.text_encoder.apply(params["text_encoder"], tokens)
-        context = losses.drop_context(k_drop, context, cfg.cond_dropout)
-        out = models.unet.apply(params["unet"], x_t, t, context)
-        target = losses.diffusion_target(schedule, x0, noise, t, pred)
-        loss = jnp.mean(jnp.square(out - target))
-        return loss, {}
-
-    return loss_fn
-
-
-def student_loss_fn(models: Models, config: DistillConfig, mesh: jax.sharding.Mesh) -> LossFn:
-    """Rollout distillation loss; ``inputs`` holds the frozen text encoder, VAE, latent scale
-    and the teacher targets ``{"noise", "tokens", "latents"}`` (``[N, ...]`` each)."""
-    cfg = config.student
-    pred = config.backbone.prediction_type
-    schedule = models.schedule
-    dim = config.sampling.step_embedding_dim
-    spacing = config.sampling.spacing
-    probs = jnp.asarray(cfg.step_probs, jnp.float32)
-    probs = probs / jnp.sum(probs)
-    parallel.check_batch_size(cfg.batch_size, mesh)
-
-    def loss_fn(params: Any, inputs: Any, key: jax.Array) -> tuple[jax.Array, dict]:
-        k_idx, k_steps = jax.random.split(key)
-        targets = inputs["targets"]
-        n = targets["noise"].shape[0]
-        idx = jax.random.randint(k_idx, (cfg.batch_size,), 0, n)
-        batch = jax.tree.map(lambda a: a[idx], targets)
-        batch = parallel.constrain_batch(batch, mesh)
-        context = models.text_encoder.apply(inputs["text_encoder"], batch["tokens"])
-        step_index = jax.random.choice(k_steps, len(cfg.step_counts), p=probs)
-
-        def sample_fn(k: int) -> jax.Array:
-            return losses.student_sample(models.unet, params, schedule, batch["noise"], context,
-                                         num_steps=k, embedding_dim=dim, prediction_type=pred,
-                                         spacing=spacing)
-
-        def decode(z: jax.Array) -> jax.Array:
-            return models.vae.apply(inputs["vae"], z / inputs["latent_scale"], method="decode")
-
-        target_pixels = decode(batch["latents"]) if cfg.pixel_weight > 0 else None
-        loss, metrics = losses.rollout_loss(sample_fn, batch["latents"], step_index, cfg.step_counts,
-                                            decode, target_pixels, cfg.pixel_weight)
-        k = jnp.asarray(cfg.step_counts, jnp.int32)[step_index]
-        return loss, {**metrics, "num_steps": k.astype(jnp.float32)}
-
-    return loss_fn
-
-
 # --------------------------------------------------------------------------- init
 
-
-def zero_step_conditioning(unet_params: Any) -> Any:
-    """Zeroes the ``cond_proj`` kernel(s), so the student starts equal to the teacher."""
-
-    def zero(path: tuple, leaf: jax.Array) -> jax.Array:
-        names = [getattr(p, "key", getattr(p, "name", "")) for p in path]
-        return jnp.zeros_like(leaf) if "cond_proj" in names else leaf
-
-    return jax.tree_util.tree_map_with_path(zero, unet_params)
 
 
 def init_stage_state(stage: str, models: Models, config: DistillConfig,
@@ -448,136 +264,6 @@ def teacher_stage(config: DistillConfig) -> str:
 def vae_stage(config: DistillConfig) -> str:
     """The stage whose final weights are the shipped VAE: "decoder" when enabled."""
     return "decoder" if config.decoder is not None else "vae"
-
-
-# --------------------------------------------------------------------------- host side
-
-
-def _final_dir(workdir: str, stage: str) -> str:
-    return os.path.join(workdir, stage, "final")
-
-
-def save_final(workdir: str, stage: str, params: Mapping[str, Any]) -> None:
-    """Writes a finished stage's EMA params as safetensors (read by later stages and export)."""
-    folder = _final_dir(workdir, stage)
-    os.makedirs(folder, exist_ok=True)
-    for part, p in params.items():
-        ckpt.save_params(p, os.path.join(folder, f"{part}.safetensors"))
-
-
-def load_final(workdir: str, stage: str, parts: tuple[str, ...]) -> dict[str, Any]:
-    """Reads the finished stage's params written by ``save_final``."""
-    folder = _final_dir(workdir, stage)
-    missing = [p for p in parts if not os.path.exists(os.path.join(folder, f"{p}.safetensors"))]
-    if missing:
-        raise FileNotFoundError(
-            f"stage {stage!r} has not finished in {workdir} (missing {missing} in {folder}); "
-            f"run `--stage {stage}` first"
-        )
-    return {p: ckpt.load_params(os.path.join(folder, f"{p}.safetensors")) for p in parts}
-
-
-def measure_latent_scale(models: Models, vae_params: Any, config: DistillConfig) -> float:
-    """1 / std of the VAE's latent means over fresh images (so teacher latents have unit std)."""
-    n = config.teacher.latent_scale_samples
-    key = jax.random.fold_in(jax.random.PRNGKey(config.teacher.seed), 0x5CA1E)
-    images, _, _ = sample_batch(key, n, config.data)
-    mean, _ = jax.jit(lambda p, x: models.vae.apply(p, x, method="encode"))(vae_params, images)
-    return float(1.0 / jnp.std(mean))
-
-
-def latent_scale(workdir: str, models: Models, vae_params: Any, config: DistillConfig) -> float:
-    """The latent scale of this work directory (measured once, cached as JSON)."""
-    path = os.path.join(workdir, "vae", "latent_scale.json")
-    if os.path.exists(path):
-        with open(path) as f:
-            return float(json.load(f)["latent_scale"])
-    scale = measure_latent_scale(models, vae_params, config)
-    tmp = f"{path}.{os.getpid()}.tmp"  # stages may run side by side in one work directory
-    with open(tmp, "w") as f:
-        json.dump({"latent_scale": scale}, f)
-    os.replace(tmp, path)
-    return scale
-
-
-def make_latent_cache(workdir: str, models: Models, config: DistillConfig, vae: Any, scale: float,
-                      progress: bool = True, stage: str = "teacher") -> dict[str, np.ndarray]:
-    """Scaled VAE latents and tokens of ``<stage>.num_latents`` generated images (cached, resumable).
-
-    Chunk ``i`` draws its images from ``fold_in(PRNGKey(<stage>.seed + 2), i)``; ``stage``
-    is "teacher" or "teacher_ft" (each has its own seed and cache folder).
-
-    Returns:
-      ``{"latents": [N, h, w, c] float32, "tokens": [N, L] int32}``.
-    """
-    cfg = getattr(config, stage)
-    folder = os.path.join(workdir, stage, "latents")
-    os.makedirs(folder, exist_ok=True)
-
-    @jax.jit
-    def chunk_fn(key: jax.Array) -> tuple[jax.Array, jax.Array]:
-        images, tokens, _ = sample_batch(key, cfg.latent_chunk, config.data)
-        mean, _ = models.vae.apply(vae, images, method="encode")
-        return mean * scale, tokens
-
-    return _cached_chunks(folder, cfg.num_latents // cfg.latent_chunk, chunk_fn,
-                          jax.random.PRNGKey(cfg.seed + 2), ("latents", "tokens"), f"{stage} latents", progress)
-
-
-def _cached_chunks(folder: str, num_chunks: int, chunk_fn: Callable, base: jax.Array,
-                   names: tuple[str, ...], desc: str, progress: bool) -> dict[str, np.ndarray]:
-    """Runs ``chunk_fn(fold_in(base, i))`` for each chunk not yet on disk; returns all, concatenated."""
-    parts: dict[str, list[np.ndarray]] = {k: [] for k in names}
-    bar = run_log.progress(num_chunks, desc=desc, disable=not progress)
-    for i in range(num_chunks):
-        path = os.path.join(folder, f"chunk_{i:05d}.npz")
-        if not os.path.exists(path):
-            arrays = jax.device_get(chunk_fn(jax.random.fold_in(base, i)))
-            with open(path + ".tmp", "wb") as f:
-                np.savez(f, **dict(zip(names, arrays)))
-            os.replace(path + ".tmp", path)
-        with np.load(path) as data:
-            for k in names:
-                parts[k].append(data[k])
-        bar.update(1)
-    bar.close()
-    return {k: np.concatenate(v) for k, v in parts.items()}
-
-
-def make_targets(workdir: str, models: Models, config: DistillConfig, teacher: Mapping[str, Any],
-                 progress: bool = True) -> dict[str, np.ndarray]:
-    """Teacher DDIM samples (with CFG) from (noise, prompt) pairs, cached in resumable chunks.
-
-    Chunk ``i`` uses key ``fold_in(PRNGKey(student.seed + 1), i)``: noise ``[C, h, w, c]``
-    and prompts of a fresh batch; the teacher's EMA params sample ``target_steps`` trailing
-    DDIM steps with ``sampling.guidance_scale``.
-
-    Returns:
-      ``{"noise": [N, h, w, c], "tokens": [N, L] int32, "latents": [N, h, w, c]}``.
-    """
-    cfg = config.student
-    folder = os.path.join(workdir, "student", "targets")
-    os.makedirs(folder, exist_ok=True)
-    b = config.backbone
-    h = b.latent_size
-    c = b.vae.latent_channels
-    pred = b.prediction_type
-
-    @jax.jit
-    def chunk_fn(key: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
-        k_data, k_noise = jax.random.split(key)
-        _, tokens, _ = sample_batch(k_data, cfg.target_chunk, config.data)
-        noise = jax.random.normal(k_noise, (cfg.target_chunk, h, h, c))
-        context = models.text_encoder.apply(teacher["text_encoder"], tokens)
-        latents = losses.teacher_sample(models.unet, teacher["unet"], models.schedule, noise, context,
-                                        num_steps=cfg.target_steps,
-                                        guidance_scale=config.sampling.guidance_scale,
-                                        prediction_type=pred, spacing=config.sampling.spacing)
-        return noise, tokens, latents
-
-    return _cached_chunks(folder, cfg.num_targets // cfg.target_chunk, chunk_fn,
-                          jax.random.PRNGKey(cfg.seed + 1), ("noise", "tokens", "latents"),
-                          "teacher targets", progress)
 
 
 def train_stage(

@@ -1,0 +1,226 @@
+"""The objective of each distillation stage, as ``loss_fn(params, inputs, key) -> (loss, metrics)``.
+
+``Models`` holds the stateless Flax modules of a backbone; each ``*_loss_fn(models, config,
+mesh)`` closes over them and the stage's config and draws (and shards) its own batch from
+``key``. The train step that differentiates them lives in ``meg_jax.distill.train``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Mapping
+
+import jax
+import jax.numpy as jnp
+
+from meg_jax import parallel
+from meg_jax.backbone import schedules
+from meg_jax.data.shapes import sample_batch
+from meg_jax.distill import losses
+from meg_jax.distill.config import DistillConfig
+
+LossFn = Callable[[Any, Any, jax.Array], tuple[jax.Array, dict[str, jax.Array]]]
+
+
+@dataclasses.dataclass(frozen=True)
+class Models:
+    """The Flax modules of a backbone (stateless; params live in the states)."""
+
+    unet: Any
+    vae: Any
+    text_encoder: Any
+    classifier: Any
+    schedule: schedules.NoiseSchedule
+
+
+def build_models(config: DistillConfig) -> Models:
+    """Instantiates the UNet, VAE, text encoder and classifier modules and the schedule."""
+    from meg_jax.backbone.text_encoder import TextEncoder
+    from meg_jax.backbone.unet import UNet
+    from meg_jax.backbone.vae import AutoencoderKL
+
+    b = config.backbone
+    return Models(
+        unet=UNet(b.unet),
+        vae=AutoencoderKL(b.vae),
+        text_encoder=TextEncoder(b.text_encoder),
+        classifier=_classifier_module(config),
+        schedule=schedules.make_schedule(),
+    )
+
+
+def _classifier_module(config: DistillConfig) -> Any:
+    try:
+        from meg_jax.data.classifier import AttributeClassifier
+    except ImportError:  # the classifier stage is then unavailable; the others still run
+        return None
+    return AttributeClassifier(config.classifier_model)
+
+
+# --------------------------------------------------------------------------- losses per stage
+
+
+def classifier_loss_fn(models: Models, config: DistillConfig, mesh: jax.sharding.Mesh) -> LossFn:
+    """Cross-entropy of the attribute classifier on a fresh batch (``inputs`` unused)."""
+    from meg_jax.data.classifier import classifier_loss, training_batch
+
+    batch_size = config.classifier.batch_size
+    parallel.check_batch_size(batch_size, mesh)
+    model_cfg = dataclasses.replace(config.classifier_model, batch_size=batch_size)
+
+    def loss_fn(params: Any, inputs: Any, key: jax.Array) -> tuple[jax.Array, dict]:
+        images, attrs = training_batch(key, model_cfg)  # augmented like generated images
+        images, attrs = parallel.constrain_batch((images, attrs), mesh)
+        return classifier_loss(models.classifier, params, images, attrs)
+
+    return loss_fn
+
+
+def vae_loss_fn(models: Models, config: DistillConfig, mesh: jax.sharding.Mesh) -> LossFn:
+    """VAE loss on a fresh batch: MSE + edge MSE + small KL (``inputs`` unused)."""
+    cfg = config.vae
+    parallel.check_batch_size(cfg.batch_size, mesh)
+
+    def loss_fn(params: Any, inputs: Any, key: jax.Array) -> tuple[jax.Array, dict]:
+        k_data, k_z = jax.random.split(key)
+        images, _, _ = sample_batch(k_data, cfg.batch_size, config.data)
+        images = parallel.constrain_batch(images, mesh)
+        mean, logvar = models.vae.apply(params, images, method="encode")
+        z = mean
+        if cfg.sample_posterior:
+            z = z + jnp.exp(0.5 * logvar) * jax.random.normal(k_z, mean.shape)
+        recon = models.vae.apply(params, z, method="decode")
+        rec = losses.reconstruction_loss(recon, images)
+        edge = losses.edge_loss(recon, images)
+        kl = losses.gaussian_kl(mean, logvar)
+        loss = rec + cfg.edge_weight * edge + cfg.kl_weight * kl
+        # PSNR of the batch on [-1, 1] images: peak-to-peak 2 -> 10 log10(4 / MSE).
+        return loss, {"mse": rec, "edge": edge, "kl": kl, "psnr": 10.0 * jnp.log10(4.0 / rec)}
+
+    return loss_fn
+
+
+VAE_ENCODER = ("encoder", "quant_conv")  # VAE param groups the decoder stage keeps frozen
+VAE_DECODER = ("decoder", "post_quant_conv")  # the groups it trains
+
+
+def split_vae(vae: Any) -> tuple[dict, dict]:
+    """``{"params": {...}}`` of the VAE -> (encoder groups, decoder groups)."""
+    p = vae["params"]
+    return {k: p[k] for k in VAE_ENCODER}, {k: p[k] for k in VAE_DECODER}
+
+
+def merge_vae(encoder: Mapping[str, Any], decoder: Mapping[str, Any]) -> dict:
+    """Inverse of ``split_vae``."""
+    return {"params": {**encoder, **decoder}}
+
+
+def decoder_loss_fn(models: Models, config: DistillConfig, mesh: jax.sharding.Mesh) -> LossFn:
+    """Decoder refinement loss; ``params`` = the decoder groups, ``inputs = {"encoder": ...}``.
+
+    MSE + ``edge_weight`` x edge MSE + ``shape_weight`` x the MSE over the dilated shape
+    mask normalised by its area (``losses.masked_mse``), on reconstructions of the frozen
+    encoder's posterior means of a fresh batch.
+    """
+    from meg_jax.data.shapes import COLOR_RGB
+
+    cfg = config.decoder
+    parallel.check_batch_size(cfg.batch_size, mesh)
+    palette = jnp.asarray(COLOR_RGB, jnp.float32)
+
+    def loss_fn(params: Any, inputs: Any, key: jax.Array) -> tuple[jax.Array, dict]:
+        images, _, attrs = sample_batch(key, cfg.batch_size, config.data)
+        images, attrs = parallel.constrain_batch((images, attrs), mesh)
+        vae = merge_vae(inputs["encoder"], params)
+        mean, _ = models.vae.apply(vae, images, method="encode")
+        recon = models.vae.apply(vae, jax.lax.stop_gradient(mean), method="decode")
+        rec = losses.reconstruction_loss(recon, images)
+        edge = losses.edge_loss(recon, images)
+        mask = losses.foreground_mask(images, palette[attrs.background], cfg.mask_dilation)
+        shape = losses.masked_mse(recon, images, mask)
+        loss = rec + cfg.edge_weight * edge + cfg.shape_weight * shape
+        return loss, {"mse": rec, "edge": edge, "shape_mse": shape, "psnr": 10.0 * jnp.log10(4.0 / rec)}
+
+    return loss_fn
+
+
+def teacher_loss_fn(models: Models, config: DistillConfig, mesh: jax.sharding.Mesh,
+                    stage: str = "teacher") -> LossFn:
+    """Teacher diffusion loss; ``inputs = {"latents": [N, h, w, c], "tokens": [N, L]}``.
+
+    The latents are the frozen VAE's scaled posterior means of ``N`` generated images,
+    encoded once (``make_latent_cache``): the VAE encoder at 32 × 32 costs about twice the
+    tiny UNet's forward pass, so encoding every batch afresh would almost double the
+    stage. Trains ``params = {"unet": ..., "text_encoder": ...}`` together. ``stage`` picks
+    the config: "teacher" or its continuation "teacher_ft" (same loss).
+    """
+    cfg = getattr(config, stage)
+    pred = config.backbone.prediction_type
+    schedule = models.schedule
+    parallel.check_batch_size(cfg.batch_size, mesh)
+
+    def loss_fn(params: Any, inputs: Any, key: jax.Array) -> tuple[jax.Array, dict]:
+        k_idx, k_noise, k_t, k_drop = jax.random.split(key, 4)
+        n = inputs["latents"].shape[0]
+        idx = jax.random.randint(k_idx, (cfg.batch_size,), 0, n)
+        x0, tokens = parallel.constrain_batch((inputs["latents"][idx], inputs["tokens"][idx]), mesh)
+        noise = jax.random.normal(k_noise, x0.shape)
+        t = jax.random.randint(k_t, (cfg.batch_size,), 0, schedule.num_train_timesteps)
+        x_t = schedules.add_noise(schedule, x0, noise, t)
+        context = models.text_encoder.apply(params["text_encoder"], tokens)
+        context = losses.drop_context(k_drop, context, cfg.cond_dropout)
+        out = models.unet.apply(params["unet"], x_t, t, context)
+        target = losses.diffusion_target(schedule, x0, noise, t, pred)
+        loss = jnp.mean(jnp.square(out - target))
+        return loss, {}
+
+    return loss_fn
+
+
+def student_loss_fn(models: Models, config: DistillConfig, mesh: jax.sharding.Mesh) -> LossFn:
+    """Rollout distillation loss; ``inputs`` holds the frozen text encoder, VAE, latent scale
+    and the teacher targets ``{"noise", "tokens", "latents"}`` (``[N, ...]`` each)."""
+    cfg = config.student
+    pred = config.backbone.prediction_type
+    schedule = models.schedule
+    dim = config.sampling.step_embedding_dim
+    spacing = config.sampling.spacing
+    probs = jnp.asarray(cfg.step_probs, jnp.float32)
+    probs = probs / jnp.sum(probs)
+    parallel.check_batch_size(cfg.batch_size, mesh)
+
+    def loss_fn(params: Any, inputs: Any, key: jax.Array) -> tuple[jax.Array, dict]:
+        k_idx, k_steps = jax.random.split(key)
+        targets = inputs["targets"]
+        n = targets["noise"].shape[0]
+        idx = jax.random.randint(k_idx, (cfg.batch_size,), 0, n)
+        batch = jax.tree.map(lambda a: a[idx], targets)
+        batch = parallel.constrain_batch(batch, mesh)
+        context = models.text_encoder.apply(inputs["text_encoder"], batch["tokens"])
+        step_index = jax.random.choice(k_steps, len(cfg.step_counts), p=probs)
+
+        def sample_fn(k: int) -> jax.Array:
+            return losses.student_sample(models.unet, params, schedule, batch["noise"], context,
+                                         num_steps=k, embedding_dim=dim, prediction_type=pred,
+                                         spacing=spacing)
+
+        def decode(z: jax.Array) -> jax.Array:
+            return models.vae.apply(inputs["vae"], z / inputs["latent_scale"], method="decode")
+
+        target_pixels = decode(batch["latents"]) if cfg.pixel_weight > 0 else None
+        loss, metrics = losses.rollout_loss(sample_fn, batch["latents"], step_index, cfg.step_counts,
+                                            decode, target_pixels, cfg.pixel_weight)
+        k = jnp.asarray(cfg.step_counts, jnp.int32)[step_index]
+        return loss, {**metrics, "num_steps": k.astype(jnp.float32)}
+
+    return loss_fn
+
+
+def zero_step_conditioning(unet_params: Any) -> Any:
+    """Zeroes the ``cond_proj`` kernel(s), so the student starts equal to the teacher."""
+
+    def zero(path: tuple, leaf: jax.Array) -> jax.Array:
+        names = [getattr(p, "key", getattr(p, "name", "")) for p in path]
+        return jnp.zeros_like(leaf) if "cond_proj" in names else leaf
+
+    return jax.tree_util.tree_map_with_path(zero, unet_params)
