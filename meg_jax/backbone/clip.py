@@ -115,7 +115,8 @@ class CLIPTextConfig:
             )
         if self.hidden_act not in _ACTIVATIONS:
             raise ValueError(
-                f"CLIPTextConfig: unsupported value hidden_act={self.hidden_act!r}; meg-jax implements {list(_ACTIVATIONS)}"
+                f"CLIPTextConfig: unsupported value hidden_act={self.hidden_act!r}; "
+                f"meg-jax implements {list(_ACTIVATIONS)}"
             )
         if isinstance(self.layer_norm_eps, bool) or not isinstance(self.layer_norm_eps, (int, float)) \
                 or self.layer_norm_eps <= 0:
@@ -481,9 +482,10 @@ def load_text_encoder(
     data = _read_json(cfg_path)
     weights_path = os.path.join(folder, WEIGHTS_NAME)
     state = _read_safetensors(weights_path)
-    has_projection = "text_projection.weight" in state
+    # Without ``architectures`` the weights tell whether the model has a projection.
+    with_projection = None if "architectures" in data else "text_projection.weight" in state
     try:
-        config = CLIPTextConfig.from_transformers(data, with_projection=None if "architectures" in data else has_projection)
+        config = CLIPTextConfig.from_transformers(data, with_projection=with_projection)
     except ValueError as e:
         raise ValueError(f"{cfg_path}: {e}") from e
     params = params_from_state_dict(config, state, dtype=dtype, source=weights_path)
