@@ -121,7 +121,9 @@ def save_clip_tokenizer(
       layout: ``"transformers"``: what ``save_pretrained`` writes (``tokenizer.json`` +
         ``tokenizer_config.json``); ``"hub"``: ``vocab.json`` + ``merges.txt`` +
         ``tokenizer_config.json`` + ``special_tokens_map.json`` with no ``tokenizer.json``,
-        as the SD checkpoints on the hub store it.
+        as SD 1.5 on the hub stores it (special tokens as AddedToken objects);
+        ``"hub_v4"``: the same files as transformers 4.3x wrote them (SD 2.x, SDXL: plain
+        special tokens, flags in ``added_tokens_decoder``).
       words: words that get their own token.
 
     Returns:
@@ -135,8 +137,8 @@ def save_clip_tokenizer(
     if layout == "transformers":
         tok.save_pretrained(path)
         return tok
-    if layout != "hub":
-        raise ValueError(f"layout must be 'transformers' or 'hub', got {layout!r}")
+    if layout not in ("hub", "hub_v4"):
+        raise ValueError(f"layout must be 'transformers', 'hub' or 'hub_v4', got {layout!r}")
     os.makedirs(path, exist_ok=True)
     with open(os.path.join(path, "vocab.json"), "w", encoding="utf-8") as f:
         json.dump(vocab, f, ensure_ascii=False)
@@ -153,6 +155,13 @@ def save_clip_tokenizer(
     config = {"add_prefix_space": False, "do_lower_case": True, "errors": "replace",
               "model_max_length": model_max_length, "tokenizer_class": "CLIPTokenizer",
               **{k: {"__type": "AddedToken", **v} if isinstance(v, dict) else v for k, v in special.items()}}
+    if layout == "hub_v4":
+        # What transformers 4.3x wrote (SD 2.x, SDXL on the hub): plain-string special tokens,
+        # their flags in added_tokens_decoder.
+        config = {**config, **{k: v["content"] if isinstance(v, dict) else v for k, v in special.items()}}
+        config["added_tokens_decoder"] = {
+            str(vocab[t]): {**added(t), "special": True} for t in dict.fromkeys([pad_token, BOS_TOKEN, EOS_TOKEN])
+        }
     with open(os.path.join(path, "tokenizer_config.json"), "w", encoding="utf-8") as f:
         json.dump(config, f, indent=2)
     return CLIPTokenizer.from_pretrained(path)

@@ -35,7 +35,9 @@ PROMPTS = [
     "A  Photo of an ASTRONAUT,   riding a horse on the moon!! it's 1969 ... café",
     # 9 x 10 words > 75 tokens: truncated to bos + 75 + eos, as diffusers' encode_prompt does.
     " ".join(["a small green square at the bottom right on a white background"] * 9),
-    "x<|endoftext|>y !!! <|startoftext|>",
+    # Special tokens inside text; the upper-case one matches only where the folder marks the
+    # token "normalized" (matched after lower-casing), as SD 1.5's tokenizer_config.json does.
+    "x<|endoftext|>y !!! <|startoftext|> <|ENDOFTEXT|>",
 ]
 
 # (name, save_clip_text_encoder kwargs, tokenizer pad token)
@@ -63,7 +65,7 @@ def folders(tmp_path_factory):
     out = {"root": root, "models": {}, "tokenizers": {}}
     for name, (kwargs, _) in VARIANTS.items():
         out["models"][name] = (str(root / name), save_clip_text_encoder(root / name, **kwargs))
-    for layout in ("transformers", "hub"):
+    for layout in ("transformers", "hub", "hub_v4"):
         for pad in (EOS_TOKEN, "!"):
             key = (layout, pad)
             path = root / f"tok-{layout}-{'eos' if pad == EOS_TOKEN else 'bang'}"
@@ -94,6 +96,19 @@ def _errors(out, ref, with_projection):
     return errs
 
 
+def _inputs(folders, pad, config):
+    """[7, 77] ids and attention mask: PROMPTS tokenized, and two rows of random ids.
+
+    The random rows: one with no end token (new pooling -> position 0, old -> the largest id)
+    and one with several (the first counts), so the two pooling rules give different rows.
+    """
+    ids, mask = load_tokenizer(folders["tokenizers"][("transformers", pad)][0]).encode(PROMPTS)
+    rng = np.random.default_rng(0)
+    rand = rng.integers(0, config.vocab_size - 2, size=(2, ids.shape[1]), dtype=np.int32)
+    rand[1, [5, 9, 40]] = clip_vocab_and_merges()[0][EOS_TOKEN]  # the real end token, also for eos_token_id=2
+    return np.concatenate([ids, rand]), np.concatenate([mask, np.ones_like(rand)])
+
+
 def _apply(module, params, ids, attention_mask=None):
     return jax.jit(module.apply)({"params": params}, jnp.asarray(ids), attention_mask)
 
@@ -105,14 +120,7 @@ def test_text_encoder_matches_transformers(folders, name):
     module, params, config = load_text_encoder(path)
     assert config.with_projection == kwargs.get("with_projection", False)
     assert config.legacy_pooling == kwargs["legacy_eos"]
-    tok = load_tokenizer(folders["tokenizers"][("transformers", pad)][0])
-    ids = tok(PROMPTS)
-    # Random ids as well: a row with no end token (new pooling -> position 0, old -> the largest
-    # id) and one with several (first one), so the two pooling rules give different rows.
-    rng = np.random.default_rng(0)
-    rand = rng.integers(0, config.vocab_size - 2, size=(2, ids.shape[1]), dtype=np.int32)
-    rand[1, [5, 9, 40]] = model.config.eos_token_id
-    ids = np.concatenate([ids, rand])
+    ids, _ = _inputs(folders, pad, config)
     out = _apply(module, params, ids)
     ref = _reference(model, ids)
     assert len(out.hidden_states) == config.num_hidden_layers + 1 == len(ref.hidden_states)
@@ -129,8 +137,8 @@ def test_text_encoder_matches_transformers(folders, name):
 def test_attention_mask_matches_transformers(folders):
     """Padding mask on top of the causal one (diffusers passes it when use_attention_mask)."""
     path, model = folders["models"]["gelu-new_eos"]
-    module, params, _ = load_text_encoder(path)
-    ids, mask = load_tokenizer(folders["tokenizers"][("transformers", EOS_TOKEN)][0]).encode(PROMPTS)
+    module, params, config = load_text_encoder(path)
+    ids, mask = _inputs(folders, EOS_TOKEN, config)  # as in the parity test: its compiled program is reused
     assert 0 < mask.sum() < mask.size  # some padding to mask
     out = _apply(module, params, ids, jnp.asarray(mask))
     errs = _errors(out, _reference(model, ids, mask), False)
@@ -195,7 +203,7 @@ def test_prefixed_state_dict_layout(folders, tmp_path):
 # ---- tokenizer ------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("layout", ["transformers", "hub"])
+@pytest.mark.parametrize("layout", ["transformers", "hub", "hub_v4"])
 @pytest.mark.parametrize("pad", [EOS_TOKEN, "!"])
 @pytest.mark.parametrize("max_length", [None, 16])
 def test_tokenizer_matches_transformers(folders, layout, pad, max_length):
@@ -232,6 +240,10 @@ def test_tokenizer_single_prompt_and_errors(folders, tmp_path):
     with pytest.raises(ValueError, match="model_max_length"):
         load_tokenizer(bad)
     assert load_tokenizer(bad, max_length=20)("a").shape == (1, 20)
+    # A token added after training (textual inversion) has no id in the vocabulary: refused, not dropped.
+    (bad / "added_tokens.json").write_text(json.dumps({"<cat-toy>": 674}))
+    with pytest.raises(ValueError, match="added_tokens.json"):
+        load_tokenizer(bad, max_length=20)
 
 
 # ---- config and file errors ----------------------------------------------------------------

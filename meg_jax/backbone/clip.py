@@ -643,12 +643,32 @@ def load_tokenizer(folder: str | os.PathLike, max_length: int | None = None) -> 
         pre_tokenizers.ByteLevel(add_prefix_space=False),
     ])
     backend.decoder = decoders.ByteLevel()
-    # Named special tokens in transformers' order; a later entry with the same text wins, as
-    # when transformers adds them one after another.
+    # Added tokens, as transformers 5 resolves them: a folder written by transformers 4.3x lists
+    # every added token with its flags in tokenizer_config.json's added_tokens_decoder, and a
+    # special token named there by a plain string takes those flags; otherwise a plain string
+    # is matched on the raw text (normalized=False) and an AddedToken object keeps its own.
+    # Named tokens go in transformers' order; a later entry with the same text wins.
     added: dict[str, dict[str, bool]] = {}
+    for token_id, entry in sorted((config.get("added_tokens_decoder") or {}).items(), key=lambda kv: int(kv[0])):
+        spec = _token_spec(entry, f"{cfg_file}: added_tokens_decoder[{token_id}]")
+        if spec is None or vocab.get(spec[0]) != int(token_id):
+            raise ValueError(
+                f"{cfg_file}: added token {entry!r} with id {token_id} is not that id of the vocabulary "
+                "(tokens added after training, e.g. textual inversion, are not read)"
+            )
+        added[spec[0]] = spec[1]
+    listed = dict(added)
+    extra_file = os.path.join(folder, "added_tokens.json")  # transformers 4's list of tokens added later
+    for content, token_id in (_read_json(extra_file) if os.path.isfile(extra_file) else {}).items():
+        if vocab.get(content) != token_id:
+            raise ValueError(
+                f"{extra_file}: added token {content!r} with id {token_id} is not that id of the vocabulary "
+                "(tokens added after training, e.g. textual inversion, are not read)"
+            )
     for name in ("bos_token", "eos_token", "unk_token", "pad_token"):
         content, flags = specs[name]
-        added[content] = flags
+        plain = isinstance(config.get(name, token_map.get(name)), str)
+        added[content] = listed[content] if plain and content in listed else flags
     backend.add_special_tokens([AddedToken(c, special=True, **f) for c, f in added.items()])
     bos, eos, pad = specs["bos_token"][0], specs["eos_token"][0], specs["pad_token"][0]
     backend.post_processor = processors.RobertaProcessing(
