@@ -240,6 +240,10 @@ def test_tokenizer_single_prompt_and_errors(folders, tmp_path):
     with pytest.raises(ValueError, match="model_max_length"):
         load_tokenizer(bad)
     assert load_tokenizer(bad, max_length=20)("a").shape == (1, 20)
+    (bad / "tokenizer_config.json").write_text(json.dumps({**cfg, "tokenizer_class": "T5Tokenizer"}))
+    with pytest.raises(ValueError, match="tokenizer_class='T5Tokenizer'"):
+        load_tokenizer(bad, max_length=20)
+    (bad / "tokenizer_config.json").write_text(json.dumps(cfg))
     # A token added after training (textual inversion) has no id in the vocabulary: refused, not dropped.
     (bad / "added_tokens.json").write_text(json.dumps({"<cat-toy>": 674}))
     with pytest.raises(ValueError, match="added_tokens.json"):

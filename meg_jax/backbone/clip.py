@@ -582,8 +582,9 @@ def load_tokenizer(folder: str | os.PathLike, max_length: int | None = None) -> 
 
     Raises:
       FileNotFoundError: no ``tokenizer.json`` and no ``vocab.json`` + ``merges.txt`` (named).
-      ValueError: no usable ``model_max_length``, unreadable files, special tokens missing
-        from the vocabulary (named).
+      ValueError: naming the file: no usable ``model_max_length``, a ``tokenizer_class``
+        other than CLIP's, unreadable files, special tokens missing from the vocabulary, or
+        tokens added after training (textual inversion; not read).
     """
     from tokenizers import AddedToken, Regex, Tokenizer, decoders, normalizers, pre_tokenizers, processors
     from tokenizers.models import BPE
@@ -594,6 +595,10 @@ def load_tokenizer(folder: str | os.PathLike, max_length: int | None = None) -> 
     cfg_file, map_file = os.path.join(folder, "tokenizer_config.json"), os.path.join(folder, "special_tokens_map.json")
     config = _read_json(cfg_file) if os.path.isfile(cfg_file) else {}
     token_map = _read_json(map_file) if os.path.isfile(map_file) else {}
+    if config.get("tokenizer_class", "CLIPTokenizer") not in ("CLIPTokenizer", "CLIPTokenizerFast"):
+        raise ValueError(
+            f"{cfg_file}: tokenizer_class={config['tokenizer_class']!r}; meg-jax reads CLIP tokenizers only"
+        )
 
     if os.path.isfile(tok_json):
         model = _read_json(tok_json).get("model", {})
