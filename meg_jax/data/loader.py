@@ -102,8 +102,9 @@ class LoaderConfig:
 
 
 def _to_float(pixels: np.ndarray) -> np.ndarray:
-    # uint8 [0, 255] -> float32 [-1, 1]: x / 127.5 - 1 maps 0 -> -1 and 255 -> +1 exactly.
-    return pixels.astype(np.float32) * np.float32(1.0 / 127.5) - np.float32(1.0)
+    # uint8 [0, 255] -> float32 [-1, 1]: x / 127.5 - 1 maps 0 -> -1 and 255 -> +1 exactly
+    # (255 / 127.5 = 2 is exact in float32; a multiply by a rounded 1 / 127.5 is not).
+    return pixels.astype(np.float32) / np.float32(127.5) - np.float32(1.0)
 
 
 def prepare_image(image: bytes | np.ndarray | Image.Image, resolution: int, name: str = "image") -> np.ndarray:

@@ -32,13 +32,13 @@ another folder or host still resumes.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import glob
 import hashlib
 import json
 import os
 import tarfile
-import threading
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 
@@ -418,6 +418,29 @@ class DiskDatasetSource:
 # --------------------------------------------------------------------------- procedural shapes
 
 
+@functools.lru_cache(maxsize=8)
+def _shapes_drawer(config: ShapesConfig) -> Callable[[int, int], tuple[np.ndarray, str]]:
+    """``(seed, index) -> (image [R, R, 3] float32, prompt)``, one jitted program per config.
+
+    Module level and built on first use, so every source of one config shares a compiled
+    program, and a source pickled into a grain worker process compiles there.
+    """
+    import jax
+
+    from meg_jax.data.shapes import prompt_of, render, sample_attributes
+
+    @jax.jit
+    def draw(seed: jax.Array, index: jax.Array) -> tuple[jax.Array, Any]:
+        attrs = sample_attributes(jax.random.fold_in(jax.random.PRNGKey(seed), index), 1)
+        return render(attrs, config)[0], attrs
+
+    def record(seed: int, index: int) -> tuple[np.ndarray, str]:
+        image, attrs = draw(np.uint32(seed), np.uint32(index))
+        return np.asarray(image, np.float32), prompt_of(attrs)[0]
+
+    return record
+
+
 class ShapesSource:
     """The procedural shapes as records: record ``i`` is drawn from ``fold_in(PRNGKey(seed), i)``.
 
@@ -437,31 +460,6 @@ class ShapesSource:
         self.config = config
         self.num_records = int(num_records)
         self.seed = int(seed)
-        self._draw = None
-        self._lock = threading.Lock()
-
-    def _drawer(self) -> Any:
-        # Built on first use (in the process that reads: grain may pickle the source into a
-        # worker process, and a jitted function does not pickle).
-        with self._lock:
-            if self._draw is None:
-                import jax
-
-                from meg_jax.data.shapes import prompt_of, render, sample_attributes
-
-                config, seed = self.config, self.seed
-
-                @jax.jit
-                def draw(index: jax.Array) -> tuple[jax.Array, Any]:
-                    attrs = sample_attributes(jax.random.fold_in(jax.random.PRNGKey(seed), index), 1)
-                    return render(attrs, config)[0], attrs
-
-                def record(index: int) -> tuple[np.ndarray, str]:
-                    image, attrs = draw(np.uint32(index))
-                    return np.asarray(image, np.float32), prompt_of(attrs)[0]
-
-                self._draw = record
-            return self._draw
 
     def __len__(self) -> int:
         return self.num_records
@@ -470,18 +468,8 @@ class ShapesSource:
         index = int(index)
         if not 0 <= index < self.num_records:
             raise IndexError(f"ShapesSource: index {index} outside [0, {self.num_records})")
-        image, caption = self._drawer()(index)
+        image, caption = _shapes_drawer(self.config)(self.seed, index)
         return {"image": image, "caption": caption, "name": f"shapes[{index}]"}
-
-    def __getstate__(self) -> dict[str, Any]:
-        state = dict(self.__dict__)
-        state["_draw"] = None
-        state["_lock"] = None
-        return state
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__dict__.update(state)
-        self._lock = threading.Lock()
 
     def __repr__(self) -> str:
         c = self.config
