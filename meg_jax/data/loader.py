@@ -22,9 +22,19 @@ jax.process_count())`` (process p reads positions p, p + n, p + 2n, ... of it, s
 processes' records are disjoint and together cover each epoch); each process batches
 ``batch_size // process_count`` records.
 
+With ``num_epochs`` set, grain gives each process ``len(source) // process_count`` records
+per epoch (the last ``len % process_count`` are left out); with ``num_epochs=None`` the
+sequence runs on across epochs and nothing is left out.
+
+Worker processes (``worker_count > 0``): worker w of W reads every W-th record of the
+process's sequence and batches its own records, so the batches (not the set of records)
+depend on W; keep it fixed across a resume (grain refuses a state saved with another W).
+
 Resume: ``iterator.get_state()`` / ``set_state()`` (JSON bytes), or inside an orbax checkpoint
 with ``grain.checkpoint.CheckpointSave(iterator)`` / ``CheckpointRestore(iterator)`` as one item
-of an ``ocp.args.Composite``; a restored iterator yields exactly the batches that followed.
+of an ``ocp.args.Composite``; a restored iterator yields exactly the batches that followed. The
+state names the sampler (seed, epochs, record count) and the source's ``repr`` (dataset
+fingerprint, resolution, tokenizer); a state from another pipeline is refused.
 
 Bad input: with ``on_error="skip"`` a record that fails (missing or corrupt image, missing
 caption) is dropped with a logged warning naming it and counted in
@@ -263,6 +273,16 @@ def stack_records(records: Sequence[Mapping[str, Any]]) -> dict[str, np.ndarray]
 # --------------------------------------------------------------------------- the loader
 
 
+def _mark_absl_flags_parsed() -> None:
+    """grain 0.2.18 reads an absl flag when it starts worker processes and fails with
+    ``UnparsedFlagAccessError`` in a program that does not parse absl flags (google/grain
+    issue 1355, fixed by PR 1362 after 0.2.18). Parsing nothing keeps every flag's default."""
+    from absl import flags
+
+    if not flags.FLAGS.is_parsed():
+        flags.FLAGS.mark_as_parsed()
+
+
 class ImageCaptionLoader:
     """A grain ``DataLoader`` over a record source: deterministic, sharded, resumable batches.
 
@@ -303,6 +323,8 @@ class ImageCaptionLoader:
         self.shard_index = shard_index
         self.shard_count = shard_count
         self.batch_size_per_process = config.batch_size // shard_count
+        if config.worker_count > 0:
+            _mark_absl_flags_parsed()
         self.records = PreparedRecords(source, config.resolution, tokenizer=tokenizer, on_error=config.on_error)
         self._drop = _DropSkipped()
         sampler = grain.samplers.IndexSampler(
