@@ -177,7 +177,8 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"student step (tiny, K = 1, batch {batch}): {result['step_s']:.3f} s -> consumes "
               f"{result['consumption_per_s']:.1f} records/s (compile {result['compile_s']:.1f} s); "
               f"fed by the 32 x 32 loader: {result['fed_step_s']:.3f} s")
-    header = "| resolution | source images | loader records/s | per CPU-s |" + (" loader / step |" if args.time_step else "")
+    header = "| resolution | source images | loader records/s | per CPU-s |"
+    header += " loader / step |" if args.time_step else ""
     print(header)
     print("|---:|---|---:|---:|" + ("---:|" if args.time_step else ""))
     for r in rows:

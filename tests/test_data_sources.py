@@ -10,7 +10,6 @@ from __future__ import annotations
 import io
 import json
 import logging
-import os
 import tarfile
 
 import grain
@@ -244,7 +243,8 @@ def test_resume_through_orbax_gives_the_same_batches(data_root, tmp_path):
 
     fresh = iter(ImageCaptionLoader(source, config))
     restored = manager.restore(5, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore({"step": np.array(0, np.int32)}), data=grain.checkpoint.CheckpointRestore(fresh)))
+        state=ocp.args.StandardRestore({"step": np.array(0, np.int32)}),
+        data=grain.checkpoint.CheckpointRestore(fresh)))
     assert int(restored.state["step"]) == 5
     for want in expected:
         got = next(restored.data)

@@ -52,7 +52,7 @@ import io
 import logging
 import math
 import threading
-from typing import Any, Callable, Literal, Mapping, Protocol, Sequence
+from typing import Any, Literal, Mapping, Protocol, Sequence
 
 import grain
 import numpy as np
