@@ -91,7 +91,7 @@ def _latents(seed: int = 0) -> torch.Tensor:
 
 def _reference_loop(sched, n: int, latents: torch.Tensor, noise_seed: int) -> np.ndarray:
     """diffusers' pipeline loop: scale by init_noise_sigma, scale_model_input, model, step."""
-    sched.set_timesteps(n)
+    sched.set_timesteps(n)  # also resets the step counter
     x = latents * sched.init_noise_sigma
     gen = torch.Generator().manual_seed(noise_seed)
     kind = SCHEDULER_CLASSES[type(sched).__name__]
@@ -152,11 +152,11 @@ def _compare(cfg: dict, n: int, *, timestep_atol: float = 0.0, seed: int = 0) ->
     )
 
     latents = _latents(seed)
-    ref = _reference_loop(_diffusers(cfg), n, latents, noise_seed=seed + 1)
-    x_T = jnp.asarray(latents.numpy()) * plan.init_noise_sigma
+    ref = _reference_loop(ref_sched, n, latents, noise_seed=seed + 1)
+    x_T = latents.numpy() * np.float32(plan.init_noise_sigma)
     got = np.asarray(_run(plan, x_T, _step_noise(ours.kind, n, seed + 1)))
     assert np.all(np.isfinite(ref)), ctx
-    scale = max(1.0, float(jnp.abs(x_T).max()), float(np.abs(ref).max()))
+    scale = max(1.0, float(np.abs(x_T).max()), float(np.abs(ref).max()))
     err = float(np.abs(got - ref).max())
     assert err <= LATENT_RTOL * scale, f"{ctx}: max abs err {err:.3g} > {LATENT_RTOL} * {scale:.3g}"
 
@@ -255,16 +255,19 @@ EXTRA = {
         "LCMScheduler",
         dict(original_inference_steps=40, timestep_scaling=5.0, set_alpha_to_one=False),
     ),
+    # At the default timestep_scaling 10, c_skip ≤ 0.25/190² ≈ 7e-6 (invisible in the output);
+    # a small scaling makes both boundary scalings matter (t = 9: c_skip = 0.25/(0.45² + 0.25) = 0.55).
+    "lcm_small_timestep_scaling": ("LCMScheduler", dict(original_inference_steps=100, timestep_scaling=0.05)),
     "lcm_clip": ("LCMScheduler", dict(clip_sample=True, clip_sample_range=0.8, prediction_type="sample")),
 }
-# Dynamic thresholding is a static plan field (one more compile each): one step count.
+# Dynamic thresholding is a static plan field (one more compile each): one step count, and
+# not LCM, whose x̂₀ post-processing is DDIM's code at the same place.
 THRESHOLDED = {
     "ddim_threshold": ("DDIMScheduler", dict(thresholding=True, dynamic_thresholding_ratio=0.9, sample_max_value=3.0)),
     "dpm_threshold": (
         "DPMSolverMultistepScheduler",
         dict(thresholding=True, dynamic_thresholding_ratio=0.8, sample_max_value=2.0, prediction_type="sample"),
     ),
-    "lcm_threshold": ("LCMScheduler", dict(thresholding=True, dynamic_thresholding_ratio=0.9, sample_max_value=2.5)),
 }
 
 
@@ -412,14 +415,15 @@ def test_one_compile_per_kind_and_steps():
     run = jax.jit(lambda plan, x: denoise(plan, _counting_fake, x))
     x = jnp.ones(SHAPE)
     start = _TRACES["n"]
-    for spacing, prediction, rescale in itertools.product(SPACINGS, ("v_prediction", "sample"), (False, True)):
-        run(load_scheduler(_config("DPMSolverMultistepScheduler", spacing, prediction, rescale)).plan(3), x)
+    for spacing, prediction, rescale in itertools.product(SPACINGS, PREDICTIONS, (False, True)):
+        run(load_scheduler(_config("EulerDiscreteScheduler", spacing, prediction, rescale)).plan(3), x)
+    run(load_scheduler(_extra_config(*EXTRA["euler_karras"])).plan(3), x)
     assert _TRACES["n"] - start == 1
-    run(load_scheduler({"_class_name": "DPMSolverMultistepScheduler"}).plan(5), x)
+    run(load_scheduler({"_class_name": "EulerDiscreteScheduler"}).plan(5), x)
     assert _TRACES["n"] - start == 2
 
 
-def test_model_sees_scaled_input_and_diffusers_timestep_dtype():
+def test_model_sees_diffusers_timestep_dtype_and_latent_dtype():
     seen = []
 
     def spy(x, t):
@@ -427,9 +431,16 @@ def test_model_sees_scaled_input_and_diffusers_timestep_dtype():
         return jnp.zeros_like(x)
 
     x = jnp.ones((2, 3, 3, 4), jnp.bfloat16)  # NHWC, batch 2, bf16 latents
-    for cls, t_dtype in (("DDIMScheduler", jnp.int32), ("EulerDiscreteScheduler", jnp.float32)):
+    for cls, t_dtype in (
+        ("DDIMScheduler", jnp.int32),
+        ("DPMSolverMultistepScheduler", jnp.int32),
+        ("LCMScheduler", jnp.int32),
+        ("EulerDiscreteScheduler", jnp.float32),
+        ("EulerAncestralDiscreteScheduler", jnp.float32),
+    ):
         seen.clear()
-        out = denoise(load_scheduler({"_class_name": cls}).plan(2), spy, x)
+        plan = load_scheduler({"_class_name": cls}).plan(2)
+        out = jax.eval_shape(lambda x: denoise(plan, spy, x, key=jax.random.key(0)), x)
         assert out.dtype == jnp.bfloat16 and out.shape == x.shape
         assert seen == [(jnp.bfloat16, t_dtype, (2,))]  # traced once inside the scan
 
@@ -437,9 +448,8 @@ def test_model_sees_scaled_input_and_diffusers_timestep_dtype():
 def test_stochastic_noise_from_key_and_errors():
     plan = load_scheduler(_config("EulerAncestralDiscreteScheduler", "trailing", "epsilon", False)).plan(4)
     x = jnp.ones(SHAPE) * plan.init_noise_sigma
-    a = denoise(plan, _fake_jax, x, key=jax.random.key(0))
-    b = denoise(plan, _fake_jax, x, key=jax.random.key(0))
-    c = denoise(plan, _fake_jax, x, key=jax.random.key(1))
+    run = jax.jit(lambda key: denoise(plan, _fake_jax, x, key=key))
+    a, b, c = run(jax.random.key(0)), run(jax.random.key(0)), run(jax.random.key(1))
     assert np.all(np.isfinite(np.asarray(a)))
     np.testing.assert_array_equal(a, b)
     assert float(jnp.abs(a - c).max()) > 1e-3
@@ -448,4 +458,4 @@ def test_stochastic_noise_from_key_and_errors():
     with pytest.raises(ValueError, match="step_noise must have shape"):
         denoise(plan, _fake_jax, x, step_noise=jnp.zeros((3, *SHAPE)))
     with pytest.raises(ValueError, match="must return the input shape"):
-        denoise(plan, lambda x, t: x[..., :1], x, key=jax.random.key(0))
+        jax.eval_shape(lambda x: denoise(plan, lambda x, t: x[..., :1], x, key=jax.random.key(0)), x)

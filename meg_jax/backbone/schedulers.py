@@ -232,7 +232,8 @@ _ALL_KIND_KEYS = frozenset(k for spec in _SPECS.values() for k in spec)
 
 @flax.struct.dataclass
 class SamplingPlan:
-    """Everything one denoising loop needs for N steps, as arrays (a pytree; ``kind`` is static).
+    """Everything one denoising loop needs for N steps, as arrays (a pytree; only ``kind`` and
+    ``thresholding`` are static, so configs of one kind share a compiled loop per N).
 
     Per-step arrays have leading size N (the number of model calls); fields a kind does not use
     hold neutral values (documented per field).
@@ -241,8 +242,8 @@ class SamplingPlan:
     timesteps: jax.Array  # [N] what the network sees: int32 (ddim, dpmsolver++, lcm) or float32 (euler kinds)
     sigmas: jax.Array  # [N + 1] float32: euler kinds / dpmsolver++: diffusers' scheduler.sigmas;
     #   ddim / lcm: the equivalent sqrt((1 − ᾱ_t)/ᾱ_t) at each timestep, then 0 (informative only)
-    alpha_t: jax.Array  # [N + 1] float32 α = 1/sqrt(σ² + 1) at each of ``sigmas`` (x_t = α x₀ + α σ ε)
-    sigma_t: jax.Array  # [N + 1] float32 σ·α, the noise std in the VP parameterisation
+    alpha_t: jax.Array  # [N + 1] float32 α = 1/sqrt(σ² + 1) = sqrt(ᾱ) at each of ``sigmas``
+    sigma_t: jax.Array  # [N + 1] float32 σ·α = sqrt(1 − ᾱ): x_t = alpha_t·x₀ + sigma_t·ε
     lambda_t: jax.Array  # [N + 1] float32 log α − log(σ·α), the half log-SNR (+inf where σ = 0)
     alpha_prod: jax.Array  # [N] float32 ᾱ at each timestep (ddim, lcm; informative for the others)
     alpha_prod_prev: jax.Array  # [N] float32 ᾱ of each step's target (ddim: t − T//N or the final ᾱ;
@@ -505,8 +506,10 @@ def _plan_euler(sched: Scheduler, n: int) -> dict[str, Any]:
     T = int(cfg["num_train_timesteps"])
     ts = S.timesteps(n, cfg["timestep_spacing"], T, cfg["steps_offset"], scheduler="euler")
     ac = _alphas_cumprod(sched, zero_snr_floor=True)
-    table = sched.schedule.replace(alphas_cumprod=jnp.asarray(ac))
-    sig = np.asarray(S.euler_sigmas(table, ts), np.float64)[:-1]
+    # As S.euler_sigmas, but host-side and in float64 like diffusers' np.interp (plans are
+    # built on the host; the jnp version serves traced timesteps).
+    table = _sigma_table(ac)
+    sig = np.interp(ts.astype(np.float64), np.arange(len(table)), table.astype(np.float64))
     if sched.kind == "euler" and cfg["use_karras_sigmas"]:
         sig = _karras(*_karras_bounds(sched, sig), n)
         ts = _sigma_to_t(sig, np.log(_sigma_table(ac).astype(np.float64))).astype(np.float32)
@@ -519,7 +522,10 @@ def _plan_euler(sched: Scheduler, n: int) -> dict[str, Any]:
         timesteps=ts.astype(np.float32),
         sigmas=sigmas,
         alpha_prod=(1.0 / (sigmas[:-1].astype(np.float64) ** 2 + 1.0)).astype(np.float32),
-        init_noise_sigma=np.asarray(S.euler_init_noise_sigma(jnp.asarray(sigmas), cfg["timestep_spacing"])),
+        # diffusers' init_noise_sigma property (S.euler_init_noise_sigma, host-side)
+        init_noise_sigma=(
+            sigmas.max() if cfg["timestep_spacing"] in ("linspace", "trailing") else np.sqrt(sigmas.max() ** 2 + 1)
+        ),
     )
 
 
@@ -634,25 +640,28 @@ def _finish_plan(sched: Scheduler, f: dict[str, Any]) -> SamplingPlan:
     with np.errstate(divide="ignore", invalid="ignore"):  # σ = inf (DDIM/LCM at ᾱ = 0), σ = 0
         sigma_t = np.where(np.isinf(sigmas), np.float32(1.0), sigmas * alpha_t)
         lambda_t = np.log(alpha_t) - np.log(sigma_t)
+    arrays = dict(
+        timesteps=np.asarray(f["timesteps"]),
+        sigmas=sigmas,
+        alpha_t=np.asarray(alpha_t, np.float32),
+        sigma_t=np.asarray(sigma_t, np.float32),
+        lambda_t=np.asarray(lambda_t, np.float32),
+        alpha_prod=np.asarray(f["alpha_prod"], np.float32),
+        alpha_prod_prev=np.asarray(f.get("alpha_prod_prev", np.ones(n)), np.float32),
+        c_skip=np.asarray(f.get("c_skip", np.zeros(n)), np.float32),
+        c_out=np.asarray(f.get("c_out", np.ones(n)), np.float32),
+        order=np.asarray(f.get("order", np.ones(n)), np.int32),
+        init_noise_sigma=np.asarray(f["init_noise_sigma"], np.float32).reshape(()),
+        prediction=np.asarray(_PREDICTION_INDEX[cfg["prediction_type"]], np.int32),
+        clip_range=np.asarray(float(cfg["clip_sample_range"]) if clip else math.inf, np.float32),
+        threshold_ratio=np.asarray(float(cfg.get("dynamic_thresholding_ratio", 0.995)), np.float32),
+        threshold_max=np.asarray(float(cfg.get("sample_max_value", 1.0)), np.float32),
+        heun=np.asarray(cfg.get("solver_type") == "heun"),
+    )
     return SamplingPlan(
-        timesteps=jnp.asarray(f["timesteps"]),
-        sigmas=jnp.asarray(sigmas),
-        alpha_t=jnp.asarray(alpha_t, jnp.float32),
-        sigma_t=jnp.asarray(sigma_t, jnp.float32),
-        lambda_t=jnp.asarray(lambda_t, jnp.float32),
-        alpha_prod=jnp.asarray(f["alpha_prod"], jnp.float32),
-        alpha_prod_prev=jnp.asarray(f.get("alpha_prod_prev", np.ones(n)), jnp.float32),
-        c_skip=jnp.asarray(f.get("c_skip", np.zeros(n)), jnp.float32),
-        c_out=jnp.asarray(f.get("c_out", np.ones(n)), jnp.float32),
-        order=jnp.asarray(f.get("order", np.ones(n)), jnp.int32),
-        init_noise_sigma=jnp.asarray(f["init_noise_sigma"], jnp.float32).reshape(()),
-        prediction=jnp.asarray(_PREDICTION_INDEX[cfg["prediction_type"]], jnp.int32),
-        clip_range=jnp.asarray(float(cfg["clip_sample_range"]) if clip else math.inf, jnp.float32),
-        thresholding=bool(cfg.get("thresholding", False)),
-        threshold_ratio=jnp.asarray(float(cfg.get("dynamic_thresholding_ratio", 0.995)), jnp.float32),
-        threshold_max=jnp.asarray(float(cfg.get("sample_max_value", 1.0)), jnp.float32),
-        heun=jnp.asarray(cfg.get("solver_type") == "heun"),
+        **jax.device_put(arrays),  # one transfer for all leaves
         kind=sched.kind,
+        thresholding=bool(cfg.get("thresholding", False)),
     )
 
 
