@@ -89,9 +89,13 @@ def _latents(seed: int = 0) -> torch.Tensor:
     return torch.randn(SHAPE, generator=torch.Generator().manual_seed(seed))
 
 
-def _reference_loop(sched, n: int, latents: torch.Tensor, noise_seed: int) -> np.ndarray:
+def _reference_loop(
+    sched, n: int, latents: torch.Tensor, noise_seed: int, begin_at_zero: bool = False
+) -> np.ndarray:
     """diffusers' pipeline loop: scale by init_noise_sigma, scale_model_input, model, step."""
     sched.set_timesteps(n)  # also resets the step counter
+    if begin_at_zero:
+        sched.set_begin_index(0)  # as StableDiffusionXLPipeline does
     x = latents * sched.init_noise_sigma
     gen = torch.Generator().manual_seed(noise_seed)
     kind = SCHEDULER_CLASSES[type(sched).__name__]
@@ -133,12 +137,10 @@ def _compare(cfg: dict, n: int, *, timestep_atol: float = 0.0, seed: int = 0) ->
     ref_sched.set_timesteps(n)
     ctx = f"{cfg} N={n}"
     ref_ts = ref_sched.timesteps.numpy()
-    if np.sum(ref_ts == ref_ts[0]) > 1:
-        # diffusers starts at the second copy of a repeated first timestep and its loop then
-        # runs past the end of its sigmas (IndexError): refused here.
-        with pytest.raises(ValueError, match="repeated first timestep"):
-            ours.plan(n)
-        return
+    # A repeated first timestep (Karras, many steps) makes a scheduler without a begin index
+    # start at its second copy and run off its sigmas (IndexError); pipelines that call
+    # set_begin_index(0) (SDXL) run it from step 0, as denoise always does.
+    begin_at_zero = bool(np.sum(ref_ts == ref_ts[0]) > 1)
     plan = ours.plan(n)
     if timestep_atol == 0.0:
         np.testing.assert_array_equal(np.asarray(plan.timesteps), ref_ts, err_msg=ctx)
@@ -152,7 +154,7 @@ def _compare(cfg: dict, n: int, *, timestep_atol: float = 0.0, seed: int = 0) ->
     )
 
     latents = _latents(seed)
-    ref = _reference_loop(ref_sched, n, latents, noise_seed=seed + 1)
+    ref = _reference_loop(ref_sched, n, latents, noise_seed=seed + 1, begin_at_zero=begin_at_zero)
     x_T = latents.numpy() * np.float32(plan.init_noise_sigma)
     got = np.asarray(_run(plan, x_T, _step_noise(ours.kind, n, seed + 1)))
     assert np.all(np.isfinite(ref)), ctx
@@ -312,6 +314,10 @@ def test_grid_exercises_options():
     # these configs (|x̂₀| exceeds the range at t = 999), and DPM's orders are mixed.
     ours = load_scheduler(_extra_config(*EXTRA["dpm_order3"])).plan(25)
     assert set(np.asarray(ours.order).tolist()) == {1, 2, 3}
+    # Karras + zero SNR at N = 25 repeats the first timestep ([999, 999, 998, ...]): the
+    # begin-at-zero path of _compare is exercised.
+    ts = np.asarray(load_scheduler(_extra_config(*EXTRA["dpm_karras_zero_snr"])).plan(25).timesteps)
+    assert ts[0] == ts[1] == 999
     plan = load_scheduler(_extra_config(*EXTRA["ddim_clip"])).plan(4)
     assert float(plan.clip_range) == 0.5
     # x̂₀ at t = 999 from ε-prediction: (x − sqrt(1 − ᾱ)·ε̂)/sqrt(ᾱ), ᾱ_999 = 0.00466 → ×14.6.

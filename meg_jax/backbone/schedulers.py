@@ -27,6 +27,11 @@ Usage (the caller builds ``model_fn``; it does classifier-free guidance itself):
     run = jax.jit(lambda plan, x, key: denoise(plan, model_fn, x, key=key))
     x0_latents = run(plan, x, key)                       # one compile per step count
 
+The loop always starts at the plan's first timestep, as diffusers' SDXL pipelines do
+(``set_begin_index(0)``). The SD 1.x/2.x pipelines do not call it, and a scheduler then starts
+at the *second* copy of a repeated first timestep (possible with Karras sigmas and many steps)
+and fails with an IndexError; every schedule without that repetition runs the same in both.
+
 The plan is a pytree: only its ``kind`` and ``thresholding`` are static, so every config of
 one kind with the same step count shares one compiled loop (prediction type, clipping and the
 DPM order schedule are traced values).
@@ -459,16 +464,6 @@ def _final_sigma(sched: Scheduler, ac: np.ndarray) -> np.float32:
     return np.float32(0.0)
 
 
-def _check_first_unique(sched: Scheduler, ts: np.ndarray) -> None:
-    # diffusers starts at the *second* occurrence of a repeated first timestep (img2img logic);
-    # that off-by-one is not reproduced, so refuse the schedules where it would apply.
-    if np.sum(ts == ts[0]) > 1:
-        raise ValueError(
-            f"{sched.class_name}: {len(ts)} steps give a repeated first timestep {ts[0]} "
-            "(diffusers then skips step 0); use fewer steps"
-        )
-
-
 def _check_epsilon_defined(sched: Scheduler, ts: np.ndarray, alpha_prod: np.ndarray) -> None:
     # x̂₀ = (x − sqrt(1 − ᾱ)·ε̂) / sqrt(ᾱ) is undefined at ᾱ = 0 (zero terminal SNR): diffusers
     # returns NaN/inf latents there; refuse instead.
@@ -517,7 +512,6 @@ def _plan_euler(sched: Scheduler, n: int) -> dict[str, Any]:
     sigmas = np.concatenate([sig, [last]]).astype(np.float32)
     if sched.kind == "euler" and cfg["timestep_type"] == "continuous" and cfg["prediction_type"] == "v_prediction":
         ts = (np.float32(0.25) * np.log(sigmas[:-1])).astype(np.float32)
-    _check_first_unique(sched, ts)
     return dict(
         timesteps=ts.astype(np.float32),
         sigmas=sigmas,
@@ -584,7 +578,6 @@ def _plan_dpm(sched: Scheduler, n: int) -> dict[str, Any]:
             raise ValueError(f"DPMSolverMultistepScheduler: timesteps {ts} leave [0, {T})")
         sig = table[ts].astype(np.float64)
     sigmas = np.concatenate([sig, [_final_sigma(sched, ac)]]).astype(np.float32)
-    _check_first_unique(sched, ts)
     m = len(ts)
     return dict(
         timesteps=ts.astype(np.int32),
