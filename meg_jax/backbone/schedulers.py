@@ -696,7 +696,15 @@ def _x0_eps(plan: SamplingPlan, alpha: jax.Array, out: jax.Array, x: jax.Array) 
     return _select(plan.prediction, [p[0] for p in pairs]), _select(plan.prediction, [p[1] for p in pairs])
 
 
-def _ddim_body(plan, call, i, x, noise, aux):
+# A step body: (plan, network call, step index, state x [B, ...], this step's noise, solver
+# history) -> (next x, next history). ``call(x, t)`` applies model_fn with diffusers' t.
+_Call = Callable[[jax.Array, jax.Array], jax.Array]
+_Aux = tuple
+
+
+def _ddim_body(
+    plan: SamplingPlan, call: _Call, i: jax.Array, x: jax.Array, noise: jax.Array | None, aux: _Aux
+) -> tuple[jax.Array, _Aux]:
     t = plan.timesteps[i]
     out = call(x, t)
     x0, eps = _x0_eps(plan, plan.alpha_prod[i], out, x)
@@ -705,18 +713,24 @@ def _ddim_body(plan, call, i, x, noise, aux):
     return jnp.sqrt(a_prev) * x0 + jnp.sqrt(1.0 - a_prev) * eps, aux
 
 
-def _euler_x_next(plan, out, sigma, sigma_next, x):
+def _euler_x_next(
+    plan: SamplingPlan, out: jax.Array, sigma: jax.Array, sigma_next: jax.Array, x: jax.Array
+) -> jax.Array:
     preds = ("epsilon", "v_prediction", "sample")
     return _select(plan.prediction, [S.euler_step(out, sigma, sigma_next, x, p)[0] for p in preds])
 
 
-def _euler_body(plan, call, i, x, noise, aux):
+def _euler_body(
+    plan: SamplingPlan, call: _Call, i: jax.Array, x: jax.Array, noise: jax.Array | None, aux: _Aux
+) -> tuple[jax.Array, _Aux]:
     sigma, sigma_next = plan.sigmas[i], plan.sigmas[i + 1]
     out = call(S.euler_scale_model_input(x, sigma), plan.timesteps[i])
     return _euler_x_next(plan, out, sigma, sigma_next, x), aux
 
 
-def _euler_ancestral_body(plan, call, i, x, noise, aux):
+def _euler_ancestral_body(
+    plan: SamplingPlan, call: _Call, i: jax.Array, x: jax.Array, noise: jax.Array | None, aux: _Aux
+) -> tuple[jax.Array, _Aux]:
     sigma, sigma_to = plan.sigmas[i], plan.sigmas[i + 1]
     out = call(S.euler_scale_model_input(x, sigma), plan.timesteps[i])
     # Split the step to σ_to into a deterministic move to σ_down and fresh noise of std σ_up
@@ -727,7 +741,9 @@ def _euler_ancestral_body(plan, call, i, x, noise, aux):
     return x + noise * sigma_up, aux
 
 
-def _dpm_body(plan, call, i, x, noise, aux):
+def _dpm_body(
+    plan: SamplingPlan, call: _Call, i: jax.Array, x: jax.Array, noise: jax.Array | None, aux: _Aux
+) -> tuple[jax.Array, _Aux]:
     m1, m2 = aux  # the converted outputs (x̂₀) of steps i − 1 and i − 2
     out = call(x, plan.timesteps[i])
     alpha_s0, sigma_s0, lam_s0 = plan.alpha_t[i], plan.sigma_t[i], plan.lambda_t[i]
@@ -766,7 +782,9 @@ def _dpm_body(plan, call, i, x, noise, aux):
     return x, (m0, m1)
 
 
-def _lcm_body(plan, call, i, x, noise, aux):
+def _lcm_body(
+    plan: SamplingPlan, call: _Call, i: jax.Array, x: jax.Array, noise: jax.Array | None, aux: _Aux
+) -> tuple[jax.Array, _Aux]:
     out = call(x, plan.timesteps[i])
     x0, _ = _x0_eps(plan, plan.alpha_prod[i], out, x)
     x0 = _postprocess_x0(plan, x0)
