@@ -50,7 +50,14 @@ def test_critic_targets_hand_case():
 
 def test_polyak_and_alpha_updates():
     # polyak: 0.9 * 1 + 0.1 * 3 = 1.2
-    np.testing.assert_allclose(cvpo.polyak({"w": jnp.ones(2)}, {"w": 3 * jnp.ones(2)}, 0.1)["w"], [1.2, 1.2])
+    np.testing.assert_allclose(cvpo.polyak({"w": jnp.ones(2)}, {"w": 3 * jnp.ones(2)}, 0.1)["w"], [1.2, 1.2], rtol=1e-6)
+    # ... and it is optax's incremental_update(new=online, old=target, step_size=tau): the same
+    # two products and one sum per entry, so equal to a few ulps (rtol 1e-6)
+    k1, k2 = jax.random.split(jax.random.PRNGKey(0))
+    target = {"a": jax.random.normal(k1, (3, 4)), "b": {"c": jnp.arange(5.0)}}
+    online = {"a": jax.random.normal(k2, (3, 4)), "b": {"c": -jnp.arange(5.0)}}
+    chex.assert_trees_all_close(cvpo.polyak(target, online, 0.05), optax.incremental_update(online, target, 0.05),
+                                rtol=1e-6, atol=1e-7)
     # alpha + lr (KL / eps - 1): 1 + 0.5 (0.02 / 0.01 - 1) = 1.5; below the bound it falls, clipped at 0
     np.testing.assert_allclose(cvpo.update_alpha(jnp.float32(1.0), 0.02, 0.01, 0.5, 10.0), 1.5, rtol=1e-6)
     np.testing.assert_allclose(cvpo.update_alpha(jnp.float32(0.2), 0.0, 0.01, 0.5, 10.0), 0.0)
