@@ -154,68 +154,31 @@ def test_train_step_does_not_retrace_and_stays_finite(env):
     assert metrics["lam"].shape == (TINY.updates_per_block, 2)
 
 
-def test_discrete_head_trains_with_exact_estep(artifact):
-    denv = menv.make("tiny", num_envs=8, episode_length=8, artifact=artifact, discrete=True)
-    config = dataclasses.replace(TINY, discrete=True)
-    train = cvpo.make_train(config, denv, num_blocks=8)
-    state, metrics = jax.jit(train)(jax.random.PRNGKey(0))
+def test_discrete_head_learns_with_exact_estep(artifact):
+    """The categorical head (exact E-step over all 32 grid actions) learns: after 4096
+    transitions (964 updates) it beats the best fixed feasible (K, r) on 256 fresh episodes
+    inside the limits. Measured (seeds 0 and 1): quality 0.577 (se 0.008-0.009) vs 0.506,
+    latency 0.996-1.000 x limit, energy 0.95-0.96 x limit (cost_margin 0.03 aims at 0.97)."""
+    n, t = 16, 16
+    denv = menv.make("tiny", num_envs=n, episode_length=t, artifact=artifact, discrete=True)
+    config = dataclasses.replace(
+        TINY, discrete=True, actor_hidden=(32, 32), critic_hidden=(32, 32), batch_size=64, min_replay=256,
+        updates_per_block=4, cost_margin=0.03,
+    )
+    agent = cvpo.make_cvpo(config, denv)
+    state, metrics = jax.jit(cvpo.make_train(config, denv, num_blocks=256))(jax.random.PRNGKey(0))
     chex.assert_tree_all_finite((state.actor, state.critic, state.eta, state.lam))
     assert state.replay.data.action.dtype == jnp.int32
     kl = np.asarray(metrics["kl_mean"])[np.asarray(metrics["updated"]) > 0]
     assert kl.size > 0 and np.all(np.isfinite(kl))
 
-
-def test_make_train_vmaps_over_seeds(env):
-    train = cvpo.make_train(TINY, env, num_blocks=6)
-    keys = jax.random.split(jax.random.PRNGKey(0), 2)
-    states, metrics = jax.jit(jax.vmap(train))(keys)
-    chex.assert_tree_all_finite(states.actor)
-    a = jax.tree.leaves(states.actor)[0]
-    assert a.shape[0] == 2 and not np.allclose(a[0], a[1])
-    # Each seed equals its own unbatched run, up to rounding: the vmapped program batches its
-    # matmuls and reductions differently, so every forward/backward pass differs by ~eps * K
-    # relative (float32 eps 1.19e-7, K <= 256 summed terms: <= 3e-5). The critics follow
-    # their TD targets smoothly: after U updates of Adam (|step| <= lr each) the weights differ
-    # by a few ulps of |w| <= 1 (ulp 6e-8; measured <= 6e-8): atol 1e-6 leaves 16x room.
-    # The actor's M-step is not smooth in those bits: Adam divides each gradient coordinate by
-    # its RMS, so a coordinate whose gradient is ~0 turns rounding noise into a step of up to
-    # actor_lr, and the KL backtracking and the alpha duals branch on the rounded KL. The
-    # bound is therefore a fraction of the largest possible Adam displacement U * actor_lr
-    # (U = 6 updates here: 3e-3); 5 % of it (1.5e-4) is 9x the worst difference measured on
-    # two CPUs (1.7e-5), while a run with another seed's key or replay differs by O(0.1).
-    single = [jax.jit(train)(k)[0] for k in keys]
-    updates = int(single[0].updates)
-    assert updates > 0 and int(states.updates[0]) == updates
-    actor_tol = 0.05 * updates * TINY.actor_lr
-    for i, run in enumerate(single):
-        for part, atol in (("actor", actor_tol), ("critic", 1e-6)):
-            for x, y in zip(jax.tree.leaves(getattr(run, part)), jax.tree.leaves(getattr(states, part))):
-                np.testing.assert_allclose(np.asarray(x), np.asarray(y[i]), rtol=0, atol=atol, err_msg=f"{part} seed {i}")
-    # ... and not the other seed's run (that would pass any tolerance above trivially)
-    other = np.abs(np.asarray(jax.tree.leaves(single[0].actor)[1]) - np.asarray(jax.tree.leaves(states.actor)[1][1]))
-    assert other.max() > 100 * actor_tol, other.max()
-
-
-def test_learns_to_beat_best_fixed_feasible_policy(artifact):
-    """Tiny learning test: after ~4k transitions CVPO beats the best fixed feasible (K, r)
-    on 256 fresh episodes while keeping both episode-average costs within 2% of the limits."""
-    n, t = 16, 16
-    train_env = menv.make("tiny", num_envs=n, episode_length=t, artifact=artifact)
-    config = dataclasses.replace(
-        TINY, actor_hidden=(32, 32), critic_hidden=(32, 32), batch_size=64, min_replay=256, updates_per_block=4,
-    )
-    agent = cvpo.make_cvpo(config, train_env)
-    train = cvpo.make_train(config, train_env, num_blocks=256)  # 4096 transitions, 1000 updates
-    state, _ = jax.jit(train)(jax.random.PRNGKey(0))
-
     key = jax.random.PRNGKey(123)
-    denv = menv.make("tiny", num_envs=256, episode_length=t, artifact=artifact, discrete=True)
-    limits = np.asarray(denv.params.limits)
-    quality, costs = baselines.request_tables(denv, key)
+    eval_env = menv.make("tiny", num_envs=256, episode_length=t, artifact=artifact, discrete=True)
+    quality, costs = baselines.request_tables(eval_env, key)
     a = quality.shape[-1]
-    fixed = env_oracle.best_fixed_action(denv.params, quality.reshape(-1, a), costs.reshape(-1, a, 2), limits)
-    fixed_quality = fixed.avg_quality
-    eval_env = menv.make("tiny", num_envs=256, episode_length=t, artifact=artifact)
+    limits = np.asarray(eval_env.params.limits)
+    fixed = env_oracle.best_fixed_action(eval_env.params, quality.reshape(-1, a), costs.reshape(-1, a, 2), limits)
     result = evaluate_policy(eval_env, baselines.learned_policy(agent.act, state.actor), key)
+    # feasible at the harness's 2 % tolerance; 3 standard errors (paired episodes) above fixed
     assert result.feasible, result
-    assert result.quality > fixed_quality + 0.01, (result.quality, fixed_quality)
+    assert result.quality > fixed.avg_quality + 3 * result.quality_se, (result, fixed.avg_quality)
