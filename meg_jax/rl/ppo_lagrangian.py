@@ -11,6 +11,9 @@ the unconstrained baseline.
 
 Like CVPO, the process is treated as continuing across episode ends (bootstrapping into the
 next episode's first observation), and costs are divided by the limits.
+
+GAE and the clipped surrogate are rlax's (``truncated_generalized_advantage_estimation``,
+``clipped_surrogate_pg_loss``); this module only lays the rollout out for them.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from typing import Any, Callable, NamedTuple, Optional
 import jax
 import jax.numpy as jnp
 import optax
+import rlax
 from flax import struct
 from jax.sharding import Mesh
 
@@ -40,8 +44,7 @@ class Rollout:
     reward: jax.Array  # [L, N]
     costs: jax.Array  # [L, N, m] normalised
     discount: jax.Array  # [L, N] 1 = bootstrap
-    values: jax.Array  # [L, N, 1 + m]
-    next_values: jax.Array  # [L, N, 1 + m] values of the next observation
+    values: jax.Array  # [L, N, 1 + m] V(s_t); V(s_{t+1}) is values[t + 1] (or the bootstrap value)
 
 
 @struct.dataclass
@@ -73,35 +76,38 @@ class PPOAgent(NamedTuple):
     limits: jax.Array
 
 
-def gae(rewards: jax.Array, values: jax.Array, next_values: jax.Array, discount: jax.Array,
-        gamma: float, lam: float) -> tuple[jax.Array, jax.Array]:
-    """Generalised advantage estimation over a rollout.
+def gae(rewards: jax.Array, values: jax.Array, discount: jax.Array, gamma: float,
+        lam: float) -> tuple[jax.Array, jax.Array]:
+    """Generalised advantage estimation over a rollout (rlax's, applied per column).
+
+    A_t = delta_t + gamma lam d_t A_{t+1}, delta_t = r_t + gamma d_t V(s_{t+1}) - V(s_t).
 
     Args:
       rewards: [L, ...] rewards (or costs) per step.
-      values: [L, ...] V(s_t); next_values: [L, ...] V(s_{t+1}).
-      discount: [L, ...] 1 to bootstrap from s_{t+1}, 0 at a termination; the GAE trace is
-        cut where it is 0.
+      values: [L + 1, ...] V(s_0) .. V(s_L): the rollout's values and the bootstrap value of
+        the observation after its last step.
+      discount: [L, ...] (or broadcastable to ``rewards``) 1 to bootstrap from s_{t+1}, 0 at
+        a termination; the GAE trace is cut where it is 0.
       gamma, lam: discount and GAE lambda.
 
     Returns:
-      advantages [L, ...] and returns (advantages + values) [L, ...].
+      advantages [L, ...] and returns (advantages + V(s_t)) [L, ...].
     """
-    deltas = rewards + gamma * discount * next_values - values
-
-    def back(carry, x):
-        delta, d = x
-        adv = delta + gamma * lam * d * carry
-        return adv, adv
-
-    _, adv = jax.lax.scan(back, jnp.zeros_like(deltas[0]), (deltas, discount), reverse=True)
-    return adv, adv + values
+    length = rewards.shape[0]
+    if values.shape != (length + 1,) + rewards.shape[1:]:
+        raise ValueError(f"gae: values must be [L + 1, ...] = {(length + 1,) + rewards.shape[1:]}, got {values.shape}")
+    columns = lambda x: jnp.reshape(x, (x.shape[0], -1))  # noqa: E731  [T, ...] -> [T, columns]
+    discount_t = gamma * jnp.broadcast_to(discount, rewards.shape).astype(rewards.dtype)
+    adv = jax.vmap(rlax.truncated_generalized_advantage_estimation, in_axes=(1, 1, None, 1), out_axes=1)(
+        columns(rewards), columns(discount_t), lam, columns(values)
+    )
+    adv = jnp.reshape(adv, rewards.shape)
+    return adv, adv + values[:-1]
 
 
 def ppo_clip_loss(log_prob: jax.Array, old_log_prob: jax.Array, advantages: jax.Array, clip_eps: float) -> jax.Array:
-    """-mean min(ratio A, clip(ratio, 1 - eps, 1 + eps) A)."""
-    ratio = jnp.exp(log_prob - old_log_prob)
-    return -jnp.mean(jnp.minimum(ratio * advantages, jnp.clip(ratio, 1.0 - clip_eps, 1.0 + clip_eps) * advantages))
+    """-mean min(ratio A, clip(ratio, 1 - eps, 1 + eps) A) over [B] samples (rlax's)."""
+    return rlax.clipped_surrogate_pg_loss(jnp.exp(log_prob - old_log_prob), advantages, clip_eps)
 
 
 def update_multipliers(lam: jax.Array, avg_costs: jax.Array, target: float | jax.Array, lr: float, lam_max: float) -> jax.Array:
@@ -189,12 +195,11 @@ def make_ppo(config: PPOConfig, env: Any, mesh: Optional[Mesh] = None) -> PPOAge
         env_action = action if discrete else jnp.clip(action, -1.0, 1.0)
         nxt = env.step(es, env_action)
         values = critic_net.apply(state.critic, es.obs)
-        next_values = critic_net.apply(state.critic, nxt.obs)
         done, trunc = nxt.done, nxt.info["truncation"]
         step = Rollout(
             obs=es.obs, action=action, log_prob=log_prob(out, action), reward=nxt.reward,
             costs=nxt.info["costs"] / limits, discount=1.0 - done * (1.0 - trunc),
-            values=values, next_values=next_values,
+            values=values,
         )
         ep_costs = jnp.stack([nxt.metrics["avg_latency_s"], nxt.metrics["avg_energy_j"]], axis=-1)
         tracker = EpisodeTracker(
@@ -232,7 +237,11 @@ def make_ppo(config: PPOConfig, env: Any, mesh: Optional[Mesh] = None) -> PPOAge
             rollout_step, (state, EpisodeTracker.zeros(m)), jax.random.split(k_roll, config.rollout_length)
         )
         heads_r = jnp.concatenate([ro.reward[..., None], ro.costs], axis=-1)  # [L, N, 1 + m]
-        adv, returns = gae(heads_r, ro.values, ro.next_values, ro.discount[..., None], config.gamma, config.gae_lambda)
+        # V(s_{t+1}) of step t is the next step's V(s_t) (the next episode's first observation
+        # after an episode end: the process continues); after the last step, the state now held
+        last_values = critic_net.apply(state.critic, state.env_state.obs)[None]
+        values = jnp.concatenate([ro.values, last_values], axis=0)  # [L + 1, N, 1 + m]
+        adv, returns = gae(heads_r, values, ro.discount[..., None], config.gamma, config.gae_lambda)
         avg_costs = jnp.mean(ro.costs, axis=(0, 1))
         lam = update_multipliers(state.lam, avg_costs, cost_target, config.lagrange_lr, config.lagrange_max)
         state = state.replace(lam=jnp.where(config.lagrangian, lam, state.lam))
