@@ -10,7 +10,7 @@ each single-threaded by default (``--threads``: XLA's Eigen pool off, ``torch.se
 The table gives, per agent, the wall-clock time to
 
 (a) a **feasible** policy: the mean over the evaluation episodes of each episode-average cost
-    is at most ``limit x 1.02`` (``EvalConfig.feasibility_tolerance``), and
+    is at most ``limit x FEASIBILITY_TOLERANCE`` (1.02; ``EvalConfig.feasibility_tolerance``), and
 (b) **90% of the fixed -> oracle quality gap** closed, ``(Q - Q_fixed) / (Q_oracle - Q_fixed)
     >= 0.9``, by a feasible policy (a policy that breaks a limit can exceed any quality),
 
@@ -88,7 +88,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import numpy as np
 
@@ -646,19 +646,34 @@ def run_fsrl(args: argparse.Namespace, config: Any, env: Any, work: str, oracle_
             "load_after": os.getloadavg()[0]}
 
 
-def fsrl_policy(weights: dict[str, np.ndarray], deterministic: bool) -> Callable:
-    """The harness policy ``policy(state, key) -> action [E, 2]`` of an exported FSRL actor."""
-    import jax
-    import jax.numpy as jnp
+@dataclasses.dataclass(frozen=True)
+class FSRLPolicy:
+    """An exported FSRL actor as a parametrised harness policy: ``policy(weights, state, key)``.
 
-    w = {k: (jnp.asarray(v, jnp.float32) if v.ndim else v) for k, v in weights.items()}
+    ``weights`` (from :func:`fsrl_policy_params`) are traced arguments, so every checkpoint
+    of one run is scored by one compiled rollout; ``unbounded`` and ``max_action`` change the
+    program and are fields here.
+    """
 
-    def policy(state, key):
+    deterministic: bool
+    unbounded: bool
+    max_action: float
+
+    def __call__(self, weights: dict[str, Any], state: Any, key: Any) -> Any:
+        import jax
+        import jax.numpy as jnp
+
+        w = dict(weights, unbounded=np.bool_(self.unbounded), max_action=np.float32(self.max_action))
         mu, std = fsrl_actor_forward(w, state.obs, jnp)
-        a = mu if deterministic else mu + std * jax.random.normal(key, mu.shape)
+        a = mu if self.deterministic else mu + std * jax.random.normal(key, mu.shape)
         return jnp.clip(a, -1.0, 1.0)  # FSRL's action_bound_method="clip"; the env clips too
 
-    return policy
+
+def fsrl_policy_params(weights: dict[str, np.ndarray], deterministic: bool) -> tuple[FSRLPolicy, dict[str, Any]]:
+    """The harness policy of an exported FSRL actor and its traced weights (float32 arrays)."""
+    policy = FSRLPolicy(deterministic, bool(np.asarray(weights["unbounded"])), float(np.asarray(weights["max_action"])))
+    arrays = {k: np.asarray(v, np.float32) for k, v in weights.items() if k not in ("unbounded", "max_action")}
+    return policy, arrays
 
 
 def check_fsrl_export(weights: dict[str, np.ndarray], record: dict, probe: np.ndarray) -> None:
@@ -684,8 +699,7 @@ def evaluate_checkpoints(cfg: Any, ref: dict, runs: dict[str, dict]) -> dict[str
     """Every checkpoint of every agent on the baselines' fresh episodes (``reference_policies``)."""
     import jax
 
-    from meg_jax.rl import baselines
-    from meg_jax.rl.evaluate import evaluate_policy, gap_closed, make_env
+    from meg_jax.rl.evaluate import LearnedPolicy, evaluate_policy, gap_closed, make_env
 
     episodes, deterministic = cfg.eval.num_episodes, cfg.eval.deterministic
     fixed_q, oracle_q = ref["fixed"]["quality"], ref["oracle"]["quality"]
@@ -696,14 +710,15 @@ def evaluate_checkpoints(cfg: Any, ref: dict, runs: dict[str, dict]) -> dict[str
     for name, run in runs.items():
         rows = []
         for ck in run["checkpoints"]:
+            # one policy object per agent, weights as arguments: one compiled rollout per agent
             if name == "megjax":
-                policy = baselines.learned_policy(run["agent"].act, ck["params"], deterministic)
+                policy, params = LearnedPolicy(run["agent"].act, deterministic), ck["params"]
             else:
                 with np.load(ck["weights"]) as f:
                     weights = {k: f[k] for k in f.files}
                 check_fsrl_export(weights, ck, run["probe"])
-                policy = fsrl_policy(weights, deterministic)
-            res = evaluate_policy(penv, policy, key, tolerance=tol).as_dict()
+                policy, params = fsrl_policy_params(weights, deterministic)
+            res = evaluate_policy(penv, policy, key, policy_params=params, tolerance=tol).as_dict()
             res.update(agent=name, wall_s=ck["wall_s"], env_steps=ck["env_steps"], updates=ck["updates"],
                        gap_closed=gap_closed(res["quality"], fixed_q, oracle_q))
             rows.append(res)

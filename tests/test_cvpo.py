@@ -16,7 +16,7 @@ from meg_jax.env import oracle as env_oracle
 from meg_jax.meg.artifact import synthetic_artifact
 from meg_jax.rl import baselines, cvpo, networks
 from meg_jax.rl.config import CVPOConfig
-from meg_jax.rl.evaluate import evaluate_policy
+from meg_jax.rl.evaluate import LearnedPolicy, evaluate_policy
 
 TINY = CVPOConfig(
     actor_hidden=(16, 16), critic_hidden=(16, 16), batch_size=32, num_action_samples=8,
@@ -187,6 +187,6 @@ def test_learns_to_beat_best_fixed_feasible_policy(artifact):
     fixed = env_oracle.best_fixed_action(denv.params, quality.reshape(-1, a), costs.reshape(-1, a, 2), limits)
     fixed_quality = fixed.avg_quality
     eval_env = menv.make("tiny", num_envs=256, episode_length=t, artifact=artifact)
-    result = evaluate_policy(eval_env, baselines.learned_policy(agent.act, state.actor), key)
+    result = evaluate_policy(eval_env, LearnedPolicy(agent.act), key, policy_params=state.actor)
     assert result.feasible, result
     assert result.quality > fixed_quality + 0.01, (result.quality, fixed_quality)

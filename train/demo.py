@@ -54,7 +54,7 @@ class DemoPlan:
     replay_capacity: int  # CVPO replay size
     ppo_rollout: int  # PPO-Lagrangian rollout length
     sweep_blocks: int  # CVPO blocks per swept latency limit (0: oracle/fixed only)
-    sweep_fractions: tuple[float, ...]  # swept latency limits (see evaluation.sweep_latency_limits)
+    sweep_fractions: tuple[float, ...]  # swept latency limits (see eval.orchestrate.sweep_latency_limits)
     image_snrs_db: tuple[float, ...]  # channel states of the item-5 images
     grid_steps: tuple[int, ...]  # (K, r) image grid rows
     grid_ratios: tuple[float, ...]  # and columns
@@ -158,7 +158,8 @@ def _run_config(algo: str, p: DemoPlan, preset: str, artifact: str, seed: int) -
 def _train(config: Any, workdir: str, progress: bool) -> float:
     """Runs ``train.cvpo`` into ``workdir`` (a stale run of another config is replaced)."""
     from meg_jax.checkpoint import ConfigMismatchError
-    from train import cvpo as cvpo_job
+
+    from . import cvpo as cvpo_job
 
     t0 = time.time()
     try:
@@ -221,11 +222,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         run_dirs.append(run_dir)
         bar.update(1)
 
-    from meg_jax import evaluation, report
+    from . import job_module
 
+    orchestrate, report = job_module("eval.orchestrate"), job_module("eval.report")
     bar.set_description("demo: evaluate")
     t0 = time.time()
-    results = evaluation.evaluate_runs(
+    results = orchestrate.evaluate_runs(
         run_dirs, episodes=p.eval_episodes, sweep_blocks=p.sweep_blocks, sweep_fractions=p.sweep_fractions,
         backbone_path=backbone_path, image_snrs_db=p.image_snrs_db, grid_steps=p.grid_steps,
         grid_ratios=p.grid_ratios, seed=args.seed,
