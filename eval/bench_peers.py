@@ -79,6 +79,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
+import importlib.util
 import json
 import math
 import os
@@ -92,9 +93,8 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DEFAULT_PEER_VENV = os.path.join(REPO_ROOT, ".peer_venv")
-NUMPY_REFERENCE = os.path.join(REPO_ROOT, "meg_jax", "env", "numpy_reference.py")
+DEFAULT_PEER_VENV = ".peer_venv"  # relative to the working directory (the repository root)
+
 GAP_TARGET = 0.9  # fraction of the fixed -> oracle gap for (b)
 SPEEDUP_TARGET = 10.0  # the issue's target: meg-jax >= 10x faster to (b)
 
@@ -331,11 +331,16 @@ def fsrl_actor_forward(weights: dict[str, Any], obs: Any, xp: Any = np) -> tuple
 
 
 # ============================================================================ FSRL worker (peer venv)
-def _load_numpy_reference() -> Any:
-    """``meg_jax/env/numpy_reference.py`` by path: the package __init__ would import JAX."""
-    import importlib.util
+def numpy_reference_path() -> str:
+    """``meg_jax/env/numpy_reference.py`` wherever meg_jax is (source tree or installed), found
+    without importing meg_jax (whose __init__ imports JAX)."""
+    return os.path.join(importlib.util.find_spec("meg_jax").submodule_search_locations[0], "env", "numpy_reference.py")
 
-    spec = importlib.util.spec_from_file_location("meg_numpy_reference", NUMPY_REFERENCE)
+
+def _load_numpy_reference(path: Optional[str] = None) -> Any:
+    """``meg_jax/env/numpy_reference.py`` loaded by path (the peer venv has no JAX, nor meg_jax:
+    the worker gets the path from its spec)."""
+    spec = importlib.util.spec_from_file_location("meg_numpy_reference", path or numpy_reference_path())
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -444,7 +449,7 @@ def peer_worker(spec_path: str) -> int:
     import fsrl
     import tianshou
 
-    ref = _load_numpy_reference()
+    ref = _load_numpy_reference(spec["numpy_reference"])
     params = _load_env_params(spec["params_npz"], spec["params_static"])
     env_class = make_reference_env_class(ref)
     env_id = "meg_jax_bench/MEGReference-tiny-v0"
@@ -622,7 +627,7 @@ def run_fsrl(args: argparse.Namespace, config: Any, env: Any, work: str, oracle_
         "cost_limit": float(int(env.episode_length) * len(binding)), "binding": binding,
         "fsrl": parse_peer_settings(args.peer_set, config.cvpo.gamma), "budget_s": args.budget_s,
         "eval_every_s": args.eval_every, "seed": config.seed, "threads": args.threads,
-        "out_dir": os.path.join(work, "fsrl"), "probe_obs": probe.tolist(),
+        "out_dir": os.path.join(work, "fsrl"), "probe_obs": probe.tolist(), "numpy_reference": numpy_reference_path(),
     }
     spec_path = os.path.join(work, "fsrl_spec.json")
     with open(spec_path, "w") as f:

@@ -69,7 +69,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     runs = find_runs(args.run_dir)
     backbone_path = args.backbone
     if backbone_path is None:
-        for candidate in (os.path.join(args.run_dir, "tiny"), DEFAULT_BACKBONE):
+        from meg_jax import shipped
+
+        for candidate in (os.path.join(args.run_dir, "tiny"), shipped.resolve(DEFAULT_BACKBONE)):
             if os.path.isfile(os.path.join(candidate, "backbone.json")):
                 backbone_path = candidate
                 break

@@ -103,12 +103,17 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
 
 
 def _resolve(path: str) -> str:
-    """``path`` as given if it exists (relative to the cwd), else relative to the repository root."""
-    if os.path.isabs(path) or os.path.exists(path):
-        return path
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    candidate = os.path.join(root, path)
-    return candidate if os.path.exists(candidate) else path
+    """``path`` as given if it exists, else the shipped copy (``meg_jax.shipped.resolve``:
+    ``$MEG_JAX_CHECKPOINTS`` or the checkpoints installed with meg-jax)."""
+    from meg_jax import shipped
+
+    return shipped.resolve(path)
+
+
+def _shipped_hint() -> str:
+    from meg_jax import shipped
+
+    return shipped.missing_hint()
 
 
 def check_shipped(checkpoints: str, artifact: Optional[str], preset: str, recalibrate: bool) -> tuple[str, Optional[str]]:
@@ -120,7 +125,7 @@ def check_shipped(checkpoints: str, artifact: Optional[str], preset: str, recali
         raise MissingCheckpointError(
             f"the shipped backbone {os.path.join(checkpoints, 'backbone.json')} is missing. Make it with:\n"
             f"  python -m train.distill --preset tiny --workdir runs/tiny --export {checkpoints}\n"
-            "(or pass --checkpoints DIR)"
+            f"(or pass --checkpoints DIR; {_shipped_hint()})"
         )
     if recalibrate:
         return backbone, None
@@ -131,7 +136,7 @@ def check_shipped(checkpoints: str, artifact: Optional[str], preset: str, recali
         raise MissingCheckpointError(
             f"the calibration artifact {artifact} is missing. Make it with:\n"
             f"  meg-jax calibrate --checkpoint {checkpoints}\n"
-            "(python -m train.calibrate; or run the demo with --recalibrate)"
+            f"(python -m train.calibrate; or run the demo with --recalibrate; {_shipped_hint()})"
         )
     return backbone, path
 
@@ -177,7 +182,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     t_start, cpu_start = time.time(), time.process_time()
     try:
         backbone_path, artifact_path = check_shipped(args.checkpoints, args.artifact, args.preset, args.recalibrate)
-    except MissingCheckpointError as e:
+    except (MissingCheckpointError, NotADirectoryError) as e:  # NotADirectoryError: a bad $MEG_JAX_CHECKPOINTS
         print(f"error: {e}", file=sys.stderr)
         return 2
     except ValueError as e:
