@@ -10,7 +10,7 @@ each single-threaded by default (``--threads``: XLA's Eigen pool off, ``torch.se
 The table gives, per agent, the wall-clock time to
 
 (a) a **feasible** policy: the mean over the evaluation episodes of each episode-average cost
-    is at most ``limit x 1.02`` (``EvalConfig.feasibility_tolerance``), and
+    is at most ``limit x FEASIBILITY_TOLERANCE`` (1.02; ``EvalConfig.feasibility_tolerance``), and
 (b) **90% of the fixed -> oracle quality gap** closed, ``(Q - Q_fixed) / (Q_oracle - Q_fixed)
     >= 0.9``, by a feasible policy (a policy that breaks a limit can exceed any quality),
 
@@ -79,6 +79,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
+import importlib.util
 import json
 import math
 import os
@@ -88,13 +89,12 @@ import subprocess
 import sys
 import tempfile
 import time
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import numpy as np
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DEFAULT_PEER_VENV = os.path.join(REPO_ROOT, ".peer_venv")
-NUMPY_REFERENCE = os.path.join(REPO_ROOT, "meg_jax", "env", "numpy_reference.py")
+DEFAULT_PEER_VENV = ".peer_venv"  # relative to the working directory (the repository root)
+
 GAP_TARGET = 0.9  # fraction of the fixed -> oracle gap for (b)
 SPEEDUP_TARGET = 10.0  # the issue's target: meg-jax >= 10x faster to (b)
 
@@ -331,11 +331,16 @@ def fsrl_actor_forward(weights: dict[str, Any], obs: Any, xp: Any = np) -> tuple
 
 
 # ============================================================================ FSRL worker (peer venv)
-def _load_numpy_reference() -> Any:
-    """``meg_jax/env/numpy_reference.py`` by path: the package __init__ would import JAX."""
-    import importlib.util
+def numpy_reference_path() -> str:
+    """``meg_jax/env/numpy_reference.py`` wherever meg_jax is (source tree or installed), found
+    without importing meg_jax (whose __init__ imports JAX)."""
+    return os.path.join(importlib.util.find_spec("meg_jax").submodule_search_locations[0], "env", "numpy_reference.py")
 
-    spec = importlib.util.spec_from_file_location("meg_numpy_reference", NUMPY_REFERENCE)
+
+def _load_numpy_reference(path: Optional[str] = None) -> Any:
+    """``meg_jax/env/numpy_reference.py`` loaded by path (the peer venv has no JAX, nor meg_jax:
+    the worker gets the path from its spec)."""
+    spec = importlib.util.spec_from_file_location("meg_numpy_reference", path or numpy_reference_path())
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -444,7 +449,7 @@ def peer_worker(spec_path: str) -> int:
     import fsrl
     import tianshou
 
-    ref = _load_numpy_reference()
+    ref = _load_numpy_reference(spec["numpy_reference"])
     params = _load_env_params(spec["params_npz"], spec["params_static"])
     env_class = make_reference_env_class(ref)
     env_id = "meg_jax_bench/MEGReference-tiny-v0"
@@ -622,7 +627,7 @@ def run_fsrl(args: argparse.Namespace, config: Any, env: Any, work: str, oracle_
         "cost_limit": float(int(env.episode_length) * len(binding)), "binding": binding,
         "fsrl": parse_peer_settings(args.peer_set, config.cvpo.gamma), "budget_s": args.budget_s,
         "eval_every_s": args.eval_every, "seed": config.seed, "threads": args.threads,
-        "out_dir": os.path.join(work, "fsrl"), "probe_obs": probe.tolist(),
+        "out_dir": os.path.join(work, "fsrl"), "probe_obs": probe.tolist(), "numpy_reference": numpy_reference_path(),
     }
     spec_path = os.path.join(work, "fsrl_spec.json")
     with open(spec_path, "w") as f:
@@ -646,19 +651,34 @@ def run_fsrl(args: argparse.Namespace, config: Any, env: Any, work: str, oracle_
             "load_after": os.getloadavg()[0]}
 
 
-def fsrl_policy(weights: dict[str, np.ndarray], deterministic: bool) -> Callable:
-    """The harness policy ``policy(state, key) -> action [E, 2]`` of an exported FSRL actor."""
-    import jax
-    import jax.numpy as jnp
+@dataclasses.dataclass(frozen=True)
+class FSRLPolicy:
+    """An exported FSRL actor as a parametrised harness policy: ``policy(weights, state, key)``.
 
-    w = {k: (jnp.asarray(v, jnp.float32) if v.ndim else v) for k, v in weights.items()}
+    ``weights`` (from :func:`fsrl_policy_params`) are traced arguments, so every checkpoint
+    of one run is scored by one compiled rollout; ``unbounded`` and ``max_action`` change the
+    program and are fields here.
+    """
 
-    def policy(state, key):
+    deterministic: bool
+    unbounded: bool
+    max_action: float
+
+    def __call__(self, weights: dict[str, Any], state: Any, key: Any) -> Any:
+        import jax
+        import jax.numpy as jnp
+
+        w = dict(weights, unbounded=np.bool_(self.unbounded), max_action=np.float32(self.max_action))
         mu, std = fsrl_actor_forward(w, state.obs, jnp)
-        a = mu if deterministic else mu + std * jax.random.normal(key, mu.shape)
+        a = mu if self.deterministic else mu + std * jax.random.normal(key, mu.shape)
         return jnp.clip(a, -1.0, 1.0)  # FSRL's action_bound_method="clip"; the env clips too
 
-    return policy
+
+def fsrl_policy_params(weights: dict[str, np.ndarray], deterministic: bool) -> tuple[FSRLPolicy, dict[str, Any]]:
+    """The harness policy of an exported FSRL actor and its traced weights (float32 arrays)."""
+    policy = FSRLPolicy(deterministic, bool(np.asarray(weights["unbounded"])), float(np.asarray(weights["max_action"])))
+    arrays = {k: np.asarray(v, np.float32) for k, v in weights.items() if k not in ("unbounded", "max_action")}
+    return policy, arrays
 
 
 def check_fsrl_export(weights: dict[str, np.ndarray], record: dict, probe: np.ndarray) -> None:
@@ -684,8 +704,7 @@ def evaluate_checkpoints(cfg: Any, ref: dict, runs: dict[str, dict]) -> dict[str
     """Every checkpoint of every agent on the baselines' fresh episodes (``reference_policies``)."""
     import jax
 
-    from meg_jax.rl import baselines
-    from meg_jax.rl.evaluate import evaluate_policy, gap_closed, make_env
+    from meg_jax.rl.evaluate import LearnedPolicy, evaluate_policy, gap_closed, make_env
 
     episodes, deterministic = cfg.eval.num_episodes, cfg.eval.deterministic
     fixed_q, oracle_q = ref["fixed"]["quality"], ref["oracle"]["quality"]
@@ -696,14 +715,15 @@ def evaluate_checkpoints(cfg: Any, ref: dict, runs: dict[str, dict]) -> dict[str
     for name, run in runs.items():
         rows = []
         for ck in run["checkpoints"]:
+            # one policy object per agent, weights as arguments: one compiled rollout per agent
             if name == "megjax":
-                policy = baselines.learned_policy(run["agent"].act, ck["params"], deterministic)
+                policy, params = LearnedPolicy(run["agent"].act, deterministic), ck["params"]
             else:
                 with np.load(ck["weights"]) as f:
                     weights = {k: f[k] for k in f.files}
                 check_fsrl_export(weights, ck, run["probe"])
-                policy = fsrl_policy(weights, deterministic)
-            res = evaluate_policy(penv, policy, key, tolerance=tol).as_dict()
+                policy, params = fsrl_policy_params(weights, deterministic)
+            res = evaluate_policy(penv, policy, key, policy_params=params, tolerance=tol).as_dict()
             res.update(agent=name, wall_s=ck["wall_s"], env_steps=ck["env_steps"], updates=ck["updates"],
                        gap_closed=gap_closed(res["quality"], fixed_q, oracle_q))
             rows.append(res)

@@ -63,12 +63,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if not os.path.isdir(args.run_dir):
         print(f"error: {args.run_dir} is not a directory", file=sys.stderr)
         return 2
-    from meg_jax import evaluation, report
+    from . import orchestrate, report
+    from .runs import find_runs
 
-    runs = evaluation.find_runs(args.run_dir)
+    runs = find_runs(args.run_dir)
     backbone_path = args.backbone
     if backbone_path is None:
-        for candidate in (os.path.join(args.run_dir, "tiny"), DEFAULT_BACKBONE):
+        from meg_jax import shipped
+
+        for candidate in (os.path.join(args.run_dir, "tiny"), shipped.resolve(DEFAULT_BACKBONE)):
             if os.path.isfile(os.path.join(candidate, "backbone.json")):
                 backbone_path = candidate
                 break
@@ -92,7 +95,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     print(f"evaluating {len(runs)} run(s) in {args.run_dir}: " + (", ".join(runs) or "none (oracle stands in)"))
     t0 = time.time()
     try:
-        results = evaluation.evaluate_runs(
+        results = orchestrate.evaluate_runs(
             runs, episodes=args.episodes, preset=args.preset, sweep_blocks=args.sweep_blocks,
             sweep_fractions=_floats(args.sweep_fractions), backbone_path=backbone_path,
             image_snrs_db=_floats(args.image_snrs), grid_steps=() if args.no_grid else (1, 2, 4, 8),

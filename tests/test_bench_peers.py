@@ -215,3 +215,44 @@ def test_reference_gym_env_matches_numpy_reference_episode():
         assert info["cost"] == pytest.approx(info["costs"][0] / limits[0])
         truncs.append(truncated)
     assert truncs == [False, False, False, True]
+
+
+def test_checkpoint_scoring_traces_once_per_agent(tmp_path, monkeypatch):
+    """Every checkpoint of one agent is scored by one compiled rollout (weights are arguments)."""
+    import types
+
+    import chex
+    import jax
+
+    from meg_jax.rl.config import EnvSpec, EvalConfig, RunConfig
+    from meg_jax.rl.evaluate import make_env
+
+    chex.clear_trace_counter()
+    cfg = RunConfig(env=EnvSpec(num_envs=8, episode_length=4), eval=EvalConfig(num_episodes=8))
+    obs_dim = make_env(cfg.env).observation_size
+
+    def act(params, obs, key, deterministic):
+        return jax.numpy.tanh(obs @ params["w"])
+
+    agent = types.SimpleNamespace(act=chex.assert_max_traces(act, n=1))
+    rng = np.random.default_rng(0)
+    meg_ckpts = [{"params": {"w": rng.normal(size=(obs_dim, 2)).astype(np.float32)}, "wall_s": float(i),
+                  "env_steps": i, "updates": i} for i in range(3)]
+    # FSRL: a traced forward that must not be traced twice either; exported weights on disk
+    monkeypatch.setattr(bp, "fsrl_actor_forward", chex.assert_max_traces(bp.fsrl_actor_forward, n=1))
+    probe = rng.normal(size=(2, obs_dim))
+    fsrl_ckpts = []
+    for i in range(2):
+        w = {"trunk_w0": rng.normal(size=(obs_dim, 4)), "trunk_b0": rng.normal(size=4),
+             "mu_w": rng.normal(size=(4, 2)), "mu_b": rng.normal(size=2), "sigma_param": np.full(2, -1.0),
+             "max_action": np.asarray(1.0), "unbounded": np.asarray(False)}
+        path = str(tmp_path / f"actor_{i}.npz")
+        np.savez(path, **w)
+        mu, std = bp.fsrl_actor_forward(w, probe)
+        fsrl_ckpts.append({"weights": path, "probe_mean": mu.tolist(), "probe_std": std.tolist(),
+                           "wall_s": float(i), "env_steps": i, "updates": i})
+    runs = {"megjax": {"agent": agent, "checkpoints": meg_ckpts},
+            "fsrl": {"checkpoints": fsrl_ckpts, "probe": probe}}
+    out = bp.evaluate_checkpoints(cfg, {"fixed": {"quality": 0.0}, "oracle": {"quality": 1.0}}, runs)
+    assert [len(out[n]) for n in ("megjax", "fsrl")] == [3, 2]
+    assert len({r["quality"] for r in out["megjax"]}) == 3  # each checkpoint's own weights were used

@@ -16,7 +16,7 @@ from meg_jax.env import oracle as env_oracle
 from meg_jax.meg.artifact import synthetic_artifact
 from meg_jax.rl import baselines, cvpo, networks
 from meg_jax.rl.config import CVPOConfig
-from meg_jax.rl.evaluate import evaluate_policy
+from meg_jax.rl.evaluate import LearnedPolicy, evaluate_policy
 
 TINY = CVPOConfig(
     actor_hidden=(16, 16), critic_hidden=(16, 16), batch_size=32, num_action_samples=8,
@@ -178,7 +178,7 @@ def test_discrete_head_learns_with_exact_estep(artifact):
     a = quality.shape[-1]
     limits = np.asarray(eval_env.params.limits)
     fixed = env_oracle.best_fixed_action(eval_env.params, quality.reshape(-1, a), costs.reshape(-1, a, 2), limits)
-    result = evaluate_policy(eval_env, baselines.learned_policy(agent.act, state.actor), key)
+    result = evaluate_policy(eval_env, LearnedPolicy(agent.act), key, policy_params=state.actor)
     # feasible at the harness's 2 % tolerance; 3 standard errors (paired episodes) above fixed
     assert result.feasible, result
     assert result.quality > fixed.avg_quality + 3 * result.quality_se, (result, fixed.avg_quality)

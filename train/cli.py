@@ -7,11 +7,13 @@ Each subcommand forwards its remaining arguments to the job module's ``main(argv
 from __future__ import annotations
 
 import argparse
-import importlib
 import sys
 from typing import Sequence
 
-# subcommand -> (module with main(argv), one-line help)
+from . import job_module
+
+# subcommand -> (module with main(argv), one-line help); module names are relative to the jobs'
+# parent (the repository root, or ``meg_jax_jobs`` when installed: see train/__init__.py)
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("train.demo", "run the main job on the shipped small checkpoints and write a report"),
     "distill": ("train.distill", "train the VAE, teacher and step-conditioned student (python -m train.distill)"),
@@ -39,9 +41,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"unknown command {command!r}; choose from {sorted(SUBCOMMANDS)}")
     module_name = SUBCOMMANDS[command][0]
     try:
-        module = importlib.import_module(module_name)
+        module = job_module(module_name)
     except ModuleNotFoundError as e:
-        if e.name != module_name:
+        if not (e.name or "").endswith(module_name):
             raise
         parser.error(f"command {command!r} is not available in this installation ({module_name} is missing)")
     return int(module.main(rest) or 0)

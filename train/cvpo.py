@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -128,6 +129,31 @@ def _local(tree: Any) -> Any:
         return np.asarray(x)
 
     return jax.tree.map(get, tree)
+
+
+def _all_finite_on_device(tree: Any) -> Any:
+    """jnp bool []: every floating leaf of ``tree`` is finite (traced; one reduction on device)."""
+    import jax
+    import jax.numpy as jnp
+
+    leaves = [x for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.floating)]
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves])) if leaves else jnp.bool_(True)
+
+
+@functools.cache
+def _all_finite_jit() -> Any:
+    import jax
+
+    return jax.jit(_all_finite_on_device)
+
+
+def params_finite(tree: Any) -> bool:
+    """Whether every floating leaf of a (possibly sharded) pytree is finite.
+
+    One jitted reduction on the devices; only its boolean comes to the host (the train state
+    itself stays where it is). Compiled once per tree structure.
+    """
+    return bool(_local(_all_finite_jit()(tree)))
 
 
 def _summarize(algo: str, metrics: dict, limits: np.ndarray) -> tuple[dict[str, float], list[dict[str, float]]]:
@@ -304,7 +330,7 @@ def run(
                     first = int(updates) - len(per_update)
                     for j, rec in enumerate(per_update):
                         estep_writers[i].write(first + j + 1, rec)
-            if not ckpt.all_finite(_local((state.actor, state.critic))):
+            if not params_finite((state.actor, state.critic)):
                 raise run_log.NonFiniteError(f"non-finite actor or critic parameters at iteration {it + 1}")
             bar.set_postfix(_postfix(summaries[0]), refresh=False)
             bar.update(1)

@@ -54,7 +54,7 @@ class DemoPlan:
     replay_capacity: int  # CVPO replay size
     ppo_rollout: int  # PPO-Lagrangian rollout length
     sweep_blocks: int  # CVPO blocks per swept latency limit (0: oracle/fixed only)
-    sweep_fractions: tuple[float, ...]  # swept latency limits (see evaluation.sweep_latency_limits)
+    sweep_fractions: tuple[float, ...]  # swept latency limits (see eval.orchestrate.sweep_latency_limits)
     image_snrs_db: tuple[float, ...]  # channel states of the item-5 images
     grid_steps: tuple[int, ...]  # (K, r) image grid rows
     grid_ratios: tuple[float, ...]  # and columns
@@ -103,12 +103,17 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
 
 
 def _resolve(path: str) -> str:
-    """``path`` as given if it exists (relative to the cwd), else relative to the repository root."""
-    if os.path.isabs(path) or os.path.exists(path):
-        return path
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    candidate = os.path.join(root, path)
-    return candidate if os.path.exists(candidate) else path
+    """``path`` as given if it exists, else the shipped copy (``meg_jax.shipped.resolve``:
+    ``$MEG_JAX_CHECKPOINTS`` or the checkpoints installed with meg-jax)."""
+    from meg_jax import shipped
+
+    return shipped.resolve(path)
+
+
+def _shipped_hint() -> str:
+    from meg_jax import shipped
+
+    return shipped.missing_hint()
 
 
 def check_shipped(checkpoints: str, artifact: Optional[str], preset: str, recalibrate: bool) -> tuple[str, Optional[str]]:
@@ -120,7 +125,7 @@ def check_shipped(checkpoints: str, artifact: Optional[str], preset: str, recali
         raise MissingCheckpointError(
             f"the shipped backbone {os.path.join(checkpoints, 'backbone.json')} is missing. Make it with:\n"
             f"  python -m train.distill --preset tiny --workdir runs/tiny --export {checkpoints}\n"
-            "(or pass --checkpoints DIR)"
+            f"(or pass --checkpoints DIR; {_shipped_hint()})"
         )
     if recalibrate:
         return backbone, None
@@ -131,7 +136,7 @@ def check_shipped(checkpoints: str, artifact: Optional[str], preset: str, recali
         raise MissingCheckpointError(
             f"the calibration artifact {artifact} is missing. Make it with:\n"
             f"  meg-jax calibrate --checkpoint {checkpoints}\n"
-            "(python -m train.calibrate; or run the demo with --recalibrate)"
+            f"(python -m train.calibrate; or run the demo with --recalibrate; {_shipped_hint()})"
         )
     return backbone, path
 
@@ -158,7 +163,8 @@ def _run_config(algo: str, p: DemoPlan, preset: str, artifact: str, seed: int) -
 def _train(config: Any, workdir: str, progress: bool) -> float:
     """Runs ``train.cvpo`` into ``workdir`` (a stale run of another config is replaced)."""
     from meg_jax.checkpoint import ConfigMismatchError
-    from train import cvpo as cvpo_job
+
+    from . import cvpo as cvpo_job
 
     t0 = time.time()
     try:
@@ -176,7 +182,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     t_start, cpu_start = time.time(), time.process_time()
     try:
         backbone_path, artifact_path = check_shipped(args.checkpoints, args.artifact, args.preset, args.recalibrate)
-    except MissingCheckpointError as e:
+    except (MissingCheckpointError, NotADirectoryError) as e:  # NotADirectoryError: a bad $MEG_JAX_CHECKPOINTS
         print(f"error: {e}", file=sys.stderr)
         return 2
     except ValueError as e:
@@ -221,11 +227,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         run_dirs.append(run_dir)
         bar.update(1)
 
-    from meg_jax import evaluation, report
+    from . import job_module
 
+    orchestrate, report = job_module("eval.orchestrate"), job_module("eval.report")
     bar.set_description("demo: evaluate")
     t0 = time.time()
-    results = evaluation.evaluate_runs(
+    results = orchestrate.evaluate_runs(
         run_dirs, episodes=p.eval_episodes, sweep_blocks=p.sweep_blocks, sweep_fractions=p.sweep_fractions,
         backbone_path=backbone_path, image_snrs_db=p.image_snrs_db, grid_steps=p.grid_steps,
         grid_ratios=p.grid_ratios, seed=args.seed,

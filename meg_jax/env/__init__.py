@@ -8,10 +8,12 @@
     state.reward, state.info["costs"], state.info["truncation"]  # [1024], [1024, 2], [1024]
 
 The environment reads only the calibration artifact (``meg_jax.meg.artifact``) — never a
-Flax model. Modules: ``wireless`` (channel and link models), ``meg_env`` (the env and its
-``EnvParams``), ``wrappers`` (episode limit, fresh auto-reset), ``gym_adapter`` (gymnasium),
-``numpy_reference`` (plain NumPy dynamics for testing and benchmarking), ``oracle``
-(Lagrangian oracle and fixed-action baselines), ``config`` (presets).
+Flax model. Modules: ``wireless`` (channel and link models), ``state`` (``EnvParams`` and the
+state pytrees), ``channel`` (noise draws and channel dynamics), ``meg_env`` (pricing, the
+transition and the brax env), ``params`` (``EnvParams`` from config + artifact, limits),
+``wrappers`` (episode limit, fresh auto-reset), ``gym_adapter`` (gymnasium), ``numpy_reference``
+(plain NumPy dynamics for testing and benchmarking), ``oracle`` (Lagrangian oracle and
+fixed-action baselines), ``config`` (presets).
 """
 
 from __future__ import annotations
@@ -24,7 +26,9 @@ from brax.envs.base import Env
 from brax.envs.wrappers.training import VmapWrapper
 
 from meg_jax.env.config import PRESETS, MEGEnvConfig, get_preset
-from meg_jax.env.meg_env import EnvParams, LimitReport, MEGEnv, build_params, resolve_artifact_path
+from meg_jax import shipped
+from meg_jax.env.meg_env import EnvParams, MEGEnv
+from meg_jax.env.params import LimitReport, build_params, resolve_artifact_path
 from meg_jax.env.wrappers import EpisodeLimitWrapper, FreshAutoResetWrapper, replace_params
 from meg_jax.meg.artifact import CalibrationArtifact
 
@@ -60,7 +64,8 @@ def load_artifact(config: MEGEnvConfig, artifact: CalibrationArtifact | str | os
                 else f"It is preset {config.name!r}'s default and is written by `meg-jax calibrate` "
                 "(the MEG system's calibration; for 'sdxl-mobile' use the sdxl-1024 cost preset). "
             )
-            + "Create it, or pass artifact=<CalibrationArtifact or .npz path> to make()."
+            + "Create it, or pass artifact=<CalibrationArtifact or .npz path> to make() ("
+            + shipped.missing_hint() + ")."
         )
         raise FileNotFoundError(hint)
     return CalibrationArtifact.load(path)

@@ -21,6 +21,7 @@ with the same keys); ``rollout_policy`` runs any policy through a batched env fr
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Callable, Protocol
 
 import jax
@@ -32,7 +33,6 @@ from jax import Array
 from meg_jax.env.meg_env import (
     EnvParams,
     MEGCore,
-    discrete_to_choice,
     grid_action_table,
     reset_env,
     episode_step_noise,
@@ -53,6 +53,10 @@ __all__ = [
     "oracle_policy",
     "fixed_policy",
     "max_quality_policy",
+    "OraclePolicy",
+    "FixedPolicy",
+    "MaxQualityPolicy",
+    "oracle_policy_params",
     "rollout_policy",
     "Policy",
 ]
@@ -141,7 +145,6 @@ def action_tables(params: EnvParams, snr_db: Array, task_class: Array) -> tuple[
 
 
 # ---------------------------------------------------------------------- the oracle
-@jax.jit
 def _smoothed_dual(lam: Array, tau: Array, quality: Array, c0: Array, c1: Array):
     """g_τ(λ), its gradient [2] and Hessian [2, 2], E_π[Q] and E_π[c̃] [2].
 
@@ -170,6 +173,78 @@ def oracle_probabilities(quality: Array, costs: Array, limits: Array, lambdas: A
     return jax.nn.softmax(z, axis=-1)
 
 
+def _newton_at_temperature(lam: Array, tau: Array, quality: Array, c0: Array, c1: Array, tol: float, max_iter: int):
+    """Projected Newton on g_τ from ``lam`` (on device): returns (λ, Newton iterations taken).
+
+    Each iteration solves the Newton system on the free coordinates (λ_i > 0 or the dual
+    pulls λ_i up), falls back to the projected gradient when that is not a descent direction,
+    and halves the step (at most 40 times) until the directional derivative at the projected
+    candidate is <= 0; it stops when every projected gradient is below ``tol``.
+    """
+    eye = jnp.eye(2, dtype=jnp.float32)
+
+    def derivatives(lam_):
+        _, grad, hess, _, _ = _smoothed_dual(lam_, tau, quality, c0, c1)
+        return grad, hess
+
+    def projected(lam_, grad):
+        blocked = (lam_ <= 0.0) & (grad > 0.0)  # at the bound and the dual wants λ < 0
+        return blocked, jnp.where(blocked, 0.0, grad)
+
+    def cond(carry):
+        lam_, grad, _, it = carry
+        _, proj = projected(lam_, grad)
+        return (it < max_iter) & ~(jnp.max(jnp.abs(proj)) < tol)  # NaN keeps iterating, as a host loop would
+
+    def body(carry):
+        lam_, grad, hess, it = carry
+        blocked, proj = projected(lam_, grad)
+        free = (~blocked).astype(jnp.float32)
+        both = free[:, None] * free[None, :]
+        # Newton system on the free block; a blocked coordinate gets the row d_i = 0.
+        system = both * (hess + 1e-9 * eye) + (1.0 - free)[:, None] * eye
+        direction = -jnp.linalg.solve(system, free * grad)
+        direction = jnp.where(grad @ direction >= 0.0, -proj, direction)  # not a descent direction
+
+        def search_cond(s):
+            step, cand, grad_c, _, n = s
+            return (n < 40) & ~(grad_c @ (cand - lam_) <= 0.0)
+
+        def search_body(s):
+            step, _, _, _, n = s
+            step = 0.5 * step
+            cand = jnp.maximum(lam_ + step * direction, 0.0)
+            return (step, cand, *derivatives(cand), n + 1)
+
+        cand = jnp.maximum(lam_ + direction, 0.0)
+        _, cand, grad_c, hess_c, _ = jax.lax.while_loop(
+            search_cond, search_body, (jnp.float32(1.0), cand, *derivatives(cand), jnp.int32(1))
+        )
+        return cand, grad_c, hess_c, it + 1
+
+    grad, hess = derivatives(lam)
+    lam, _, _, iters = jax.lax.while_loop(cond, body, (lam, grad, hess, jnp.int32(0)))
+    return lam, iters
+
+
+@functools.partial(jax.jit, static_argnames=("tol", "max_iter"))
+def _fit_oracle_device(quality: Array, costs: Array, limits: Array, temperatures: Array, tol: float, max_iter: int):
+    # The temperatures are a traced argument, not constants: with a constant τ, XLA turns
+    # ``z / τ`` into ``z * (1/τ)`` in some fusions but not others, and at large λ (|z| ~ 1e10,
+    # float32 spacing ~ 1e3) the softmax's ``exp(z - max z)`` then underflows to 0 everywhere.
+    c0 = costs[..., 0] / limits[0]
+    c1 = costs[..., 1] / limits[1]
+
+    def anneal(i, carry):  # one Newton solve per temperature, warm-started from the last
+        lam, total = carry
+        lam, iters = _newton_at_temperature(lam, temperatures[i], quality, c0, c1, tol, max_iter)
+        return lam, total + iters
+
+    lam, total = jax.lax.fori_loop(0, temperatures.shape[0], anneal, (jnp.zeros((2,), jnp.float32), jnp.int32(0)))
+    _, _, _, eq, ec = _smoothed_dual(lam, temperatures[-1], quality, c0, c1)
+    return lam, eq, ec, total
+
+
 def fit_oracle(
     quality: Array,
     costs: Array,
@@ -184,7 +259,9 @@ def fit_oracle(
     Projected Newton on the smoothed dual (module docstring); the line search halves the
     step until the directional derivative at the candidate is <= 0 (then, by convexity,
     the candidate is no worse), which stays reliable where float32 values of g_τ no longer
-    resolve the decrease. A host loop of a few dozen jitted evaluations.
+    resolve the decrease. The whole annealed solve is one jitted program (``lax.while_loop``
+    over Newton iterations and line-search halvings; compiled once per table shape): the
+    host waits once, not once per iteration.
 
     Args:
       quality: [M, A] quality of each action at each request (perfect knowledge).
@@ -194,61 +271,43 @@ def fit_oracle(
       tol: stop when every projected dual gradient 1 - E[c_i]/limit_i is below this.
       max_iter: Newton iterations per temperature.
     """
-    quality = jnp.asarray(quality, jnp.float32)
     limits_np = np.asarray(limits, np.float64)
-    costs = jnp.asarray(costs, jnp.float32)
-    c0 = costs[..., 0] / jnp.float32(limits_np[0])
-    c1 = costs[..., 1] / jnp.float32(limits_np[1])
-    lam = np.zeros(2)
-    total = 0
-    for tau in temperatures:
-        tau_a = jnp.float32(tau)
-
-        def evaluate(lam_):
-            _, grad, hess, eq, ec = _smoothed_dual(jnp.asarray(lam_, jnp.float32), tau_a, quality, c0, c1)
-            return np.asarray(grad, np.float64), np.asarray(hess, np.float64), float(eq), np.asarray(ec, np.float64)
-
-        grad, hess, _, _ = evaluate(lam)
-        for _ in range(max_iter):
-            blocked = (lam <= 0.0) & (grad > 0.0)  # at the bound and the dual wants λ < 0
-            proj = np.where(blocked, 0.0, grad)
-            if np.max(np.abs(proj)) < tol:
-                break
-            total += 1
-            free = ~blocked
-            direction = np.zeros(2)
-            h = hess[np.ix_(free, free)] + 1e-9 * np.eye(int(free.sum()))
-            direction[free] = -np.linalg.solve(h, grad[free])
-            if grad @ direction >= 0.0:  # not a descent direction: fall back to the gradient
-                direction = -proj
-            step = 1.0
-            for _ in range(40):
-                cand = np.maximum(lam + step * direction, 0.0)
-                grad_c, hess_c, _, _ = evaluate(cand)
-                if grad_c @ (cand - lam) <= 0.0:
-                    break
-                step *= 0.5
-            lam, grad, hess = cand, grad_c, hess_c
-    _, _, eq, ec = evaluate(lam)
+    lam, eq, ec, total = jax.device_get(_fit_oracle_device(
+        jnp.asarray(quality, jnp.float32), jnp.asarray(costs, jnp.float32), jnp.asarray(limits_np, jnp.float32),
+        jnp.asarray(temperatures, jnp.float32), tol=float(tol), max_iter=int(max_iter),
+    ))
     return OracleSolution(
-        lambdas=lam, temperature=float(temperatures[-1]), avg_quality=eq, avg_costs=ec * limits_np, iterations=total
+        lambdas=np.asarray(lam, np.float64), temperature=float(temperatures[-1]), avg_quality=float(eq),
+        avg_costs=np.asarray(ec, np.float64) * limits_np, iterations=int(total),
     )
 
 
 def best_fixed_action(params: EnvParams, quality: Array, costs: Array, limits: Array) -> FixedAction:
     """The fixed grid action with the highest average quality whose average costs meet the limits.
 
+    Averages in float64 on the host (a few thousand to a million requests: float32 sums
+    would lose the last digits that separate near-tied actions).
+
+    Args:
+      params: the env's ``EnvParams`` (only its grid ``steps`` [K] and ``merge_ratios`` [R] are read).
+      quality: [M, A] quality of every grid action at each request.
+      costs: [M, A, 2] their latency (s) and energy (J).
+      limits: [2] average limits.
+
     Raises ``ValueError`` if no fixed action is feasible.
     """
-    mean_q = np.asarray(jnp.mean(quality, axis=0), np.float64)
-    mean_c = np.asarray(jnp.mean(costs, axis=0), np.float64)  # [A, 2]
-    feasible = np.all(mean_c <= np.asarray(limits)[None, :], axis=1)
+    mean_q = np.asarray(quality, np.float64).mean(axis=0)
+    mean_c = np.asarray(costs, np.float64).mean(axis=0)  # [A, 2]
+    limits = np.asarray(limits, np.float64)
+    feasible = np.all(mean_c <= limits[None, :], axis=1)
     if not feasible.any():
-        raise ValueError(f"no fixed action meets the limits {np.asarray(limits).tolist()}")
+        raise ValueError(f"no fixed action meets the limits {limits.tolist()}")
     idx = int(np.argmax(np.where(feasible, mean_q, -np.inf)))
-    k, r = discrete_to_choice(params, jnp.asarray(idx))
+    num_r = int(np.shape(params.merge_ratios)[-1])
     return FixedAction(
-        index=idx, steps=int(params.steps[int(k)]), merge_ratio=float(r), avg_quality=float(mean_q[idx]), avg_costs=mean_c[idx]
+        index=idx, steps=int(np.asarray(params.steps)[idx // num_r]),
+        merge_ratio=float(np.asarray(params.merge_ratios)[idx % num_r]), avg_quality=float(mean_q[idx]),
+        avg_costs=mean_c[idx],
     )
 
 
@@ -271,40 +330,71 @@ def _emit(params: EnvParams, index: Array, discrete: bool) -> Array:
     return index.astype(jnp.int32) if discrete else discrete_to_continuous(params, index)
 
 
-def oracle_policy(params: EnvParams, solution: OracleSolution, discrete: bool = True) -> Policy:
-    """The oracle as a batched policy: reads each slot's true SNR and class from the state."""
-    lambdas = jnp.asarray(solution.lambdas, jnp.float32)
+@dataclasses.dataclass(frozen=True)
+class OraclePolicy:
+    """The oracle as a parametrised policy: ``policy((params, lambdas, temperature), state, key)``.
 
-    def policy(state: State, key: Array) -> Array:
+    Reads each slot's true SNR and class from the state and samples the oracle's Boltzmann
+    choice. The multipliers are traced arguments (:func:`oracle_policy_params`), so one
+    compiled rollout serves every fit.
+    """
+
+    discrete: bool = True
+
+    def __call__(self, p: tuple[EnvParams, Array, Array], state: State, key: Array) -> Array:
+        params, lambdas, temperature = p
         core: MEGCore = state.pipeline_state
         q, c = grid_action_table(params, core.channel.snr_db, core.task_class)
-        probs = oracle_probabilities(q, c, params.limits, lambdas, solution.temperature)
+        probs = oracle_probabilities(q, c, params.limits, lambdas, temperature)
         index = jax.random.categorical(key, jnp.log(jnp.maximum(probs, 1e-30)), axis=-1)
-        return _emit(params, index, discrete)
-
-    return policy
+        return _emit(params, index, self.discrete)
 
 
-def fixed_policy(params: EnvParams, index: int, discrete: bool = True) -> Policy:
-    """Always the grid action ``index``."""
+def oracle_policy_params(params: EnvParams, solution: OracleSolution) -> tuple[EnvParams, Array, Array]:
+    """The traced parameters of :class:`OraclePolicy` for a fitted ``solution``."""
+    return params, jnp.asarray(solution.lambdas, jnp.float32), jnp.asarray(solution.temperature, jnp.float32)
 
-    def policy(state: State, key: Array) -> Array:
+
+@dataclasses.dataclass(frozen=True)
+class FixedPolicy:
+    """Always one grid action: ``policy((params, index), state, key)`` (index: int32 [])."""
+
+    discrete: bool = True
+
+    def __call__(self, p: tuple[EnvParams, Array], state: State, key: Array) -> Array:
         del key
-        return _emit(params, jnp.full(state.done.shape, index, jnp.int32), discrete)
+        params, index = p
+        return _emit(params, jnp.full(state.done.shape, index, jnp.int32), self.discrete)
 
-    return policy
 
+@dataclasses.dataclass(frozen=True)
+class MaxQualityPolicy:
+    """Always the action of highest quality for the current request (ignores costs):
+    ``policy(params, state, key)``."""
 
-def max_quality_policy(params: EnvParams, discrete: bool = True) -> Policy:
-    """Always the action of highest quality for the current request (ignores costs)."""
+    discrete: bool = True
 
-    def policy(state: State, key: Array) -> Array:
+    def __call__(self, params: EnvParams, state: State, key: Array) -> Array:
         del key
         core: MEGCore = state.pipeline_state
         q, _ = grid_action_table(params, core.channel.snr_db, core.task_class)
-        return _emit(params, max_quality_actions(q), discrete)
+        return _emit(params, max_quality_actions(q), self.discrete)
 
-    return policy
+
+def oracle_policy(params: EnvParams, solution: OracleSolution, discrete: bool = True) -> Policy:
+    """The oracle as a batched ``policy(state, key)`` (constants closed over; see :class:`OraclePolicy`)."""
+    p = oracle_policy_params(params, solution)
+    return lambda state, key: OraclePolicy(discrete)(p, state, key)
+
+
+def fixed_policy(params: EnvParams, index: int, discrete: bool = True) -> Policy:
+    """Always the grid action ``index`` (see :class:`FixedPolicy`)."""
+    return lambda state, key: FixedPolicy(discrete)((params, jnp.int32(index)), state, key)
+
+
+def max_quality_policy(params: EnvParams, discrete: bool = True) -> Policy:
+    """Always the action of highest quality for the current request (see :class:`MaxQualityPolicy`)."""
+    return lambda state, key: MaxQualityPolicy(discrete)(params, state, key)
 
 
 def rollout_policy(env: Env, policy: Callable[[State, Array], Array], key: Array, episode_length: int) -> dict[str, Array]:

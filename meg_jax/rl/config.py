@@ -22,10 +22,15 @@ __all__ = [
     "EvalConfig",
     "RunConfig",
     "ALGOS",
+    "FEASIBILITY_TOLERANCE",
 ]
 
 # the --algo choices of train/cvpo.py
 ALGOS = ("cvpo", "ppo_lag", "ppo", "fixed", "oracle", "max_quality")
+
+# A policy is feasible when each mean episode-average cost is <= limit x this: the one
+# definition, used by training's final evaluation, the evaluation report and the benchmarks.
+FEASIBILITY_TOLERANCE = 1.02
 
 
 @dataclasses.dataclass(frozen=True)
@@ -108,7 +113,7 @@ class EvalConfig:
 
     num_episodes: int = 1024  # fresh episodes (run in parallel, one per slot); 0 = no final evaluation
     deterministic: bool = False  # True: the mean / argmax action; False: sample the policy
-    feasibility_tolerance: float = 1.02  # a policy is feasible if every cost <= limit x this
+    feasibility_tolerance: float = FEASIBILITY_TOLERANCE  # a policy is feasible if every cost <= limit x this
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,6 +1,6 @@
 """Report writing for ``eval.evaluate`` and ``meg-jax demo``: plots (PNG), ``report.md``, ``metrics.json``.
 
-Takes the JSON-ready results of :func:`meg_jax.evaluation.evaluate_runs` (plus image arrays)
+Takes the JSON-ready results of :func:`eval.orchestrate.evaluate_runs` (plus image arrays)
 and draws one figure per report item, each with axes labels in units and a legend:
 
 * ``schemes.png`` — (1) quality vs latency: the minimum-latency MEG frontier, the learned
@@ -24,6 +24,8 @@ import os
 from typing import Any, Mapping, Optional, Sequence
 
 import numpy as np
+
+from meg_jax.rl.config import FEASIBILITY_TOLERANCE
 
 __all__ = ["write_report", "write_metrics", "summary_rows", "format_summary_table", "save_image_grid"]
 
@@ -388,7 +390,7 @@ def write_report(results: Mapping[str, Any], out_dir: str, *, title: str = "MEG 
     """Draws every figure and writes ``report.md`` and ``metrics.json`` into ``out_dir``.
 
     Args:
-      results: from :func:`meg_jax.evaluation.evaluate_runs` (``images_data`` holds arrays).
+      results: from :func:`eval.orchestrate.evaluate_runs` (``images_data`` holds arrays).
       out_dir: created if missing.
       title: the report's heading.
       preamble: extra markdown lines after the heading (the demo's timing and commands).
@@ -402,7 +404,7 @@ def write_report(results: Mapping[str, Any], out_dir: str, *, title: str = "MEG 
     L += ["Quality is the calibrated attribute accuracy of the generated image (fraction of the five prompt "
           "attributes an attribute classifier reads right); latency is ES compute + air time + UE compute per "
           "request; UE energy is decode + reception. Constraints are on episode averages; a policy meets them "
-          "if each average is ≤ 1.02 × its limit.", ""]
+          f"if each average is ≤ {FEASIBILITY_TOLERANCE:g} × its limit.", ""]
     if results.get("runs"):
         L += ["Runs: " + ", ".join(f"`{r['name']}` ({r['run_dir']}, {r['env_steps']:.0f} env steps)"
                                   for r in results["runs"]), ""]
