@@ -248,7 +248,10 @@ def inline(tp: Any) -> Any:
     """
     import tyro
 
-    return Annotated[tp, tyro.conf.arg(name="")]
+    return Annotated[tp, tyro.conf.arg(name=""), _INLINE]
+
+
+_INLINE = "meg_jax.config.inline"  # marks the config field of a job-arguments dataclass
 
 
 def flag_value(argv: Sequence[str], flag: str) -> str | None:
@@ -356,8 +359,9 @@ def parse_cli(job_type: type[J], argv: Sequence[str], *, prog: str, description:
     import tyro
 
     argv = list(argv)
+    hints = typing.get_type_hints(job_type, include_extras=True)
     inline_fields = [f for f in dataclasses.fields(job_type)
-                     if typing.get_origin(typing.get_type_hints(job_type, include_extras=True)[f.name]) is Annotated]
+                     if typing.get_origin(hints[f.name]) is Annotated and _INLINE in typing.get_args(hints[f.name])[1:]]
     try:
         default = None
         if inline_fields:
