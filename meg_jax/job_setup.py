@@ -59,13 +59,15 @@ class _CurrentStderr(logging.StreamHandler):
 def configure_logging(level: int = logging.INFO) -> None:
     """Sends the ``train``, ``eval`` and ``meg_jax`` loggers to stderr at ``level`` (idempotent).
 
-    Records still propagate to the root logger, so a caller's own handlers (pytest's ``caplog``,
-    an application's config) see them too; the root logger itself is left alone, so chatty
-    libraries (absl, orbax) keep their own levels.
+    The records stop there (no propagation): a library imported later may call
+    ``logging.basicConfig`` (one of the simulator's imports does), and every line would then be
+    printed twice. The root logger itself is left alone, so chatty libraries (absl, orbax) keep
+    their own levels.
     """
     for name in _LOGGERS:
         logger = logging.getLogger(name)
         logger.setLevel(level)
+        logger.propagate = False
         if not any(isinstance(h, _CurrentStderr) for h in logger.handlers):
             handler = _CurrentStderr()
             handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S"))
