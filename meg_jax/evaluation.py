@@ -220,7 +220,7 @@ def load_run(run_dir: str | os.PathLike, seed_index: int = 0) -> LoadedPolicy:
     artifact = _run_artifact(config)
     discrete = policy_discrete(config)
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
+        warnings.filterwarnings("ignore", message=r"limits .* do not bind", category=UserWarning)
         env = make_env(config.env, discrete=discrete, artifact=artifact)
     agent = _make_agent(config, env)
     import orbax.checkpoint as ocp
@@ -263,7 +263,8 @@ def make_eval_env(spec: Any, num_episodes: int, discrete: bool = False, artifact
     from meg_jax.rl.evaluate import make_env
 
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # "limits do not bind" is reported by the env's own job
+        # "limits do not bind" is reported by the env's own job
+        warnings.filterwarnings("ignore", message=r"limits .* do not bind", category=UserWarning)
         return make_env(spec, num_envs=num_episodes, discrete=discrete, artifact=artifact)
 
 
@@ -1172,7 +1173,7 @@ def evaluate_runs(
         limits = np.stack([lat_limits, np.full(len(lat_limits), float(params.limits[1]))], -1)
         actors, fn, sweep_params = None, tables_fn, params
         note = ("Oracle and best fixed (K, r) at each limit; no retraining was asked for "
-                "(`--sweep-blocks 0`).")
+                "(`--sweep_blocks 0`).")
         if cvpo_runs and sweep_blocks > 0:
             p = cvpo_runs[0]
             _log(progress, f"(3) retraining MEG-CVPO at {len(lat_limits)} latency limits "

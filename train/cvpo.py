@@ -2,7 +2,7 @@
 
     python -m train.cvpo --env.preset tiny --seed 0 --workdir runs/cvpo-tiny-0
     python -m train.cvpo --algo ppo_lag --env.preset sdxl-mobile --workdir runs/ppo-sdxl --cvpo.batch_size 512
-    python -m train.cvpo --distributed --coordinator host0:1234 --num-processes 2 --process-id 0 ...
+    python -m train.cvpo --distributed --coordinator host0:1234 --num_processes 2 --process_id 0 ...
 
 Every field of ``meg_jax.rl.config.RunConfig`` is a flag, ``--a.b value`` (``--env.preset``,
 ``--cvpo.batch_size``, ``--cvpo.actor_hidden 64 64``, ``--eval.deterministic``,
@@ -215,7 +215,7 @@ def run(
     os.makedirs(workdir, exist_ok=True)
     if is_main:  # one writer of config.json on a shared work directory
         # The final evaluation's settings do not change what is trained: a finished run can
-        # be re-scored (e.g. --eval.deterministic true) without retraining.
+        # be re-scored (e.g. --eval.deterministic) without retraining.
         ckpt.check_config(workdir, config, ignore=("eval",))
     evaluate = evaluate and config.eval.num_episodes > 0
 
@@ -331,7 +331,7 @@ def run(
 def eval_filename(config: RunConfig) -> str:
     """``eval.json`` for the sampled policy, ``eval-deterministic.json`` for its mean / argmax.
 
-    Re-scoring a finished run with ``--eval.deterministic true`` writes beside the first
+    Re-scoring a finished run with ``--eval.deterministic`` writes beside the first
     evaluation instead of over it.
     """
     return "eval-deterministic.json" if config.eval.deterministic else "eval.json"
