@@ -73,7 +73,7 @@ def test_command_writes_one_valid_artifact_per_preset(calibrated):
     prov = art.provenance
     assert prov["backbone_checkpoint_hash"] == calibrate.checkpoint_hash(folder)
     assert prov["backbone_preset"] == "test" and prov["cost_preset"] == "tiny"
-    assert prov["command"].startswith("meg-jax calibrate") and "--prompts-per-class 2" in prov["command"]
+    assert prov["command"].startswith("meg-jax calibrate") and "--prompts_per_class 2" in prov["command"]
     assert set(art.conventional_schemes) == {"centralised", "meg_uncompressed", "on_device"}
     assert art.link_mode == "analog" and art.bits_per_value is None
     assert art.tx_power_dbm == 30.0 and art.noise_figure_db == 7.0
