@@ -26,7 +26,7 @@ for meg-jax, listed separately) and excludes checkpoint export. Evaluation happe
 runs, in this process, so it costs neither agent training time.
 
 **meg-jax side** (project venv): ``meg_jax.rl.cvpo.make_cvpo`` with ``RunConfig()`` defaults
-(``--megjax-set a.b=value`` overrides, e.g. ``cvpo.updates_per_block=8``); blocks run as one
+(every ``RunConfig`` field is a flag, as in ``train.cvpo``: ``--cvpo.updates_per_block 8``); blocks run as one
 jitted ``lax.scan`` of ``--chunk-blocks`` blocks with the key schedule of ``cvpo.make_train`` /
 ``train.cvpo`` (block b uses ``fold_in(k_run, b)``), so the run is the library's own.
 
@@ -551,13 +551,22 @@ def _set_threads(threads: int) -> None:
         os.environ["XLA_FLAGS"] = flags
 
 
-def build_config(overrides: Sequence[str]) -> Any:
+def build_config(flags: Sequence[str], seed: int = 0) -> Any:
+    """meg-jax's ``RunConfig`` from ``train.cvpo``-style flags (``--cvpo.updates_per_block 8``).
+
+    Raises:
+      SystemExit: an unknown field or a malformed value (2, naming it).
+      ValueError: a setting FSRL's side cannot match.
+    """
+    import dataclasses
+
     from meg_jax import config as config_lib
     from meg_jax.rl.config import RunConfig
 
-    config = config_lib.apply_overrides(RunConfig(), list(overrides))
+    config = config_lib.parse_cli(RunConfig, list(flags), prog="python -m eval.bench_peers (meg-jax RunConfig)")
+    config = dataclasses.replace(config, seed=seed)
     if config.cvpo.discrete:
-        raise ValueError("--megjax-set cvpo.discrete=true: FSRL's side is the continuous Box action; keep it false")
+        raise ValueError("--cvpo.discrete: FSRL's side is the continuous Box action; keep it off")
     return config
 
 
@@ -747,7 +756,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             print("usage: bench_peers.py --peer-worker SPEC.json", file=sys.stderr)
             return 2
         return peer_worker(argv[1])
-    parser = argparse.ArgumentParser(prog="python -m eval.bench_peers", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m eval.bench_peers", description=__doc__.splitlines()[0],
+                                     allow_abbrev=False)
     parser.add_argument("--setup-peer", action="store_true", help="build the FSRL virtualenv and exit")
     parser.add_argument("--peer-venv", default=DEFAULT_PEER_VENV, help="FSRL virtualenv (default .peer_venv/)")
     parser.add_argument("--budget-s", type=float, default=600.0, help="training wall clock per agent, seconds")
@@ -759,18 +769,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--threads", type=int, default=1, help="CPU threads per agent (XLA, torch)")
     parser.add_argument("--deterministic", action="store_true", help="evaluate mean actions instead of samples")
     parser.add_argument("--seed", type=int, default=0, help="seed of both agents and of the evaluation episodes")
-    parser.add_argument("--megjax-set", action="append", default=[], metavar="A.B=VALUE",
-                        help="RunConfig override for meg-jax, e.g. cvpo.updates_per_block=8 (repeatable)")
     parser.add_argument("--peer-set", action="append", default=[], metavar="KEY=VALUE",
                         help=f"FSRL setting (repeatable); keys: {', '.join(sorted(FSRL_DEFAULTS))}")
-    args = parser.parse_args(argv)
+    parser.epilog = ("Every other flag is a field of meg-jax's RunConfig, as in train.cvpo "
+                     "(--cvpo.updates_per_block 8; `python -m train.cvpo --help` lists them with their defaults).")
+    args, run_flags = parser.parse_known_args(argv)
     args.peer_venv = os.path.abspath(args.peer_venv)
     if args.setup_peer:
         return setup_peer(args.peer_venv)
     try:
         check_args(args)
         _set_threads(args.threads)
-        config = build_config(args.megjax_set + [f"seed={args.seed}"])
+        config = build_config(run_flags, seed=args.seed)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

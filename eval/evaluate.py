@@ -3,7 +3,7 @@
     python -m eval.evaluate runs/cvpo-tiny-0                  # one train.cvpo run directory
     python -m eval.evaluate runs/demo                         # every run directory below it
     python -m eval.evaluate checkpoints                       # shipped backbone + calibration, no policy
-    python -m eval.evaluate runs/demo --episodes 256 --sweep-blocks 200 --out /tmp/report
+    python -m eval.evaluate runs/demo --episodes 256 --sweep_blocks 200 --out /tmp/report
 
 (``meg-jax evaluate ...`` is the same command.) ``RUN_DIR`` is a directory written by
 ``python -m train.cvpo`` (``config.json`` + ``checkpoints/``), a directory holding several of
@@ -18,51 +18,75 @@ shifted channel.
 
 from __future__ import annotations
 
-import argparse
+import dataclasses
+import logging
 import os
 import sys
 import time
 from typing import Optional, Sequence
 
-__all__ = ["main", "parse_args"]
+import tyro
+
+__all__ = ["main", "parse_args", "Args"]
+
+log = logging.getLogger("eval.evaluate")
 
 DEFAULT_BACKBONE = "checkpoints/tiny"
 
 
-def parse_args(argv: Sequence[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m eval.evaluate", description=__doc__.split("\n\n")[0])
-    parser.add_argument("run_dir", metavar="RUN_DIR", help="train.cvpo run dir, a folder of them, or a checkpoints folder")
-    parser.add_argument("--episodes", type=int, default=1024, help="fresh evaluation episodes (default 1024)")
-    parser.add_argument("--out", default=None, help="report folder (default RUN_DIR/eval)")
-    parser.add_argument("--preset", default="tiny", help="environment preset when RUN_DIR holds no run (default tiny)")
-    parser.add_argument("--backbone", default=None,
-                        help=f"backbone folder for the images (default {DEFAULT_BACKBONE} if it exists; 'none' skips)")
-    parser.add_argument("--sweep-blocks", type=int, default=0,
-                        help="retrain MEG-CVPO at each swept latency limit for this many blocks (0: oracle/fixed only)")
-    parser.add_argument("--sweep-fractions", default="0.15,0.35,0.6,1.0",
-                        help="swept latency limits, as fractions from the lowest reachable latency to max-quality's")
-    parser.add_argument("--image-snrs", default="0,10,25", help="true SNRs (dB) of the images at the policy's choices")
-    parser.add_argument("--no-grid", action="store_true", help="skip the (K, r) image grid")
-    parser.add_argument("--seed", type=int, default=0, help="evaluation key")
-    parser.add_argument("--artifact", default=None, help="'synthetic' to evaluate on the synthetic test artifact")
-    args = parser.parse_args(list(argv))
+@dataclasses.dataclass(frozen=True)
+class Args:
+    """Flags of ``meg-jax evaluate``."""
+
+    # train.cvpo run dir, a folder of them, or a checkpoints folder
+    run_dir: tyro.conf.Positional[str]
+    episodes: int = 1024  # fresh evaluation episodes (>= 2)
+    out: Optional[str] = None  # report folder (None: RUN_DIR/eval)
+    preset: str = "tiny"  # environment preset when RUN_DIR holds no run
+    # backbone folder for the images (None: checkpoints/tiny if it exists; 'none' skips the images)
+    backbone: Optional[str] = None
+    sweep_blocks: int = 0  # retrain MEG-CVPO at each swept latency limit for this many blocks (0: oracle/fixed only)
+    # swept latency limits, as fractions from the lowest reachable latency to max-quality's
+    sweep_fractions: tuple[float, ...] = (0.15, 0.35, 0.6, 1.0)
+    image_snrs: tuple[float, ...] = (0.0, 10.0, 25.0)  # true SNRs (dB) of the images at the policy's choices
+    grid: bool = True  # draw the (K, r) image grid
+    seed: int = 0  # evaluation key
+    artifact: Optional[str] = None  # calibration artifact .npz, or 'synthetic' for the synthetic test artifact
+    compile_cache: bool = True  # persistent XLA compilation cache in the user cache dir (meg_jax.job_setup)
+
+
+def parse_args(argv: Sequence[str]) -> Args:
+    """Command line -> :class:`Args`.
+
+    Raises:
+      SystemExit: ``--help`` (0); an unknown flag or a bad value (2, naming it).
+    """
+    from meg_jax import config as config_lib
+
+    prog = "meg-jax evaluate"
+    args = config_lib.parse_cli(Args, argv, prog=prog, description=__doc__.split("\n\n")[0])
     if args.episodes < 2:
-        parser.error("--episodes must be >= 2")
+        sys.stderr.write(f"{prog}: error: --episodes must be >= 2, got {args.episodes}\n")
+        raise SystemExit(2)
     if args.sweep_blocks < 0:
-        parser.error("--sweep-blocks must be >= 0")
+        sys.stderr.write(f"{prog}: error: --sweep_blocks must be >= 0, got {args.sweep_blocks}\n")
+        raise SystemExit(2)
     return args
-
-
-def _floats(text: str) -> tuple[float, ...]:
-    return tuple(float(x) for x in text.split(",") if x.strip())
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Command-line entry point (also ``meg-jax evaluate``)."""
-    args = parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        args = parse_args(sys.argv[1:] if argv is None else argv)
+    except SystemExit as e:  # --help, or a bad flag (already reported)
+        return int(e.code or 0)
+    from meg_jax import job_setup
+
+    job_setup.configure_logging()
     if not os.path.isdir(args.run_dir):
-        print(f"error: {args.run_dir} is not a directory", file=sys.stderr)
+        log.error("%s is not a directory", args.run_dir)
         return 2
+    job_setup.enable_compile_cache(args.compile_cache)
     from . import orchestrate, report
     from .runs import find_runs
 
@@ -78,9 +102,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if backbone_path == "none":
         backbone_path = None
     elif backbone_path is not None and not os.path.isfile(os.path.join(backbone_path, "backbone.json")):
-        print(f"error: {backbone_path}/backbone.json not found; make the backbone with "
-              f"`python -m train.distill --preset tiny --workdir runs/tiny --export {backbone_path}` or pass --backbone none",
-              file=sys.stderr)
+        log.error("%s/backbone.json not found; make the backbone with `python -m train.distill --preset tiny "
+                  "--workdir runs/tiny --export %s` or pass --backbone none", backbone_path, backbone_path)
         return 2
     artifact = None
     if args.artifact == "synthetic":
@@ -92,21 +115,21 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
         artifact = load(args.artifact)
     out = args.out or os.path.join(args.run_dir, "eval")
-    print(f"evaluating {len(runs)} run(s) in {args.run_dir}: " + (", ".join(runs) or "none (oracle stands in)"))
+    log.info("evaluating %d run(s) in %s: %s", len(runs), args.run_dir, ", ".join(runs) or "none (oracle stands in)")
     t0 = time.time()
     try:
         results = orchestrate.evaluate_runs(
             runs, episodes=args.episodes, preset=args.preset, sweep_blocks=args.sweep_blocks,
-            sweep_fractions=_floats(args.sweep_fractions), backbone_path=backbone_path,
-            image_snrs_db=_floats(args.image_snrs), grid_steps=() if args.no_grid else (1, 2, 4, 8),
-            seed=args.seed, artifact=artifact, progress=lambda m: print(f"  [{time.time() - t0:6.1f} s] {m}", flush=True),
+            sweep_fractions=args.sweep_fractions, backbone_path=backbone_path,
+            image_snrs_db=args.image_snrs, grid_steps=(1, 2, 4, 8) if args.grid else (),
+            seed=args.seed, artifact=artifact, progress=lambda m: log.info("  [%6.1f s] %s", time.time() - t0, m),
         )
     except (FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        log.error("%s", e)
         return 2
     path = report.write_report(results, out, title=f"MEG evaluation: {args.run_dir}")
-    print(report.format_summary_table(results["comparisons"][0]))
-    print(f"wrote {path} and {os.path.join(out, 'metrics.json')} in {time.time() - t0:.0f} s")
+    sys.stdout.write(report.format_summary_table(results["comparisons"][0]) + "\n")  # the result: stdout
+    log.info("wrote %s and %s in %.0f s", path, os.path.join(out, "metrics.json"), time.time() - t0)
     return 0
 
 

@@ -15,16 +15,19 @@ images/s, after compilation, on this machine). Writes ``quality.md`` and
 
 from __future__ import annotations
 
-import argparse
+import dataclasses
 import os
 import sys
 import tempfile
 import time
-from typing import Sequence
+from typing import Optional, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import tyro
+
+from meg_jax import config as config_lib
 
 __all__ = ["main", "load", "evaluate", "quality_table", "draw_grid"]
 
@@ -203,13 +206,19 @@ def draw_grid(samples: dict, path: str, num_prompts: int = 6) -> None:
     plt.close(fig)
 
 
+@dataclasses.dataclass(frozen=True)
+class Args:
+    """Flags of ``python -m eval.evaluate_backbone``."""
+
+    path: tyro.conf.Positional[str]  # checkpoints/tiny (shipped) or a finished work directory
+    num: int = 512  # prompts (>= 512 for the shipped table)
+    seed: int = 20261126  # seed of prompts and noise
+    out: Optional[str] = None  # where quality.md and distill_grid.png go (None: PATH)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m eval.evaluate_backbone", description=__doc__.split("\n")[0])
-    parser.add_argument("path", help="checkpoints/tiny (shipped) or a finished work directory")
-    parser.add_argument("--num", type=int, default=512, help="prompts (>= 512 for the shipped table)")
-    parser.add_argument("--seed", type=int, default=20261126, help="seed of prompts and noise")
-    parser.add_argument("--out", default=None, help="where quality.md and distill_grid.png go (default: path)")
-    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    args = config_lib.parse_cli(Args, sys.argv[1:] if argv is None else argv, prog="python -m eval.evaluate_backbone",
+                                description=__doc__.split("\n")[0])
     bb = load(args.path)
     rows, samples = evaluate(bb, args.num, args.seed)
     table = quality_table(rows, args.num, samples["vae_psnr"],

@@ -24,7 +24,8 @@ estimate is not what keeps an agent from the oracle.
 
 from __future__ import annotations
 
-import argparse
+import dataclasses
+from typing import Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -61,16 +62,27 @@ def table_policy_scores(fit, test, limits, num_classes: int, bin_db: float):
     return quality, costs / limits, unseen
 
 
-def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--preset", default="tiny")
-    ap.add_argument("--episodes", type=int, default=1024, help="evaluation episodes (train.cvpo's eval.num_episodes)")
-    ap.add_argument("--fit-episodes", type=int, default=4096, help="episodes that fit the table")
-    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4], help="evaluation keys as in train.cvpo")
-    ap.add_argument("--bins", type=float, nargs="+", default=[0.5, 2.0], help="SNR-estimate bin widths (dB)")
-    ap.add_argument("--csi-delay-s", type=float, default=None)
-    ap.add_argument("--csi-error-std", type=float, default=None)
-    args = ap.parse_args(argv)
+@dataclasses.dataclass(frozen=True)
+class Args:
+    """Flags of ``python -m eval.observable_oracle``."""
+
+    preset: str = "tiny"  # environment preset
+    episodes: int = 1024  # evaluation episodes (train.cvpo's eval.num_episodes)
+    fit_episodes: int = 4096  # episodes that fit the table
+    seeds: tuple[int, ...] = (0, 1, 2, 3, 4)  # evaluation keys as in train.cvpo
+    bins: tuple[float, ...] = (0.5, 2.0)  # SNR-estimate bin widths (dB)
+    csi_delay_s: Optional[float] = None  # age of the channel estimate (s); None: the preset's
+    csi_error_std: Optional[float] = None  # error of the channel estimate; None: the preset's
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    import sys
+
+    from meg_jax import config as config_lib
+
+    argv = sys.argv[1:] if argv is None else argv
+    args = config_lib.parse_cli(Args, argv, prog="python -m eval.observable_oracle",
+                                description=__doc__.split("\n")[0])
 
     spec = EnvSpec(preset=args.preset, csi_delay_s=args.csi_delay_s, csi_error_std=args.csi_error_std)
     fit_env = make_env(spec, num_envs=args.fit_episodes, discrete=True)

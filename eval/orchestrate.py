@@ -389,7 +389,7 @@ def evaluate_runs(
         limits = np.stack([lat_limits, np.full(len(lat_limits), float(params.limits[1]))], -1)
         actors, sweep_env, sweep_policy = None, tables_env, tables_policy
         note = ("Oracle and best fixed (K, r) at each limit; no retraining was asked for "
-                "(`--sweep-blocks 0`).")
+                "(`--sweep_blocks 0`).")
         if cvpo_runs and sweep_blocks > 0:
             p = cvpo_runs[0]
             _log(progress, f"(3) retraining MEG-CVPO at {len(lat_limits)} latency limits "

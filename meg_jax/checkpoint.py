@@ -35,6 +35,8 @@ from meg_jax import config as config_lib
 __all__ = [
     "CONFIG_FILE",
     "ConfigMismatchError",
+    "CorruptCheckpointError",
+    "read_json",
     "make_manager",
     "check_config",
     "restore_or_init",
@@ -56,6 +58,36 @@ COMPONENTS = ("classifier", "vae", "teacher", "student")
 
 class ConfigMismatchError(ValueError):
     """A checkpoint directory was written with a config other than the requested one."""
+
+
+class CorruptCheckpointError(ValueError):
+    """A checkpoint or config file cannot be read (truncated, corrupt, wrong contents); the message names it."""
+
+
+def read_json(path: str | os.PathLike, what: str, required: tuple[str, ...] = ()) -> dict:
+    """The JSON object in ``path``; raises :class:`CorruptCheckpointError` naming the file if it is unreadable.
+
+    Args:
+      path: a ``config.json`` / ``backbone.json``.
+      what: what the file is, for the message (e.g. "the backbone's settings").
+      required: top-level keys that must be present.
+    """
+    path = os.fspath(path)
+    with open(path) as f:
+        text = f.read()
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise CorruptCheckpointError(
+            f"{path} ({what}) is not valid JSON — truncated or corrupt? {e.msg} at line {e.lineno} column "
+            f"{e.colno} of {len(text)} characters"
+        ) from e
+    if not isinstance(data, dict):
+        raise CorruptCheckpointError(f"{path} ({what}) holds a JSON {type(data).__name__}, not an object")
+    missing = [k for k in required if k not in data]
+    if missing:
+        raise CorruptCheckpointError(f"{path} ({what}) lacks the key(s) {missing}; it has {sorted(data)}")
+    return data
 
 
 # --------------------------------------------------------------------------- training
@@ -109,8 +141,7 @@ def check_config(directory: str | os.PathLike, config: Any, ignore: tuple[str, .
     requested = config if isinstance(config, dict) else config_lib.to_dict(config)
     requested = json.loads(json.dumps(requested))  # tuples -> lists, as stored
     if os.path.exists(path):
-        with open(path) as f:
-            stored = json.load(f)
+        stored = read_json(path, "the config this directory's checkpoints were made with")
         blocking = config_lib.diff(_without(stored, ignore), _without(requested, ignore))
         if blocking:
             raise ConfigMismatchError(
@@ -138,6 +169,11 @@ def restore_or_init(manager: Any, init_state: Any) -> tuple[Any, int]:
     Returns:
       ``(state, step)``: the restored state and its step, or ``(init_state, 0)`` when the
       directory holds no checkpoint.
+
+    Raises:
+      CorruptCheckpointError: the latest step cannot be restored (a file truncated or
+        corrupt, e.g. by a full disk or a copy cut short); the message names the step folder
+        and what orbax found wrong.
     """
     import orbax.checkpoint as ocp
 
@@ -145,7 +181,17 @@ def restore_or_init(manager: Any, init_state: Any) -> tuple[Any, int]:
     if step is None:
         return init_state, 0
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, init_state)
-    state = manager.restore(step, args=ocp.args.StandardRestore(abstract))
+    try:
+        state = manager.restore(step, args=ocp.args.StandardRestore(abstract))
+    except Exception as e:  # orbax/tensorstore raise many types for unreadable data; name the folder
+        folder = os.path.join(os.fspath(manager.directory), str(step))
+        cause = str(e).split(" See full TensorStore details")[0]  # the rest is a page of tensorstore spec
+        cause = cause if len(cause) <= 500 else cause[:500] + " ..."
+        raise CorruptCheckpointError(
+            f"cannot restore the orbax checkpoint {folder} (step {step}): {type(e).__name__}: {cause}. "
+            "If it is truncated or corrupt, delete that step folder to resume from an earlier step, "
+            "or start afresh in a new work directory."
+        ) from e
     return state, int(step)
 
 
@@ -262,6 +308,11 @@ def load_backbone(path: str | os.PathLike = "checkpoints/tiny") -> Backbone:
 
     Returns:
       ``Backbone`` with params as ``jax.Array`` pytrees and the configs as dataclasses.
+
+    Raises:
+      FileNotFoundError: ``path`` holds no ``backbone.json``.
+      CorruptCheckpointError: ``backbone.json`` or a component's ``config.json`` is truncated,
+        corrupt or not a valid config (the message names the file).
     """
     from meg_jax.backbone.config import BackboneConfig
     from meg_jax.data.classifier import ClassifierConfig
@@ -274,17 +325,24 @@ def load_backbone(path: str | os.PathLike = "checkpoints/tiny") -> Backbone:
             f"{top} not found: {path!r} is not a backbone folder (expected backbone.json and "
             f"the folders {COMPONENTS}); make one with `python -m train.distill --export {path}`"
         )
-    with open(top) as f:
-        meta = json.load(f)
-    with open(os.path.join(path, "classifier", CONFIG_FILE)) as f:
-        classifier_meta = json.load(f)
+    meta = read_json(top, "the backbone's settings", required=("backbone", "sampling"))
+    classifier_path = os.path.join(path, "classifier", CONFIG_FILE)
+    classifier_meta = read_json(classifier_path, "the classifier's settings", required=("config",))
+    configs = {}
+    for name, cls, file, data in (("backbone", BackboneConfig, top, meta["backbone"]),
+                                  ("classifier", ClassifierConfig, classifier_path, classifier_meta["config"]),
+                                  ("sampling", SamplingConfig, top, meta["sampling"])):
+        try:
+            configs[name] = config_lib.from_dict(cls, data)
+        except (TypeError, ValueError) as e:
+            raise CorruptCheckpointError(f"{file}: not a valid {cls.__name__}: {e}") from e
     return Backbone(
         classifier=load_params(os.path.join(path, "classifier", "classifier.safetensors")),
         vae=load_params(os.path.join(path, "vae", "vae.safetensors")),
         text_encoder=load_params(os.path.join(path, "teacher", "text_encoder.safetensors")),
         teacher=load_params(os.path.join(path, "teacher", "unet.safetensors")),
         student=load_params(os.path.join(path, "student", "unet.safetensors")),
-        config=config_lib.from_dict(BackboneConfig, meta["backbone"]),
-        classifier_config=config_lib.from_dict(ClassifierConfig, classifier_meta["config"]),
-        sampling=config_lib.from_dict(SamplingConfig, meta["sampling"]),
+        config=configs["backbone"],
+        classifier_config=configs["classifier"],
+        sampling=configs["sampling"],
     )

@@ -50,7 +50,7 @@ jax.config.update("jax_persistent_cache_min_compile_time_secs",
 TINY_CVPO_RUN = [
     "--env.artifact", "synthetic", "--env.num_envs", "8", "--env.episode_length", "8",
     "--total_env_steps", "128", "--blocks_per_log", "8",
-    "--cvpo.actor_hidden", "[16,16]", "--cvpo.critic_hidden", "[16,16]", "--cvpo.batch_size", "32",
+    "--cvpo.actor_hidden", "16", "16", "--cvpo.critic_hidden", "16", "16", "--cvpo.batch_size", "32",
     "--cvpo.num_action_samples", "4", "--cvpo.target_samples", "2", "--cvpo.min_replay", "32",
     "--cvpo.replay_capacity", "512", "--cvpo.updates_per_block", "1",
 ]

@@ -104,3 +104,41 @@ def test_module_imports_no_flax_or_jax():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]", out.stdout + out.stderr
     assert art_mod.__name__ == "meg_jax.meg.artifact"
+
+
+# --------------------------------------------------------------------------- damaged files
+def _truncated_copy(src, dst, keep: int):
+    data = src.read_bytes()
+    dst.write_bytes(data[:keep])
+    return dst
+
+
+@pytest.mark.parametrize("fraction", [0.0, 0.5, 0.999])
+def test_truncated_artifact_names_the_file(tmp_path, fraction):
+    good = tmp_path / "good.npz"
+    synthetic_artifact().save(good)
+    size = good.stat().st_size
+    bad = _truncated_copy(good, tmp_path / "cut.npz", int(size * fraction))
+    with pytest.raises(ValueError, match=r"cut\.npz: not a readable calibration artifact .*truncated or corrupt"):
+        art_mod.load(bad)
+    art_mod.load(good)  # the original still loads: only the copy was damaged
+
+
+def test_corrupt_artifact_entry_is_named(tmp_path):
+    # np.savez stores entries uncompressed with a CRC-32 each: a flipped byte inside an array
+    # leaves the zip directory readable and fails the CRC check of that one entry
+    good = tmp_path / "good.npz"
+    synthetic_artifact().save(good)
+    data = bytearray(good.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    bad = tmp_path / "flipped.npz"
+    bad.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match=r"flipped\.npz: .*while reading entry '.*'.*CRC"):
+        art_mod.load(bad)
+
+
+def test_garbled_metadata_is_named(tmp_path):
+    path = tmp_path / "meta.npz"
+    np.savez(path, **{"metadata.json": np.array('{"schema_version": 1, "task_cl')})
+    with pytest.raises(ValueError, match=r"meta\.npz: its 'metadata.json' entry is not valid JSON"):
+        art_mod.load(path)

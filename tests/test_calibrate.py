@@ -19,11 +19,11 @@ from meg_jax.meg.link import LinkConfig
 
 # A small grid: 2 K x 2 r x 3 SNR x 4 classes, 2 prompts per class (tests, not results).
 ARGS = [
-    "--presets", "tiny,sdxl-1024",
-    "--prompts-per-class", "2",
-    "--set", "steps=[1,2]",
-    "--set", "merge_ratios=[0.0,0.5]",
-    "--set", "snr_db=[-5.0,10.0,30.0]",
+    "--cost_presets", "tiny", "sdxl-1024",
+    "--prompts_per_class", "2",
+    "--steps", "1", "2",
+    "--merge_ratios", "0.0", "0.5",
+    "--snr_db", "-5.0", "10.0", "30.0",
 ]
 
 
@@ -56,7 +56,7 @@ def calibrated(tmp_path_factory):
     folder = str(tmp_path_factory.mktemp("ckpt"))
     out = str(tmp_path_factory.mktemp("calibration"))
     _export(_random_backbone(), folder)
-    argv = ["--checkpoint", folder, "--out", out, *ARGS]
+    argv = ["--checkpoint", folder, "--out_dir", out, *ARGS]
     assert cli.main(argv) == 0
     return folder, out, argv
 
@@ -73,7 +73,7 @@ def test_command_writes_one_valid_artifact_per_preset(calibrated):
     prov = art.provenance
     assert prov["backbone_checkpoint_hash"] == calibrate.checkpoint_hash(folder)
     assert prov["backbone_preset"] == "test" and prov["cost_preset"] == "tiny"
-    assert prov["command"].startswith("meg-jax calibrate") and "--prompts-per-class 2" in prov["command"]
+    assert prov["command"].startswith("meg-jax calibrate") and "--prompts_per_class 2" in prov["command"]
     assert set(art.conventional_schemes) == {"centralised", "meg_uncompressed", "on_device"}
     assert art.link_mode == "analog" and art.bits_per_value is None
     assert art.tx_power_dbm == 30.0 and art.noise_figure_db == 7.0

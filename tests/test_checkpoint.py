@@ -132,3 +132,55 @@ def test_shipped_backbone_loads_and_generates():
     assert np.any(img[..., 0] - img[..., 2] > 0.5)
     size = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(SHIPPED) for f in fs)
     assert size < 50e6  # the folder stays small
+
+
+# --------------------------------------------------------------------------- damaged files
+def test_truncated_config_json_names_the_file(tmp_path):
+    ckpt.check_config(tmp_path, _Cfg())
+    path = tmp_path / "config.json"
+    path.write_text(path.read_text()[:20])
+    with pytest.raises(ckpt.CorruptCheckpointError, match=r"config\.json .*is not valid JSON — truncated or corrupt"):
+        ckpt.check_config(tmp_path, _Cfg())
+
+
+def test_damaged_backbone_json_names_the_file(tmp_path):
+    import shutil
+
+    if not os.path.isfile(os.path.join(SHIPPED, "backbone.json")):
+        pytest.skip("the shipped backbone is not in this checkout")
+    folder = tmp_path / "tiny"
+    shutil.copytree(SHIPPED, folder)
+    top = folder / "backbone.json"
+    text = top.read_text()
+    top.write_text(text[: len(text) // 2])
+    with pytest.raises(ckpt.CorruptCheckpointError, match=r"backbone\.json \(the backbone's settings\) is not valid JSON"):
+        ckpt.load_backbone(folder)
+    top.write_text(text)
+    cls = folder / "classifier" / "config.json"
+    cls.write_text(json.dumps({"nothing": 1}))
+    with pytest.raises(ckpt.CorruptCheckpointError, match=r"classifier/config\.json .*lacks the key\(s\) \['config'\]"):
+        ckpt.load_backbone(folder)
+    shutil.copy(os.path.join(SHIPPED, "classifier", "config.json"), cls)
+    meta = json.loads(text)
+    meta["backbone"]["unet"]["bogus_field"] = 1
+    top.write_text(json.dumps(meta))
+    with pytest.raises(ckpt.CorruptCheckpointError, match=r"backbone\.json: not a valid BackboneConfig.*bogus_field"):
+        ckpt.load_backbone(folder)
+
+
+def test_truncated_orbax_checkpoint_names_the_step_folder(tmp_path):
+    state = {"w": jnp.arange(1000.0).reshape(10, 100), "b": jnp.ones(7)}
+    manager = ckpt.make_manager(tmp_path / "ckpt", async_save=False)
+    ckpt.save(manager, 5, state)
+    manager.close()
+    # the largest file of the step is the array data; cut it in half, as a full disk would
+    files = [os.path.join(r, f) for r, _, fs in os.walk(tmp_path / "ckpt" / "5") for f in fs]
+    largest = max(files, key=os.path.getsize)
+    with open(largest, "r+b") as f:
+        f.truncate(os.path.getsize(largest) // 2)
+    manager = ckpt.make_manager(tmp_path / "ckpt", async_save=False)
+    try:
+        with pytest.raises(ckpt.CorruptCheckpointError, match=r"cannot restore the orbax checkpoint .*ckpt/5 \(step 5\)"):
+            ckpt.restore_or_init(manager, state)
+    finally:
+        manager.close()

@@ -14,7 +14,7 @@ from train import cvpo as job
 TINY_ARGS = [
     "--env.artifact", "synthetic", "--env.num_envs", "8", "--env.episode_length", "8",
     "--blocks_per_log", "4", "--total_env_steps", "96", "--checkpoint_every_logs", "1",
-    "--cvpo.actor_hidden", "[16,16]", "--cvpo.critic_hidden", "[16,16]", "--cvpo.batch_size", "32",
+    "--cvpo.actor_hidden", "16", "16", "--cvpo.critic_hidden", "16", "16", "--cvpo.batch_size", "32",
     "--cvpo.num_action_samples", "8", "--cvpo.target_samples", "4", "--cvpo.min_replay", "32",
     "--cvpo.replay_capacity", "512", "--cvpo.updates_per_block", "2", "--eval.num_episodes", "0",
 ]
@@ -25,12 +25,14 @@ def _config(*extra: str):
     return config
 
 
-def test_parse_args_applies_dotted_overrides():
+def test_parse_args_applies_dotted_overrides(capsys):
     config = _config("--cvpo.batch_size=64", "--algo", "ppo_lag", "--seed", "3", "--env.preset", "sdxl-mobile")
     assert config.cvpo.batch_size == 64 and config.algo == "ppo_lag" and config.seed == 3
     assert config.env.preset == "sdxl-mobile" and config.env.num_envs == 8
-    with pytest.raises(ValueError, match="unknown config field"):
+    assert config.cvpo.actor_hidden == (16, 16)
+    with pytest.raises(SystemExit) as e:
         _config("--cvpo.no_such_field=1")
+    assert e.value.code == 2 and "--cvpo.no_such_field" in capsys.readouterr().err
 
 
 def test_killed_run_resumes_bit_identical(tmp_path):
@@ -54,7 +56,7 @@ def test_killed_run_resumes_bit_identical(tmp_path):
     assert len(records) == int(full.state.updates)
     assert {"eta", "lam_0", "lam_1", "estep_kl", "estep_cost_0_over_threshold"} <= set(records[0])
     # a rerun with another config is refused, naming the field
-    rc = job.main(["--workdir", str(tmp_path / "full"), *TINY_ARGS, "--cvpo.batch_size=64", "--no-progress"])
+    rc = job.main(["--workdir", str(tmp_path / "full"), *TINY_ARGS, "--cvpo.batch_size=64", "--no_progress"])
     assert rc == job.EXIT_BAD_CONFIG
 
 
@@ -63,7 +65,7 @@ def test_divergence_stops_and_keeps_last_good_checkpoint(tmp_path, capsys):
     # from iteration 2 the absurd critic step size makes the critic loss non-finite
     workdir = tmp_path / "nan"
     rc = job.main(["--workdir", str(workdir), *TINY_ARGS, "--cvpo.min_replay=64", "--cvpo.critic_lr=1e30",
-                   "--no-progress"])
+                   "--no_progress"])
     assert rc == job.EXIT_NON_FINITE
     assert "non-finite" in capsys.readouterr().err
     steps = sorted(int(d) for d in os.listdir(workdir / "checkpoints") if d.isdigit())
@@ -74,7 +76,7 @@ def test_unknown_preset_and_infeasible_limits_are_refused(tmp_path, capsys):
     rc = job.main(["--workdir", str(tmp_path / "a"), *TINY_ARGS, "--env.preset", "nope"])
     assert rc == job.EXIT_BAD_CONFIG
     assert "unknown environment preset 'nope'" in capsys.readouterr().err
-    rc = job.main(["--workdir", str(tmp_path / "b"), *TINY_ARGS, "--env.limits", "[1e-6,1e-6]"])
+    rc = job.main(["--workdir", str(tmp_path / "b"), *TINY_ARGS, "--env.limits", "1e-6", "1e-6"])
     assert rc == job.EXIT_BAD_CONFIG
     assert "infeasible" in capsys.readouterr().err
 
@@ -82,7 +84,7 @@ def test_unknown_preset_and_infeasible_limits_are_refused(tmp_path, capsys):
 def test_fixed_baseline_is_evaluated_in_the_harness(tmp_path):
     workdir = tmp_path / "fixed"
     rc = job.main(["--workdir", str(workdir), *TINY_ARGS, "--algo", "fixed", "--eval.num_episodes", "64",
-                   "--no-progress"])
+                   "--no_progress"])
     assert rc == 0
     with open(workdir / "eval.json") as f:
         ev = json.load(f)
@@ -97,7 +99,7 @@ def test_fixed_baseline_is_evaluated_in_the_harness(tmp_path):
     with open(workdir / "eval.json", "w") as f:
         json.dump(ev, f)
     rc = job.main(["--workdir", str(workdir), *TINY_ARGS, "--algo", "fixed", "--eval.num_episodes", "64",
-                   "--eval.deterministic", "true", "--no-progress"])
+                   "--eval.deterministic", "--no_progress"])
     assert rc == 0
     with open(workdir / "eval.json") as f:
         assert json.load(f)["marker"] == "first evaluation"

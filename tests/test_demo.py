@@ -51,7 +51,7 @@ def smoke_run(tmp_path_factory):
     workdir = str(tmp_path_factory.mktemp("demo"))
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
-        rc = demo.main(["--smoke", "--workdir", workdir, "--no-progress"])
+        rc = demo.main(["--smoke", "--workdir", workdir, "--no_progress"])
     assert rc == 0, out.getvalue()
     with open(os.path.join(workdir, "report.md")) as f:
         report = f.read()
@@ -85,3 +85,38 @@ def test_smoke_trains_both_agents_and_evaluates_them(smoke_run):
         assert os.path.isdir(os.path.join(workdir, {"MEG-CVPO": "cvpo", "PPO-Lagrangian": "ppo_lag"}[name], "checkpoints"))
     assert len(metrics["image_cases"]) == 2
     assert os.path.join(workdir, "report.md") in stdout
+
+
+def test_stale_run_is_refused_not_deleted_unless_overwrite(tmp_path, capsys):
+    """A run directory made with other settings is user data: the demo stops (exit 2) and keeps it."""
+    from meg_jax import checkpoint
+    from meg_jax.rl.config import EnvSpec, EvalConfig, RunConfig
+
+    # "fixed" only evaluates (and evaluation is off in the demo's training step): no training
+    config = RunConfig(algo="fixed", env=EnvSpec(artifact="synthetic", num_envs=8, episode_length=8),
+                       eval=EvalConfig(num_episodes=0))
+    run_dir = tmp_path / "cvpo"
+    checkpoint.check_config(run_dir, RunConfig(algo="fixed", seed=1, env=config.env))  # another seed
+    (run_dir / "precious.txt").write_text("user data")
+    with pytest.raises(demo.StaleRunError, match=r"--overwrite.*--workdir") as e:
+        demo._train(config, str(run_dir), progress=False, overwrite=False)
+    assert "seed: 1 != 0" in str(e.value)
+    assert (run_dir / "precious.txt").read_text() == "user data"
+    demo._train(config, str(run_dir), progress=False, overwrite=True)
+    assert not (run_dir / "precious.txt").exists()
+    assert json.loads((run_dir / "config.json").read_text())["seed"] == 0
+
+
+def test_stale_run_stops_the_demo_with_status_2(tmp_path, capsys):
+    if not (os.path.exists(SHIPPED_BACKBONE) and os.path.exists(SHIPPED_ARTIFACT)):
+        pytest.skip("the shipped checkpoints are not in this checkout")
+    from meg_jax import checkpoint
+    from meg_jax.rl.config import RunConfig
+
+    workdir = tmp_path / "w"
+    checkpoint.check_config(workdir / "cvpo", RunConfig(seed=5))
+    rc = demo.main(["--smoke", "--workdir", str(workdir), "--no_progress"])
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert "holds a run made with other settings" in err and "--overwrite" in err
+    assert (workdir / "cvpo" / "config.json").exists()

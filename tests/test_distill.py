@@ -217,7 +217,7 @@ def test_refinement_stages_are_optional(stages, test_config, capsys):
     with pytest.raises(ckpt.ConfigMismatchError, match="teacher_ft"):
         train.run(off, ("student",), stages[0], progress=False)
     assert cli.main(["--preset", "test", "--stage", "decoder", "--workdir", stages[0],
-                     "--set", "decoder=null"]) == 2
+                     "--decoder", "None"]) == 2
     assert "'decoder' is off" in capsys.readouterr().err
     with pytest.raises(ValueError, match="unknown stage"):
         train.run(test_config, ("teacher2",), stages[0], progress=False)
@@ -286,10 +286,10 @@ def test_cli_refuses_mismatch_and_unknown_override(stages, capsys):
 
     workdir, _ = stages
     assert cli.main(["--preset", "test", "--stage", "vae", "--workdir", workdir,
-                     "--set", "vae.kl_weight=0.5", "--no-progress"]) == 2
+                     "--vae.kl_weight", "0.5", "--no_progress"]) == 2
     assert "vae.kl_weight" in capsys.readouterr().err
-    assert cli.main(["--preset", "test", "--workdir", workdir, "--set", "vae.nope=1"]) == 2
-    assert "unknown config field" in capsys.readouterr().err
+    assert cli.main(["--preset", "test", "--workdir", workdir, "--vae.nope", "1"]) == 2
+    assert "--vae.nope" in capsys.readouterr().err
 
 
 def test_export_and_load_backbone(stages, test_config, tmp_path):

@@ -192,7 +192,7 @@ def evaluated(run_root, tmp_path_factory):
 
     out = str(tmp_path_factory.mktemp("report"))
     rc = evaluate.main([run_root, "--episodes", "16", "--backbone", "none", "--artifact", "synthetic",
-                        "--out", out, "--sweep-blocks", "2", "--sweep-fractions", "0.3,1.0", "--no-grid"])
+                        "--out", out, "--sweep_blocks", "2", "--sweep_fractions", "0.3", "1.0", "--no_grid"])
     assert rc == 0
     with open(os.path.join(out, "metrics.json")) as f:
         metrics = json.load(f)

@@ -7,64 +7,69 @@ split pipeline and writes one calibration artifact per cost preset to ``--out``
 Examples::
 
     python -m train.calibrate                                   # the shipped default
-    python -m train.calibrate --link-mode digital --bits 8      # -> <preset>-digital8.npz
-    python -m train.calibrate --set prompts_per_class=128 --set batch_size=256
-    python -m train.calibrate --no-measure --tables --accuracy-floor 0.9   # docs tables
-    python -m train.calibrate --no-measure --grid-figure docs/images/meg_grid.png
+    python -m train.calibrate --link_mode digital --bits 8      # -> <preset>-digital8.npz
+    python -m train.calibrate --prompts_per_class 128 --batch_size 256 --cost_presets tiny
+    python -m train.calibrate --no_measure --tables --accuracy_floor 0.9   # docs tables
+    python -m train.calibrate --no_measure --grid_figure docs/images/meg_grid.png
+
+Every field of ``meg_jax.meg.calibrate.CalibrationConfig`` is a flag (``--steps 1 2 4 8``,
+``--snr_db -5 0 10``, ``--out_dir DIR``); ``--help`` lists them with their defaults.
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
+import logging
 import os
 import shlex
 import sys
-from typing import Sequence
+from typing import Optional, Sequence
 
 from meg_jax import config as config_lib
 from meg_jax.meg.calibrate import CalibrationConfig, run
 
+log = logging.getLogger("train.calibrate")
 
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="meg-jax calibrate", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--checkpoint", help="backbone folder (default checkpoints/tiny)")
-    parser.add_argument("--out", dest="out_dir", help="artifact folder (default checkpoints/calibration)")
-    parser.add_argument("--presets", help="comma-separated cost presets (default tiny,sd15-512,sdxl-1024)")
-    parser.add_argument("--link-mode", dest="link_mode", choices=("analog", "digital"))
-    parser.add_argument("--fading", choices=("awgn", "rayleigh"))
-    parser.add_argument("--bits", type=int, choices=(4, 6, 8))
-    parser.add_argument("--prompts-per-class", dest="prompts_per_class", type=int)
-    parser.add_argument("--seed", type=int)
-    parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
-                        help="override any CalibrationConfig field (repeatable)")
-    parser.add_argument("--no-measure", dest="measure", action="store_false",
-                        help="skip the measurement (use the artifacts already in --out)")
-    parser.add_argument("--tables", action="store_true",
-                        help="print the docs' comparison tables (markdown) from the artifacts in --out")
-    parser.add_argument("--accuracy-floor", type=float, default=0.95,
-                        help="quality floor of the tables' best fixed (K, r): mean attribute accuracy, "
-                             "or a fraction of --floor-relative-to's accuracy at the same SNR")
-    parser.add_argument("--floor-relative-to", default="meg_uncompressed",
-                        help="conventional scheme the floor is relative to ('none': absolute floor)")
-    parser.add_argument("--table-snrs", default="0,10,20", help="comma-separated SNRs (dB) of the tables")
-    parser.add_argument("--grid-figure", help="write the (K rows x r columns) image grid at two SNRs here")
-    parser.add_argument("--grid-snrs", default="0,20", help="the two SNRs (dB) of the grid figure")
-    return parser
+CalibrationFlags = config_lib.inline(CalibrationConfig)
+
+
+@dataclasses.dataclass(frozen=True)
+class Args:
+    """Flags of ``meg-jax calibrate``; every CalibrationConfig field is one too."""
+
+    measure: bool = True  # measure the grid (--no_measure: use the artifacts already in --out_dir)
+    tables: bool = False  # print the docs' comparison tables (markdown) from the artifacts in --out_dir
+    # quality floor of the tables' best fixed (K, r): mean attribute accuracy, or a fraction of
+    # --floor_relative_to's accuracy at the same SNR
+    accuracy_floor: float = 0.95
+    floor_relative_to: str = "meg_uncompressed"  # conventional scheme the floor is relative to ('none': absolute)
+    table_snrs: tuple[float, ...] = (0.0, 10.0, 20.0)  # SNRs (dB) of the tables
+    grid_figure: Optional[str] = None  # write the (K rows x r columns) image grid at two SNRs here
+    grid_snrs: tuple[float, float] = (0.0, 20.0)  # the two SNRs (dB) of the grid figure
+    progress: bool = True  # show the progress bar
+    compile_cache: bool = True  # persistent XLA compilation cache in the user cache dir (meg_jax.job_setup)
+    config: CalibrationFlags = CalibrationConfig()
+
+
+def parse_args(argv: Sequence[str]) -> Args:
+    """Command line -> job flags with a validated ``CalibrationConfig``.
+
+    Raises:
+      SystemExit: ``--help`` (0); an unknown field, a malformed value or an invalid grid (2, naming it).
+    """
+    prog = "meg-jax calibrate"
+    args = config_lib.parse_cli(Args, argv, prog=prog, description=__doc__.split("\n\n")[0])
+    try:
+        args.config.validate()
+    except ValueError as e:
+        sys.stderr.write(f"{prog}: error: {e}\n")
+        raise SystemExit(2) from e
+    return args
 
 
 def parse(argv: Sequence[str]) -> CalibrationConfig:
     """Command line -> validated ``CalibrationConfig``."""
-    args = _parser().parse_args(list(argv))
-    config = CalibrationConfig()
-    extras = ("set", "presets", "measure", "tables", "accuracy_floor", "floor_relative_to", "table_snrs",
-              "grid_figure", "grid_snrs")
-    direct = {k: v for k, v in vars(args).items() if k not in extras and v is not None}
-    if args.presets:
-        direct["cost_presets"] = tuple(p.strip() for p in args.presets.split(",") if p.strip())
-    config = dataclasses.replace(config, **direct)
-    config = config_lib.apply_overrides(config, args.set)
-    return config.validate()
+    return parse_args(argv).config
 
 
 def comparison_tables(config: CalibrationConfig, snrs: Sequence[float], accuracy_floor: float,
@@ -154,20 +159,26 @@ def grid_figure(config: CalibrationConfig, path: str, snrs: Sequence[float], pro
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    config = parse(argv)
-    args = _parser().parse_args(argv)
+    try:
+        args = parse_args(argv)
+    except SystemExit as e:  # --help, or a bad flag (already reported)
+        return int(e.code or 0)
+    from meg_jax import job_setup
+
+    job_setup.configure_logging()
+    job_setup.enable_compile_cache(args.compile_cache)
+    config = args.config
     if args.measure:
         command = "meg-jax calibrate" + ("" if not argv else " " + shlex.join(argv))
-        paths = run(config, command=command)
+        paths = run(config, command=command, progress=args.progress, log=log.info)
         for preset, path in paths.items():
-            print(f"{preset}: {path}")
-    if args.tables:
-        snrs = [float(x) for x in args.table_snrs.split(",")]
+            log.info("%s: %s", preset, path)
+    if args.tables:  # the result, for the caller: stdout
         relative = None if args.floor_relative_to == "none" else args.floor_relative_to
-        print(comparison_tables(config, snrs, args.accuracy_floor, relative))
+        sys.stdout.write(comparison_tables(config, args.table_snrs, args.accuracy_floor, relative) + "\n")
     if args.grid_figure:
-        grid_figure(config, args.grid_figure, [float(x) for x in args.grid_snrs.split(",")])
-        print(f"wrote {args.grid_figure}")
+        grid_figure(config, args.grid_figure, list(args.grid_snrs))
+        log.info("wrote %s", args.grid_figure)
     return 0
 
 

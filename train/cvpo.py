@@ -1,20 +1,21 @@
 """Train MEG-CVPO (or a baseline) on the MEG environment; resumable, sharded, multi-host.
 
     python -m train.cvpo --env.preset tiny --seed 0 --workdir runs/cvpo-tiny-0
-    python -m train.cvpo --algo ppo_lag --env.preset sdxl-mobile --workdir runs/ppo-sdxl --cvpo.batch_size=512
-    python -m train.cvpo --distributed --coordinator host0:1234 --num-processes 2 --process-id 0 ...
+    python -m train.cvpo --algo ppo_lag --env.preset sdxl-mobile --workdir runs/ppo-sdxl --cvpo.batch_size 512
+    python -m train.cvpo --distributed --coordinator host0:1234 --num_processes 2 --process_id 0 ...
 
-Any field of ``meg_jax.rl.config.RunConfig`` can be overridden as ``--a.b=value`` or
-``--a.b value`` (``--env.preset``, ``--cvpo.batch_size``, ``--ppo.lagrange_lr``,
-``--total_env_steps`` ...). ``--env.artifact synthetic`` uses the synthetic test artifact
-(for tests and labelled synthetic results only).
+Every field of ``meg_jax.rl.config.RunConfig`` is a flag, ``--a.b value`` (``--env.preset``,
+``--cvpo.batch_size``, ``--cvpo.actor_hidden 64 64``, ``--eval.deterministic``,
+``--total_env_steps`` ...); ``--help`` lists them all with their defaults.
+``--env.artifact synthetic`` uses the synthetic test artifact (for tests and labelled
+synthetic results only).
 
 The work directory receives ``config.json`` (the resolved config; a rerun with another
 config is refused naming the fields), ``metrics.jsonl`` + TensorBoard events (one record
 per host iteration), ``estep/`` (eta, lam, the achieved KL and expected costs under q for
 every update), orbax checkpoints of the whole train state (``checkpoints/``) and, at the end,
 ``eval.json``: the policy and the baselines on the same fresh episodes
-(``--eval.deterministic true`` writes ``eval-deterministic.json`` beside it). A rerun of the
+(``--eval.deterministic`` writes ``eval-deterministic.json`` beside it). A rerun of the
 same command resumes from the latest checkpoint and ends bit-identical to an uninterrupted run on
 CPU. A non-finite metric or parameter stops the run with exit code 3, keeping the last good
 checkpoint. ``--algo fixed|oracle|max_quality`` only evaluates the baseline.
@@ -22,10 +23,10 @@ checkpoint. ``--algo fixed|oracle|max_quality`` only evaluates the baseline.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import functools
 import json
+import logging
 import math
 import os
 import sys
@@ -42,6 +43,8 @@ __all__ = ["main", "parse_args", "run", "TrainResult"]
 EXIT_BAD_CONFIG = 2
 EXIT_NON_FINITE = 3
 
+log = logging.getLogger("train.cvpo")
+
 
 @dataclasses.dataclass
 class TrainResult:
@@ -53,55 +56,44 @@ class TrainResult:
     evaluation: Optional[dict]  # eval.json content (None if halted before the end)
 
 
-def parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, RunConfig]:
+RunFlags = config_lib.inline(RunConfig)
+
+
+@dataclasses.dataclass(frozen=True)
+class Args:
+    """Flags of ``python -m train.cvpo`` (= ``meg-jax train``); every RunConfig field is one too."""
+
+    workdir: str  # run directory (created; resumed if it holds a checkpoint)
+    config: Optional[str] = None  # a config.json to start from (the other flags then override it)
+    distributed: bool = False  # call jax.distributed.initialize() first
+    coordinator: Optional[str] = None  # coordinator address host:port (None: from the cluster env)
+    num_processes: Optional[int] = None  # number of processes (None: from the cluster env)
+    process_id: Optional[int] = None  # this process's id (None: from the cluster env)
+    progress: bool = True  # show the progress bar
+    compile_cache: bool = True  # persistent XLA compilation cache in the user cache dir (meg_jax.job_setup)
+    run: RunFlags = RunConfig()
+
+
+def parse_args(argv: Sequence[str]) -> tuple[Args, RunConfig]:
     """Splits the command line into job flags and a resolved ``RunConfig``.
 
     Raises:
-      ValueError: an unknown config field or a malformed value (names the valid fields).
+      SystemExit: ``--help`` (0); an unknown flag, a malformed value, an unknown algo or an
+        unreadable ``--config`` file (2, naming the field or file).
     """
-    parser = argparse.ArgumentParser(prog="python -m train.cvpo", description=__doc__.split("\n")[0])
-    parser.add_argument("--workdir", required=True, help="run directory (created; resumed if it holds a checkpoint)")
-    parser.add_argument("--algo", choices=ALGOS, help="agent or baseline (default: the config's, cvpo)")
-    parser.add_argument("--seed", type=int, help="PRNG seed")
-    parser.add_argument("--config", help="a config.json to start from (then the overrides apply)")
-    parser.add_argument("--distributed", action="store_true", help="call jax.distributed.initialize()")
-    parser.add_argument("--coordinator", help="coordinator address host:port (default: from the cluster env)")
-    parser.add_argument("--num-processes", type=int, help="number of processes (default: from the cluster env)")
-    parser.add_argument("--process-id", type=int, help="this process's id (default: from the cluster env)")
-    parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
-    args, rest = parser.parse_known_args(list(argv))
-    overrides = []
-    i = 0
-    while i < len(rest):
-        item = rest[i]
-        if not item.startswith("--"):
-            raise ValueError(f"unexpected argument {item!r}; config overrides look like --a.b=value")
-        item = item[2:]
-        if "=" not in item:
-            if i + 1 >= len(rest):
-                raise ValueError(f"override --{item} needs a value")
-            item = f"{item}={rest[i + 1]}"
-            i += 1
-        overrides.append(item)
-        i += 1
-    if args.algo is not None:
-        overrides.append(f"algo={args.algo}")
-    if args.seed is not None:
-        overrides.append(f"seed={args.seed}")
-    # a bare string value for env.artifact / env.preset must stay a string
-    overrides = [_quote_strings(o) for o in overrides]
-    base = config_lib.load_json(RunConfig, args.config) if args.config else RunConfig()
-    config = config_lib.apply_overrides(base, overrides)
-    if config.algo not in ALGOS:
-        raise ValueError(f"unknown algo {config.algo!r}; choose from {list(ALGOS)}")
-    return args, config
-
-
-def _quote_strings(override: str) -> str:
-    key, value = override.split("=", 1)
-    if key in ("env.preset", "env.artifact", "algo") and value not in ("null",) and not value.startswith('"'):
-        return f"{key}={json.dumps(value)}"
-    return override
+    argv = list(argv)
+    prog = "python -m train.cvpo"
+    base_path = config_lib.flag_value(argv, "--config")
+    try:
+        base = config_lib.load_json(RunConfig, base_path) if base_path else RunConfig()
+    except (OSError, ValueError) as e:
+        sys.stderr.write(f"{prog}: error: --config: {e}\n")
+        raise SystemExit(EXIT_BAD_CONFIG) from e
+    args = config_lib.parse_cli(Args, argv, prog=prog, description=__doc__.split("\n")[0], config=base)
+    if args.run.algo not in ALGOS:
+        sys.stderr.write(f"{prog}: error: --algo: unknown {args.run.algo!r}; choose from {list(ALGOS)}\n")
+        raise SystemExit(EXIT_BAD_CONFIG)
+    return args, args.run
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -249,7 +241,7 @@ def run(
     os.makedirs(workdir, exist_ok=True)
     if is_main:  # one writer of config.json on a shared work directory
         # The final evaluation's settings do not change what is trained: a finished run can
-        # be re-scored (e.g. --eval.deterministic true) without retraining.
+        # be re-scored (e.g. --eval.deterministic) without retraining.
         ckpt.check_config(workdir, config, ignore=("eval",))
     evaluate = evaluate and config.eval.num_episodes > 0
 
@@ -365,7 +357,7 @@ def run(
 def eval_filename(config: RunConfig) -> str:
     """``eval.json`` for the sampled policy, ``eval-deterministic.json`` for its mean / argmax.
 
-    Re-scoring a finished run with ``--eval.deterministic true`` writes beside the first
+    Re-scoring a finished run with ``--eval.deterministic`` writes beside the first
     evaluation instead of over it.
     """
     return "eval-deterministic.json" if config.eval.deterministic else "eval.json"
@@ -403,7 +395,7 @@ def _write_json(path: str, obj: Any) -> None:
     os.replace(tmp, path)
 
 
-def _init_distributed(args: argparse.Namespace) -> None:
+def _init_distributed(args: Args) -> None:
     import jax
 
     # CPU collectives across processes need gloo; the setting only concerns the CPU backend, and
@@ -424,27 +416,30 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
         args, config = parse_args(argv)
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return EXIT_BAD_CONFIG
+    except SystemExit as e:  # --help, or a bad flag (already reported)
+        return int(e.code or 0)
+    from meg_jax import job_setup
+
+    job_setup.configure_logging()
     if args.distributed:
         _init_distributed(args)
+    job_setup.enable_compile_cache(args.compile_cache)
     from meg_jax import run_log
     from meg_jax.checkpoint import ConfigMismatchError
 
     try:
-        result = run(config, args.workdir, progress=not args.no_progress)
+        result = run(config, args.workdir, progress=args.progress)
     except (ValueError, FileNotFoundError, ConfigMismatchError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        log.error("%s", e)
         return EXIT_BAD_CONFIG
     except run_log.NonFiniteError as e:
-        print(f"error: training stopped: {e}; the last good checkpoint in {args.workdir} is kept", file=sys.stderr)
+        log.error("training stopped: %s; the last good checkpoint in %s is kept", e, args.workdir)
         return EXIT_NON_FINITE
     if result.evaluation is not None:
         import jax
 
-        if jax.process_index() == 0:
-            print(json.dumps(result.evaluation.get("summary", result.evaluation), indent=2))
+        if jax.process_index() == 0:  # the result, for the caller: stdout
+            sys.stdout.write(json.dumps(result.evaluation.get("summary", result.evaluation), indent=2) + "\n")
     return 0
 
 

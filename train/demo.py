@@ -4,6 +4,10 @@
     meg-jax demo --smoke                  # the same pipeline at a toy budget (under 2 minutes; tests)
     meg-jax demo --budget 60000 --workdir runs/demo-long
     meg-jax demo --recalibrate            # re-measure the calibration artifact first (minutes more)
+    meg-jax demo --overwrite              # replace runs in WORKDIR made with other settings
+
+Compiled programs are kept in the persistent XLA cache (``meg_jax.job_setup``; off with
+``--no_compile_cache``), so a second run skips most compilation.
 
 Steps: (0) check the shipped backbone (``checkpoints/tiny``) and calibration artifact
 (``checkpoints/calibration/<preset>.npz``), or re-measure the artifact into
@@ -18,15 +22,18 @@ shifted channel and generate images with the backbone at the policy's choices; (
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
+import logging
 import os
 import shutil
 import sys
 import time
 from typing import Any, Optional, Sequence
 
-__all__ = ["main", "parse_args", "DemoPlan", "plan", "check_shipped", "MissingCheckpointError"]
+__all__ = ["main", "parse_args", "Args", "DemoPlan", "plan", "check_shipped", "MissingCheckpointError",
+           "StaleRunError"]
+
+log = logging.getLogger("train.demo")
 
 DEFAULT_BACKBONE = "checkpoints/tiny"
 DEFAULT_BUDGET = 24_576  # environment steps per agent (the default run; see DemoPlan)
@@ -35,6 +42,10 @@ SMOKE_BUDGET = 512
 
 class MissingCheckpointError(FileNotFoundError):
     """A shipped file the demo needs is missing (the message names it and the command that makes it)."""
+
+
+class StaleRunError(ValueError):
+    """A run directory of the demo holds a run made with other settings and ``--overwrite`` was not given."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,23 +93,37 @@ def plan(budget: Optional[int], smoke: bool) -> DemoPlan:
     )
 
 
-def parse_args(argv: Sequence[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="meg-jax demo", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--workdir", default="runs/demo", help="where runs, plots and report.md go (default runs/demo)")
-    parser.add_argument("--preset", default="tiny", help="environment preset: tiny (default) or sdxl-mobile")
-    parser.add_argument("--budget", type=int, default=None,
-                        help=f"environment steps per agent (default {DEFAULT_BUDGET}; smoke {SMOKE_BUDGET})")
-    parser.add_argument("--smoke", action="store_true", help="toy sizes: the whole pipeline in under 2 minutes")
-    parser.add_argument("--checkpoints", default=DEFAULT_BACKBONE, help="shipped backbone folder")
-    parser.add_argument("--artifact", default=None,
-                        help="calibration artifact (.npz; default the preset's, checkpoints/calibration/...)")
-    parser.add_argument("--recalibrate", action="store_true",
-                        help="re-measure the calibration artifact with the backbone into WORKDIR/calibration")
-    parser.add_argument("--seed", type=int, default=0, help="training and evaluation seed")
-    parser.add_argument("--no-progress", action="store_true", help="hide the training progress bars")
-    args = parser.parse_args(list(argv))
+@dataclasses.dataclass(frozen=True)
+class Args:
+    """Flags of ``meg-jax demo``."""
+
+    workdir: str = "runs/demo"  # where runs, plots and report.md go
+    preset: str = "tiny"  # environment preset: tiny or sdxl-mobile
+    budget: Optional[int] = None  # environment steps per agent (None: 24576; with --smoke 512)
+    smoke: bool = False  # toy sizes: the whole pipeline in under 2 minutes
+    checkpoints: str = DEFAULT_BACKBONE  # shipped backbone folder
+    artifact: Optional[str] = None  # calibration artifact (.npz; None: the preset's, checkpoints/calibration/...)
+    recalibrate: bool = False  # re-measure the calibration artifact with the backbone into WORKDIR/calibration
+    seed: int = 0  # training and evaluation seed
+    # replace runs in WORKDIR that were made with other settings (without it the demo stops and says so)
+    overwrite: bool = False
+    progress: bool = True  # show the progress bars
+    compile_cache: bool = True  # persistent XLA compilation cache in the user cache dir (meg_jax.job_setup)
+
+
+def parse_args(argv: Sequence[str]) -> Args:
+    """Command line -> :class:`Args`.
+
+    Raises:
+      SystemExit: ``--help`` (0); an unknown flag or a malformed value (2, naming it).
+    """
+    from meg_jax import config as config_lib
+
+    prog = "meg-jax demo"
+    args = config_lib.parse_cli(Args, list(argv), prog=prog, description=__doc__.split("\n\n")[0])
     if args.budget is not None and args.budget < 1:
-        parser.error("--budget must be a positive number of environment steps")
+        sys.stderr.write(f"{prog}: error: --budget must be a positive number of environment steps, got {args.budget}\n")
+        raise SystemExit(2)
     return args
 
 
@@ -160,8 +185,12 @@ def _run_config(algo: str, p: DemoPlan, preset: str, artifact: str, seed: int) -
     )
 
 
-def _train(config: Any, workdir: str, progress: bool) -> float:
-    """Runs ``train.cvpo`` into ``workdir`` (a stale run of another config is replaced)."""
+def _train(config: Any, workdir: str, progress: bool, overwrite: bool) -> float:
+    """Runs ``train.cvpo`` into ``workdir``; a run there with other settings is replaced only if ``overwrite``.
+
+    Raises:
+      StaleRunError: ``workdir`` holds a run of another config and ``overwrite`` is False.
+    """
     from meg_jax.checkpoint import ConfigMismatchError
 
     from . import cvpo as cvpo_job
@@ -169,8 +198,13 @@ def _train(config: Any, workdir: str, progress: bool) -> float:
     t0 = time.time()
     try:
         cvpo_job.run(config, workdir, progress=progress, evaluate=False)
-    except ConfigMismatchError:
-        print(f"  {workdir} holds a run with other settings: starting it afresh")
+    except ConfigMismatchError as e:
+        if not overwrite:
+            raise StaleRunError(
+                f"{workdir} holds a run made with other settings ({e}). Nothing was changed: pass --overwrite "
+                "to delete it and train afresh, or --workdir DIR to use another directory."
+            ) from e
+        log.warning("%s holds a run with other settings; --overwrite: deleting it and starting afresh", workdir)
         shutil.rmtree(workdir)
         cvpo_job.run(config, workdir, progress=progress, evaluate=False)
     return time.time() - t0
@@ -178,15 +212,22 @@ def _train(config: Any, workdir: str, progress: bool) -> float:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Command-line entry point (``meg-jax demo``)."""
-    args = parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        args = parse_args(sys.argv[1:] if argv is None else argv)
+    except SystemExit as e:  # --help, or a bad flag (already reported)
+        return int(e.code or 0)
     t_start, cpu_start = time.time(), time.process_time()
+    from meg_jax import job_setup
+
+    job_setup.configure_logging()
+    cache_dir = job_setup.enable_compile_cache(args.compile_cache)
     try:
         backbone_path, artifact_path = check_shipped(args.checkpoints, args.artifact, args.preset, args.recalibrate)
     except (MissingCheckpointError, NotADirectoryError) as e:  # NotADirectoryError: a bad $MEG_JAX_CHECKPOINTS
-        print(f"error: {e}", file=sys.stderr)
+        log.error("%s", e)
         return 2
     except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
+        log.error("%s", e)
         return 2
     p = plan(args.budget, args.smoke)
     os.makedirs(args.workdir, exist_ok=True)
@@ -195,9 +236,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     stages = ["calibrate"] if args.recalibrate else []
     stages += ["MEG-CVPO", "PPO-Lagrangian", "evaluate", "report"]
-    bar = progress_bar(len(stages), desc="demo", disable=args.no_progress)
-    print(f"meg-jax demo: preset {args.preset}, {p.budget} env steps per agent, backbone {backbone_path}, "
-          f"workdir {args.workdir}" + (" (smoke)" if args.smoke else ""), flush=True)
+    bar = progress_bar(len(stages), desc="demo", disable=not args.progress)
+    log.info("meg-jax demo: preset %s, %d env steps per agent, backbone %s, workdir %s%s; compilation cache %s",
+             args.preset, p.budget, backbone_path, args.workdir, " (smoke)" if args.smoke else "", cache_dir or "off")
 
     if args.recalibrate:
         from meg_jax.meg.calibrate import CalibrationConfig, run as calibrate
@@ -206,7 +247,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         cal = CalibrationConfig(checkpoint=backbone_path, out_dir=os.path.join(args.workdir, "calibration"),
                                 cost_presets=("tiny",) if args.preset == "tiny" else ("sdxl-1024",),
                                 prompts_per_class=4 if args.smoke else 32)
-        paths = calibrate(cal, command="meg-jax demo --recalibrate", progress=not args.no_progress)
+        paths = calibrate(cal, command="meg-jax demo --recalibrate", progress=args.progress, log=log.info)
         artifact_path = next(iter(paths.values()))
         timings["calibrate"] = time.time() - t0
         bar.update(1)
@@ -216,13 +257,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         bar.set_description(f"demo: {label}")
         config = _run_config(algo, p, args.preset, artifact_path, args.seed)
         run_dir = os.path.join(args.workdir, algo)
-        print(f"training {label} for {p.budget} env steps ({p.num_envs} parallel envs) -> {run_dir}", flush=True)
+        log.info("training %s for %d env steps (%d parallel envs) -> %s", label, p.budget, p.num_envs, run_dir)
         try:
             cpu0 = time.process_time()
-            timings[label] = _train(config, run_dir, not args.no_progress)
-            print(f"  {label}: {timings[label]:.0f} s wall, {time.process_time() - cpu0:.0f} s CPU", flush=True)
+            timings[label] = _train(config, run_dir, args.progress, args.overwrite)
+            log.info("  %s: %.0f s wall, %.0f s CPU", label, timings[label], time.process_time() - cpu0)
         except (ValueError, FileNotFoundError) as e:
-            print(f"error: {e}", file=sys.stderr)
+            bar.close()
+            log.error("%s", e)
             return 2
         run_dirs.append(run_dir)
         bar.update(1)
@@ -236,8 +278,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         run_dirs, episodes=p.eval_episodes, sweep_blocks=p.sweep_blocks, sweep_fractions=p.sweep_fractions,
         backbone_path=backbone_path, image_snrs_db=p.image_snrs_db, grid_steps=p.grid_steps,
         grid_ratios=p.grid_ratios, seed=args.seed,
-        progress=lambda m: print(f"  [{time.time() - t_start:6.1f} s, CPU {time.process_time() - cpu_start:6.1f} s] {m}",
-                                 flush=True),
+        progress=lambda m: log.info("  [%6.1f s, CPU %6.1f s] %s", time.time() - t_start,
+                                    time.process_time() - cpu_start, m),
     )
     timings["evaluate"] = time.time() - t0
     bar.update(1)
@@ -255,16 +297,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         f"Backbone `{backbone_path}`; calibration artifact `{artifact_path}`.",
     ]
     results["demo"] = {"command": cmd, "plan": dataclasses.asdict(p), "timings_s": timings, "cpu_s": cpu,
-                       "load_average_1min": load, "cpu_count": os.cpu_count()}
+                       "load_average_1min": load, "cpu_count": os.cpu_count(), "compile_cache": cache_dir}
     path = report.write_report(results, args.workdir, title=f"meg-jax demo report ({args.preset})", preamble=preamble)
     timings["report"] = time.time() - t0
     bar.update(1)
     bar.close()
-    print()
-    print(report.format_summary_table(results["comparisons"][0]))
-    print()
-    print(f"demo finished in {time.time() - t_start:.0f} s (CPU time {time.process_time() - cpu_start:.0f} s, "
-          f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs); report: {path}")
+    sys.stdout.write("\n" + report.format_summary_table(results["comparisons"][0]) + "\n\n")  # the result: stdout
+    log.info("demo finished in %.0f s (CPU time %.0f s, load average %.1f on %d CPUs); report: %s",
+             time.time() - t_start, time.process_time() - cpu_start, os.getloadavg()[0], os.cpu_count(), path)
     return 0
 
 

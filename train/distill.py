@@ -2,12 +2,17 @@
 
 Stages, in order: classifier, vae, decoder (decoder refinement, encoder frozen), teacher,
 teacher_ft (teacher continuation on more latents), student. The two refinements keep the
-latent space and can be switched off (``--set decoder=null``).
+latent space and can be switched off (``--decoder None``).
 
     python -m train.distill --preset tiny --stage all --workdir runs/tiny
-    python -m train.distill --preset tiny --stage student --workdir runs/tiny --set student.steps=400
-    python -m train.distill --preset tiny --stage all --workdir runs/tiny --set decoder=null --set teacher_ft=null
+    python -m train.distill --preset tiny --stage student --workdir runs/tiny --student.steps 400
+    python -m train.distill --preset tiny --stage all --workdir runs/tiny --decoder None --teacher_ft None
     python -m train.distill --preset tiny --workdir runs/tiny --export checkpoints/tiny
+
+``--preset`` picks the defaults (``tiny``: the shipped checkpoints; ``test``: seconds per
+stage); every field of ``meg_jax.distill.config.DistillConfig`` is then a flag
+(``--student.steps 400``, ``--vae.learning_rate 3e-4``); ``--preset test --help`` lists them
+with that preset's defaults.
 
 (``meg-jax distill ...`` is the same command.) Rerunning a command resumes every unfinished
 stage from its latest checkpoint; a work directory made with other settings is refused with
@@ -17,71 +22,92 @@ checkpoint kept. The resolved config is written to ``WORKDIR/config.json``.
 
 from __future__ import annotations
 
-import argparse
+import dataclasses
+import logging
 import sys
 import time
-from typing import Sequence
+from typing import Literal, Optional, Sequence
 
-__all__ = ["main", "parse_args"]
+from meg_jax import config as config_lib
+from meg_jax.distill import config as distill_config
+
+__all__ = ["main", "parse_args", "Args"]
+
+log = logging.getLogger("train.distill")
+
+DistillFlags = config_lib.inline(distill_config.DistillConfig)
 
 
-def parse_args(argv: Sequence[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="python -m train.distill",
-        description="Train the attribute classifier, VAE, teacher LDM and the step-conditioned "
-        "student on procedural data; resume; export the compact checkpoints.",
-    )
-    parser.add_argument("--preset", default="tiny", help="distill preset: tiny (shipped) or test (seconds)")
-    parser.add_argument("--stage", default="all",
-                        choices=("classifier", "vae", "decoder", "teacher", "teacher_ft", "student", "all", "none"),
-                        help="which stage to run; 'all' runs every stage the preset enables, in order "
-                        "(finished ones are skipped; decoder and teacher_ft are optional refinements)")
-    parser.add_argument("--workdir", required=True, help="run directory (checkpoints, metrics, config)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE",
-                        help="config override, e.g. --set student.steps=100 (repeatable)")
-    parser.add_argument("--export", default=None, metavar="DIR",
-                        help="after the stages, write the compact shipped form to DIR (e.g. checkpoints/tiny)")
-    parser.add_argument("--no-progress", action="store_true", help="hide the progress bars")
-    return parser.parse_args(list(argv))
+@dataclasses.dataclass(frozen=True)
+class Args:
+    """Flags of ``python -m train.distill`` (= ``meg-jax distill``); every DistillConfig field is one too."""
+
+    workdir: str  # run directory (checkpoints, metrics, config)
+    # which stage to run; 'all' runs every stage the preset enables, in order (finished ones are
+    # skipped; decoder and teacher_ft are optional refinements)
+    stage: Literal["classifier", "vae", "decoder", "teacher", "teacher_ft", "student", "all", "none"] = "all"
+    export: Optional[str] = None  # after the stages, write the compact shipped form here (e.g. checkpoints/tiny)
+    progress: bool = True  # show the progress bars
+    compile_cache: bool = True  # persistent XLA compilation cache in the user cache dir (meg_jax.job_setup)
+    config: DistillFlags = distill_config.preset("tiny")
+
+
+def parse_args(argv: Sequence[str]) -> Args:
+    """Command line -> job flags with the resolved config (``--preset`` picks the defaults).
+
+    Raises:
+      SystemExit: ``--help`` (0); an unknown preset or field, a malformed value (2, naming it).
+    """
+    argv = list(argv)
+    prog = "python -m train.distill"
+    name = config_lib.flag_value(argv, "--preset") or "tiny"
+    try:
+        base = distill_config.preset(name)
+    except ValueError as e:
+        sys.stderr.write(f"{prog}: error: --preset: {e}\n")
+        raise SystemExit(2) from e
+    description = ("Train the attribute classifier, VAE, teacher LDM and the step-conditioned student on "
+                   "procedural data; resume; export the compact checkpoints. --preset picks the defaults "
+                   f"({' or '.join(sorted(distill_config.PRESETS))}; shown: {name}).")
+    return config_lib.parse_cli(Args, argv, prog=prog, description=description, config=base)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = parse_args(sys.argv[1:] if argv is None else argv)
-    # Imported after parsing so --help is instant.
-    from meg_jax import config as config_lib
+    try:
+        args = parse_args(sys.argv[1:] if argv is None else argv)
+    except SystemExit as e:  # --help, or a bad flag (already reported)
+        return int(e.code or 0)
+    # Imported after parsing so --help is quick.
+    from meg_jax import job_setup
     from meg_jax.checkpoint import ConfigMismatchError
-    from meg_jax.distill import config as distill_config
     from meg_jax.distill import train
     from meg_jax.run_log import NonFiniteError
 
-    try:
-        config = distill_config.preset(args.preset)
-        config = config_lib.apply_overrides(config, args.overrides)
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    job_setup.configure_logging()
+    job_setup.enable_compile_cache(args.compile_cache)
+    config = args.config
     stages = {"all": distill_config.STAGES, "none": ()}.get(args.stage, (args.stage,))
     if args.stage in distill_config.OPTIONAL_STAGES and getattr(config, args.stage) is None:
-        print(f"error: stage {args.stage!r} is off in preset {args.preset!r} ({args.stage} is null); "
-              "use a preset that enables it (tiny does)", file=sys.stderr)
+        log.error("stage %r is off (--%s None); use a preset that enables it (tiny does) and do not "
+                  "pass --%s None", args.stage, args.stage, args.stage)
         return 2
     start = time.time()
     try:
-        finished = train.run(config, tuple(stages), args.workdir, progress=not args.no_progress)
+        finished = train.run(config, tuple(stages), args.workdir, progress=args.progress)
         if args.export:
             train.export(args.workdir, args.export, config)
-            print(f"exported the backbone to {args.export}")
+            log.info("exported the backbone to %s", args.export)
     except ConfigMismatchError as e:
-        print(f"error: {e}", file=sys.stderr)
+        log.error("%s", e)
         return 2
     except NonFiniteError as e:
-        print(f"error: training diverged: {e}. The last good checkpoint is kept in {args.workdir}; "
-              "lower the learning rate (--set STAGE.learning_rate=...) and rerun.", file=sys.stderr)
+        log.error("training diverged: %s. The last good checkpoint is kept in %s; lower the learning rate "
+                  "(--STAGE.learning_rate ...) and rerun.", e, args.workdir)
         return 3
     except FileNotFoundError as e:
-        print(f"error: {e}", file=sys.stderr)
+        log.error("%s", e)
         return 2
-    print(f"stages finished: {finished}; wall time {time.time() - start:.0f} s")
+    log.info("stages finished: %s; wall time %.0f s", finished, time.time() - start)
     return 0
 
 

@@ -7,7 +7,7 @@ their step counts, batch sizes, learning rates, EMA decays, checkpoint intervals
 ``decoder`` and ``teacher_ft`` are optional refinements (``None`` skips them): both keep the
 VAE's latent space, so they change what the later stages start from, not what they read. Named presets:
 ``tiny`` (the shipped checkpoints, sized for a 2-core CPU) and ``test`` (seconds per stage,
-for the tests). The command line only overrides fields (``--set student.steps=100``).
+for the tests). The command line only overrides fields (``--student.steps 100``).
 """
 
 from __future__ import annotations
@@ -269,7 +269,7 @@ class DistillConfig:
     vae: VAEStageConfig = VAEStageConfig()
     teacher: TeacherStageConfig = TeacherStageConfig()
     student: StudentStageConfig = StudentStageConfig()
-    # Optional refinements (None: skipped; ``--set decoder=null`` turns one off).
+    # Optional refinements (None: skipped; ``--decoder None`` turns one off).
     decoder: DecoderStageConfig | None = None
     teacher_ft: TeacherFinetuneStageConfig | None = None
     keep_checkpoints: int = 2  # orbax keeps the latest N steps per stage

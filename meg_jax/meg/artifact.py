@@ -63,6 +63,8 @@ import dataclasses
 import datetime
 import json
 import os
+import zipfile
+import zlib
 from typing import Any, Mapping
 
 import numpy as np
@@ -315,17 +317,22 @@ class CalibrationArtifact:
 
         Raises:
           FileNotFoundError: ``path`` does not exist.
-          ValueError: the file is not a calibration artifact of this schema version, or its
-            contents are inconsistent; the message names every mismatch.
+          ValueError: the file is not a calibration artifact of this schema version, is
+            truncated or corrupt, or its contents are inconsistent; the message names the file
+            and every mismatch.
         """
         path = os.fspath(path)
         if not os.path.exists(path):
             raise FileNotFoundError(path)
-        with np.load(path, allow_pickle=False) as data:
-            contents = {k: data[k] for k in data.files}
+        contents = _read_npz(path)
         if "metadata.json" not in contents:
             raise ValueError(f"{path}: not a calibration artifact (no 'metadata.json' entry)")
-        meta = json.loads(str(contents.pop("metadata.json")))
+        try:
+            meta = json.loads(str(contents.pop("metadata.json")))
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: its 'metadata.json' entry is not valid JSON ({e}); {_REMAKE}") from e
+        if not isinstance(meta, dict):
+            raise ValueError(f"{path}: its 'metadata.json' entry is {type(meta).__name__}, not an object; {_REMAKE}")
         version = meta.get("schema_version")
         if version != SCHEMA_VERSION:
             raise ValueError(
@@ -371,6 +378,34 @@ class CalibrationArtifact:
 def load(path: str | os.PathLike) -> CalibrationArtifact:
     """Shorthand for :meth:`CalibrationArtifact.load`."""
     return CalibrationArtifact.load(path)
+
+
+_REMAKE = "remake it with `meg-jax calibrate` (or restore the shipped file from git)"
+
+
+def _read_npz(path: str) -> dict[str, np.ndarray]:
+    """Every entry of the ``.npz`` at ``path``; a truncated or corrupt file raises ``ValueError`` naming it.
+
+    ``np.load`` reads the zip directory at once but each member only when asked, so a
+    truncation shows up either here (no directory: "not a zip file") or while reading a member
+    (short read, CRC mismatch); both are reported with the file and the member.
+    """
+    size = os.path.getsize(path)
+    member = None
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            if not isinstance(data, np.lib.npyio.NpzFile):  # a bare .npy holds one array, no entries
+                raise ValueError("it is a single .npy array, not an .npz archive")
+            contents = {}
+            for member in data.files:
+                contents[member] = data[member]
+            return contents
+    except (zipfile.BadZipFile, zlib.error, EOFError, OSError, ValueError) as e:
+        where = f" while reading entry {member!r}" if member is not None else ""
+        raise ValueError(
+            f"{path}: not a readable calibration artifact ({size} bytes; truncated or corrupt?){where}: "
+            f"{type(e).__name__}: {e}; {_REMAKE}"
+        ) from e
 
 
 def _plain(value: Any) -> Any:
