@@ -43,7 +43,7 @@ FIXTURE_WORDS: tuple[str, ...] = (
 
 def bytes_to_unicode() -> dict[int, str]:
     """GPT-2 / CLIP byte -> printable unicode symbol table (CLIP's vocab order of bytes)."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    bs = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
     cs = bs[:]
     n = 0
     for b in range(256):
@@ -150,8 +150,8 @@ def save_clip_tokenizer(
                "pad_token": pad_token}
     with open(os.path.join(path, "special_tokens_map.json"), "w", encoding="utf-8") as f:
         json.dump(special, f, indent=2)
-    config = {"add_prefix_space": False, "do_lower_case": True, "errors": "replace", "model_max_length": model_max_length,
-              "tokenizer_class": "CLIPTokenizer",
+    config = {"add_prefix_space": False, "do_lower_case": True, "errors": "replace",
+              "model_max_length": model_max_length, "tokenizer_class": "CLIPTokenizer",
               **{k: {"__type": "AddedToken", **v} if isinstance(v, dict) else v for k, v in special.items()}}
     with open(os.path.join(path, "tokenizer_config.json"), "w", encoding="utf-8") as f:
         json.dump(config, f, indent=2)

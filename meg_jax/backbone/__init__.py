@@ -7,6 +7,7 @@ Token merging (``tome``), schedules and FLOP counting live in sibling modules an
 imported from there (``meg_jax.backbone.tome`` ...).
 """
 
+from meg_jax.backbone.clip import CLIPTextConfig, load_text_encoder, load_tokenizer
 from meg_jax.backbone.config import BackboneConfig, TextEncoderConfig, UNetConfig, VAEConfig, preset
 from meg_jax.backbone.diffusers_io import (
     from_diffusers,
@@ -36,4 +37,5 @@ __all__ = [
     "init_text_encoder",
     "example_inputs",
     "example_image",
+    "CLIPTextConfig", "load_text_encoder", "load_tokenizer",
 ]
