@@ -34,15 +34,19 @@ accepted. Without ``latents`` the initial noise is drawn from a JAX key, so it i
 noise a ``torch.Generator`` would draw; pass ``latents`` (and ``step_noise`` for the
 stochastic schedulers) to reproduce a diffusers image.
 
-The MEG path uses the pieces separately (``encode_prompt`` -> ``denoise`` -> ``decode``), so
-the edge server's K steps and the device's decode are the same functions as ``__call__``.
-Every piece is one jitted program; ``__call__`` is one jitted program per
-``(num_inference_steps, batch, size, CFG on/off)``.
+``__call__`` is three jitted programs, also public for the MEG path (edge server: encode
+and K steps; device: decode): :meth:`~StableDiffusionPipeline.encode_prompt`,
+:meth:`~StableDiffusionPipeline.denoise` (the whole scheduler loop, one ``lax.scan``; one
+compile per N, scheduler kind, batch, size and CFG on/off) and
+:meth:`~StableDiffusionPipeline.decode`. The programs are module-level and keyed on the
+modules (configs) and shapes, so pipelines of the same architecture, or the same pipeline
+with another scheduler of the same kind, share them; changing N recompiles only ``denoise``.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 from typing import Any, Sequence
@@ -64,6 +68,7 @@ __all__ = [
     "StableDiffusionPipeline",
     "load_pipeline",
     "guidance_scale_embedding",
+    "compiled_programs",
 ]
 
 # model_index.json _class_name -> (kind, CFG allowed). LCM is the SD pipeline without CFG.
@@ -195,15 +200,6 @@ class StableDiffusionPipeline:
     params: dict[str, Any]
     force_zeros_for_empty_prompt: bool
     dtype: Any
-    _jit: dict[str, Any] = dataclasses.field(default_factory=dict, repr=False)
-
-    def __post_init__(self) -> None:
-        self._jit.update(
-            encode=jax.jit(self._encode_impl, static_argnames=("zero_negative",)),
-            denoise=jax.jit(self._denoise_impl, static_argnames=("do_cfg",)),
-            decode=jax.jit(self._decode_impl),
-            generate=jax.jit(self._generate_impl, static_argnames=("zero_negative", "do_cfg")),
-        )
 
     # ---- configuration views ---------------------------------------------------------
     @property
@@ -250,7 +246,7 @@ class StableDiffusionPipeline:
 
         if not isinstance(scheduler, schedulers.Scheduler):
             scheduler = schedulers.load_scheduler(scheduler)
-        return dataclasses.replace(self, scheduler=scheduler, _jit={})
+        return dataclasses.replace(self, scheduler=scheduler)
 
     def _size(self, height: int | None, width: int | None) -> tuple[int, int]:
         dh, dw = self.default_size
@@ -304,30 +300,6 @@ class StableDiffusionPipeline:
             neg = self.tokenize(self._negative_list(negative_prompt, len(prompts)))
         return toks, neg, zero_negative
 
-    def _encode_one(self, params: Any, i: int, ids: jax.Array, mask: jax.Array) -> Any:
-        use_mask = self.kind == "sd" and self.text_configs[i].use_attention_mask
-        return self.text_encoders[i].apply({"params": params[i]}, ids, mask if use_mask else None)
-
-    def _encode_tokens(self, params: Any, toks: Any) -> tuple[jax.Array, jax.Array | None]:
-        if self.kind == "sd":
-            return self._encode_one(params, 0, *toks[0]).last_hidden_state, None
-        hidden, pooled = [], None
-        for i, (ids, mask) in enumerate(toks):
-            out = self._encode_one(params, i, ids, mask)
-            hidden.append(out.hidden_states[-2])
-            if out.text_embeds is not None:  # diffusers: the pooled output of the encoder that has one (2)
-                pooled = out.text_embeds
-        return jnp.concatenate(hidden, axis=-1), pooled
-
-    def _encode_impl(self, params: Any, toks: Any, neg: Any, *, zero_negative: bool) -> PromptEmbeds:
-        cond, pooled = self._encode_tokens(params, toks)
-        if zero_negative:
-            return PromptEmbeds(cond, jnp.zeros_like(cond), pooled, jnp.zeros_like(pooled))
-        if neg is None:
-            return PromptEmbeds(cond, None, pooled, None)
-        uncond, uncond_pooled = self._encode_tokens(params, neg)
-        return PromptEmbeds(cond, uncond, pooled, uncond_pooled)
-
     def encode_prompt(
         self,
         prompts: str | Sequence[str],
@@ -347,10 +319,15 @@ class StableDiffusionPipeline:
           :class:`PromptEmbeds` (``uncond`` None when CFG is off).
         """
         prompts = self._prompt_list(prompts)
-        toks, neg, zero_negative = self._token_inputs(prompts, negative_prompt, self.uses_cfg(guidance_scale))
-        if not self.uses_cfg(guidance_scale):
-            zero_negative = False
-        return self._jit["encode"](self.params["text_encoders"], toks, neg, zero_negative=zero_negative)
+        do_cfg = self.uses_cfg(guidance_scale)
+        toks, neg, zero_negative = self._token_inputs(prompts, negative_prompt, do_cfg)
+        zero_negative = zero_negative and do_cfg
+        return _encode(self.params["text_encoders"], toks, neg, encoders=self.text_encoders, kind=self.kind,
+                       use_masks=self._use_masks(), zero_negative=zero_negative)
+
+    def _use_masks(self) -> tuple[bool, ...]:
+        # diffusers' SD pipeline passes the attention mask when the encoder config asks; SDXL never.
+        return tuple(self.kind == "sd" and bool(c.use_attention_mask) for c in self.text_configs)
 
     # ---- conditioning ------------------------------------------------------------------
     def time_ids(
@@ -375,44 +352,6 @@ class StableDiffusionPipeline:
         return np.tile(np.asarray(ids, np.float32), (batch, 1))
 
     # ---- denoising -----------------------------------------------------------------------
-    def _model_fn(self, params: Any, embeds: PromptEmbeds, time_ids: Any, guidance_scale: jax.Array, do_cfg: bool):
-        cfg = self.unet_config
-        batch = embeds.cond.shape[0]
-        timestep_cond = None
-        if cfg.time_cond_proj_dim is not None:
-            w = jnp.broadcast_to(guidance_scale - 1.0, (batch,))
-            timestep_cond = guidance_scale_embedding(w, cfg.time_cond_proj_dim)
-        if do_cfg:
-            context = jnp.concatenate([embeds.uncond, embeds.cond])
-            if timestep_cond is not None:
-                timestep_cond = jnp.concatenate([timestep_cond, timestep_cond])
-        else:
-            context = embeds.cond
-        added = None
-        if self.kind == "sdxl":
-            if do_cfg:
-                added = {"text_embeds": jnp.concatenate([embeds.uncond_pooled, embeds.pooled]),
-                         "time_ids": jnp.concatenate([time_ids, time_ids])}
-            else:
-                added = {"text_embeds": embeds.pooled, "time_ids": time_ids}
-
-        def model_fn(x: jax.Array, t: jax.Array) -> jax.Array:
-            if not do_cfg:
-                return self.unet.apply(params, x, t, context, timestep_cond=timestep_cond, added_cond_kwargs=added)
-            out = self.unet.apply(params, jnp.concatenate([x, x]), jnp.concatenate([t, t]), context,
-                                  timestep_cond=timestep_cond, added_cond_kwargs=added)
-            uncond, cond = jnp.split(out.astype(jnp.float32), 2)
-            return uncond + guidance_scale * (cond - uncond)
-
-        return model_fn
-
-    def _denoise_impl(self, params, embeds, latents, plan, step_noise, key, time_ids, guidance_scale, *, do_cfg):
-        from meg_jax.backbone import schedulers
-
-        model_fn = self._model_fn(params, embeds, time_ids, guidance_scale, do_cfg)
-        x = latents.astype(jnp.float32) * plan.init_noise_sigma
-        return schedulers.denoise(plan, model_fn, x, step_noise=step_noise, key=key)
-
     def denoise(
         self,
         embeds: PromptEmbeds,
@@ -449,38 +388,15 @@ class StableDiffusionPipeline:
         plan = self.scheduler.plan(num_inference_steps)
         if self.scheduler.kind in ("euler_ancestral", "lcm") and step_noise is None and key is None:
             key = jax.random.key(0)
-        return self._jit["denoise"](self.params["unet"], embeds, jnp.asarray(latents), plan, step_noise, key,
-                                    time_ids, jnp.float32(guidance_scale), do_cfg=do_cfg)
+        return _denoise(self.params["unet"], embeds, jnp.asarray(latents, jnp.float32), plan, step_noise, key,
+                        time_ids, jnp.float32(guidance_scale), unet=self.unet, kind=self.kind, do_cfg=do_cfg)
 
     # ---- decoding ------------------------------------------------------------------------
-    def _vae_dtype(self) -> Any:
-        # diffusers runs the VAE in float32 when force_upcast is set and the pipeline is half precision.
-        return jnp.float32 if self.vae_config.force_upcast else self.dtype
-
-    def _decode_impl(self, params: Any, latents: jax.Array) -> jax.Array:
-        cfg = self.vae_config
-        z = latents.astype(jnp.float32)
-        if self.kind == "sdxl" and cfg.latents_mean is not None and cfg.latents_std is not None:
-            mean = jnp.asarray(cfg.latents_mean, jnp.float32)
-            std = jnp.asarray(cfg.latents_std, jnp.float32)
-            z = z * std / cfg.scaling_factor + mean
-        else:
-            z = z / cfg.scaling_factor
-        image = self.vae.apply(params, z.astype(self._vae_dtype()), method="decode")
-        return jnp.clip(image.astype(jnp.float32) / 2 + 0.5, 0.0, 1.0)
-
     def decode(self, latents: jax.Array) -> jax.Array:
         """Final latents ``[B, h, w, C]`` -> images ``[B, H, W, 3]`` float32 in [0, 1] (diffusers' "np")."""
-        return self._jit["decode"](self.params["vae"], jnp.asarray(latents))
+        return _decode(self.params["vae"], jnp.asarray(latents, jnp.float32), vae=self.vae, kind=self.kind)
 
     # ---- the whole call ------------------------------------------------------------------
-    def _generate_impl(self, params, toks, neg, latents, plan, step_noise, key, time_ids, guidance_scale,
-                       *, zero_negative, do_cfg):
-        embeds = self._encode_impl(params["text_encoders"], toks, neg, zero_negative=zero_negative)
-        final = self._denoise_impl(params["unet"], embeds, latents, plan, step_noise, key, time_ids, guidance_scale,
-                                   do_cfg=do_cfg)
-        return self._decode_impl(params["vae"], final)
-
     def __call__(
         self,
         prompt: str | Sequence[str],
@@ -541,20 +457,97 @@ class StableDiffusionPipeline:
             if step_noise.shape != want:
                 raise ValueError(f"step_noise must have shape [N, B, C, h, w] = {want}, got {step_noise.shape}")
             noise = jnp.asarray(step_noise.transpose(0, 1, 3, 4, 2), jnp.float32)
-        do_cfg = self.uses_cfg(guidance_scale)
-        toks, neg, zero_negative = self._token_inputs(prompts, negative_prompt, do_cfg)
-        zero_negative = zero_negative and do_cfg
+        embeds = self.encode_prompt(prompts, negative_prompt, guidance_scale=guidance_scale)
         time_ids = self.time_ids(batch, height, width, original_size, crops_coords_top_left, target_size)
-        plan = self.scheduler.plan(int(num_inference_steps))
-        images = self._jit["generate"](
-            self.params, toks, neg, x, plan, noise, jax.random.fold_in(key, 1), time_ids,
-            jnp.float32(guidance_scale), zero_negative=zero_negative, do_cfg=do_cfg,
-        )
-        return np.asarray(images)
+        final = self.denoise(embeds, x, int(num_inference_steps), guidance_scale=guidance_scale, step_noise=noise,
+                             key=jax.random.fold_in(key, 1), time_ids=time_ids)
+        return np.asarray(self.decode(final))
 
-    def compiled_programs(self) -> dict[str, int]:
-        """How many programs each jitted piece has compiled (one per static signature)."""
-        return {name: fn._cache_size() for name, fn in self._jit.items()}
+
+# ---- the jitted programs (module level: keyed on the static modules, shared by pipelines) ----
+
+
+def _encode_tokens(params: Any, toks: Any, encoders: tuple[Any, ...], kind: str, use_masks: tuple[bool, ...]):
+    """(embedding [B, L, D], pooled [B, E] or None) as diffusers' encode_prompt."""
+    outs = [enc.apply({"params": params[i]}, ids, mask if use_masks[i] else None)
+            for i, (enc, (ids, mask)) in enumerate(zip(encoders, toks))]
+    if kind == "sd":
+        return outs[0].last_hidden_state, None
+    # SDXL: penultimate hidden states of each encoder side by side; the pooled output of the
+    # encoder that has a projection (encoder 2), as diffusers takes prompt_embeds[0] when 2-D.
+    pooled = [o.text_embeds for o in outs if o.text_embeds is not None][-1]
+    return jnp.concatenate([o.hidden_states[-2] for o in outs], axis=-1), pooled
+
+
+@functools.partial(jax.jit, static_argnames=("encoders", "kind", "use_masks", "zero_negative"))
+def _encode(params, toks, neg, *, encoders, kind, use_masks, zero_negative) -> PromptEmbeds:
+    cond, pooled = _encode_tokens(params, toks, encoders, kind, use_masks)
+    if zero_negative:
+        return PromptEmbeds(cond, jnp.zeros_like(cond), pooled, jnp.zeros_like(pooled))
+    if neg is None:
+        return PromptEmbeds(cond, None, pooled, None)
+    uncond, uncond_pooled = _encode_tokens(params, neg, encoders, kind, use_masks)
+    return PromptEmbeds(cond, uncond, pooled, uncond_pooled)
+
+
+def _model_fn(unet: UNet, kind: str, params: Any, embeds: PromptEmbeds, time_ids: Any,
+              guidance_scale: jax.Array, do_cfg: bool):
+    """The UNet as the schedulers' ``model_fn(x, t)``, with CFG and the added conditioning."""
+    cfg = unet.config
+    batch = embeds.cond.shape[0]
+    timestep_cond = None
+    if cfg.time_cond_proj_dim is not None:
+        timestep_cond = guidance_scale_embedding(jnp.broadcast_to(guidance_scale - 1.0, (batch,)),
+                                                 cfg.time_cond_proj_dim)
+    context = jnp.concatenate([embeds.uncond, embeds.cond]) if do_cfg else embeds.cond
+    if do_cfg and timestep_cond is not None:
+        timestep_cond = jnp.concatenate([timestep_cond, timestep_cond])
+    added = None
+    if kind == "sdxl":
+        if do_cfg:
+            added = {"text_embeds": jnp.concatenate([embeds.uncond_pooled, embeds.pooled]),
+                     "time_ids": jnp.concatenate([time_ids, time_ids])}
+        else:
+            added = {"text_embeds": embeds.pooled, "time_ids": time_ids}
+
+    def model_fn(x: jax.Array, t: jax.Array) -> jax.Array:
+        if not do_cfg:
+            return unet.apply(params, x, t, context, timestep_cond=timestep_cond, added_cond_kwargs=added)
+        # diffusers: one UNet call on [negative; prompt], then uncond + g (cond - uncond)
+        out = unet.apply(params, jnp.concatenate([x, x]), jnp.concatenate([t, t]), context,
+                         timestep_cond=timestep_cond, added_cond_kwargs=added)
+        uncond, cond = jnp.split(out.astype(jnp.float32), 2)
+        return uncond + guidance_scale * (cond - uncond)
+
+    return model_fn
+
+
+@functools.partial(jax.jit, static_argnames=("unet", "kind", "do_cfg"))
+def _denoise(params, embeds, latents, plan, step_noise, key, time_ids, guidance_scale, *, unet, kind, do_cfg):
+    from meg_jax.backbone import schedulers
+
+    model_fn = _model_fn(unet, kind, params, embeds, time_ids, guidance_scale, do_cfg)
+    # diffusers' prepare_latents: latents * init_noise_sigma (also for user-given latents)
+    return schedulers.denoise(plan, model_fn, latents * plan.init_noise_sigma, step_noise=step_noise, key=key)
+
+
+@functools.partial(jax.jit, static_argnames=("vae", "kind"))
+def _decode(params, latents, *, vae, kind):
+    cfg = vae.config
+    z = latents.astype(jnp.float32)
+    if kind == "sdxl" and cfg.latents_mean is not None and cfg.latents_std is not None:
+        mean = jnp.asarray(cfg.latents_mean, jnp.float32)[None, None, None, :]  # per channel, NHWC
+        std = jnp.asarray(cfg.latents_std, jnp.float32)[None, None, None, :]
+        z = z * std / cfg.scaling_factor + mean
+    else:
+        z = z / cfg.scaling_factor
+    image = vae.apply(params, z.astype(vae.dtype), method="decode")
+    return jnp.clip(image.astype(jnp.float32) / 2 + 0.5, 0.0, 1.0)
+
+
+def compiled_programs() -> dict[str, int]:
+    """How many programs each jitted piece holds (all pipelines together; for compile checks)."""
+    return {"encode": _encode._cache_size(), "denoise": _denoise._cache_size(), "decode": _decode._cache_size()}
 
 
 def _check_model_index(path: str, index: dict[str, Any]) -> tuple[str, bool]:
