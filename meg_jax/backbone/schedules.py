@@ -50,6 +50,9 @@ import numpy as np
 __all__ = [
     "NoiseSchedule",
     "ModelFn",
+    "make_betas",
+    "rescale_zero_terminal_snr",
+    "schedule_from_betas",
     "make_schedule",
     "timesteps",
     "ddim_prev_timesteps",
@@ -68,10 +71,12 @@ __all__ = [
 
 Spacing = Literal["leading", "trailing", "linspace"]
 PredictionType = Literal["epsilon", "v_prediction", "sample"]
+BetaSchedule = Literal["scaled_linear", "linear", "squaredcos_cap_v2"]
 SchedulerName = Literal["ddim", "euler"]
 
 _SPACINGS = ("leading", "trailing", "linspace")
 _PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+_BETA_SCHEDULES = ("scaled_linear", "linear", "squaredcos_cap_v2")
 _SCHEDULERS = ("ddim", "euler")
 
 
@@ -103,11 +108,91 @@ class NoiseSchedule:
     num_train_timesteps: int = flax.struct.field(pytree_node=False, default=1000)  # T
 
 
-def make_schedule(
-    beta_schedule: Literal["scaled_linear", "linear"] = "scaled_linear",
+def make_betas(
+    beta_schedule: BetaSchedule = "scaled_linear",
     beta_start: float = 0.00085,
     beta_end: float = 0.012,
     num_train_timesteps: int = 1000,
+) -> np.ndarray:
+    """The β table of diffusers' schedulers (``beta_schedule``), host-side in float64.
+
+    Args:
+      beta_schedule: "scaled_linear" (betas = linspace(sqrt(start), sqrt(end), T)², the
+        latent-diffusion schedule of SD/SDXL), "linear" (linspace(start, end, T)) or
+        "squaredcos_cap_v2" (the cosine schedule of Nichol & Dhariwal 2021,
+        ``β_i = min(1 − ᾱ(t_{i+1}) / ᾱ(t_i), 0.999)`` with ``ᾱ(t) = cos²((t + 0.008) / 1.008 · π/2)``,
+        ``t_i = i / T``; ``beta_start``/``beta_end`` are not used).
+      beta_start: β_0.
+      beta_end: β_{T−1}.
+      num_train_timesteps: T.
+
+    Returns:
+      ``[T]`` float64 betas.
+    """
+    if num_train_timesteps < 1:
+        raise ValueError(f"num_train_timesteps must be >= 1, got {num_train_timesteps}")
+    T = num_train_timesteps
+    if beta_schedule == "squaredcos_cap_v2":
+        # diffusers' betas_for_alpha_bar(T, max_beta=0.999, alpha_transform_type="cosine").
+        i = np.arange(T, dtype=np.float64)
+        alpha_bar = lambda t: np.cos((t + 0.008) / 1.008 * np.pi / 2) ** 2  # noqa: E731
+        return np.minimum(1.0 - alpha_bar((i + 1) / T) / alpha_bar(i / T), 0.999)
+    if not 0.0 < beta_start <= beta_end < 1.0:
+        raise ValueError(
+            f"need 0 < beta_start <= beta_end < 1, got beta_start={beta_start}, beta_end={beta_end}"
+        )
+    if beta_schedule == "scaled_linear":
+        return np.linspace(beta_start**0.5, beta_end**0.5, T, dtype=np.float64) ** 2
+    if beta_schedule == "linear":
+        return np.linspace(beta_start, beta_end, T, dtype=np.float64)
+    raise ValueError(
+        f"beta_schedule must be one of {_BETA_SCHEDULES}, got {beta_schedule!r}"
+    )
+
+
+def rescale_zero_terminal_snr(betas: np.ndarray) -> np.ndarray:
+    """Rescales betas so that ᾱ_{T−1} = 0 (Lin et al. 2024, "Common diffusion noise schedules
+    and sample steps are flawed", Algorithm 1; diffusers' ``rescale_betas_zero_snr``).
+
+    sqrt(ᾱ) is shifted so its last value is 0 and scaled so its first value is kept.
+
+    Args:
+      betas: ``[T]`` betas.
+
+    Returns:
+      ``[T]`` float64 betas with ``betas[-1] = 1`` (so ᾱ_{T−1} = 0 exactly).
+    """
+    abar_sqrt = np.sqrt(np.cumprod(1.0 - np.asarray(betas, np.float64)))
+    first, last = abar_sqrt[0], abar_sqrt[-1]
+    abar_sqrt = (abar_sqrt - last) * (first / (first - last))
+    abar = abar_sqrt**2
+    alphas = np.concatenate([abar[:1], abar[1:] / abar[:-1]])
+    return 1.0 - alphas
+
+
+def schedule_from_betas(betas: np.ndarray) -> NoiseSchedule:
+    """Builds the α and ᾱ tables from ``[T]`` betas (products in float64, stored as float32)."""
+    betas = np.asarray(betas, np.float64)
+    if betas.ndim != 1 or betas.shape[0] < 1:
+        raise ValueError(f"betas must be a non-empty 1-D array, got shape {betas.shape}")
+    if not (np.all(betas >= 0.0) and np.all(betas <= 1.0)):
+        raise ValueError("betas must lie in [0, 1]")
+    alphas = 1.0 - betas
+    alphas_cumprod = np.cumprod(alphas)
+    return NoiseSchedule(
+        betas=jnp.asarray(betas, jnp.float32),
+        alphas=jnp.asarray(alphas, jnp.float32),
+        alphas_cumprod=jnp.asarray(alphas_cumprod, jnp.float32),
+        num_train_timesteps=int(betas.shape[0]),
+    )
+
+
+def make_schedule(
+    beta_schedule: BetaSchedule = "scaled_linear",
+    beta_start: float = 0.00085,
+    beta_end: float = 0.012,
+    num_train_timesteps: int = 1000,
+    rescale_betas_zero_snr: bool = False,
 ) -> NoiseSchedule:
     """Builds the beta/alpha tables as diffusers' schedulers do.
 
@@ -115,35 +200,19 @@ def make_schedule(
     float32 torch computation to about 1e-6 relative.
 
     Args:
-      beta_schedule: "scaled_linear" (betas = linspace(sqrt(start), sqrt(end), T)², the
-        latent-diffusion schedule of SD/SDXL) or "linear" (linspace(start, end, T)).
+      beta_schedule: "scaled_linear", "linear" or "squaredcos_cap_v2" (see ``make_betas``).
       beta_start: β_0.
       beta_end: β_{T−1}.
       num_train_timesteps: T.
+      rescale_betas_zero_snr: rescale to zero terminal SNR (``rescale_zero_terminal_snr``).
 
     Returns:
       The schedule; ``alphas_cumprod[0] = 0.99915``, ``[999] = 0.00466`` for SD's defaults.
     """
-    if num_train_timesteps < 1:
-        raise ValueError(f"num_train_timesteps must be >= 1, got {num_train_timesteps}")
-    if not 0.0 < beta_start <= beta_end < 1.0:
-        raise ValueError(
-            f"need 0 < beta_start <= beta_end < 1, got beta_start={beta_start}, beta_end={beta_end}"
-        )
-    if beta_schedule == "scaled_linear":
-        betas = np.linspace(beta_start**0.5, beta_end**0.5, num_train_timesteps, dtype=np.float64) ** 2
-    elif beta_schedule == "linear":
-        betas = np.linspace(beta_start, beta_end, num_train_timesteps, dtype=np.float64)
-    else:
-        raise ValueError(f"beta_schedule must be 'scaled_linear' or 'linear', got {beta_schedule!r}")
-    alphas = 1.0 - betas
-    alphas_cumprod = np.cumprod(alphas)
-    return NoiseSchedule(
-        betas=jnp.asarray(betas, jnp.float32),
-        alphas=jnp.asarray(alphas, jnp.float32),
-        alphas_cumprod=jnp.asarray(alphas_cumprod, jnp.float32),
-        num_train_timesteps=num_train_timesteps,
-    )
+    betas = make_betas(beta_schedule, beta_start, beta_end, num_train_timesteps)
+    if rescale_betas_zero_snr:
+        betas = rescale_zero_terminal_snr(betas)
+    return schedule_from_betas(betas)
 
 
 def _check_choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
