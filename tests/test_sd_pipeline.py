@@ -41,7 +41,7 @@ from sd_fixtures import random_clip_text_model, clip_text_config, save_clip_toke
 from transformers import CLIPTokenizer
 
 from meg_jax.backbone import load_pipeline
-from meg_jax.backbone.sd_pipeline import compiled_programs
+from meg_jax.backbone.sd_pipeline import compiled_programs, export_student
 from meg_jax.backbone.weights import WeightsError
 
 TOL = 1e-3
@@ -281,3 +281,39 @@ def test_refuses_what_it_does_not_read(pipelines, tmp_path):
     (noscheduler / "model_index.json").write_text(json.dumps({**index, "vae": ["diffusers", "AutoencoderTiny"]}))
     with pytest.raises(ValueError, match="vae is a 'AutoencoderTiny'"):
         load_pipeline(noscheduler)
+
+
+def test_exported_student_runs_in_diffusers(tmp_path):
+    """Done-when 4: the shipped student at K steps, exported, reproduces meg-jax's images in diffusers."""
+    from meg_jax.checkpoint import load_backbone
+    from meg_jax.meg import pipeline as meg
+
+    backbone = load_backbone("checkpoints/tiny")
+    steps = 2
+    export_student(backbone, tmp_path / "student", steps)
+    prompts = ["a red circle at the top left on a blue background", "a small green square at the center"]
+    tokens = meg.tokenize(backbone, prompts)
+    noise = jax.random.normal(jax.random.key(3), (2, 8, 8, 4))
+
+    @jax.jit
+    def student_images(backbone, tokens, noise):
+        context = meg.encode_text(backbone, tokens)
+        return context, meg.decode_latents(backbone, meg.es_latents(backbone, context, noise, steps))
+
+    context, images = student_images(backbone, tokens, noise)
+    ours = np.clip(np.asarray(images) / 2 + 0.5, 0.0, 1.0)  # diffusers' "np" postprocessing
+
+    # diffusers needs the empty text components named: they are listed as [null, null]
+    pipe = StableDiffusionPipeline.from_pretrained(tmp_path / "student", text_encoder=None, tokenizer=None)
+    pipe.set_progress_bar_config(disable=True)
+    assert pipe.text_encoder is None and isinstance(pipe.scheduler, DDIMScheduler)
+    with torch.no_grad():
+        ref = pipe(prompt_embeds=torch.from_numpy(np.asarray(context)), num_inference_steps=steps,
+                   guidance_scale=7.5,  # ignored: time_cond_proj_dim turns CFG off, as the student runs
+                   latents=torch.from_numpy(np.asarray(noise).transpose(0, 3, 1, 2)), output_type="np").images
+    check(ours, ref)
+    # the folded conditioning is K's: the same folder run for another K is a different image
+    with torch.no_grad():
+        other = pipe(prompt_embeds=torch.from_numpy(np.asarray(context)), num_inference_steps=steps + 2,
+                     latents=torch.from_numpy(np.asarray(noise).transpose(0, 3, 1, 2)), output_type="np").images
+    assert np.abs(other - ref).max() > 1e-2
