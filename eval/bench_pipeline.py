@@ -16,15 +16,16 @@ Two workloads, both measured in the same run, each side on the same number of CP
 
 meg-jax runs jitted (float32, and bfloat16 params/compute); the first call compiles, and
 "compile s" is that call's time minus the steady per-call median (compile plus first-run
-overhead). Timings are medians over ``--repeats`` calls timed round-robin (meg-jax fp32,
-meg-jax bf16, diffusers, ...), so every side sees the same machine load. "max abs diff" is
+overhead). Timings are medians over ``--repeats`` calls; the tiny pipeline's are timed
+round-robin (meg-jax fp32, meg-jax bf16, diffusers, ...), so every side sees the same
+machine load; the SD-1.5 ones one after the other, to keep one copy of the weights in memory. "max abs diff" is
 a sanity column: meg-jax fp32 vs diffusers on the same latents (images in [0, 1] for 1,
 final latents for 2).
 
 Run from the repository root::
 
     python -m eval.bench_pipeline                     # writes docs/bench_pipeline.md
-    python -m eval.bench_pipeline --steps 4 --sd15-steps 2 --repeats 2 --threads 1
+    python -m eval.bench_pipeline --steps 4 --sd15-steps 2 --repeats 2 --sd15-repeats 1 --threads 1
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=10, help="scheduler steps of the tiny pipeline (default 10)")
     p.add_argument("--sd15-steps", type=int, default=2, help="DDIM steps of the SD-1.5 UNet loop (default 2)")
     p.add_argument("--repeats", type=int, default=3, help="timed calls per side (default 3)")
+    p.add_argument("--sd15-repeats", type=int, default=1, help="timed loops per side on the SD-1.5 UNet (default 1)")
     p.add_argument("--threads", type=int, default=1, help="CPU threads for XLA and PyTorch each (default 1)")
     p.add_argument("--no-sd15", action="store_true", help="skip the SD-1.5 UNet workload")
     p.add_argument("--no-sd15-bf16", action="store_true", help="skip meg-jax bf16 on the SD-1.5 UNet")
@@ -155,8 +157,17 @@ def bench_tiny(args: argparse.Namespace) -> tuple[list[list[Any]], str]:
     return rows, what
 
 
+def _timed(fn: Callable[[], Any], repeats: int) -> tuple[float, float]:
+    """(first-call seconds, median steady seconds) of one function timed on its own."""
+    first, median = _interleaved({"f": fn}, repeats)
+    return first["f"], median["f"]
+
+
 def bench_sd15(args: argparse.Namespace) -> tuple[list[list[Any]], str]:
+    import gc
+
     from diffusers import DDIMScheduler, UNet2DConditionModel
+    from flax import traverse_util
 
     from meg_jax.backbone import UNet, params_from_torch_state_dict, preset, schedulers
 
@@ -180,9 +191,17 @@ def bench_sd15(args: argparse.Namespace) -> tuple[list[list[Any]], str]:
                 x = sched_t.step(eps, t, x).prev_sample
         out["torch"] = x.numpy()
 
-    state = {k: v.detach().numpy() for k, v in model.state_dict().items()}
-    params32 = jax.tree_util.tree_map(jnp.asarray, params_from_torch_state_dict(cfg, state))
-    del state
+    # One copy of the 3.4 GB of weights at a time (this machine's memory is shared): PyTorch is
+    # timed first, then its weights move to JAX leaf by leaf and the torch model is freed.
+    timings = {"torch": _timed(torch_loop, args.sd15_repeats)}
+    flat = traverse_util.flatten_dict(
+        params_from_torch_state_dict(cfg, {k: v.detach().numpy() for k, v in model.state_dict().items()}))
+    del model
+    gc.collect()
+    for k in list(flat):
+        flat[k] = jnp.asarray(flat.pop(k))
+    params32 = traverse_util.unflatten_dict(flat)
+    del flat
     sched = schedulers.load_scheduler({**SD_SCHEDULER, "_class_name": "DDIMScheduler"})
     plan = sched.plan(steps)
     x_j = jnp.asarray(x_t.numpy().transpose(0, 2, 3, 1))
@@ -199,26 +218,27 @@ def bench_sd15(args: argparse.Namespace) -> tuple[list[list[Any]], str]:
         return loop
 
     loop32 = make(jnp.float32)
-    fns: dict[str, Callable[[], Any]] = {
-        "fp32": lambda: out.__setitem__("fp32", np.asarray(_ready(loop32(params32, plan, x_j, ctx_j)))),
-        "torch": torch_loop,
-    }
+    timings["fp32"] = _timed(lambda: out.__setitem__("fp32", np.asarray(_ready(loop32(params32, plan, x_j, ctx_j)))),
+                             args.sd15_repeats)
     if not args.no_sd15_bf16:
         params16 = jax.tree_util.tree_map(lambda a: a.astype(jnp.bfloat16), params32)
+        del params32
+        gc.collect()
         loop16 = make(jnp.bfloat16)
-        fns["bf16"] = lambda: _ready(loop16(params16, plan, x_j, ctx_j))
-    first, median = _interleaved(fns, args.repeats)
+        timings["bf16"] = _timed(lambda: _ready(loop16(params16, plan, x_j, ctx_j)), args.sd15_repeats)
     diff = float(np.abs(out["fp32"].transpose(0, 3, 1, 2) - out["torch"]).max())
     name = "SD-1.5 UNet + DDIM loop"
-    rows = [[name, "meg-jax fp32 (jit)", median["fp32"], first["fp32"] - median["fp32"],
-             median["torch"] / median["fp32"], diff]]
-    if "bf16" in median:
-        rows.append([name, "meg-jax bf16 (jit)", median["bf16"], first["bf16"] - median["bf16"],
-                     median["torch"] / median["bf16"], None])
-    rows.append([name, "diffusers fp32 (torch)", median["torch"], None, 1.0, None])
-    what = (f"diffusers' SD-1.5 unet config ({n_params / 1e6:.0f} M parameters, random weights), 64x64x4 latents, "
-            f"batch 1, text context 77x768, {steps} DDIM steps, no CFG; UNet + scheduler only (no text encoder, "
-            f"no VAE)")
+    torch_s = timings["torch"][1]
+    rows = [[name, "meg-jax fp32 (jit)", timings["fp32"][1], timings["fp32"][0] - timings["fp32"][1],
+             torch_s / timings["fp32"][1], diff]]
+    if "bf16" in timings:
+        rows.append([name, "meg-jax bf16 (jit)", timings["bf16"][1], timings["bf16"][0] - timings["bf16"][1],
+                     torch_s / timings["bf16"][1], None])
+    rows.append([name, "diffusers fp32 (torch)", torch_s, None, 1.0, None])
+    what = (f"diffusers' SD-1.5 unet config ({n_params / 1e6:.0f} M parameters, random weights, the same in both), "
+            f"64x64x4 latents, batch 1, text context 77x768, {steps} DDIM steps, no CFG; UNet + scheduler only "
+            f"(no text encoder, no VAE). Timed one implementation after the other (PyTorch, then meg-jax fp32, "
+            f"then bf16), not round-robin, so that one copy of the weights is in memory at a time")
     return rows, what
 
 
@@ -268,7 +288,8 @@ Written by `eval/bench_pipeline.py` (rerun it rather than editing the numbers).
 - Threads: {args.threads} for each side (XLA_FLAGS=`{os.environ.get('XLA_FLAGS', '')}`, torch.set_num_threads({args.threads}))
 - Load average (1/5/15 min) before: {load_before}; after: {load_after}. Load above the core count means other
   jobs shared the CPU: absolute times are then inflated; the round-robin timing keeps the ratios comparable.
-- Medians over {args.repeats} timed calls after one untimed call (which compiles meg-jax's programs).
+- Medians over {args.repeats} (tiny pipeline) and {args.sd15_repeats} (SD-1.5 UNet) timed calls after one untimed
+  call (which compiles meg-jax's programs).
 
 {chr(10).join(notes)}
 
