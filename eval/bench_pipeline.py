@@ -287,7 +287,8 @@ Written by `eval/bench_pipeline.py` (rerun it rather than editing the numbers).
 - Software: Python {platform.python_version()}, jax {jax.__version__}, torch {torch.__version__}
 - Threads: {args.threads} for each side (XLA_FLAGS=`{os.environ.get('XLA_FLAGS', '')}`, torch.set_num_threads({args.threads}))
 - Load average (1/5/15 min) before: {load_before}; after: {load_after}. Load above the core count means other
-  jobs shared the CPU: absolute times are then inflated; the round-robin timing keeps the ratios comparable.
+  jobs shared the CPU: absolute times are then inflated; the tiny pipeline's round-robin timing keeps its ratios
+  comparable, while the SD-1.5 rows are timed one after the other and their ratios carry any change of load.
 - Medians over {args.repeats} (tiny pipeline) and {args.sd15_repeats} (SD-1.5 UNet) timed calls after one untimed
   call (which compiles meg-jax's programs).
 
