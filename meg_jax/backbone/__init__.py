@@ -2,7 +2,8 @@
 
 ``preset(name)`` gives a :class:`BackboneConfig` (``tiny``, ``sd15``, ``sdxl``); ``UNet``,
 ``AutoencoderKL`` and ``TextEncoder`` are linen modules built from its parts;
-``from_diffusers`` / ``to_diffusers`` move weights to and from diffusers model folders.
+``from_diffusers`` / ``to_diffusers`` move weights to and from diffusers model folders;
+``load_pipeline`` loads a whole diffusers SD 1.x/2.x, SDXL or LCM pipeline folder.
 Token merging (``tome``), schedules and FLOP counting live in sibling modules and are
 imported from there (``meg_jax.backbone.tome`` ...).
 """
@@ -15,11 +16,14 @@ from meg_jax.backbone.diffusers_io import (
     params_to_torch_state_dict,
     to_diffusers,
 )
+from meg_jax.backbone.sd_pipeline import StableDiffusionPipeline, load_pipeline
 from meg_jax.backbone.text_encoder import TextEncoder, init_text_encoder
 from meg_jax.backbone.unet import UNet, example_inputs, init_unet
 from meg_jax.backbone.vae import AutoencoderKL, example_image, init_vae
 
 __all__ = [
+    "load_pipeline",
+    "StableDiffusionPipeline",
     "preset",
     "BackboneConfig",
     "UNetConfig",

@@ -1,8 +1,10 @@
 """Checkpoint interop with diffusers: model folders and PyTorch state dicts <-> Flax params.
 
 A diffusers model folder holds ``config.json`` (``_class_name`` ``UNet2DConditionModel`` or
-``AutoencoderKL``) and ``diffusion_pytorch_model.safetensors`` (older ones a pickled
-``.bin``, read only through ``torch.load(..., weights_only=True)``).
+``AutoencoderKL``) and its weights in any layout ``save_pretrained`` writes (one
+``diffusion_pytorch_model.safetensors``, shards with an index, ``variant`` files such as
+``diffusion_pytorch_model.fp16.safetensors``, fp16/bf16 tensors, or a legacy pickled ``.bin``
+read only through ``torch.load(..., weights_only=True)``); ``meg_jax.backbone.weights`` reads them.
 
 Names: the Flax modules use diffusers' state-dict names with list indices folded in
 (``down_blocks.0.resnets.1.conv1.weight`` <-> ``down_blocks_0/resnets_1/conv1/kernel``).
@@ -24,12 +26,14 @@ import jax
 import numpy as np
 from flax import traverse_util
 
+from meg_jax.backbone import weights as weights_lib
 from meg_jax.backbone.config import UNetConfig, VAEConfig
 from meg_jax.backbone.unet import UNet, example_inputs
 from meg_jax.backbone.vae import AutoencoderKL, example_image
 
 __all__ = [
     "from_diffusers",
+    "read_config",
     "to_diffusers",
     "config_from_diffusers",
     "params_from_torch_state_dict",
@@ -39,7 +43,6 @@ __all__ = [
 ]
 
 WEIGHTS_SAFETENSORS = "diffusion_pytorch_model.safetensors"
-WEIGHTS_BIN = "diffusion_pytorch_model.bin"
 # Parent modules that diffusers keeps in ModuleLists: ``name.i`` in torch, ``name_i`` here.
 _LIST_MODULES = (
     "down_blocks",
@@ -125,7 +128,9 @@ def _path_to_torch_key(path: tuple[str, ...]) -> str:
 def _to_numpy(value: Any) -> np.ndarray:
     if hasattr(value, "detach"):  # torch.Tensor, without importing torch
         value = value.detach().cpu().float().numpy() if value.dtype.is_floating_point else value.cpu().numpy()
-    return np.asarray(value)
+    value = np.asarray(value)
+    # float16/bfloat16 checkpoints: widen before the transpose and the final cast.
+    return value.astype(np.float32) if value.dtype.kind == "f" or value.dtype.name == "bfloat16" else value
 
 
 def _flax_target(
@@ -221,15 +226,18 @@ def check_state_dict_shapes(config: ModelConfig, shapes: Mapping[str, tuple[int,
     _plan_conversion(config, shapes)
 
 
-def params_from_torch_state_dict(config: ModelConfig, state_dict: Mapping[str, Any]) -> dict[str, Any]:
+def params_from_torch_state_dict(
+    config: ModelConfig, state_dict: Mapping[str, Any], dtype: Any = np.float32
+) -> dict[str, Any]:
     """Converts a diffusers PyTorch state dict into Flax variables ``{"params": ...}``.
 
     Args:
       config: the architecture the state dict belongs to.
       state_dict: torch key -> tensor (torch.Tensor or numpy array).
+      dtype: dtype of the returned leaves (float32; bfloat16 halves the memory).
 
     Returns:
-      Flax variables for ``UNet(config)`` / ``AutoencoderKL(config)`` (float32 numpy leaves).
+      Flax variables for ``UNet(config)`` / ``AutoencoderKL(config)`` (numpy leaves of ``dtype``).
 
     Raises:
       ValueError: a tensor whose shape does not fit (naming the parameter and both shapes),
@@ -237,7 +245,7 @@ def params_from_torch_state_dict(config: ModelConfig, state_dict: Mapping[str, A
     """
     plan = _plan_conversion(config, {k: tuple(v.shape) for k, v in state_dict.items()})
     flat = {
-        target: np.ascontiguousarray(_convert_array(_to_numpy(state_dict[key]), transform), dtype=np.float32)
+        target: np.ascontiguousarray(_convert_array(_to_numpy(state_dict[key]), transform), dtype=dtype)
         for key, (target, transform) in plan.items()
     }
     return {"params": traverse_util.unflatten_dict(flat)}
@@ -263,37 +271,51 @@ def params_to_torch_state_dict(config: ModelConfig, params: Mapping[str, Any]) -
     return out
 
 
-def _load_state_dict(path: str) -> dict[str, Any]:
-    st = os.path.join(path, WEIGHTS_SAFETENSORS)
-    if os.path.exists(st):
-        from safetensors.numpy import load_file
-
-        return load_file(st)
-    binary = os.path.join(path, WEIGHTS_BIN)
-    if os.path.exists(binary):
-        import torch  # only for legacy pickled checkpoints
-
-        # weights_only=True: never run arbitrary pickled code.
-        return torch.load(binary, map_location="cpu", weights_only=True)
-    raise ValueError(f"{path} has neither {WEIGHTS_SAFETENSORS} nor {WEIGHTS_BIN}")
-
-
-def from_diffusers(path: str | os.PathLike) -> tuple[nn.Module, dict[str, Any]]:
-    """Loads a diffusers ``UNet2DConditionModel`` or ``AutoencoderKL`` model folder.
-
-    Args:
-      path: folder with ``config.json`` and ``diffusion_pytorch_model.safetensors`` (or ``.bin``).
-
-    Returns:
-      ``(module, variables)``: ``module.apply(variables, ...)`` runs the model.
-    """
+def read_config(path: str | os.PathLike) -> ModelConfig:
+    """The UNetConfig / VAEConfig of a diffusers model folder's ``config.json``."""
     path = os.fspath(path)
+    if os.path.isfile(path):
+        raise weights_lib.WeightsError(weights_lib._single_file_message(path))
     cfg_file = os.path.join(path, "config.json")
     if not os.path.exists(cfg_file):
         raise ValueError(f"{path} is not a diffusers model folder: no config.json")
-    with open(cfg_file) as f:
-        config = config_from_diffusers(json.load(f))
-    params = params_from_torch_state_dict(config, _load_state_dict(path))
+    try:
+        with open(cfg_file) as f:
+            data = json.load(f)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{cfg_file}: not valid JSON ({e})") from e
+    try:
+        return config_from_diffusers(data)
+    except ValueError as e:
+        raise ValueError(f"{cfg_file}: {e}") from e
+
+
+def from_diffusers(
+    path: str | os.PathLike, *, variant: str | None = None, dtype: Any = np.float32
+) -> tuple[nn.Module, dict[str, Any]]:
+    """Loads a diffusers ``UNet2DConditionModel`` or ``AutoencoderKL`` model folder.
+
+    Args:
+      path: folder with ``config.json`` and weights in any layout ``save_pretrained`` writes
+        (single, sharded, variant, fp16/bf16 safetensors, or a legacy ``.bin``).
+      variant: weight variant such as ``"fp16"``; ``None`` reads the plain files, or the one
+        variant present when there are none.
+      dtype: dtype of the returned params (float32 default; stored fp16/bf16 are cast).
+
+    Returns:
+      ``(module, variables)``: ``module.apply(variables, ...)`` runs the model.
+
+    Raises:
+      meg_jax.backbone.weights.WeightsError: weights missing, corrupt or in a format not read
+        (naming the file); ValueError: a config or checkpoint that does not fit.
+    """
+    path = os.fspath(path)
+    config = read_config(path)
+    state = weights_lib.load_state_dict(path, variant, np.float32, names=(weights_lib.DIFFUSERS_WEIGHTS_NAME,))
+    try:
+        params = params_from_torch_state_dict(config, state, dtype=dtype)
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from e
     return _module_for(config), params
 
 

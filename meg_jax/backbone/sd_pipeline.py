@@ -1,0 +1,798 @@
+"""Whole diffusers Stable Diffusion pipelines in JAX: SD 1.x/2.x, SDXL and LCM folders.
+
+``pipe = load_pipeline(path)`` reads the folder ``save_pretrained`` writes
+(``model_index.json``, ``unet/``, ``vae/``, ``text_encoder/`` [``text_encoder_2/``],
+``tokenizer/`` [``tokenizer_2/``], ``scheduler/``) and ``pipe(prompts, num_inference_steps=N,
+guidance_scale=g, latents=...)`` is a drop-in for diffusers' ``pipeline(...,
+output_type="np")``: same prompt encoding, negative prompt, classifier-free guidance,
+scheduler arithmetic (``meg_jax.backbone.schedulers``) and VAE decode, images
+``[B, H, W, 3]`` float32 in [0, 1].
+
+What diffusers does, per pipeline class (0.42), and what is done here the same way:
+
+* ``StableDiffusionPipeline``: the prompt is tokenized to the tokenizer's
+  ``model_max_length`` and encoded to the text encoder's ``last_hidden_state``; with CFG
+  (``guidance_scale > 1`` and the UNet has no ``time_cond_proj_dim``) the negative prompt
+  (default ``""``) is encoded the same way and the UNet runs on ``[negative; prompt]``,
+  ``uncond + g (cond - uncond)``. A UNet with ``time_cond_proj_dim`` (an LCM-distilled one)
+  gets ``timestep_cond = guidance_scale_embedding(g - 1)`` and no CFG.
+* ``LatentConsistencyModelPipeline``: as above without CFG ever (and no negative prompt).
+* ``StableDiffusionXLPipeline``: both tokenizers/encoders; ``hidden_states[-2]`` of each,
+  concatenated on the feature axis; the pooled ``text_embeds`` of encoder 2; ``add_time_ids
+  = original_size + crops_coords_top_left + target_size`` (default: the output size and
+  (0, 0)); the negative prompt embedding is zeros when ``negative_prompt`` is None and
+  ``force_zeros_for_empty_prompt`` is true in ``model_index.json``, else the encoded
+  negative (default ``""``); VAE decode uses ``latents_mean``/``latents_std`` when the VAE
+  config has them.
+* latents: user latents ``[B, C, h, w]`` (diffusers' layout) are multiplied by the
+  scheduler's ``init_noise_sigma``; the decoded image is ``clip(x / 2 + 0.5, 0, 1)``.
+
+Not done (differences a user may meet): the safety checker and SDXL's invisible watermark
+(only applied by diffusers when ``invisible_watermark`` is installed) are not run;
+``num_images_per_prompt``, ``guidance_rescale``, ``clip_skip``, LoRA and IP-adapters are not
+accepted. Without ``latents`` the initial noise is drawn from a JAX key, so it is not the
+noise a ``torch.Generator`` would draw; pass ``latents`` (and ``step_noise`` for the
+stochastic schedulers) to reproduce a diffusers image.
+
+``__call__`` is three jitted programs, also public for the MEG path (edge server: encode
+and K steps; device: decode): :meth:`~StableDiffusionPipeline.encode_prompt`,
+:meth:`~StableDiffusionPipeline.denoise` (the whole scheduler loop, one ``lax.scan``; one
+compile per N, scheduler kind, batch, size and CFG on/off) and
+:meth:`~StableDiffusionPipeline.decode`. The programs are module-level and keyed on the
+modules (configs) and shapes, so pipelines of the same architecture, or the same pipeline
+with another scheduler of the same kind, share them; changing N recompiles only ``denoise``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import os
+from typing import Any, Sequence
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from meg_jax.backbone import weights as weights_lib
+from meg_jax.backbone.config import UNetConfig, VAEConfig
+from meg_jax.backbone.diffusers_io import params_from_torch_state_dict, read_config
+from meg_jax.backbone.unet import UNet
+from meg_jax.backbone.vae import AutoencoderKL
+
+__all__ = [
+    "PIPELINE_CLASSES",
+    "PromptEmbeds",
+    "StableDiffusionPipeline",
+    "load_pipeline",
+    "guidance_scale_embedding",
+    "compiled_programs",
+    "fold_step_conditioning",
+    "export_student",
+]
+
+# model_index.json _class_name -> (kind, CFG allowed). LCM is the SD pipeline without CFG.
+PIPELINE_CLASSES: dict[str, tuple[str, bool]] = {
+    "StableDiffusionPipeline": ("sd", True),
+    "LatentConsistencyModelPipeline": ("sd", False),
+    "StableDiffusionXLPipeline": ("sdxl", True),
+}
+# Components read, the classes each may be, and which kinds need them.
+_COMPONENT_CLASSES: dict[str, tuple[str, ...]] = {
+    "unet": ("UNet2DConditionModel",),
+    "vae": ("AutoencoderKL",),
+    "text_encoder": ("CLIPTextModel",),
+    "text_encoder_2": ("CLIPTextModelWithProjection",),
+    "tokenizer": ("CLIPTokenizer", "CLIPTokenizerFast"),
+    "tokenizer_2": ("CLIPTokenizer", "CLIPTokenizerFast"),
+    "scheduler": (),  # any class meg_jax.backbone.schedulers reads (it refuses the others)
+}
+_REQUIRED = {
+    "sd": ("unet", "vae", "text_encoder", "tokenizer", "scheduler"),
+    "sdxl": ("unet", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler"),
+}
+# Components diffusers may list that do not change the image of a plain text-to-image call
+# (the safety checker only blacks out flagged images; it is not run here).
+_IGNORED_COMPONENTS = ("safety_checker", "feature_extractor", "image_encoder")
+_OPTIONS = ("requires_safety_checker", "force_zeros_for_empty_prompt", "requires_aesthetics_score")
+
+
+def guidance_scale_embedding(w: jax.Array, dim: int) -> jax.Array:
+    """diffusers' ``get_guidance_scale_embedding`` (VDM): ``[B]`` -> ``[B, dim]`` float32.
+
+    ``1000 w`` times ``exp(-i log(10000) / (dim/2 - 1))``, sin half then cos half (zero
+    padded for odd ``dim``). The LCM pipelines feed it, with ``w = guidance_scale - 1``, to
+    the UNet's ``timestep_cond``.
+    """
+    w = jnp.asarray(w, jnp.float32) * 1000.0
+    half = dim // 2
+    scale = jnp.log(jnp.float32(10000.0)) / (half - 1)
+    freqs = jnp.exp(jnp.arange(half, dtype=jnp.float32) * -scale)
+    args = w[:, None] * freqs[None, :]
+    emb = jnp.concatenate([jnp.sin(args), jnp.cos(args)], axis=1)
+    if dim % 2:
+        emb = jnp.pad(emb, ((0, 0), (0, 1)))
+    return emb
+
+
+@flax.struct.dataclass
+class PromptEmbeds:
+    """Encoded prompts: what the UNet cross-attends to (and SDXL's pooled embedding).
+
+    Attributes:
+      cond: ``[B, L, D]`` prompt embedding.
+      uncond: ``[B, L, D]`` negative-prompt embedding (None when CFG is off).
+      pooled: ``[B, E]`` SDXL pooled ``text_embeds`` of the prompt (None for SD).
+      uncond_pooled: ``[B, E]`` the negative's (None for SD or without CFG).
+    """
+
+    cond: jax.Array
+    uncond: jax.Array | None = None
+    pooled: jax.Array | None = None
+    uncond_pooled: jax.Array | None = None
+
+
+def _read_json(path: str) -> dict[str, Any]:
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: no such file")
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from e
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: must hold a JSON object")
+    return data
+
+
+def _load_text_encoder(folder: str, variant: str | None, dtype: Any) -> tuple[Any, Any, Any]:
+    """A CLIP text-encoder folder through ``weights`` (sharded/variant/fp16 files) and ``clip``."""
+    from meg_jax.backbone import clip
+
+    cfg_path = os.path.join(folder, "config.json")
+    data = _read_json(cfg_path)
+    state = weights_lib.load_state_dict(folder, variant, np.float32, names=(weights_lib.TRANSFORMERS_WEIGHTS_NAME,))
+    has_projection = "text_projection.weight" in state
+    try:
+        config = clip.CLIPTextConfig.from_transformers(
+            data, with_projection=None if "architectures" in data else has_projection
+        )
+    except ValueError as e:
+        raise ValueError(f"{cfg_path}: {e}") from e
+    params = clip.params_from_state_dict(config, state, dtype=dtype, source=folder)
+    return clip.CLIPTextTransformer(config, dtype=dtype), params, config
+
+
+def _sample_size(value: Any) -> tuple[int, int]:
+    if isinstance(value, (tuple, list)):
+        return int(value[0]), int(value[1])
+    return int(value), int(value)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class StableDiffusionPipeline:
+    """A loaded diffusers text-to-image pipeline (SD 1.x/2.x, SDXL, LCM); build with :func:`load_pipeline`.
+
+    Attributes:
+      path: the folder it was read from (provenance).
+      class_name: ``model_index.json``'s ``_class_name``.
+      kind: ``"sd"`` (SD 1.x/2.x and LCM) or ``"sdxl"``.
+      cfg_allowed: False for ``LatentConsistencyModelPipeline`` (never guided by CFG).
+      unet, vae: the Flax modules; ``params["unet"]``, ``params["vae"]`` their params.
+      text_encoders: one (SD) or two (SDXL) CLIP text modules; params in
+        ``params["text_encoders"]``; ``text_configs`` their configs.
+      tokenizers: the matching ``meg_jax.backbone.clip.CLIPTokenizer`` objects.
+      scheduler: ``meg_jax.backbone.schedulers.Scheduler``.
+      force_zeros_for_empty_prompt: SDXL's option (zeros as the default negative).
+      dtype: compute dtype of the UNet and text encoders (float32 or bfloat16).
+    """
+
+    path: str
+    class_name: str
+    kind: str
+    cfg_allowed: bool
+    unet: UNet
+    vae: AutoencoderKL
+    text_encoders: tuple[Any, ...]
+    text_configs: tuple[Any, ...]
+    tokenizers: tuple[Any, ...]
+    scheduler: Any
+    params: dict[str, Any]
+    force_zeros_for_empty_prompt: bool
+    dtype: Any
+
+    # ---- configuration views ---------------------------------------------------------
+    @property
+    def unet_config(self) -> UNetConfig:
+        return self.unet.config
+
+    @property
+    def vae_config(self) -> VAEConfig:
+        return self.vae.config
+
+    @property
+    def vae_scale_factor(self) -> int:
+        """Image size / latent size (diffusers: 2 ** (len(vae block_out_channels) - 1))."""
+        return 2 ** (len(self.vae_config.block_out_channels) - 1)
+
+    @property
+    def default_size(self) -> tuple[int, int]:
+        """(height, width) in pixels when the caller gives none: UNet sample_size x vae_scale_factor."""
+        h, w = _sample_size(self.unet_config.sample_size or 64)
+        return h * self.vae_scale_factor, w * self.vae_scale_factor
+
+    @property
+    def latent_channels(self) -> int:
+        return self.unet_config.in_channels
+
+    def latent_shape(self, batch: int, height: int | None = None, width: int | None = None) -> tuple[int, int, int, int]:
+        """NHWC latent shape ``[B, h, w, C]`` for an image of ``height x width`` pixels."""
+        height, width = self._size(height, width)
+        f = self.vae_scale_factor
+        return batch, height // f, width // f, self.latent_channels
+
+    def uses_cfg(self, guidance_scale: float) -> bool:
+        """Whether diffusers runs classifier-free guidance at this scale for this pipeline."""
+        return bool(self.cfg_allowed and guidance_scale > 1.0 and self.unet_config.time_cond_proj_dim is None)
+
+    def with_scheduler(self, scheduler: Any) -> "StableDiffusionPipeline":
+        """The same pipeline with another scheduler (as ``pipe.scheduler = X.from_config(...)``).
+
+        Args:
+          scheduler: a ``schedulers.Scheduler``, a scheduler config dict (diffusers'
+            ``scheduler.config`` plus ``_class_name``) or a folder/JSON file.
+        """
+        from meg_jax.backbone import schedulers
+
+        if not isinstance(scheduler, schedulers.Scheduler):
+            scheduler = schedulers.load_scheduler(scheduler)
+        return dataclasses.replace(self, scheduler=scheduler)
+
+    def _size(self, height: int | None, width: int | None) -> tuple[int, int]:
+        dh, dw = self.default_size
+        height, width = height or dh, width or dw
+        step = self.vae_scale_factor * self.unet_config.downsample_factor
+        for name, v in (("height", height), ("width", width)):
+            if not isinstance(v, (int, np.integer)) or v <= 0 or v % step:
+                raise ValueError(
+                    f"{name}={v!r} must be a positive multiple of {step} (VAE factor {self.vae_scale_factor} x "
+                    f"UNet downsampling {self.unet_config.downsample_factor})"
+                )
+        return int(height), int(width)
+
+    # ---- tokens and prompt encoding ----------------------------------------------------
+    def tokenize(self, prompts: str | Sequence[str]) -> tuple[np.ndarray, ...]:
+        """Token ids per tokenizer: one (SD) or two (SDXL) int32 ``[B, L]`` arrays (with masks)."""
+        out = []
+        for tok in self.tokenizers:
+            ids, mask = tok.encode(prompts)
+            out.append((ids, mask))
+        return tuple(out)
+
+    def _prompt_list(self, prompts: str | Sequence[str]) -> list[str]:
+        if isinstance(prompts, str):
+            return [prompts]
+        prompts = list(prompts)
+        if not prompts or not all(isinstance(p, str) for p in prompts):
+            raise ValueError(f"prompts must be a str or a non-empty list of str, got {prompts!r}")
+        return prompts
+
+    def _negative_list(self, negative_prompt: str | Sequence[str] | None, batch: int) -> list[str]:
+        if negative_prompt is None:
+            return [""] * batch
+        if isinstance(negative_prompt, str):
+            return [negative_prompt] * batch
+        negative_prompt = list(negative_prompt)
+        if len(negative_prompt) != batch:
+            raise ValueError(
+                f"negative_prompt has {len(negative_prompt)} entries but there are {batch} prompts"
+            )
+        return negative_prompt
+
+    def _token_inputs(
+        self, prompts: list[str], negative_prompt: Any, do_cfg: bool
+    ) -> tuple[tuple[Any, ...], tuple[Any, ...] | None, bool]:
+        """(prompt tokens, negative tokens or None, zero_negative) for the jitted encoder."""
+        toks = self.tokenize(prompts)
+        zero_negative = bool(self.kind == "sdxl" and negative_prompt is None and self.force_zeros_for_empty_prompt)
+        neg = None
+        if do_cfg and not zero_negative:
+            neg = self.tokenize(self._negative_list(negative_prompt, len(prompts)))
+        return toks, neg, zero_negative
+
+    def encode_prompt(
+        self,
+        prompts: str | Sequence[str],
+        negative_prompt: str | Sequence[str] | None = None,
+        *,
+        guidance_scale: float = 7.5,
+    ) -> PromptEmbeds:
+        """Encodes prompts, and the negative prompt when CFG is on at ``guidance_scale``.
+
+        Args:
+          prompts: one prompt or B prompts.
+          negative_prompt: None (diffusers' default: ``""``, or zeros for SDXL with
+            ``force_zeros_for_empty_prompt``), one string for all, or B strings.
+          guidance_scale: decides whether a negative embedding is made (see :meth:`uses_cfg`).
+
+        Returns:
+          :class:`PromptEmbeds` (``uncond`` None when CFG is off).
+        """
+        prompts = self._prompt_list(prompts)
+        do_cfg = self.uses_cfg(guidance_scale)
+        toks, neg, zero_negative = self._token_inputs(prompts, negative_prompt, do_cfg)
+        zero_negative = zero_negative and do_cfg
+        return _encode(self.params["text_encoders"], toks, neg, encoders=self.text_encoders, kind=self.kind,
+                       use_masks=self._use_masks(), zero_negative=zero_negative)
+
+    def _use_masks(self) -> tuple[bool, ...]:
+        # diffusers' SD pipeline passes the attention mask when the encoder config asks; SDXL never.
+        return tuple(self.kind == "sd" and bool(c.use_attention_mask) for c in self.text_configs)
+
+    # ---- conditioning ------------------------------------------------------------------
+    def time_ids(
+        self,
+        batch: int,
+        height: int | None = None,
+        width: int | None = None,
+        original_size: tuple[int, int] | None = None,
+        crops_coords_top_left: tuple[int, int] = (0, 0),
+        target_size: tuple[int, int] | None = None,
+    ) -> np.ndarray | None:
+        """SDXL ``add_time_ids`` ``[B, 6]`` float32 (None for SD): original size, crop, target size."""
+        if self.kind != "sdxl":
+            return None
+        height, width = self._size(height, width)
+        ids = list(original_size or (height, width)) + list(crops_coords_top_left) + list(target_size or (height, width))
+        if len(ids) != 6:
+            raise ValueError(
+                f"original_size, crops_coords_top_left and target_size must be pairs, got {original_size!r}, "
+                f"{crops_coords_top_left!r}, {target_size!r}"
+            )
+        return np.tile(np.asarray(ids, np.float32), (batch, 1))
+
+    # ---- denoising -----------------------------------------------------------------------
+    def denoise(
+        self,
+        embeds: PromptEmbeds,
+        latents: jax.Array,
+        num_inference_steps: int,
+        *,
+        guidance_scale: float = 7.5,
+        step_noise: jax.Array | None = None,
+        key: jax.Array | None = None,
+        time_ids: Any = None,
+    ) -> jax.Array:
+        """Runs the scheduler's N steps: unit-variance noise ``[B, h, w, C]`` -> final latents (NHWC).
+
+        Args:
+          embeds: from :meth:`encode_prompt` at the same ``guidance_scale``.
+          latents: ``[B, h, w, C]`` NHWC initial noise *before* ``init_noise_sigma`` (as a
+            user passes it to diffusers; multiplied here).
+          num_inference_steps: N (one compile per N).
+          guidance_scale: CFG scale (or LCM's embedded w + 1).
+          step_noise: ``[N, B, h, w, C]`` noise of the stochastic schedulers (Euler-a, LCM).
+          key: PRNG key for that noise when ``step_noise`` is None.
+          time_ids: SDXL ``[B, 6]`` (default from :meth:`time_ids` at the latent size).
+
+        Returns:
+          ``[B, h, w, C]`` float32 latents in the UNet's units (divide by the VAE's
+          ``scaling_factor`` to decode; :meth:`decode` does).
+        """
+        do_cfg = self.uses_cfg(guidance_scale)
+        if do_cfg and embeds.uncond is None:
+            raise ValueError(f"guidance_scale={guidance_scale} runs CFG: encode the prompt at the same guidance_scale")
+        b, h, w, _ = latents.shape
+        if self.kind == "sdxl" and time_ids is None:
+            time_ids = self.time_ids(b, h * self.vae_scale_factor, w * self.vae_scale_factor)
+        plan = self.scheduler.plan(num_inference_steps)
+        if self.scheduler.kind in ("euler_ancestral", "lcm") and step_noise is None and key is None:
+            key = jax.random.key(0)
+        return _denoise(self.params["unet"], embeds, jnp.asarray(latents, jnp.float32), plan, step_noise, key,
+                        time_ids, jnp.float32(guidance_scale), unet=self.unet, kind=self.kind, do_cfg=do_cfg)
+
+    # ---- decoding ------------------------------------------------------------------------
+    def decode(self, latents: jax.Array) -> jax.Array:
+        """Final latents ``[B, h, w, C]`` -> images ``[B, H, W, 3]`` float32 in [0, 1] (diffusers' "np")."""
+        return _decode(self.params["vae"], jnp.asarray(latents, jnp.float32), vae=self.vae, kind=self.kind)
+
+    # ---- the whole call ------------------------------------------------------------------
+    def __call__(
+        self,
+        prompt: str | Sequence[str],
+        num_inference_steps: int = 50,
+        guidance_scale: float = 7.5,
+        negative_prompt: str | Sequence[str] | None = None,
+        latents: np.ndarray | None = None,
+        height: int | None = None,
+        width: int | None = None,
+        *,
+        key: jax.Array | None = None,
+        step_noise: np.ndarray | None = None,
+        original_size: tuple[int, int] | None = None,
+        crops_coords_top_left: tuple[int, int] = (0, 0),
+        target_size: tuple[int, int] | None = None,
+    ) -> np.ndarray:
+        """Text -> images, as diffusers' ``pipeline(prompt, ..., output_type="np").images``.
+
+        Args:
+          prompt: one prompt or B prompts.
+          num_inference_steps: N scheduler steps (static: one compile per N).
+          guidance_scale: CFG scale; CFG runs when > 1 (and the UNet has no
+            ``time_cond_proj_dim``, and the pipeline is not an LCM pipeline).
+          negative_prompt: see :meth:`encode_prompt`.
+          latents: ``[B, C, h, w]`` float initial noise in diffusers' layout (multiplied by
+            the scheduler's ``init_noise_sigma`` here, as diffusers does); None: drawn from ``key``.
+          height, width: image size in pixels (default: UNet ``sample_size`` x VAE factor).
+          key: PRNG key for the latents (``fold_in(key, 0)``) and the stochastic schedulers'
+            step noise (``fold_in(key, 1)``); default ``jax.random.key(0)``.
+          step_noise: ``[N, B, C, h, w]`` the stochastic schedulers' per-step noise in
+            diffusers' layout (row i: the i-th draw of diffusers' generator).
+          original_size, crops_coords_top_left, target_size: SDXL micro-conditioning
+            (``(height, width)`` pairs, ``(top, left)``); default the output size and (0, 0).
+
+        Returns:
+          ``[B, H, W, 3]`` float32 images in [0, 1] (NumPy).
+        """
+        prompts = self._prompt_list(prompt)
+        batch = len(prompts)
+        if not isinstance(num_inference_steps, (int, np.integer)) or num_inference_steps < 1:
+            raise ValueError(f"num_inference_steps must be an int >= 1, got {num_inference_steps!r}")
+        if negative_prompt is not None and not self.cfg_allowed:
+            raise ValueError(f"{self.class_name} does not take a negative_prompt (it never runs CFG)")
+        shape = self.latent_shape(batch, height, width)
+        key = jax.random.key(0) if key is None else key
+        if latents is None:
+            x = jax.random.normal(jax.random.fold_in(key, 0), shape, jnp.float32)
+        else:
+            latents = np.asarray(latents)
+            want = (shape[0], shape[3], shape[1], shape[2])
+            if latents.shape != want:
+                raise ValueError(f"latents must have diffusers' shape [B, C, h, w] = {want}, got {latents.shape}")
+            x = jnp.asarray(latents.transpose(0, 2, 3, 1), jnp.float32)
+        noise = None
+        if step_noise is not None:
+            step_noise = np.asarray(step_noise)
+            want = (num_inference_steps, shape[0], shape[3], shape[1], shape[2])
+            if step_noise.shape != want:
+                raise ValueError(f"step_noise must have shape [N, B, C, h, w] = {want}, got {step_noise.shape}")
+            noise = jnp.asarray(step_noise.transpose(0, 1, 3, 4, 2), jnp.float32)
+        embeds = self.encode_prompt(prompts, negative_prompt, guidance_scale=guidance_scale)
+        time_ids = self.time_ids(batch, height, width, original_size, crops_coords_top_left, target_size)
+        final = self.denoise(embeds, x, int(num_inference_steps), guidance_scale=guidance_scale, step_noise=noise,
+                             key=jax.random.fold_in(key, 1), time_ids=time_ids)
+        return np.asarray(self.decode(final))
+
+
+# ---- the jitted programs (module level: keyed on the static modules, shared by pipelines) ----
+
+
+def _encode_tokens(params: Any, toks: Any, encoders: tuple[Any, ...], kind: str, use_masks: tuple[bool, ...]):
+    """(embedding [B, L, D], pooled [B, E] or None) as diffusers' encode_prompt."""
+    outs = [enc.apply({"params": params[i]}, ids, mask if use_masks[i] else None)
+            for i, (enc, (ids, mask)) in enumerate(zip(encoders, toks))]
+    if kind == "sd":
+        return outs[0].last_hidden_state, None
+    # SDXL: penultimate hidden states of each encoder side by side; the pooled output of the
+    # encoder that has a projection (encoder 2), as diffusers takes prompt_embeds[0] when 2-D.
+    pooled = [o.text_embeds for o in outs if o.text_embeds is not None][-1]
+    return jnp.concatenate([o.hidden_states[-2] for o in outs], axis=-1), pooled
+
+
+@functools.partial(jax.jit, static_argnames=("encoders", "kind", "use_masks", "zero_negative"))
+def _encode(params, toks, neg, *, encoders, kind, use_masks, zero_negative) -> PromptEmbeds:
+    cond, pooled = _encode_tokens(params, toks, encoders, kind, use_masks)
+    if zero_negative:
+        return PromptEmbeds(cond, jnp.zeros_like(cond), pooled, jnp.zeros_like(pooled))
+    if neg is None:
+        return PromptEmbeds(cond, None, pooled, None)
+    uncond, uncond_pooled = _encode_tokens(params, neg, encoders, kind, use_masks)
+    return PromptEmbeds(cond, uncond, pooled, uncond_pooled)
+
+
+def _model_fn(unet: UNet, kind: str, params: Any, embeds: PromptEmbeds, time_ids: Any,
+              guidance_scale: jax.Array, do_cfg: bool):
+    """The UNet as the schedulers' ``model_fn(x, t)``, with CFG and the added conditioning."""
+    cfg = unet.config
+    batch = embeds.cond.shape[0]
+    timestep_cond = None
+    if cfg.time_cond_proj_dim is not None:
+        timestep_cond = guidance_scale_embedding(jnp.broadcast_to(guidance_scale - 1.0, (batch,)),
+                                                 cfg.time_cond_proj_dim)
+    context = jnp.concatenate([embeds.uncond, embeds.cond]) if do_cfg else embeds.cond
+    if do_cfg and timestep_cond is not None:
+        timestep_cond = jnp.concatenate([timestep_cond, timestep_cond])
+    added = None
+    if kind == "sdxl":
+        if do_cfg:
+            added = {"text_embeds": jnp.concatenate([embeds.uncond_pooled, embeds.pooled]),
+                     "time_ids": jnp.concatenate([time_ids, time_ids])}
+        else:
+            added = {"text_embeds": embeds.pooled, "time_ids": time_ids}
+
+    def model_fn(x: jax.Array, t: jax.Array) -> jax.Array:
+        if not do_cfg:
+            return unet.apply(params, x, t, context, timestep_cond=timestep_cond, added_cond_kwargs=added)
+        # diffusers: one UNet call on [negative; prompt], then uncond + g (cond - uncond)
+        out = unet.apply(params, jnp.concatenate([x, x]), jnp.concatenate([t, t]), context,
+                         timestep_cond=timestep_cond, added_cond_kwargs=added)
+        uncond, cond = jnp.split(out.astype(jnp.float32), 2)
+        return uncond + guidance_scale * (cond - uncond)
+
+    return model_fn
+
+
+@functools.partial(jax.jit, static_argnames=("unet", "kind", "do_cfg"))
+def _denoise(params, embeds, latents, plan, step_noise, key, time_ids, guidance_scale, *, unet, kind, do_cfg):
+    from meg_jax.backbone import schedulers
+
+    model_fn = _model_fn(unet, kind, params, embeds, time_ids, guidance_scale, do_cfg)
+    # diffusers' prepare_latents: latents * init_noise_sigma (also for user-given latents)
+    return schedulers.denoise(plan, model_fn, latents * plan.init_noise_sigma, step_noise=step_noise, key=key)
+
+
+@functools.partial(jax.jit, static_argnames=("vae", "kind"))
+def _decode(params, latents, *, vae, kind):
+    cfg = vae.config
+    z = latents.astype(jnp.float32)
+    if kind == "sdxl" and cfg.latents_mean is not None and cfg.latents_std is not None:
+        mean = jnp.asarray(cfg.latents_mean, jnp.float32)[None, None, None, :]  # per channel, NHWC
+        std = jnp.asarray(cfg.latents_std, jnp.float32)[None, None, None, :]
+        z = z * std / cfg.scaling_factor + mean
+    else:
+        z = z / cfg.scaling_factor
+    image = vae.apply(params, z.astype(vae.dtype), method="decode")
+    return jnp.clip(image.astype(jnp.float32) / 2 + 0.5, 0.0, 1.0)
+
+
+def compiled_programs() -> dict[str, int]:
+    """How many programs each jitted piece holds (all pipelines together; for compile checks)."""
+    return {"encode": _encode._cache_size(), "denoise": _denoise._cache_size(), "decode": _decode._cache_size()}
+
+
+def _check_model_index(path: str, index: dict[str, Any]) -> tuple[str, bool]:
+    name = index.get("_class_name")
+    if name not in PIPELINE_CLASSES:
+        raise ValueError(
+            f"{os.path.join(path, 'model_index.json')}: _class_name={name!r} is not supported; meg-jax loads "
+            f"{sorted(PIPELINE_CLASSES)} (text-to-image SD 1.x/2.x, SDXL, LCM)"
+        )
+    kind, cfg_allowed = PIPELINE_CLASSES[name]
+    for comp, value in index.items():
+        if comp.startswith("_") or comp in _OPTIONS or comp in _IGNORED_COMPONENTS:
+            continue
+        if comp not in _COMPONENT_CLASSES:
+            raise ValueError(f"{path}/model_index.json: component {comp!r} ({value!r}) is not supported")
+        if value is None or (isinstance(value, list) and value[1] is None):
+            if comp in _REQUIRED[kind]:
+                raise ValueError(f"{path}/model_index.json: {name} needs component {comp!r}, which is empty")
+            continue
+        allowed = _COMPONENT_CLASSES[comp]
+        if allowed and value[1] not in allowed:
+            raise ValueError(
+                f"{path}/model_index.json: {comp} is a {value[1]!r}; meg-jax reads {list(allowed)} there"
+            )
+    missing = [c for c in _REQUIRED[kind] if c not in index]
+    if missing:
+        raise ValueError(f"{path}/model_index.json: {name} needs components {missing}")
+    return kind, cfg_allowed
+
+
+def load_pipeline(
+    path: str | os.PathLike,
+    *,
+    dtype: Any = jnp.float32,
+    variant: str | None = None,
+    scheduler: Any = None,
+) -> StableDiffusionPipeline:
+    """Loads a diffusers text-to-image pipeline folder (SD 1.x/2.x, SDXL, LCM).
+
+    Args:
+      path: the folder ``DiffusionPipeline.save_pretrained`` writes (``model_index.json``
+        and one sub-folder per component).
+      dtype: ``jnp.float32`` or ``jnp.bfloat16``: params and compute of the UNet and text
+        encoders (the VAE stays float32 when its config says ``force_upcast``, as diffusers).
+      variant: weight variant (``"fp16"``) for every component; None: the plain files, or
+        each folder's single variant.
+      scheduler: optional scheduler (a ``schedulers.Scheduler``, config dict or folder)
+        instead of the folder's ``scheduler/``.
+
+    Returns:
+      A :class:`StableDiffusionPipeline`.
+
+    Raises:
+      ValueError / FileNotFoundError / weights.WeightsError: naming the file or key for
+        unsupported pipeline classes, components, configs, and missing or unreadable weights.
+    """
+    from meg_jax.backbone import clip, schedulers
+
+    path = os.fspath(path)
+    if os.path.isfile(path):
+        raise weights_lib.WeightsError(weights_lib._single_file_message(path))
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"{path}: no such pipeline folder")
+    dtype = jnp.dtype(dtype)
+    if dtype not in (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16)):
+        raise ValueError(f"dtype must be float32 or bfloat16, got {dtype}")
+    index = _read_json(os.path.join(path, "model_index.json"))
+    kind, cfg_allowed = _check_model_index(path, index)
+
+    def sub(name: str) -> str:
+        folder = os.path.join(path, name)
+        if not os.path.isdir(folder):
+            raise FileNotFoundError(f"{folder}: model_index.json lists {name} but the folder is missing")
+        return folder
+
+    unet_cfg = read_config(sub("unet"))
+    vae_cfg = read_config(sub("vae"))
+    if not isinstance(unet_cfg, UNetConfig) or not isinstance(vae_cfg, VAEConfig):
+        raise ValueError(f"{path}: unet/ must hold a UNet2DConditionModel and vae/ an AutoencoderKL")
+    vae_dtype = jnp.float32 if vae_cfg.force_upcast else dtype
+    params: dict[str, Any] = {}
+    for name, cfg, dt in (("unet", unet_cfg, dtype), ("vae", vae_cfg, vae_dtype)):
+        state = weights_lib.load_state_dict(sub(name), variant, np.float32, names=(weights_lib.DIFFUSERS_WEIGHTS_NAME,))
+        try:
+            p = params_from_torch_state_dict(cfg, state, dtype=np.dtype(dt))
+        except ValueError as e:
+            raise ValueError(f"{sub(name)}: {e}") from e
+        params[name] = jax.tree_util.tree_map(jnp.asarray, p)
+    te_names = ("text_encoder",) if kind == "sd" else ("text_encoder", "text_encoder_2")
+    tok_names = ("tokenizer",) if kind == "sd" else ("tokenizer", "tokenizer_2")
+    encoders = [_load_text_encoder(sub(n), variant, dtype) for n in te_names]
+    tokenizers = tuple(clip.load_tokenizer(sub(n)) for n in tok_names)
+    params["text_encoders"] = tuple(p for _, p, _ in encoders)
+    cross = unet_cfg.cross_attention_dim_tuple[0]
+    width = sum(c.hidden_size for _, _, c in encoders)
+    if width != cross:
+        raise ValueError(
+            f"{path}: the text encoders give {width} features but unet cross_attention_dim is {cross}"
+        )
+    if kind == "sdxl":
+        if unet_cfg.addition_embed_type != "text_time":
+            raise ValueError(f"{path}: StableDiffusionXLPipeline needs a unet with addition_embed_type='text_time'")
+        proj = encoders[1][2].projection_dim
+        if proj != unet_cfg.text_embeds_dim:
+            raise ValueError(
+                f"{path}: text_encoder_2 projection_dim={proj} but the unet expects text_embeds of width "
+                f"{unet_cfg.text_embeds_dim} (projection_class_embeddings_input_dim - 6 x addition_time_embed_dim)"
+            )
+    elif not cfg_allowed and unet_cfg.time_cond_proj_dim is None:
+        raise ValueError(f"{path}: LatentConsistencyModelPipeline needs a unet with time_cond_proj_dim "
+                         "(it feeds the guidance embedding to timestep_cond)")
+    elif unet_cfg.addition_embed_type is not None:
+        raise ValueError(f"{path}: {index['_class_name']} cannot feed a unet with addition_embed_type="
+                         f"{unet_cfg.addition_embed_type!r}")
+    sched = schedulers.load_scheduler(sub("scheduler") if scheduler is None else scheduler) \
+        if not isinstance(scheduler, schedulers.Scheduler) else scheduler
+    return StableDiffusionPipeline(
+        path=path,
+        class_name=index["_class_name"],
+        kind=kind,
+        cfg_allowed=cfg_allowed,
+        unet=UNet(unet_cfg, dtype=dtype),
+        vae=AutoencoderKL(vae_cfg, dtype=vae_dtype),
+        text_encoders=tuple(m for m, _, _ in encoders),
+        text_configs=tuple(c for _, _, c in encoders),
+        tokenizers=tokenizers,
+        scheduler=sched,
+        params=params,
+        force_zeros_for_empty_prompt=bool(index.get("force_zeros_for_empty_prompt", kind == "sdxl")),
+        dtype=dtype,
+    )
+
+
+# ---- export of the distilled student --------------------------------------------------------
+
+
+def fold_step_conditioning(unet_config: UNetConfig, params: Any, timestep_cond: np.ndarray) -> dict[str, Any]:
+    """Student params with a fixed ``timestep_cond`` folded into ``time_embedding.linear_1``.
+
+    The UNet embeds ``linear_1(t_emb + cond_proj(c))``; for a constant ``c`` that is
+    ``linear_1(t_emb) + W1 cond_proj(c)``, so ``linear_1``'s bias absorbs
+    ``cond_proj(c) @ W1`` and ``cond_proj`` becomes zero: the UNet then ignores whatever
+    ``timestep_cond`` a caller passes (diffusers' guidance embedding) and computes exactly
+    the student at ``c`` (up to float32 rounding of the folded bias).
+
+    Args:
+      unet_config: the student's config (needs ``time_cond_proj_dim``).
+      params: ``{"params": ...}`` of the student.
+      timestep_cond: ``[time_cond_proj_dim]`` the conditioning to fold.
+
+    Returns:
+      New variables (numpy float32 leaves), same tree.
+    """
+    if unet_config.time_cond_proj_dim is None:
+        raise ValueError("the UNet has no time_cond_proj_dim: there is no step conditioning to fold")
+    tree = jax.tree_util.tree_map(lambda a: np.array(a, np.float32), jax.device_get(params))
+    emb = tree["params"]["time_embedding"]
+    c = np.asarray(timestep_cond, np.float64).reshape(-1)
+    if c.shape != (unet_config.time_cond_proj_dim,):
+        raise ValueError(f"timestep_cond must have {unet_config.time_cond_proj_dim} values, got {c.shape}")
+    shift = c @ emb["cond_proj"]["kernel"].astype(np.float64)  # [block_out_channels[0]]
+    emb["linear_1"]["bias"] = (emb["linear_1"]["bias"] + shift @ emb["linear_1"]["kernel"].astype(np.float64)
+                               ).astype(np.float32)
+    emb["cond_proj"]["kernel"] = np.zeros_like(emb["cond_proj"]["kernel"])
+    return tree
+
+
+def export_student(backbone: Any, path: str | os.PathLike, steps: int) -> None:
+    """Writes the step-conditioned student at K = ``steps`` as a diffusers pipeline folder.
+
+    What is written (``StableDiffusionPipeline.from_pretrained(path, text_encoder=None,
+    tokenizer=None)`` loads it; diffusers wants the two empty components named):
+
+    * ``unet/``: the student with its step conditioning for K folded into the time embedding
+      (:func:`fold_step_conditioning`); ``time_cond_proj_dim`` is kept, so diffusers' pipeline
+      runs it without CFG, as the student is sampled;
+    * ``vae/``: the VAE with ``scaling_factor`` = the backbone's ``latent_scaling_factor``;
+    * ``scheduler/``: ``DDIMScheduler`` with the distillation's schedule (scaled-linear
+      betas 0.00085-0.012, T = 1000), trailing spacing, ``set_alpha_to_one=False``, the
+      backbone's ``prediction_type``; run it with ``num_inference_steps=K``;
+    * ``model_index.json`` with ``text_encoder``/``tokenizer`` empty: the tiny backbone's text
+      encoder is bidirectional (no causal mask) and its tokenizer a word list, which no
+      transformers CLIP class expresses (CLIPTextModel always applies a causal mask). Callers
+      pass ``prompt_embeds`` (meg-jax's ``encode_text`` output) instead of prompts;
+    * ``meg_jax_student.json``: K, the step-embedding width and the backbone's guidance
+      convention (the student: no guidance).
+
+    Args:
+      backbone: ``meg_jax.checkpoint.Backbone`` (student, VAE, configs, sampling).
+      path: output folder (created).
+      steps: K, the student's step count this export is for.
+    """
+    import dataclasses as dc
+
+    from meg_jax.backbone.diffusers_io import to_diffusers
+    from meg_jax.distill.losses import step_embedding
+
+    if not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"steps must be an int >= 1, got {steps!r}")
+    cfg = backbone.config
+    dim = backbone.sampling.step_embedding_dim
+    if cfg.unet.time_cond_proj_dim != dim:
+        raise ValueError(f"student time_cond_proj_dim={cfg.unet.time_cond_proj_dim} != step_embedding_dim={dim}")
+    path = os.fspath(path)
+    os.makedirs(path, exist_ok=True)
+    cond = np.asarray(step_embedding(steps, dim, 1000))
+    unet_params = fold_step_conditioning(cfg.unet, backbone.student, cond)
+    to_diffusers(UNet(cfg.unet), unet_params, os.path.join(path, "unet"))
+    vae_cfg = dc.replace(cfg.vae, scaling_factor=float(cfg.latent_scaling_factor))
+    to_diffusers(AutoencoderKL(vae_cfg), backbone.vae, os.path.join(path, "vae"))
+    scheduler = {
+        "_class_name": "DDIMScheduler",
+        "num_train_timesteps": 1000,
+        "beta_start": 0.00085,
+        "beta_end": 0.012,
+        "beta_schedule": "scaled_linear",
+        "clip_sample": False,
+        "set_alpha_to_one": False,
+        "steps_offset": 0,
+        "prediction_type": cfg.prediction_type,
+        "timestep_spacing": backbone.sampling.spacing,
+    }
+    index = {
+        "_class_name": "StableDiffusionPipeline",
+        "unet": ["diffusers", "UNet2DConditionModel"],
+        "vae": ["diffusers", "AutoencoderKL"],
+        "scheduler": ["diffusers", "DDIMScheduler"],
+        "text_encoder": [None, None],
+        "tokenizer": [None, None],
+        "safety_checker": [None, None],
+        "feature_extractor": [None, None],
+        "image_encoder": [None, None],
+        "requires_safety_checker": False,
+    }
+    meta = {
+        "steps": steps,
+        "step_embedding_dim": dim,
+        "guidance": "none (the step-conditioned student is sampled without CFG)",
+        "text": "pass prompt_embeds from meg_jax.meg.pipeline.encode_text; the tiny text encoder is not a CLIP model",
+    }
+    os.makedirs(os.path.join(path, "scheduler"), exist_ok=True)
+    for name, data in ((os.path.join("scheduler", "scheduler_config.json"), scheduler),
+                       ("model_index.json", index), ("meg_jax_student.json", meta)):
+        with open(os.path.join(path, name), "w") as f:
+            json.dump(data, f, indent=2, sort_keys=True)
+            f.write("\n")
