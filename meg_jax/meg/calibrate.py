@@ -12,7 +12,7 @@ Measurement (:func:`measure`):
 * the reference: the teacher's guided 50-step DDIM sample, decoded, noiseless, unmerged;
 * per K: the student's K-step latents, computed **once** and reused for every r and SNR
   (the ES part does not depend on them);
-* per (K, r), one jitted call vmapped over the SNR grid: merge -> link (one fixed channel
+* per (K, r), vmapped over the whole SNR grid: merge -> link (one fixed channel
   key, so every SNR sees the same noise draw scaled differently) -> unmerge -> decode ->
   score with ``meg_jax.meg.schemes.score_images`` (8-bit image; attribute accuracy; PSNR vs
   the reference), averaged per task class; digital links run every SNR too;
@@ -179,40 +179,49 @@ def _score_reference(backbone, reference, attrs):
     return q.accuracy, q.psnr
 
 
-def _score_over_snr(
-    backbone: Any,
-    latents: jax.Array,
-    attrs: Any,
-    reference: jax.Array,
-    snr_db: jax.Array,
-    key: jax.Array,
-    *,
-    merge_ratio: float,
-    link: LinkConfig,
-) -> tuple[jax.Array, jax.Array]:
-    """Quality of ``latents [B, h, w, C]`` sent at every SNR of ``snr_db [S]`` (traceable).
+def _transmit_over_snr(
+    latents: jax.Array, snr_db: jax.Array, key: jax.Array, *, merge_ratio: float, link: LinkConfig
+) -> jax.Array:
+    """What the UE holds for ``latents [B, h, w, C]`` at every SNR of ``snr_db [S]``: ``[S, B, h, w, C]``.
 
-    merge -> link -> unmerge -> decode -> score, vmapped over the SNR axis. The merge and
-    the channel's noise draw do not depend on the SNR, so ``vmap`` computes them once (the
-    key is shared: every SNR sees the same draw, scaled differently); the decoder and the
-    classifier run on ``S·B`` images at once.
-
-    Returns:
-      ``(accuracy [S, B], psnr [S, B])``.
+    merge -> link -> unmerge, vmapped over the SNR axis. The merge and the channel's noise
+    draw do not depend on the SNR, so ``vmap`` computes them once (the key is shared: every
+    SNR sees the same draw, scaled differently).
     """
     batch = latents.shape[0]
 
     def one(snr):
-        received = pipeline.transmit_latents(latents, merge_ratio, link, jnp.broadcast_to(snr, (batch,)), key)
-        q = schemes.score_images(backbone, pipeline.decode_latents(backbone, received), attrs, reference)
-        return q.accuracy, q.psnr
+        return pipeline.transmit_latents(latents, merge_ratio, link, jnp.broadcast_to(snr, (batch,)), key)
 
     return jax.vmap(one)(snr_db)
 
 
-# One compiled program per static (merge ratio, link) and batch shape; K is not static (the
-# student's latents come in), so a (K, r) grid compiles R programs.
-_score_cells = jax.jit(_score_over_snr, static_argnames=("merge_ratio", "link"))
+def _score_received(backbone: Any, received: jax.Array, attrs: Any, reference: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Decodes and scores ``received [S, B, h, w, C]`` against ``reference [B, H, W, 3]``.
+
+    The ``S·B`` latents go through the decoder and the classifier as one batch.
+
+    Returns:
+      ``(accuracy [S, B], psnr [S, B])``.
+    """
+    s, b = received.shape[:2]
+    images = pipeline.decode_latents(backbone, received.reshape((s * b,) + received.shape[2:]))
+    tile = lambda a: jnp.broadcast_to(a, (s,) + a.shape).reshape((s * b,) + a.shape[1:])  # noqa: E731
+    q = schemes.score_images(backbone, images, jax.tree.map(tile, attrs), tile(reference))
+    return q.accuracy.reshape(s, b), q.psnr.reshape(s, b)
+
+
+# Compiled programs: one small link program per static (merge ratio, link) and one decoder +
+# classifier program for every (K, r), per batch shape. Neither depends on K (the student's
+# latents come in as data), so a (K, r) grid compiles R + 1 programs, not K·R.
+_transmit_cells = jax.jit(_transmit_over_snr, static_argnames=("merge_ratio", "link"))
+_score_cells = jax.jit(_score_received)
+
+
+def _quality_over_snr(backbone, latents, attrs, reference, snrs, key, merge_ratio, link):
+    # Two dispatches that stay on the device: no host transfer between or after them.
+    received = _transmit_cells(latents, snrs, key, merge_ratio=merge_ratio, link=link)
+    return _score_cells(backbone, received, attrs, reference)
 
 
 def measure(
@@ -224,8 +233,9 @@ def measure(
 ) -> QualityGrid:
     """Measures quality on the grid of ``config`` with ``backbone`` (see the module docstring).
 
-    Per batch of prompts: one jitted call per K (the student), and one per (K, r) that
-    evaluates every SNR at once (:func:`_score_over_snr`), for analog and digital links alike
+    Per batch of prompts: one jitted call per K (the student), and per (K, r) one link call
+    vmapped over every SNR (:func:`_transmit_over_snr`) and one decode-and-score call on
+    all of its ``S·B`` images (:func:`_score_received`), for analog and digital links alike
     (a digital link is error-free, so its rows come out flat in SNR because every SNR is
     actually sent, not by copying). Scores stay on the device until one transfer at the end;
     per batch only the reference images come to the host (their PNG size).
@@ -263,8 +273,7 @@ def measure(
         reference = _decode(backbone, ref_latents)
         reference_scores.append(_score_reference(backbone, reference, at))
         bar.update(1)
-        uncompressed_scores.append(_score_cells(backbone, ref_latents, at, reference, snrs, key_b,
-                                                merge_ratio=0.0, link=link))
+        uncompressed_scores.append(_quality_over_snr(backbone, ref_latents, at, reference, snrs, key_b, 0.0, link))
         bar.update(1)
         per_k = []
         for k in config.steps:
@@ -272,8 +281,7 @@ def measure(
             bar.update(1)
             per_r = []
             for r in config.merge_ratios:
-                per_r.append(_score_cells(backbone, latents, at, reference, snrs, key_b,
-                                          merge_ratio=float(r), link=link))
+                per_r.append(_quality_over_snr(backbone, latents, at, reference, snrs, key_b, float(r), link))
                 bar.update(1)
             per_k.append(per_r)
         grid_scores.append(per_k)
