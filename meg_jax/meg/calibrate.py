@@ -253,7 +253,7 @@ def measure(
     n = tokens.shape[0]
     h = backbone.config.latent_size
     noise = jax.random.normal(k_noise, (n, h, h, backbone.config.vae.latent_channels))
-    task = np.asarray(attrs.shape)
+    task = np.repeat(np.arange(num_c), config.prompts_per_class)  # balanced_prompts' blocks, no transfer
     snrs = jnp.asarray(config.snr_db, jnp.float32)  # [S]
 
     batches = [(i, min(i + config.batch_size, n)) for i in range(0, n, config.batch_size)]
