@@ -13,6 +13,7 @@ from eval.flops_table import diffusers_unet_macs
 from meg_jax.backbone import flops, preset
 from meg_jax.backbone.config import UNetConfig
 from meg_jax.backbone.tome import ToMeConfig
+from meg_jax.meg import costs
 
 # BK-SDM (Kim et al., 2023), Table 1: SD1.5's U-Net costs about 339 G MACs per step at 512x512.
 SD15_PUBLISHED_FLOPS = 2 * 339e9
@@ -148,3 +149,24 @@ def test_bad_inputs_raise():
         flops.text_encoder_flops(cfg, seq_len=17)
     with pytest.raises(ValueError, match="latent_hw"):
         flops.vae_decoder_flops(cfg, (8, 8, 8))
+
+
+@pytest.mark.parametrize("name", sorted(costs.COST_PRESETS))
+def test_cost_preset_flop_constants_are_what_flops_counts(name):
+    # The FLOP constants written into meg_jax/meg/costs.py (which price every artifact and
+    # scheme) recounted from the architecture now: text encoder at its max_length, UNet at
+    # the latent grid with 77 (16 for tiny) prompt tokens, VAE decoder. Lowering on abstract
+    # shapes only: sd15 ~3 s, sdxl ~9 s on this CPU, so every preset is recounted in full
+    # (no scaled-down stand-in). XLA's counts are integers read from the unoptimised HLO
+    # (no backend passes), stored exactly in float64; rel 1e-9 only forgives the decimal
+    # form, while a changed architecture or resolution moves a count by far more.
+    stored = costs.cost_preset(name)
+    config = preset(stored.backbone)
+    hw = (stored.latent_size, stored.latent_size)
+    assert flops.text_encoder_flops(config) == pytest.approx(stored.text_encoder_flops, rel=1e-9)
+    assert flops.unet_flops(config, hw) == pytest.approx(stored.unet_flops, rel=1e-9)
+    assert flops.vae_decoder_flops(config, hw) == pytest.approx(stored.vae_decoder_flops, rel=1e-9)
+    # measure_cost_preset (the regeneration command in costs.py) gives the same counts.
+    measured = costs.measure_cost_preset(name)
+    for field in ("text_encoder_flops", "unet_flops", "vae_decoder_flops"):
+        assert getattr(measured, field) == pytest.approx(getattr(stored, field), rel=1e-9), field

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from meg_jax.meg import costs, link
+from meg_jax.meg import costs, link, pricing
 from meg_jax.meg.link import LinkConfig
 
 
@@ -77,7 +77,7 @@ def test_transmission_time_hand_worked():
 
 def test_shannon_rate_and_link_budget():
     # 0 dB over 1 MHz: 1e6 * log2(2) = 1 Mbit/s.
-    np.testing.assert_allclose(float(link.shannon_rate(1e6, 0.0)), 1e6, rtol=1e-6)
+    np.testing.assert_allclose(float(pricing.shannon_rate_bps(1e6, 0.0)), 1e6, rtol=1e-6)
     # 30 dBm, path loss 100 dB, 20 MHz, NF 7 dB: noise = -174 + 10 log10(2e7) + 7
     # = -174 + 73.0103 + 7 = -93.9897 dBm; SNR = 30 - 100 + 93.9897 = 23.9897 dB.
     cfg = LinkConfig(bandwidth_hz=20e6, tx_power_dbm=30.0, noise_figure_db=7.0)

@@ -84,7 +84,14 @@ def generate_latents(bb: Any, tokens: jax.Array, noise: jax.Array, *, num_steps:
 
 @jax.jit
 def decode_latents(bb: Any, latents: jax.Array) -> jax.Array:
-    """Images ``[B, H, W, 3]`` in [-1, 1] from UNet-scale latents ``[B, h, w, c]`` (the UE's VAE decoder)."""
+    """Images ``[B, H, W, 3]`` in [-1, 1] from UNet-scale latents ``[B, h, w, c]`` (the UE's VAE decoder).
+
+    The one decode of the project (``meg_jax.meg.pipeline.decode_latents`` is this function):
+    latents are divided by the latent scale, decoded, and **clipped to [-1, 1]**, the valid
+    image range, as diffusers' ``VaeImageProcessor`` clamps ``x / 2 + 0.5`` to [0, 1]. Every
+    metric (PSNR, SSIM, classifier) therefore sees images as a display would, and the
+    reference and the generated images follow the same convention.
+    """
     _, vae, _ = _modules(bb)
     z = latents / bb.config.latent_scaling_factor
     return jnp.clip(vae.apply(bb.vae, z, method="decode"), -1.0, 1.0)

@@ -52,7 +52,6 @@ import jax.numpy as jnp
 from brax.envs.base import Env, State
 from jax import Array
 
-from meg_jax.env import wireless
 from meg_jax.env.channel import (  # re-exported below: the public import paths stay
     _evolve_channel,
     _measure,
@@ -74,6 +73,7 @@ from meg_jax.env.state import (
     StepNoise,
     observation_fields,
 )
+from meg_jax.meg import pricing
 
 __all__ = [
     "EnvParams",
@@ -149,10 +149,10 @@ def price_action(params: EnvParams, snr_db: Array, task_class: Array, k_idx: Arr
     q_hi_s = (1.0 - wr) * c[1, 0] + wr * c[1, 1]
     acc, psnr = (1.0 - ws) * q_lo_s + ws * q_hi_s
     quality = (1.0 - params.reward_psnr_weight) * acc + params.reward_psnr_weight * psnr / params.psnr_scale_db
-    tx = wireless.transmission_time_s(
-        payload, side, params.bandwidth_hz, jnp.maximum(snr_db, params.snr_floor_db), params.analog
+    tx = pricing.artifact_air_time_s(
+        payload, side, params.bandwidth_hz, snr_db, params.snr_floor_db, "analog" if params.analog else "digital"
     )
-    latency, energy = wireless.request_costs(params.es_time_s[k_idx], tx, ue_time, ue_energy, params.ue_receive_power_w)
+    latency, energy = pricing.request_costs(params.es_time_s[k_idx], tx, ue_time, ue_energy, params.ue_receive_power_w)
     return {"accuracy": acc, "psnr_db": psnr, "quality": quality, "latency_s": latency, "energy_j": energy, "tx_time_s": tx}
 
 

@@ -2,7 +2,9 @@
 
 Every function is elementwise over arrays (vmap-free broadcasting), float32-safe and
 jit-friendly; the environment (``meg_env.py``) composes them, the NumPy reference
-(``numpy_reference.py``) re-implements them independently. Sources: 3GPP TR 38.901
+(``numpy_reference.py``) re-implements them independently. What the SNR costs in air time
+(Shannon rate with its floor, air time, latency and energy) is priced by
+``meg_jax.meg.pricing``, the one formula the environment and the MEG system share. Sources: 3GPP TR 38.901
 v17 Table 7.4.1-1 (path loss), Table 7.4.2-1 (LOS probability), Table 7.5-6 (shadowing);
 Gudmundson, Electronics Letters 27(23), 1991 (shadowing correlation over distance);
 Jakes / Clarke (fading autocorrelation J0(2π f_d Δt)); Abramowitz & Stegun 9.4.1 and
@@ -25,9 +27,6 @@ __all__ = [
     "path_loss_db",
     "thermal_noise_dbm",
     "snr_db",
-    "shannon_rate_bps",
-    "transmission_time_s",
-    "request_costs",
 ]
 
 SPEED_OF_LIGHT = 299_792_458.0  # m/s
@@ -162,40 +161,3 @@ def snr_db(tx_power_dbm: Array, path_loss_db_: Array, shadowing_db: Array, fadin
       noise_dbm: receiver noise power (dBm), see :func:`thermal_noise_dbm`.
     """
     return tx_power_dbm - path_loss_db_ - shadowing_db + 10.0 * jnp.log10(fading_power) - noise_dbm
-
-
-def shannon_rate_bps(bandwidth_hz: Array, snr_db_: Array) -> Array:
-    """Shannon rate B log2(1 + SNR) in bit/s for SNR given in dB."""
-    return bandwidth_hz * jnp.log2(1.0 + 10.0 ** (snr_db_ / 10.0))
-
-
-def transmission_time_s(
-    payload: Array, side_info_bits: Array, bandwidth_hz: Array, snr_db_: Array, analog: bool
-) -> Array:
-    """Time to send one request's merged latent features (s).
-
-    Digital: (payload bits + side bits) / (B log2(1 + SNR)). Analog: payload complex
-    symbols at one symbol per Hz per second (payload / B), plus the side bits at the
-    Shannon rate. ``analog`` is static.
-    """
-    rate = shannon_rate_bps(bandwidth_hz, snr_db_)
-    if analog:
-        return payload / bandwidth_hz + side_info_bits / rate
-    return (payload + side_info_bits) / rate
-
-
-def request_costs(
-    es_time_s: Array,
-    tx_time_s: Array,
-    ue_time_s: Array,
-    ue_compute_energy_j: Array,
-    ue_receive_power_w: Array,
-) -> tuple[Array, Array]:
-    """Latency (s) and UE energy (J) of one request.
-
-    latency = ES compute + transmission + UE compute;
-    energy  = UE compute energy + receive power x transmission time.
-    """
-    latency = es_time_s + tx_time_s + ue_time_s
-    energy = ue_compute_energy_j + ue_receive_power_w * tx_time_s
-    return latency, energy

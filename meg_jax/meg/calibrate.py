@@ -12,10 +12,10 @@ Measurement (:func:`measure`):
 * the reference: the teacher's guided 50-step DDIM sample, decoded, noiseless, unmerged;
 * per K: the student's K-step latents, computed **once** and reused for every r and SNR
   (the ES part does not depend on them);
-* per (K, r, SNR): merge -> link (one fixed channel key, so every SNR sees the same noise
-  draw scaled differently) -> unmerge -> decode -> score with
-  ``meg_jax.meg.schemes.score_images`` (8-bit image; attribute accuracy; PSNR vs the
-  reference), averaged per task class;
+* per (K, r), vmapped over the whole SNR grid: merge -> link (one fixed channel
+  key, so every SNR sees the same noise draw scaled differently) -> unmerge -> decode ->
+  score with ``meg_jax.meg.schemes.score_images`` (8-bit image; attribute accuracy; PSNR vs
+  the reference), averaged per task class; digital links run every SNR too;
 * the conventional schemes on the same prompts and noise: the reference itself (centralised
   and on-device) and the teacher's latents over the link (MEG uncompressed), and the PNG
   size of the reference images.
@@ -171,14 +171,57 @@ def _decode(backbone, latents):
 
 
 _student = jax.jit(pipeline.es_latents, static_argnums=(3,))
-_transmit = jax.jit(pipeline.transmit_latents, static_argnums=(1, 2))
 
 
 @jax.jit
-def _decode_and_score(backbone, latents, attrs, reference):
-    images = pipeline.decode_latents(backbone, latents)
-    q = schemes.score_images(backbone, images, attrs, reference)
+def _score_reference(backbone, reference, attrs):
+    q = schemes.score_images(backbone, reference, attrs, reference)
     return q.accuracy, q.psnr
+
+
+def _transmit_over_snr(
+    latents: jax.Array, snr_db: jax.Array, key: jax.Array, *, merge_ratio: float, link: LinkConfig
+) -> jax.Array:
+    """What the UE holds for ``latents [B, h, w, C]`` at every SNR of ``snr_db [S]``: ``[S, B, h, w, C]``.
+
+    merge -> link -> unmerge, vmapped over the SNR axis. The merge and the channel's noise
+    draw do not depend on the SNR, so ``vmap`` computes them once (the key is shared: every
+    SNR sees the same draw, scaled differently).
+    """
+    batch = latents.shape[0]
+
+    def one(snr):
+        return pipeline.transmit_latents(latents, merge_ratio, link, jnp.broadcast_to(snr, (batch,)), key)
+
+    return jax.vmap(one)(snr_db)
+
+
+def _score_received(backbone: Any, received: jax.Array, attrs: Any, reference: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Decodes and scores ``received [S, B, h, w, C]`` against ``reference [B, H, W, 3]``.
+
+    The ``S·B`` latents go through the decoder and the classifier as one batch.
+
+    Returns:
+      ``(accuracy [S, B], psnr [S, B])``.
+    """
+    s, b = received.shape[:2]
+    images = pipeline.decode_latents(backbone, received.reshape((s * b,) + received.shape[2:]))
+    tile = lambda a: jnp.broadcast_to(a, (s,) + a.shape).reshape((s * b,) + a.shape[1:])  # noqa: E731
+    q = schemes.score_images(backbone, images, jax.tree.map(tile, attrs), tile(reference))
+    return q.accuracy.reshape(s, b), q.psnr.reshape(s, b)
+
+
+# Compiled programs: one small link program per static (merge ratio, link) and one decoder +
+# classifier program for every (K, r), per batch shape. Neither depends on K (the student's
+# latents come in as data), so a (K, r) grid compiles R + 1 programs, not K·R.
+_transmit_cells = jax.jit(_transmit_over_snr, static_argnames=("merge_ratio", "link"))
+_score_cells = jax.jit(_score_received)
+
+
+def _quality_over_snr(backbone, latents, attrs, reference, snrs, key, merge_ratio, link):
+    # Two dispatches that stay on the device: no host transfer between or after them.
+    received = _transmit_cells(latents, snrs, key, merge_ratio=merge_ratio, link=link)
+    return _score_cells(backbone, received, attrs, reference)
 
 
 def measure(
@@ -188,12 +231,19 @@ def measure(
     progress: bool = True,
     log: Callable[[str], None] | None = None,
 ) -> QualityGrid:
-    """Measures quality on the grid of ``config`` with ``backbone`` (see the module docstring)."""
+    """Measures quality on the grid of ``config`` with ``backbone`` (see the module docstring).
+
+    Per batch of prompts: one jitted call per K (the student), and per (K, r) one link call
+    vmapped over every SNR (:func:`_transmit_over_snr`) and one decode-and-score call on
+    all of its ``S·B`` images (:func:`_score_received`), for analog and digital links alike
+    (a digital link is error-free, so its rows come out flat in SNR because every SNR is
+    actually sent, not by copying). Scores stay on the device until one transfer at the end;
+    per batch only the reference images come to the host (their PNG size).
+    """
     from meg_jax.data import shapes
 
     config.validate()
     link = config.link()
-    digital = link.mode == "digital"
     num_c = shapes.NUM_TASK_CLASSES
     k_, r_, s_ = len(config.steps), len(config.merge_ratios), len(config.snr_db)
     key = jax.random.PRNGKey(config.seed)
@@ -203,76 +253,67 @@ def measure(
     n = tokens.shape[0]
     h = backbone.config.latent_size
     noise = jax.random.normal(k_noise, (n, h, h, backbone.config.vae.latent_channels))
-    task = np.asarray(attrs.shape)
-    snrs = [jnp.full((min(config.batch_size, n),), s, jnp.float32) for s in config.snr_db]
-
-    acc_sum = np.zeros((k_, r_, s_, num_c))
-    psnr_sum = np.zeros((k_, r_, s_, num_c))
-    counts = np.zeros((k_, r_, s_, num_c), np.int64)
-    ref_acc = np.zeros(num_c)
-    ref_psnr = np.zeros(num_c)
-    unc_acc = np.zeros((s_, num_c))
-    unc_psnr = np.zeros((s_, num_c))
-    ref_counts = np.zeros(num_c, np.int64)
-    png = []
+    task = np.repeat(np.arange(num_c), config.prompts_per_class)  # balanced_prompts' blocks, no transfer
+    snrs = jnp.asarray(config.snr_db, jnp.float32)  # [S]
 
     batches = [(i, min(i + config.batch_size, n)) for i in range(0, n, config.batch_size)]
-    total = len(batches) * (1 + s_ + k_ * (1 + r_ * s_))
+    total = len(batches) * (2 + k_ * (1 + r_))
     from meg_jax import run_log
 
     bar = run_log.progress(total, desc="calibrate", disable=not progress)
     start = time.time()
-
-    def add(sums: np.ndarray, values: jax.Array, cls: np.ndarray) -> None:
-        sums += np.bincount(cls, weights=np.asarray(values, np.float64), minlength=num_c)
-
+    reference_scores, uncompressed_scores, grid_scores, png = [], [], [], []
     for b, (lo, hi) in enumerate(batches):
         sl = slice(lo, hi)
-        tok, nz, cls = tokens[sl], noise[sl], task[sl]
+        tok, nz = tokens[sl], noise[sl]
         at = jax.tree.map(lambda a: a[sl], attrs)
         key_b = jax.random.fold_in(k_channel, b)
-        snr_b = [s[: hi - lo] for s in snrs]
         context = _context(backbone, tok)
         ref_latents = _teacher(backbone, context, nz)
         reference = _decode(backbone, ref_latents)
-        png.append(schemes.png_bits(reference))
-        a, p = _decode_and_score(backbone, ref_latents, at, reference)
-        add(ref_acc, a, cls)
-        add(ref_psnr, p, cls)
-        ref_counts += np.bincount(cls, minlength=num_c)
+        reference_scores.append(_score_reference(backbone, reference, at))
         bar.update(1)
-        for si, snr in enumerate(snr_b):
-            if si == 0 or not digital:
-                rec = _transmit(ref_latents, 0.0, link, snr, key_b)
-                a, p = _decode_and_score(backbone, rec, at, reference)
-            add(unc_acc[si], a, cls)
-            add(unc_psnr[si], p, cls)
-            bar.update(1)
-        for ki, k in enumerate(config.steps):
+        uncompressed_scores.append(_quality_over_snr(backbone, ref_latents, at, reference, snrs, key_b, 0.0, link))
+        bar.update(1)
+        per_k = []
+        for k in config.steps:
             latents = _student(backbone, context, nz, k)  # reused for every r and SNR
             bar.update(1)
-            for ri, r in enumerate(config.merge_ratios):
-                for si, snr in enumerate(snr_b):
-                    if si == 0 or not digital:  # a digital link's output does not depend on the SNR
-                        rec = _transmit(latents, float(r), link, snr, key_b)
-                        a, p = _decode_and_score(backbone, rec, at, reference)
-                    add(acc_sum[ki, ri, si], a, cls)
-                    add(psnr_sum[ki, ri, si], p, cls)
-                    counts[ki, ri, si] += np.bincount(cls, minlength=num_c)
-                    bar.update(1)
+            per_r = []
+            for r in config.merge_ratios:
+                per_r.append(_quality_over_snr(backbone, latents, at, reference, snrs, key_b, float(r), link))
+                bar.update(1)
+            per_k.append(per_r)
+        grid_scores.append(per_k)
+        png.append(schemes.png_bits(reference))  # the one host transfer per batch
         if log is not None:
             log(f"batch {b + 1}/{len(batches)} done after {time.time() - start:.0f} s")
+    # One transfer of every score; per-sample arrays with the samples last.
+    reference_scores, uncompressed_scores, grid_scores = jax.device_get(
+        (reference_scores, uncompressed_scores, grid_scores))
+    ref_acc, ref_psnr = (np.concatenate([np.asarray(s[i], np.float64) for s in reference_scores], -1) for i in (0, 1))
+    unc_acc, unc_psnr = (np.concatenate([np.asarray(s[i], np.float64) for s in uncompressed_scores], -1)
+                         for i in (0, 1))  # [S, N]
+    acc, psnr = (np.concatenate([np.asarray([[cell[i] for cell in row] for row in batch], np.float64)
+                                 for batch in grid_scores], -1) for i in (0, 1))  # [K, R, S, N]
     bar.close()
+
+    counts = np.bincount(task, minlength=num_c)  # [C] every sample is measured in every cell
+    one_hot = (task[:, None] == np.arange(num_c)[None, :]).astype(np.float64)  # [N, C]
+
+    def class_mean(values: np.ndarray) -> np.ndarray:  # [..., N] -> [..., C]
+        return (values @ one_hot) / counts
+
     png_bits = np.concatenate(png)
     image_size = int(reference.shape[1]) * int(reference.shape[2])
     return QualityGrid(
-        accuracy=acc_sum / counts,
-        psnr=psnr_sum / counts,
-        num_samples=counts,
-        reference_accuracy=ref_acc / ref_counts,
-        reference_psnr=ref_psnr / ref_counts,
-        uncompressed_accuracy=unc_acc / ref_counts,
-        uncompressed_psnr=unc_psnr / ref_counts,
+        accuracy=class_mean(acc),
+        psnr=class_mean(psnr),
+        num_samples=np.broadcast_to(counts, (k_, r_, s_, num_c)).astype(np.int64).copy(),
+        reference_accuracy=class_mean(ref_acc),
+        reference_psnr=class_mean(ref_psnr),
+        uncompressed_accuracy=class_mean(unc_acc),
+        uncompressed_psnr=class_mean(unc_psnr),
         png_bits_mean=float(png_bits.mean()),
         png_bits_per_pixel=float(png_bits.mean() / image_size),
         task_classes=tuple(shapes.SHAPES[:num_c]),

@@ -9,7 +9,8 @@ the VAE decoder. Every term of :class:`Costs` follows from
   ``sdxl-1024``; :func:`measure_cost_preset` recomputes them),
 * the device profiles (``meg_jax.meg.devices``): time = FLOPs / (peak · utilisation), UE
   energy = FLOPs · J/FLOP + receive power · air time,
-* the link (``meg_jax.meg.link``): payload bits / symbols including the merge map, air time.
+* the link (``meg_jax.meg.link``): payload bits / symbols including the merge map; air time,
+  latency and energy by ``meg_jax.meg.pricing`` (Shannon rate at max(SNR, the link's floor)).
 
 Not counted (said here so nobody has to guess): the ES's merge (one cosine-similarity matrix
 of ``N_src × N_dst × C`` multiply-adds, < 0.1% of one UNet step at every preset), the UE's
@@ -31,6 +32,7 @@ from flax import struct
 from meg_jax.backbone import tome
 from meg_jax.meg import devices as devices_lib
 from meg_jax.meg import link as link_lib
+from meg_jax.meg import pricing
 from meg_jax.meg.link import LinkConfig
 
 __all__ = [
@@ -229,7 +231,7 @@ def system_costs(
     ue_time = devices_lib.compute_time(ue_flops, ue) + jnp.zeros_like(snr_db)
     tx_time = link_lib.transmission_time(link, load, snr_db)
     ue_comp_e = devices_lib.compute_energy(ue_flops, ue) + jnp.zeros_like(snr_db)
-    ue_rx_e = devices_lib.reception_energy(tx_time, ue)
+    latency, energy = pricing.request_costs(es_time, tx_time, ue_time, ue_comp_e, ue.rx_power_w)
     return Costs(
         es_time_s=es_time,
         payload_bits=load.total_bits + jnp.zeros_like(snr_db),
@@ -237,9 +239,9 @@ def system_costs(
         tx_time_s=tx_time,
         ue_time_s=ue_time,
         ue_compute_energy_j=ue_comp_e,
-        ue_rx_energy_j=ue_rx_e,
-        ue_energy_j=ue_comp_e + ue_rx_e,
-        latency_s=es_time + tx_time + ue_time,
+        ue_rx_energy_j=devices_lib.reception_energy(tx_time, ue),
+        ue_energy_j=energy,
+        latency_s=latency,
     )
 
 

@@ -4,7 +4,8 @@ Two ways to send real-valued features, both pure and jittable with explicit keys
 
 * **digital** — uniform ``b``-bit quantisation of every feature over the sample's
   [min, max] range (the two float32 range ends travel as side information), sent
-  error-free at the Shannon rate ``B log2(1 + SNR)``; the only distortion is quantisation.
+  error-free at the Shannon rate ``B log2(1 + SNR)`` (``meg_jax.meg.pricing``, with its SNR
+  floor); the only distortion is quantisation.
 * **analog** — the real features of a sample are paired into complex symbols
   (``x[2k] + j x[2k+1]``), normalised to unit average power (the float32 scale travels as
   side information), sent through AWGN or flat (block) Rayleigh fading at the given SNR and
@@ -27,13 +28,14 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
+from meg_jax.meg import pricing
+
 __all__ = [
     "LinkConfig",
     "Payload",
     "FLOAT_BITS",
     "THERMAL_NOISE_DBM_PER_HZ",
     "snr_linear",
-    "shannon_rate",
     "snr_db_from_path_loss",
     "payload",
     "transmission_time",
@@ -65,6 +67,9 @@ class LinkConfig:
     noise_figure_db: float = 7.0  # UE receiver noise figure (5–9 dB typical)
     bits: int = 8  # digital quantisation bits per feature, one of 4, 6, 8
     fading: str = "awgn"  # analog channel: "awgn" or "rayleigh" (flat, one draw per sample)
+    # The Shannon rate is computed at max(SNR, this) (dB): the lowest MCS a real link falls
+    # back to; the environment's ``snr_floor_db`` plays the same part.
+    snr_floor_db: float = pricing.DEFAULT_SNR_FLOOR_DB
 
     def __post_init__(self):
         if self.mode not in _MODES:
@@ -75,6 +80,8 @@ class LinkConfig:
             raise ValueError(f"LinkConfig.bits={self.bits}; choose one of {_BITS}")
         if not self.bandwidth_hz > 0:
             raise ValueError(f"LinkConfig.bandwidth_hz={self.bandwidth_hz}; must be > 0 (Hz)")
+        if math.isnan(self.snr_floor_db) or self.snr_floor_db == math.inf:
+            raise ValueError(f"LinkConfig.snr_floor_db={self.snr_floor_db}; must be a number < inf (dB; -inf: no floor)")
 
 
 @struct.dataclass
@@ -100,11 +107,6 @@ class Payload:
 def snr_linear(snr_db: jax.Array | float) -> jax.Array:
     """dB -> linear power ratio (``+inf`` dB gives ``inf``)."""
     return jnp.power(10.0, jnp.asarray(snr_db, jnp.float32) / 10.0)
-
-
-def shannon_rate(bandwidth_hz: float, snr_db: jax.Array | float) -> jax.Array:
-    """Shannon capacity ``B log2(1 + SNR)`` in bit/s."""
-    return bandwidth_hz * jnp.log2(1.0 + snr_linear(snr_db))
 
 
 def snr_db_from_path_loss(link: LinkConfig, path_loss_db: jax.Array | float) -> jax.Array:
@@ -145,12 +147,13 @@ def payload(link: LinkConfig, num_values: int | jax.Array, map_bits: int | jax.A
 
 
 def transmission_time(link: LinkConfig, load: Payload, snr_db: jax.Array | float) -> jax.Array:
-    """Seconds on the air: digital bits at the Shannon rate plus analog symbols at B symbols/s.
+    """Seconds on the air (``meg_jax.meg.pricing.air_time_s`` at the link's SNR floor).
 
-    Example: 8192 bits at 0 dB over 1 MHz: rate = 1e6 · log2(2) = 1e6 bit/s -> 8.192 ms.
+    Digital bits at the Shannon rate ``B log2(1 + max(SNR, floor))`` plus analog symbols at
+    B symbols/s. Example: 8192 bits at 0 dB over 1 MHz: rate = 1e6 · log2(2) = 1e6 bit/s ->
+    8.192 ms.
     """
-    rate = shannon_rate(link.bandwidth_hz, snr_db)
-    return load.total_bits / rate + load.data_symbols / link.bandwidth_hz
+    return pricing.air_time_s(load.total_bits, load.data_symbols, link.bandwidth_hz, snr_db, link.snr_floor_db)
 
 
 # ----------------------------------------------------------------------------- digital

@@ -10,7 +10,9 @@
    destination per 2×2 cell, similarity on the latent itself);
 3. **link**: the merged tokens go through the digital or analog link
    (``meg_jax.meg.link``); the merge map travels as error-free side information;
-4. **UE**: unmerge, divide by the latent scale, VAE decode -> images in [-1, 1].
+4. **UE**: unmerge, divide by the latent scale, VAE decode, clip -> images in [-1, 1]
+   (:func:`decode_latents` is ``meg_jax.distill.decode_latents``, the one decode convention
+   of the project, so calibration and backbone evaluation score the same images).
 
 It returns the images and the :class:`~meg_jax.meg.costs.Costs` of the request under a cost
 preset. The whole path is one jitted function per static ``(K, r, link)``, cached by
@@ -31,6 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from meg_jax.backbone import schedules, tome
+from meg_jax.distill import decode_latents  # the one decode: UE VAE decoder, clipped to [-1, 1]
 from meg_jax.meg import costs as costs_lib
 from meg_jax.meg import link as link_lib
 from meg_jax.meg.link import LinkConfig
@@ -152,13 +155,6 @@ def transmit_latents(
     merged, plan = merge_for_transmission(latents, merge_ratio)
     received = link_lib.transmit_features(merged, link, snr_db, key)
     return tome.unmerge(received, plan).reshape(b, h, w, c)
-
-
-def decode_latents(backbone: Any, latents: jax.Array) -> jax.Array:
-    """UE: scaled latents ``[B, h, w, C]`` -> images ``[B, H, W, 3]`` (about [-1, 1])."""
-    _, _, vae = _modules(backbone)
-    z = latents / backbone.config.latent_scaling_factor
-    return vae.apply(backbone.vae, z, method="decode")
 
 
 @functools.partial(jax.jit, static_argnames=("steps", "merge_ratio", "link"))

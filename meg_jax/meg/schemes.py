@@ -32,7 +32,7 @@ from flax import struct
 
 from meg_jax import metrics
 from meg_jax.meg import costs as costs_lib
-from meg_jax.meg import pipeline
+from meg_jax.meg import pipeline, pricing
 from meg_jax.meg.link import LinkConfig
 
 __all__ = [
@@ -242,13 +242,13 @@ def meg(
 
 
 def price(artifact: Any, snr_db: float, *, steps_index: int | None = None, ratio_index: int | None = None,
-          scheme: str | None = None) -> tuple[float, float]:
+          scheme: str | None = None, snr_floor_db: float = pricing.DEFAULT_SNR_FLOOR_DB) -> tuple[float, float]:
     """Latency (s) and UE energy (J) at ``snr_db`` by the artifact's own pricing formula.
 
     Give either ``steps_index`` and ``ratio_index`` (an MEG action on the artifact's grid) or
-    ``scheme`` (a conventional scheme stored in the artifact).
+    ``scheme`` (a conventional scheme stored in the artifact). The rate is
+    ``meg_jax.meg.pricing``'s, at max(``snr_db``, ``snr_floor_db``), as the environment prices.
     """
-    rate = artifact.bandwidth_hz * np.log2(1.0 + 10.0 ** (snr_db / 10.0))
     if scheme is not None:
         s = artifact.conventional_schemes[scheme]
         mode = s.link_mode
@@ -261,13 +261,10 @@ def price(artifact: Any, snr_db: float, *, steps_index: int | None = None, ratio
         side = artifact.side_info_bits[ratio_index]
         ue_t = artifact.ue_compute_time_s[ratio_index]
         ue_e = artifact.ue_compute_energy_j[ratio_index]
-    if mode == "none":
-        t_tx = 0.0
-    elif mode == "analog":
-        t_tx = payload / artifact.bandwidth_hz + side / rate
-    else:
-        t_tx = (payload + side) / rate
-    return float(es + t_tx + ue_t), float(ue_e + artifact.ue_receive_power_w * t_tx)
+    f32 = lambda v: jnp.asarray(v, jnp.float32)  # noqa: E731  (the environment's dtype)
+    t_tx = pricing.artifact_air_time_s(f32(payload), f32(side), f32(artifact.bandwidth_hz), snr_db, snr_floor_db, mode)
+    lat, energy = pricing.request_costs(f32(es), t_tx, f32(ue_t), f32(ue_e), f32(artifact.ue_receive_power_w))
+    return float(lat), float(energy)
 
 
 def comparison_rows(artifact: Any, snr_db: float, accuracy_floor: float,
