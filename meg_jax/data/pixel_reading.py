@@ -12,7 +12,8 @@ quality reading can stand beside the classifier's:
 * **foreground**: pixels whose nearest palette colour is not the background's. The palette is
   the 8 corners of the RGB cube, so "nearest" is the sign of each channel and the threshold
   between two colours is the midpoint of every channel (0 in the [-1, 1] range).
-* **color**: the palette colour nearest to the per-channel median of the foreground pixels.
+* **color**: the palette colour nearest to the per-channel median of the foreground pixels
+  (for cube corners: the majority sign of each channel).
 * **coverage** of each pixel: its distance from the background colour as a fraction of the
   shape colour's, ``a = |p - bg| / |fg - bg|`` (exactly the renderer's anti-aliasing coverage
   for a rendered image), then clipped robustly ``w = clip((a - t) / (1 - 2 t), 0, 1)`` with
@@ -23,21 +24,27 @@ quality reading can stand beside the classifier's:
 * **position** from the centroid ``sum w (i + 0.5) / A``: the third it lies in, per axis (the
   shape's centre, which is its centroid for all four shapes, always stays a quarter of a
   third inside its third).
-* **shape** from three scale-invariant moments about the centroid, with ``x`` right and
-  ``y`` up, ``z = x + i y``:
+* **shape** from scale-invariant moments about the centroid, with ``x`` right and ``y`` up,
+  ``z = x + i y``:
 
-  - ``spread = sum w |z|^2 / A^2`` (Hu's first invariant): 1 / (2 pi) = 0.159 for a disc,
-    the minimum of any shape; 1/6 = 0.167 square; sqrt(3)/9 = 0.192 triangle; 0.193 cross.
   - ``tri = Im sum w z^3 / A^(5/2)``, the 3-fold harmonic: 0 for the three centrally
     symmetric shapes, -0.0675 for the renderer's apex-up triangle (an apex-down one gives
-    +0.0675 and reads as no triangle).
+    +0.0675 and does not read as a triangle).
   - ``quad = Re sum w z^4 / A^3``, the 4-fold harmonic: 0 for a disc and for a triangle
     (3-fold symmetric), -1/60 for an axis-aligned square (mass on the diagonals), +0.0313
     for the cross (mass on the axes).
+  - ``spread = sum w |z|^2 / A^2`` (Hu's first invariant) is measured and reported but not
+    used: 1 / (2 pi) for a disc, 1/6 square, sqrt(3)/9 triangle, 0.193 cross, but it also
+    grows with a soft edge (a blurred disc reaches a triangle's value), so it cannot tell
+    a blob from a shape.
 
-  The shape read is the nearest of the four noise-free prototypes
+  The shape read is the nearest of the four noise-free prototypes in (tri, quad)
   (:func:`shape_prototypes`, computed from the renderer's own signed distance functions at
-  high resolution), each feature measured in units of :data:`SHAPE_FEATURE_SCALE`.
+  high resolution), each feature in units of its largest prototype value. Circle, square and
+  cross lie on the quad axis, so their boundaries are the midpoints (-1/120 and +0.0157)
+  whatever the units; the units set only the triangle's boundary. A shape that lost its
+  corners, arms or apex (blurred, drawn as a blob) has both harmonics near 0 and reads
+  "circle", which is wrong unless a circle was asked for: the reading is strict.
 
 Everything is jittable and vectorised over the batch; :func:`read_attributes` returns the
 class indices by attribute name, like the classifier's argmax, and :func:`reading_accuracy`
@@ -63,7 +70,6 @@ from meg_jax.data.shapes import ATTRIBUTE_NAMES, COLOR_RGB, ShapesConfig
 __all__ = [
     "COVERAGE_FLOOR",
     "MIN_AREA_FRACTION",
-    "SHAPE_FEATURE_SCALE",
     "PixelReading",
     "shape_areas",
     "size_area_threshold",
@@ -78,12 +84,6 @@ __all__ = [
 COVERAGE_FLOOR = 0.25
 # A foreground smaller than this fraction of the smallest small shape's area is no shape.
 MIN_AREA_FRACTION = 0.25
-# Units of the shape features (spread, tri, quad) in the nearest-prototype rule: about a
-# quarter of the smallest gap between two prototypes along each feature (spread: circle
-# 0.159 vs square 0.167; tri: 0 vs triangle 0.0675; quad: 0 vs square -0.0167), so each
-# feature separates the pairs it is there for and pixel noise of 32 x 32 images (measured
-# spread of rendered small shapes: see tests/test_pixel_reading.py) stays well within them.
-SHAPE_FEATURE_SCALE = (0.004, 0.015, 0.005)
 
 
 @struct.dataclass
@@ -142,6 +142,19 @@ def size_area_threshold(config: ShapesConfig = ShapesConfig()) -> float:
     return float(math.sqrt(small.max() * large.min()))
 
 
+# Index into COLORS of each corner of the cube, by its sign code (see _sign_code).
+_SIGN_CODES = (COLOR_RGB[:, 0] > 0) * 4 + (COLOR_RGB[:, 1] > 0) * 2 + (COLOR_RGB[:, 2] > 0)
+if sorted(_SIGN_CODES.tolist()) != list(range(8)) or not np.all(np.abs(COLOR_RGB) == 1.0):
+    raise ImportError("pixel_reading assumes COLORS are the 8 corners of the RGB cube in [-1, 1]")
+_COLOR_OF_SIGNS = np.argsort(_SIGN_CODES).astype(np.int32)
+
+
+def _sign_code(positive: jax.Array) -> jax.Array:
+    """Sign code ``4 r + 2 g + b`` of ``positive`` [..., 3] bool (channel > 0): [...] int32."""
+    weights = jnp.asarray([4, 2, 1], jnp.int32)
+    return jnp.sum(positive.astype(jnp.int32) * weights, axis=-1)
+
+
 def _moment_features(weights: jax.Array, y: jax.Array, x: jax.Array) -> tuple[jax.Array, ...]:
     """(area, centroid y, centroid x, spread, tri, quad) of coverage ``weights`` [..., H, W].
 
@@ -178,9 +191,11 @@ def shape_prototypes(resolution: int = 512) -> np.ndarray:
     coords = np.arange(resolution, dtype=np.float32) + 0.5 - resolution / 2.0
     dy, dx = np.meshgrid(coords, coords, indexing="ij")
     radius = np.float32(0.4 * resolution)
-    distances = shapes._signed_distances(jnp.asarray(dy), jnp.asarray(dx), jnp.asarray(radius))
-    coverage = jnp.clip(0.5 - distances, 0.0, 1.0)  # [NUM_SHAPES, H, W], the renderer's ramp
-    _, _, _, spread, tri, quad = _moment_features(coverage, jnp.asarray(-dy), jnp.asarray(dx))
+    # Concrete values even when first called while a reader is being traced under jit.
+    with jax.ensure_compile_time_eval():
+        distances = shapes._signed_distances(jnp.asarray(dy), jnp.asarray(dx), jnp.asarray(radius))
+        coverage = jnp.clip(0.5 - distances, 0.0, 1.0)  # [NUM_SHAPES, H, W], the renderer's ramp
+        _, _, _, spread, tri, quad = _moment_features(coverage, jnp.asarray(-dy), jnp.asarray(dx))
     return np.stack([np.asarray(spread), np.asarray(tri), np.asarray(quad)], axis=-1).astype(np.float32)
 
 
@@ -205,8 +220,10 @@ def read_pixels(images: jax.Array, config: ShapesConfig = ShapesConfig()) -> Pix
     images = images.astype(jnp.float32)
     palette = jnp.asarray(COLOR_RGB)  # [C, 3]
     num_colors = palette.shape[0]
-    # Nearest palette colour of every pixel: [B, H, W].
-    labels = jnp.argmin(jnp.sum((images[..., None, :] - palette) ** 2, axis=-1), axis=-1)
+    # The palette is the cube's corners, so a pixel's nearest palette colour is the sign of
+    # each channel (the Voronoi boundaries are the planes channel = 0): [B, H, W].
+    positive = images > 0.0
+    labels = jnp.asarray(_COLOR_OF_SIGNS)[_sign_code(positive)]
 
     border = jnp.concatenate(
         [labels[:, 0, :], labels[:, -1, :], labels[:, 1:-1, 0], labels[:, 1:-1, -1]], axis=-1
@@ -215,11 +232,13 @@ def read_pixels(images: jax.Array, config: ShapesConfig = ShapesConfig()) -> Pix
     background = jnp.argmax(votes, axis=-1).astype(jnp.int32)  # ties: the lower index
 
     foreground = labels != background[:, None, None]  # [B, H, W]
-    masked = jnp.where(foreground[..., None], images, jnp.nan)
-    median = jnp.nanmedian(masked.reshape(masked.shape[0], -1, 3), axis=1)  # [B, 3], nan if empty
-    any_fg = jnp.any(foreground, axis=(1, 2))
-    median = jnp.where(any_fg[:, None], median, 0.0)
-    color = jnp.argmin(jnp.sum((median[:, None, :] - palette) ** 2, axis=-1), axis=-1).astype(jnp.int32)
+    count = jnp.sum(foreground, axis=(1, 2))  # [B]
+    # Per channel, the median of the foreground is > 0 iff more than half of its pixels are,
+    # so the palette colour nearest the median is the channel-wise majority sign (the same
+    # thing as a sort-based median, without the sort).
+    above = jnp.sum(foreground[..., None] & positive, axis=(1, 2))  # [B, 3]
+    color = jnp.asarray(_COLOR_OF_SIGNS)[_sign_code(2 * above > count[:, None])].astype(jnp.int32)
+    any_fg = count > 0
 
     bg_rgb = palette[background][:, None, None, :]
     fg_rgb = palette[color][:, None, None, :]
@@ -252,10 +271,12 @@ def classify_reading(reading: PixelReading, config: ShapesConfig = ShapesConfig(
     size = (reading.area > size_area_threshold(config)).astype(jnp.int32)
     third = jnp.clip(jnp.floor(reading.centroid * 3.0 / s), 0, 2).astype(jnp.int32)  # [B, 2]
     position = third[:, 0] * 3 + third[:, 1]
-    features = jnp.stack([reading.spread, reading.tri, reading.quad], axis=-1)  # [B, 3]
-    prototypes = jnp.asarray(shape_prototypes())
-    scale = jnp.asarray(SHAPE_FEATURE_SCALE, jnp.float32)
-    distance = jnp.sum(((features[:, None, :] - prototypes) / scale) ** 2, axis=-1)  # [B, NUM_SHAPES]
+    # Nearest prototype in (tri, quad), each in units of its largest prototype value (the
+    # triangle's |tri|, the cross's quad): see the module docstring.
+    features = jnp.stack([reading.tri, reading.quad], axis=-1)  # [B, 2]
+    prototypes = shape_prototypes()[:, 1:]  # [NUM_SHAPES, 2]
+    scale = jnp.asarray(np.abs(prototypes).max(axis=0))
+    distance = jnp.sum(((features[:, None, :] - jnp.asarray(prototypes)) / scale) ** 2, axis=-1)
     shape = jnp.argmin(distance, axis=-1).astype(jnp.int32)
     unread = jnp.int32(-1)
     return {
