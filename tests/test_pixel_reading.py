@@ -112,8 +112,9 @@ def test_small_shapes_melted_into_blobs_read_wrong(shape):
     sharp = _read(_paint(attrs, _blob(coverage, 0.5)))  # barely softened: still the shape
     blob = _read(_paint(attrs, _blob(coverage, 1.5)))  # see the module docstring of pixel_reading
     assert float(jnp.mean(sharp["shape"] == shape)) >= 0.99
-    # Measured (seeded): square 0.91, triangle 1.00, cross 1.00 read as something else, nearly
-    # all "circle"; the shipped attribute classifier reads 0 % / 38 % / 99 % of them as named.
+    # Measured (seeded): square 0.91, triangle 1.00, cross 1.00 read as something else, all
+    # "circle"; the shipped attribute classifier reads about 0 % / 38 % / 99 % of such blobs
+    # as the named shape (docs/quality_readings.md).
     assert float(jnp.mean(blob["shape"] != shape)) >= 0.85
     # Only the shape is lost: colour, background and position still read right.
     for name in ("color", "background", "position"):
