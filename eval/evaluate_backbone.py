@@ -263,11 +263,13 @@ def draw_grid(samples: dict, path: str, num_prompts: int = 6) -> None:
 
 
 def draw_disagreements(samples: dict, path: str, rows: Sequence[str] = ("student K=1", "student K=4",
-                       "teacher DDIM-50"), per_row: int = 10) -> None:
+                       "teacher DDIM-50"), per_row: int = 10, crop: int = 16) -> None:
     """PNG grid of images the pixel reading and the classifier disagree on (shape or colour).
 
-    One figure row per generated row: the first ``per_row`` disagreements, each titled with
-    the prompt's size and shape and what each reading says (P: pixel, C: classifier).
+    One figure row per generated row: the first ``per_row`` disagreements, each cropped to
+    ``crop`` x ``crop`` pixels around the middle of the prompt's third (small shapes are 6
+    pixels across) and titled with the prompt's size, colour and shape and what each reading
+    says (P: pixel, C: classifier).
     """
     import matplotlib
 
@@ -292,7 +294,12 @@ def draw_disagreements(samples: dict, path: str, rows: Sequence[str] = ("student
                 ax.axis("off")
                 continue
             i = differ[j]
-            ax.imshow(np.clip((samples["images"][name][i] + 1.0) / 2.0, 0.0, 1.0), interpolation="nearest")
+            image = samples["images"][name][i]
+            side = image.shape[0]
+            middle = (np.array(divmod(int(truth["position"][i]), 3)) + 0.5) * side / 3.0
+            top, left = np.clip(np.round(middle - crop / 2.0).astype(int), 0, side - crop)
+            window = image[top:top + crop, left:left + crop]
+            ax.imshow(np.clip((window + 1.0) / 2.0, 0.0, 1.0), interpolation="nearest")
             size = "small" if truth["size"][i] == 0 else "large"
             ax.set_title(f"#{i} {size} {COLORS[truth['color'][i]]}\n{SHAPES[truth['shape'][i]]}\n"
                          f"P: {word(COLORS, pix['color'][i])} {word(SHAPES, pix['shape'][i])}\n"

@@ -75,3 +75,22 @@ def test_quality_table_puts_the_pixel_reading_beside_the_classifier():
         "all large": "0.880", "size": "0.990", "color": "0.950", "shape": "0.660", "shape small": "0.370",
         "shape large": "0.900", "position": "0.996", "background": "1.000"}
     assert "Pixel reading of the VAE reconstructions: shape accuracy 0.990 (small) / 1.000 (large)." in table
+
+
+def test_disagreement_grid_draws_only_the_images_the_readings_disagree_on(tmp_path, monkeypatch):
+    truth = {"size": np.array([0, 1, 0]), "color": np.array([0, 1, 2]), "shape": np.array([1, 2, 3]),
+             "position": np.array([0, 4, 8]), "background": np.array([3, 3, 3])}
+    pixel = {**truth, "shape": np.array([0, 2, -1])}  # disagree on samples 0 and 2
+    images = np.linspace(-1, 1, 3 * 32 * 32 * 3, dtype=np.float32).reshape(3, 32, 32, 3)
+    samples = {"truth": truth, "images": {"student K=1": images},
+               "readings": {"pixel": {"student K=1": pixel}, "classifier": {"student K=1": truth}}}
+    drawn = []
+    import matplotlib.axes
+
+    monkeypatch.setattr(matplotlib.axes.Axes, "imshow", lambda self, x, **kw: drawn.append(x))
+    eb.draw_disagreements(samples, str(tmp_path / "d.png"), rows=("student K=1",), per_row=3)
+    assert (tmp_path / "d.png").read_bytes()[:4] == b"\x89PNG"
+    # Sample 0 (top left third) cropped at the corner; sample 2 (bottom right) at the far corner.
+    assert len(drawn) == 2 and drawn[0].shape == (16, 16, 3)
+    np.testing.assert_allclose(drawn[0], (images[0, :16, :16] + 1) / 2)
+    np.testing.assert_allclose(drawn[1], (images[2, 16:, 16:] + 1) / 2)
