@@ -263,7 +263,7 @@ def draw_grid(samples: dict, path: str, num_prompts: int = 6) -> None:
 
 
 def draw_disagreements(samples: dict, path: str, rows: Sequence[str] = ("student K=1", "student K=4",
-                       "teacher DDIM-50"), per_row: int = 10, crop: int = 16) -> None:
+                       "teacher DDIM-50"), per_row: int = 12, crop: int = 16) -> None:
     """PNG grid of images the pixel reading and the classifier disagree on (shape or colour).
 
     One figure row per generated row: the first ``per_row`` disagreements, each cropped to

@@ -136,7 +136,7 @@ def test_a_small_square_rounded_towards_a_circle_stops_reading_square(corner):
     distance = np.hypot(np.maximum(qy, 0), np.maximum(qx, 0)) + np.minimum(np.maximum(qy, qx), 0) - rho
     reading = _read(_paint(attrs, np.clip(0.5 - distance, 0.0, 1.0)))
     square = float(jnp.mean(reading["shape"] == 1))
-    # Measured: 1.00, 1.00, 0.08, 0.00 read "square" (the rest "circle"); the quad harmonic
+    # Measured: 1.00, 1.00, 0.07, 0.00 read "square" (the rest "circle"); the quad harmonic
     # falls from -1/60 to 0 as the corners round, crossing the midpoint near corner = 0.7.
     assert square >= 0.99 if corner <= 0.5 else square <= 0.2
 

@@ -65,7 +65,7 @@ import numpy as np
 from flax import struct
 
 from meg_jax.data import shapes
-from meg_jax.data.shapes import ATTRIBUTE_NAMES, COLOR_RGB, ShapesConfig
+from meg_jax.data.shapes import COLOR_RGB, ShapesConfig
 
 __all__ = [
     "COVERAGE_FLOOR",
