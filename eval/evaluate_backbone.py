@@ -9,8 +9,11 @@ attribute classifier (``acc all``: every one of the five attributes right; ``acc
 mean over the five attributes), PSNR and SSIM against the teacher's guided 50-step DDIM
 sample decoded to pixels, Fréchet distance of classifier features to the real images of
 the same prompts, and generation throughput (text encoding + sampling + VAE decoding,
-images/s, after compilation, on this machine). Writes ``quality.md`` and
-``distill_grid.png`` (prompts × rows) to ``--out``.
+images/s, after compilation, on this machine). A second table reads the same images
+analytically from pixels (``meg_jax.data.pixel_reading``: palette colours, area, centroid,
+moment harmonics; nothing learnt), beside the classifier's all-five accuracy. Writes
+``quality.md``, ``distill_grid.png`` (prompts × rows) and ``reading_disagreements.png``
+(images the two readings disagree on) to ``--out``.
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ import tyro
 
 from meg_jax import config as config_lib
 
-__all__ = ["main", "load", "evaluate", "quality_table", "draw_grid"]
+__all__ = ["main", "load", "evaluate", "quality_table", "draw_grid", "pixel_scores", "draw_disagreements"]
 
 STEP_COUNTS = (1, 2, 4, 8)
 
@@ -61,6 +64,7 @@ def evaluate(bb, num: int = 512, seed: int = 20261126, chunk: int = 128) -> tupl
     """
     from meg_jax import distill, metrics
     from meg_jax.data import classifier as clf
+    from meg_jax.data import pixel_reading
     from meg_jax.data.shapes import prompt_of, sample_batch
 
     if num % chunk:
@@ -75,6 +79,9 @@ def evaluate(bb, num: int = 512, seed: int = 20261126, chunk: int = 128) -> tupl
         logits = clf.AttributeClassifier(ccfg).apply(bb.classifier, images)
         feats = clf.AttributeClassifier(ccfg).apply(bb.classifier, images, method="features")
         return logits, feats
+
+    read = jax.jit(lambda images: pixel_reading.read_attributes(images, ccfg.data))
+    readings: dict[str, dict] = {"pixel": {}, "classifier": {}}
 
     def run(model: str, k: int) -> tuple[np.ndarray, float]:
         def gen(i: int) -> jax.Array:
@@ -114,16 +121,45 @@ def evaluate(bb, num: int = 512, seed: int = 20261126, chunk: int = 128) -> tupl
             "acc_shape_small": acc_small,
             "acc_shape_large": acc_large,
         })
-        print(f"{name:18s} acc_all {acc['all']:.3f} psnr {rows[-1]['psnr']:.2f} "
+        pixel = {n: np.asarray(v) for n, v in read(jnp.asarray(x)).items()}
+        rows[-1].update(pixel_scores(pixel, attrs))
+        readings["pixel"][name] = pixel
+        readings["classifier"][name] = {n: np.asarray(jnp.argmax(v, axis=-1)) for n, v in logits.items()}
+        print(f"{name:18s} acc_all {acc['all']:.3f} pixel {rows[-1]['pix_all']:.3f} psnr {rows[-1]['psnr']:.2f} "
               f"({time.strftime('%H:%M:%S')})", flush=True)
     prompts = prompt_of(attrs)
     recon = vae_reconstructions(bb, real, chunk)
     small, large = shape_accuracy_by_size(score(recon)[0], attrs)
     extra = {"vae_psnr": float(jnp.mean(metrics.psnr(recon, real))), "vae_shape_small": small,
              "vae_shape_large": large}
+    vae_pixel = pixel_scores({n: np.asarray(v) for n, v in read(recon).items()}, attrs)
+    extra["vae_pixel_shape"] = (vae_pixel["pix_shape_small"], vae_pixel["pix_shape_large"])
     print(f"VAE reconstruction PSNR {extra['vae_psnr']:.2f} dB, shape accuracy small {small:.3f} "
           f"large {large:.3f}", flush=True)
-    return rows, {"images": images, "prompts": prompts, "real": np.asarray(real), **extra}
+    truth = {n: np.asarray(getattr(attrs, n)) for n in ("size", "color", "shape", "position", "background")}
+    return rows, {"images": images, "prompts": prompts, "real": np.asarray(real), "truth": truth,
+                  "readings": readings, **extra}
+
+
+def pixel_scores(reading: dict, attrs) -> dict[str, float]:
+    """Accuracy of a pixel reading (``meg_jax.data.pixel_reading.read_attributes``) as row keys.
+
+    Returns:
+      ``pix_<attribute>`` and ``pix_all`` over every sample, ``pix_shape_small`` /
+      ``pix_shape_large`` and ``pix_all_small`` / ``pix_all_large`` over the small and the
+      large shapes apart.
+    """
+    from meg_jax.data import pixel_reading
+
+    acc = {f"pix_{n}": float(v) for n, v in pixel_reading.reading_accuracy(reading, attrs).items()}
+    small = np.asarray(attrs.size) == 0
+    for part, mask in (("small", small), ("large", ~small)):
+        sub = {n: np.asarray(v)[mask] for n, v in reading.items()}
+        truth = {n: np.asarray(getattr(attrs, n))[mask] for n in reading}
+        part_acc = pixel_reading.reading_accuracy(sub, truth) if mask.any() else {"shape": np.nan, "all": np.nan}
+        acc[f"pix_shape_{part}"] = float(part_acc["shape"])
+        acc[f"pix_all_{part}"] = float(part_acc["all"])
+    return acc
 
 
 def shape_accuracy_by_size(logits: dict, attrs) -> tuple[float, float]:
@@ -155,9 +191,11 @@ def vae_reconstructions(bb, images: jax.Array, chunk: int = 128) -> jax.Array:
 
 
 def quality_table(rows: list[dict], num: int, vae_psnr: float | None = None,
-                  vae_shape: tuple[float, float] | None = None) -> str:
+                  vae_shape: tuple[float, float] | None = None,
+                  vae_pixel_shape: tuple[float, float] | None = None) -> str:
     """Markdown table of the rows, and what the VAE's reconstructions of the real images score
-    (PSNR; shape accuracy of small and of large shapes, the ceiling of any generated row)."""
+    (PSNR; shape accuracy of small and of large shapes, the ceiling of any generated row).
+    Rows with ``pix_*`` keys (:func:`pixel_scores`) add a second table: the pixel reading."""
     lines = [
         f"Quality on {num} fresh prompts (same noise every row); PSNR/SSIM vs the teacher's "
         "guided DDIM-50 sample; FD: Fréchet distance of classifier features to the real images.",
@@ -179,6 +217,27 @@ def quality_table(rows: list[dict], num: int, vae_psnr: float | None = None,
         if vae_shape is not None:
             parts.append(f"shape accuracy {vae_shape[0]:.3f} (small) / {vae_shape[1]:.3f} (large)")
         lines += ["", f"VAE reconstruction of the {num} real images: {', '.join(parts)}."]
+    pixel_rows = [r for r in rows if "pix_all" in r]
+    if pixel_rows:
+        lines += [
+            "",
+            "Pixel reading of the same images (`meg_jax.data.pixel_reading`: analytic, nothing "
+            "learnt), beside the classifier's all-five accuracy:",
+            "",
+            "| row | pixel all | classifier all | all small | all large | size | color | shape "
+            "| shape small | shape large | position | background |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        ]
+        for r in pixel_rows:
+            lines.append(
+                f"| {r['row']} | {r['pix_all']:.3f} | {r['acc_all']:.3f} | {r['pix_all_small']:.3f} | "
+                f"{r['pix_all_large']:.3f} | {r['pix_size']:.3f} | {r['pix_color']:.3f} | {r['pix_shape']:.3f} | "
+                f"{r['pix_shape_small']:.3f} | {r['pix_shape_large']:.3f} | {r['pix_position']:.3f} | "
+                f"{r['pix_background']:.3f} |"
+            )
+        if vae_pixel_shape is not None:
+            lines += ["", f"Pixel reading of the VAE reconstructions: shape accuracy {vae_pixel_shape[0]:.3f} "
+                      f"(small) / {vae_pixel_shape[1]:.3f} (large)."]
     return "\n".join(lines) + "\n"
 
 
@@ -206,6 +265,54 @@ def draw_grid(samples: dict, path: str, num_prompts: int = 6) -> None:
     plt.close(fig)
 
 
+def draw_disagreements(samples: dict, path: str, rows: Sequence[str] = ("student K=1", "student K=4",
+                       "teacher DDIM-50"), per_row: int = 12, crop: int = 16) -> None:
+    """PNG grid of images the pixel reading and the classifier disagree on (shape or colour).
+
+    One figure row per generated row: the first ``per_row`` disagreements, each cropped to
+    ``crop`` x ``crop`` pixels around the middle of the prompt's third (small shapes are 6
+    pixels across) and titled with the prompt's size, colour and shape and what each reading
+    says (P: pixel, C: classifier).
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from meg_jax.data.shapes import COLORS, SHAPES
+
+    def word(names, i):
+        return names[i] if i >= 0 else "-"
+
+    fig, axes = plt.subplots(len(rows), per_row, figsize=(1.45 * per_row, 1.9 * len(rows)), squeeze=False)
+    truth = samples["truth"]
+    for r, name in enumerate(rows):
+        pix, cls = samples["readings"]["pixel"][name], samples["readings"]["classifier"][name]
+        differ = np.flatnonzero((pix["shape"] != cls["shape"]) | (pix["color"] != cls["color"]))
+        for j in range(per_row):
+            ax = axes[r, j]
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if j >= differ.size:
+                ax.axis("off")
+                continue
+            i = differ[j]
+            image = samples["images"][name][i]
+            side = image.shape[0]
+            middle = (np.array(divmod(int(truth["position"][i]), 3)) + 0.5) * side / 3.0
+            top, left = np.clip(np.round(middle - crop / 2.0).astype(int), 0, side - crop)
+            window = image[top:top + crop, left:left + crop]
+            ax.imshow(np.clip((window + 1.0) / 2.0, 0.0, 1.0), interpolation="nearest")
+            size = "small" if truth["size"][i] == 0 else "large"
+            ax.set_title(f"#{i} {size} {COLORS[truth['color'][i]]}\n{SHAPES[truth['shape'][i]]}\n"
+                         f"P: {word(COLORS, pix['color'][i])} {word(SHAPES, pix['shape'][i])}\n"
+                         f"C: {COLORS[cls['color'][i]]} {SHAPES[cls['shape'][i]]}", fontsize=5.5)
+        axes[r, 0].set_ylabel(f"{name}\n({differ.size} disagree)", fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=130)
+    plt.close(fig)
+
+
 @dataclasses.dataclass(frozen=True)
 class Args:
     """Flags of ``python -m eval.evaluate_backbone``."""
@@ -222,13 +329,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     bb = load(args.path)
     rows, samples = evaluate(bb, args.num, args.seed)
     table = quality_table(rows, args.num, samples["vae_psnr"],
-                          (samples["vae_shape_small"], samples["vae_shape_large"]))
+                          (samples["vae_shape_small"], samples["vae_shape_large"]), samples["vae_pixel_shape"])
     print(table)
     out = args.out or args.path
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, "quality.md"), "w") as f:
         f.write(f"Device: {jax.devices()[0].platform} ({jax.device_count()} device(s))\n\n" + table)
     draw_grid(samples, os.path.join(out, "distill_grid.png"))
+    draw_disagreements(samples, os.path.join(out, "reading_disagreements.png"))
     return 0
 
 
