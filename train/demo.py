@@ -303,6 +303,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     bar.update(1)
     bar.close()
     sys.stdout.write("\n" + report.format_summary_table(results["comparisons"][0]) + "\n\n")  # the result: stdout
+    sys.stdout.write(f"report: {path}\n")
     log.info("demo finished in %.0f s (CPU time %.0f s, load average %.1f on %d CPUs); report: %s",
              time.time() - t_start, time.process_time() - cpu_start, os.getloadavg()[0], os.cpu_count(), path)
     return 0
