@@ -15,6 +15,7 @@ from typing import Any, Mapping, Optional
 
 import numpy as np
 
+from meg_jax.meg import pricing
 from meg_jax.rl.baselines import pick_action, fixed_policies, reference_policies
 from meg_jax.rl.evaluate import Rollout, summarise
 
@@ -31,7 +32,7 @@ __all__ = [
 def conventional_schemes(artifact: Any, params: Any, snr_db: np.ndarray, task_class: np.ndarray) -> dict[str, dict[str, np.ndarray]]:
     """Per-request quality, latency and UE energy of the artifact's conventional schemes.
 
-    Priced exactly as the environment prices an action (``meg_jax.meg.artifact``): Shannon
+    Priced by the environment's own pricing functions (``meg_jax.meg.pricing``): Shannon
     rate at max(SNR, floor); ``digital`` sends payload + side bits at that rate, ``analog``
     one symbol per Hz·s plus the side bits at that rate, ``none`` sends nothing. Quality is
     the scheme's calibrated accuracy/PSNR at the (clamped) SNR, mixed like the reward.
@@ -48,28 +49,25 @@ def conventional_schemes(artifact: Any, params: Any, snr_db: np.ndarray, task_cl
     cls = np.asarray(task_class, np.int64)
     bandwidth = float(params.bandwidth_hz)
     floor = float(params.snr_floor_db)
-    rate = bandwidth * np.log2(1.0 + 10.0 ** (np.maximum(snr, floor) / 10.0))
     grid = np.asarray(artifact.snr_db, np.float64)
     clamped = np.clip(snr, grid[0], grid[-1])
     w = float(params.reward_psnr_weight)
     scale = float(params.psnr_scale_db)
     out = {}
     for name, s in artifact.conventional_schemes.items():
-        if s.link_mode == "digital":
-            t_tx = (s.payload + s.side_info_bits) / rate
-        elif s.link_mode == "analog":
-            t_tx = s.payload / bandwidth + s.side_info_bits / rate
-        else:
-            t_tx = np.zeros_like(snr)
+        t_tx = np.asarray(pricing.artifact_air_time_s(s.payload, s.side_info_bits, bandwidth, snr, floor, s.link_mode),
+                          np.float64)
         acc = np.stack([np.interp(clamped, grid, s.accuracy[:, c]) for c in range(s.accuracy.shape[1])], -1)
         psnr = np.stack([np.interp(clamped, grid, s.psnr[:, c]) for c in range(s.psnr.shape[1])], -1)
         acc = np.take_along_axis(acc, cls[..., None], -1)[..., 0]
         psnr = np.take_along_axis(psnr, cls[..., None], -1)[..., 0]
         out[name] = {
             "quality": (1.0 - w) * acc + w * psnr / scale,
-            "latency_s": s.es_compute_time_s + t_tx + s.ue_compute_time_s,
-            "energy_j": s.ue_compute_energy_j + artifact.ue_receive_power_w * t_tx,
         }
+        latency, energy = pricing.request_costs(s.es_compute_time_s, t_tx, s.ue_compute_time_s,
+                                                s.ue_compute_energy_j, artifact.ue_receive_power_w)
+        out[name]["latency_s"] = np.asarray(latency, np.float64)
+        out[name]["energy_j"] = np.asarray(energy, np.float64)
     return out
 
 
