@@ -5,6 +5,10 @@ real pipeline (``meg_jax.meg.pipeline``) and the shipped checkpoints, priced by 
 preset (``meg_jax.meg.costs``), stored as one versioned
 ``meg_jax.meg.artifact.CalibrationArtifact``.
 
+A diffusers pipeline folder (``config.pipeline``, ``meg-jax calibrate --pipeline PATH``) is
+measured by ``meg_jax.meg.calibrate_pipeline`` instead: PSNR/MSE against the pipeline's own
+N_ref-step image, one task class, priced here the same way.
+
 Measurement (:func:`measure`):
 
 * ``prompts_per_class`` prompts of each task class (the shape: circle, square, triangle,
@@ -33,7 +37,7 @@ import datetime
 import hashlib
 import os
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import jax
 import jax.numpy as jnp
@@ -77,6 +81,12 @@ class CalibrationConfig:
     prompts_per_class: int = 128  # prompts per (K, r, SNR, task class) cell: 4 x 128 = 512 per (K, r, SNR)
     batch_size: int = 32  # prompts per jitted call (32 decodes fastest per image on this CPU)
     seed: int = 0  # prompts, noise and channel draws
+    # --- a diffusers pipeline instead of the tiny backbone (meg_jax.meg.calibrate_pipeline) ---
+    pipeline: Optional[str] = None  # pipeline folder (load_pipeline); quality = PSNR/MSE vs its N_ref-step image
+    prompts: Optional[str] = None  # pipeline prompts file, one a line (default: a built-in list); cycled to prompts_per_class
+    reference_steps: int = 50  # pipeline: N_ref, the reference's steps with the same scheduler
+    guidance_scale: float = 7.5  # pipeline: CFG scale (LCM: the guidance embedding's w + 1)
+    timestep_spacing: Optional[str] = None  # pipeline: override the scheduler's spacing (e.g. trailing); None: its own
 
     def validate(self) -> "CalibrationConfig":
         """Raises ``ValueError`` naming the field to change."""
@@ -100,6 +110,12 @@ class CalibrationConfig:
             problems.append(f"snr_db must be >= 2 increasing values, got {self.snr_db}")
         if self.prompts_per_class < 1 or self.batch_size < 1:
             problems.append("prompts_per_class and batch_size must be >= 1")
+        if self.reference_steps < 1:
+            problems.append(f"reference_steps must be >= 1, got {self.reference_steps}")
+        if self.timestep_spacing not in (None, "leading", "trailing", "linspace"):
+            problems.append(f"timestep_spacing must be leading, trailing or linspace, got {self.timestep_spacing!r}")
+        if self.pipeline is None and self.prompts is not None:
+            problems.append("prompts: a prompts file is for --pipeline (the tiny backbone draws its own prompts)")
         if problems:
             raise ValueError("invalid CalibrationConfig:\n  - " + "\n  - ".join(problems))
         return self
@@ -134,6 +150,7 @@ class QualityGrid:
     png_bits_per_pixel: float  # the same per pixel
     task_classes: tuple[str, ...]  # C names
     seconds: float  # wall time of the measurement
+    mse: Optional[np.ndarray] = None  # [K, R, S, C] mean MSE vs the reference ([-1, 1] images; pipelines)
 
 
 def balanced_prompts(key: jax.Array, per_class: int, max_length: int = 16) -> tuple[jax.Array, Any]:
@@ -419,6 +436,8 @@ def build_artifact(
         "quality_source": provenance.get("quality_source", "measured with the backbone named by backbone_checkpoint_hash"),
         "accuracy_definition": "fraction of the 5 prompt attributes the classifier reads right on the 8-bit image",
         "psnr_definition": "PSNR (data range 2) of the 8-bit image vs the teacher's 50-step float image",
+        **{k: provenance[k] for k in ("accuracy_definition", "psnr_definition") if k in provenance},
+        **({"mse": grid.mse.tolist()} if grid.mse is not None else {}),
         "png_bits_per_pixel": grid.png_bits_per_pixel,
         "centralised_image_bits": float(image_bits),
         "not_counted": "ES merge, UE unmerge, prompt uplink, queueing",
@@ -466,11 +485,16 @@ def checkpoint_hash(path: str | os.PathLike) -> str:
 
 
 def artifact_filename(config: CalibrationConfig, cost_preset: str) -> str:
-    """``<preset>.npz`` for the default analog AWGN link, else tagged with the link."""
+    """``<preset>.npz`` for the default analog AWGN link, else tagged with the link.
+
+    A pipeline's artifacts are prefixed with the pipeline folder's name
+    (``<folder>-<preset>.npz``), so they never replace the tiny backbone's.
+    """
+    prefix = "" if config.pipeline is None else os.path.basename(os.path.normpath(config.pipeline)) + "-"
     if config.link_mode == "analog" and config.fading == "awgn":
-        return f"{cost_preset}.npz"
+        return f"{prefix}{cost_preset}.npz"
     tag = f"digital{config.bits}" if config.link_mode == "digital" else f"analog-{config.fading}"
-    return f"{cost_preset}-{tag}.npz"
+    return f"{prefix}{cost_preset}-{tag}.npz"
 
 
 def run(
@@ -491,6 +515,8 @@ def run(
       log: where progress lines go.
     """
     config.validate()
+    if config.pipeline is not None:
+        return _run_pipeline(config, command=command, progress=progress, log=log)
     if backbone is None:
         from meg_jax.checkpoint import load_backbone
 
@@ -518,6 +544,25 @@ def run(
         )
         path = os.path.join(config.out_dir, artifact_filename(config, name))
         art.save(path)
+        paths[name] = path
+        log(f"wrote {path}")
+    return paths
+
+
+def _run_pipeline(config: CalibrationConfig, *, command: str, progress: bool,
+                  log: Callable[[str], None]) -> dict[str, str]:
+    """:func:`run` for ``config.pipeline`` (``meg_jax.meg.calibrate_pipeline``)."""
+    from meg_jax.meg import calibrate_pipeline as cp
+
+    gen = cp.load_generator(config)
+    prompts = cp.read_prompts(config.prompts, config.prompts_per_class)
+    grid = cp.measure_generator(gen, config, prompts, progress=progress, log=log)
+    log(f"measured {len(prompts)} prompts on {grid.psnr.size} cells in {grid.seconds:.0f} s")
+    prov = cp.provenance(gen, config, prompts, command, checkpoint_hash(config.pipeline))
+    paths = {}
+    for name in config.cost_presets:
+        path = os.path.join(config.out_dir, artifact_filename(config, name))
+        build_artifact(grid, config, name, prov).save(path)
         paths[name] = path
         log(f"wrote {path}")
     return paths

@@ -14,6 +14,11 @@
    (:func:`decode_latents` is ``meg_jax.distill.decode_latents``, the one decode convention
    of the project, so calibration and backbone evaluation score the same images).
 
+``generate`` also takes a diffusers pipeline (``meg_jax.backbone.load_pipeline``): the ES
+runs the pipeline's own scheduler for K steps, merging and the link are the same, and the UE
+decodes with the pipeline's VAE, mapped to the same [-1, 1] convention
+(``meg_jax.meg.generator``, the interface both kinds of model provide).
+
 It returns the images and the :class:`~meg_jax.meg.costs.Costs` of the request under a cost
 preset. The whole path is one jitted function per static ``(K, r, link)``, cached by
 ``jax.jit``; the SNR, noise and key are dynamic.
@@ -165,8 +170,11 @@ def _generate_jit(backbone, tokens, noise, snr_db, key, *, steps, merge_ratio, l
     return decode_latents(backbone, received)
 
 
+_transmit_jit = jax.jit(transmit_latents, static_argnames=("merge_ratio", "link"))
+
+
 def generate(
-    backbone: Any,
+    model: Any,
     prompts_or_tokens: Sequence[str] | np.ndarray | jax.Array,
     steps: int,
     merge_ratio: float,
@@ -180,34 +188,51 @@ def generate(
     """Generates images with K ES steps, merge ratio r, over ``link`` at ``snr_db``.
 
     Args:
-      backbone: ``meg_jax.checkpoint.Backbone`` (teacher, student, VAE, text encoder).
-      prompts_or_tokens: B prompts, or token ids ``[B, L]``.
-      steps: K student steps at the ES (static: one compile per K).
+      model: the tiny ``meg_jax.checkpoint.Backbone`` (teacher, student, VAE, text encoder;
+        the whole path is one jitted program), a diffusers pipeline from
+        ``meg_jax.backbone.load_pipeline`` (its scheduler run for K steps; encode, denoise,
+        link and decode are separate jitted programs), or any
+        ``meg_jax.meg.generator.Generator``.
+      prompts_or_tokens: B prompts, or token ids ``[B, L]`` (tiny backbone only).
+      steps: K ES denoising steps (static: one compile per K).
       merge_ratio: r, fraction of latent tokens merged away (static), ``0 <= r <= 0.75``.
       link: the link config (static).
       key: PRNG key for the initial noise (unless ``noise`` is given) and the channel.
       snr_db: receive SNR in dB, scalar or ``[B]``; ``inf`` is a noiseless channel.
       noise: ``[B, h, w, C]`` initial noise, to compare settings on the same noise.
       cost: cost preset (name or :class:`~meg_jax.meg.costs.CostPreset`) that prices the
-        request; its latent grid need not be the backbone's (e.g. price ``sdxl-1024``).
+        request; its latent grid need not be the model's (e.g. price ``sdxl-1024``).
 
     Returns:
-      ``(images [B, H, W, 3], costs)``; every ``Costs`` field is ``[B]``.
+      ``(images [B, H, W, 3] in [-1, 1], costs)``; every ``Costs`` field is ``[B]``.
     """
+    from meg_jax.meg import generator as generator_lib
+
     if not isinstance(steps, int) or steps < 1:
         raise ValueError(f"steps must be an int >= 1, got {steps!r}")
     if not 0.0 <= merge_ratio <= tome.max_ratio():
         raise ValueError(f"merge_ratio must be in [0, {tome.max_ratio()}], got {merge_ratio!r}")
-    tokens = tokenize(backbone, prompts_or_tokens)
-    batch = tokens.shape[0]
+    gen = generator_lib.as_generator(model)
+    is_backbone = isinstance(gen, generator_lib.BackboneGenerator)
+    if is_backbone:
+        prompts_or_tokens = tokenize(gen.backbone, prompts_or_tokens)
+    elif isinstance(prompts_or_tokens, str):
+        prompts_or_tokens = [prompts_or_tokens]
+    batch = len(prompts_or_tokens)
+    shape = gen.latent_shape(batch)
     k_noise, k_channel = jax.random.split(key)
     if noise is None:
-        noise = jax.random.normal(k_noise, _latent_shape(backbone, batch))
-    elif noise.shape != _latent_shape(backbone, batch):
-        raise ValueError(f"noise must have shape {_latent_shape(backbone, batch)}, got {noise.shape}")
+        noise = jax.random.normal(k_noise, shape)
+    elif tuple(noise.shape) != tuple(shape):
+        raise ValueError(f"noise must have shape {tuple(shape)}, got {tuple(noise.shape)}")
     snr = jnp.broadcast_to(jnp.asarray(snr_db, jnp.float32), (batch,))
-    images = _generate_jit(backbone, tokens, noise, snr, k_channel,
-                           steps=steps, merge_ratio=float(merge_ratio), link=link)
+    if is_backbone:
+        images = _generate_jit(gen.backbone, prompts_or_tokens, noise, snr, k_channel,
+                               steps=steps, merge_ratio=float(merge_ratio), link=link)
+    else:
+        latents = gen.es_latents(gen.encode(prompts_or_tokens), noise, steps)
+        received = _transmit_jit(latents, float(merge_ratio), link, snr, k_channel)
+        images = gen.decode(received)
     preset = costs_lib.cost_preset(cost) if isinstance(cost, str) else cost
     return images, costs_lib.meg_costs(preset, link, steps, merge_ratio, snr)
 
