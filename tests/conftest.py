@@ -65,3 +65,52 @@ def tiny_cvpo_runs(tmp_path_factory):
     args, config = cvpo_job.parse_args(["--workdir", str(root / "cvpo"), *TINY_CVPO_RUN])
     cvpo_job.run(config, args.workdir, progress=False, evaluate=False)
     return str(root)
+
+
+# One `meg-jax demo --smoke` run per test session, read by the modules that check its output
+# files (report.md, metrics.json). Under pytest-xdist the workers inherit this folder from the
+# controller (this file runs there first), and a file lock lets the first worker that needs
+# the run make it while the others wait and read it.
+if "MEG_JAX_TESTS_SHARED_DIR" not in os.environ:
+    _shared_dir = tempfile.mkdtemp(prefix="meg_jax_tests_shared_")
+    atexit.register(shutil.rmtree, _shared_dir, ignore_errors=True)
+    os.environ["MEG_JAX_TESTS_SHARED_DIR"] = _shared_dir
+
+_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SHIPPED_BACKBONE = os.path.join(_REPO, "checkpoints", "tiny", "backbone.json")
+SHIPPED_ARTIFACT = os.path.join(_REPO, "checkpoints", "calibration", "tiny.npz")
+
+
+@pytest.fixture(scope="session")
+def demo_smoke_run():
+    """``(workdir, stdout, report.md text, metrics.json dict)`` of one ``meg-jax demo --smoke``
+    on the shipped checkpoints (read-only for tests)."""
+    import contextlib
+    import io
+    import json
+
+    from filelock import FileLock
+
+    if not (os.path.exists(SHIPPED_BACKBONE) and os.path.exists(SHIPPED_ARTIFACT)):
+        pytest.skip(f"the shipped checkpoints are not in this checkout ({SHIPPED_BACKBONE}, {SHIPPED_ARTIFACT})")
+    shared = os.environ["MEG_JAX_TESTS_SHARED_DIR"]
+    workdir = os.path.join(shared, "demo_smoke")
+    with FileLock(os.path.join(shared, "demo_smoke.lock")):
+        if not os.path.exists(os.path.join(shared, "demo_smoke.done")):
+            from train import demo
+
+            out = io.StringIO()
+            with contextlib.redirect_stdout(out):
+                rc = demo.main(["--smoke", "--workdir", workdir, "--no-progress"])
+            assert rc == 0, out.getvalue()
+            with open(os.path.join(shared, "demo_smoke.stdout"), "w") as f:
+                f.write(out.getvalue())
+            with open(os.path.join(shared, "demo_smoke.done"), "w") as f:
+                f.write("ok\n")
+    with open(os.path.join(shared, "demo_smoke.stdout")) as f:
+        stdout = f.read()
+    with open(os.path.join(workdir, "report.md")) as f:
+        report = f.read()
+    with open(os.path.join(workdir, "metrics.json")) as f:
+        metrics = json.load(f)
+    return workdir, stdout, report, metrics

@@ -179,6 +179,32 @@ def test_one_train_run_per_stage(stages, test_config, stage):
         assert json.load(f)["preset"] == "test"
 
 
+@pytest.mark.parametrize("stage", dconfig.STAGES)
+def test_each_stage_lowers_its_loss_on_a_fixed_batch(stages, test_config, stage):
+    """Every stage's compiled step (the very one the run used) lowers its own loss.
+
+    The logged losses of the test preset's 4 steps do not show it (fresh random batches,
+    warm-up from lr 0, the student's K drawn per step: e.g. the decoder logged 4.98, 5.25,
+    4.61, 5.40), so the step is run 4 times on one batch (same key) from the stage's fresh
+    state: the loss at the 4th call (after 3 updates) is below the first. Measured drops:
+    classifier 13 %, vae 18 %, decoder 16 %, teacher 38 %, teacher_ft 23 %, student 19 %;
+    5 % leaves room for other CPUs' rounding while a step that does not descend (wrong sign,
+    frozen params, a loss cut from its parameters) fails.
+    """
+    workdir, _ = stages
+    mesh = parallel.make_mesh()
+    inputs, state = train.stage_inputs(stage, workdir, train.build_models(test_config), test_config, progress=False)
+    step = train.compiled_train_step(stage, test_config, mesh)  # cached: compiled by the run
+    state, inputs = parallel.replicate(state, mesh), parallel.replicate(inputs, mesh)
+    key = jax.random.PRNGKey(7)
+    losses = []
+    for _ in range(4):
+        state, metrics = step(state, inputs, key)
+        losses.append(float(metrics["loss"]))
+    assert all(math.isfinite(x) for x in losses), losses
+    assert losses[-1] < 0.95 * losses[0], losses
+
+
 def test_refinement_stages_keep_the_latent_space(stages, test_config):
     """decoder: encoder groups bit-identical to the VAE stage's, decoder changed;
     teacher_ft: starts from the teacher and moves away; the student reads teacher_ft."""
