@@ -42,22 +42,10 @@ def test_plan_sizes():
 
 
 @pytest.fixture(scope="module")
-def smoke_run(tmp_path_factory):
-    if not (os.path.exists(SHIPPED_BACKBONE) and os.path.exists(SHIPPED_ARTIFACT)):
-        pytest.skip(f"the shipped checkpoints are not in this checkout ({SHIPPED_BACKBONE}, {SHIPPED_ARTIFACT})")
-    import contextlib
-    import io
-
-    workdir = str(tmp_path_factory.mktemp("demo"))
-    out = io.StringIO()
-    with contextlib.redirect_stdout(out):
-        rc = demo.main(["--smoke", "--workdir", workdir, "--no_progress"])
-    assert rc == 0, out.getvalue()
-    with open(os.path.join(workdir, "report.md")) as f:
-        report = f.read()
-    with open(os.path.join(workdir, "metrics.json")) as f:
-        metrics = json.load(f)
-    return workdir, out.getvalue(), report, metrics
+def smoke_run(demo_smoke_run):
+    """The session's one smoke demo (``conftest.demo_smoke_run``), shared with the report-content
+    and headline-regression modules so the suite pays for one run, not two."""
+    return demo_smoke_run
 
 
 def test_smoke_report_has_all_six_items_with_numbers(smoke_run):
