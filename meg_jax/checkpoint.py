@@ -73,17 +73,7 @@ def read_json(path: str | os.PathLike, what: str, required: tuple[str, ...] = ()
       required: top-level keys that must be present.
     """
     path = os.fspath(path)
-    with open(path) as f:
-        text = f.read()
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise CorruptCheckpointError(
-            f"{path} ({what}) is not valid JSON — truncated or corrupt? {e.msg} at line {e.lineno} column "
-            f"{e.colno} of {len(text)} characters"
-        ) from e
-    if not isinstance(data, dict):
-        raise CorruptCheckpointError(f"{path} ({what}) holds a JSON {type(data).__name__}, not an object")
+    data = config_lib.read_json_object(path, what, error=CorruptCheckpointError)
     missing = [k for k in required if k not in data]
     if missing:
         raise CorruptCheckpointError(f"{path} ({what}) lacks the key(s) {missing}; it has {sorted(data)}")

@@ -158,6 +158,38 @@ def save_json(config: Any, path: str | os.PathLike) -> None:
     os.replace(tmp, path)
 
 
+def read_json_object(path: str | os.PathLike, what: str | None = None,
+                     error: type[Exception] = ValueError) -> dict[str, Any]:
+    """The JSON object in ``path``, or an ``error`` naming the file and what is wrong with it.
+
+    Args:
+      path: a JSON file (a config, ``model_index.json``, ``backbone.json``...).
+      what: what the file is, for the message (e.g. "the backbone's settings").
+      error: the exception class raised for a truncated/corrupt file or a non-object.
+
+    Raises:
+      FileNotFoundError: no such file.
+    """
+    path = os.fspath(path)
+    label = f" ({what})" if what else ""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}{label}: no such file")
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+        data = json.loads(text)
+    except UnicodeDecodeError as e:
+        raise error(f"{path}{label} is not valid JSON (truncated or corrupt?): not UTF-8 text ({e.reason})") from e
+    except json.JSONDecodeError as e:
+        raise error(
+            f"{path}{label} is not valid JSON (truncated or corrupt?): {e.msg} at line {e.lineno} "
+            f"column {e.colno} of {len(text)} characters"
+        ) from e
+    if not isinstance(data, dict):
+        raise error(f"{path}{label} holds a JSON {type(data).__name__}, not an object")
+    return data
+
+
 def load_json(cls: type[C], path: str | os.PathLike) -> C:
     """Reads a config written by :func:`save_json`.
 
@@ -165,15 +197,7 @@ def load_json(cls: type[C], path: str | os.PathLike) -> C:
       ValueError: the file is not valid JSON (truncated, corrupt) or does not describe a
         ``cls``; the message names the file and what is wrong.
     """
-    with open(path) as f:
-        text = f.read()
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise ValueError(
-            f"{os.fspath(path)} is not valid JSON (truncated or corrupt?): {e.msg} at line {e.lineno} "
-            f"column {e.colno} of {len(text)} characters"
-        ) from e
+    data = read_json_object(path)
     try:
         return from_dict(cls, data)
     except (TypeError, ValueError) as e:

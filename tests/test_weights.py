@@ -13,18 +13,10 @@ import torch
 from diffusers import AutoencoderKL as TorchAutoencoderKL
 from transformers import CLIPTextConfig, CLIPTextModel
 
-from meg_jax.backbone import VAEConfig, from_diffusers
+from meg_jax.backbone import from_diffusers
 from meg_jax.backbone import weights as W
 
-VAE = VAEConfig(
-    block_out_channels=(8, 16),
-    down_block_types=("DownEncoderBlock2D",) * 2,
-    up_block_types=("UpDecoderBlock2D",) * 2,
-    layers_per_block=1,
-    latent_channels=4,
-    norm_num_groups=4,
-    sample_size=16,
-)
+from test_diffusers_io import VAE  # noqa: E402  (the same tiny VAE config)
 
 
 @pytest.fixture(scope="module")

@@ -29,7 +29,6 @@ space, lower case, CLIP's split regex, byte-level BPE with ``</w>``, ``<|startof
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from collections.abc import Mapping
 from typing import Any
@@ -40,6 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct, traverse_util
 
+from meg_jax import config as config_lib
 from meg_jax.backbone.layers import LayerNorm, Linear, multi_head_attention
 
 Dtype = Any
@@ -446,16 +446,7 @@ def params_from_state_dict(
 
 
 def _read_json(path: str) -> dict[str, Any]:
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path}: no such file")
-    try:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path} is not valid JSON: {e}") from e
-    if not isinstance(data, dict):
-        raise ValueError(f"{path} must hold a JSON object, got {type(data).__name__}")
-    return data
+    return config_lib.read_json_object(path)
 
 
 def load_text_encoder(

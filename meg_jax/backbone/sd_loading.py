@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 from typing import Any
 
@@ -11,6 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from meg_jax import config as config_lib
 from meg_jax.backbone import weights as weights_lib
 from meg_jax.backbone.config import UNetConfig, VAEConfig
 from meg_jax.backbone.diffusers_io import params_from_torch_state_dict, read_config
@@ -29,16 +29,7 @@ _OPTIONS = ("requires_safety_checker", "force_zeros_for_empty_prompt", "requires
 
 
 def _read_json(path: str) -> dict[str, Any]:
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path}: no such file")
-    try:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path}: not valid JSON ({e})") from e
-    if not isinstance(data, dict):
-        raise ValueError(f"{path}: must hold a JSON object")
-    return data
+    return config_lib.read_json_object(path)
 
 
 def _load_text_encoder(folder: str, variant: str | None, dtype: Any) -> tuple[Any, Any, Any]:
