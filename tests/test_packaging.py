@@ -84,7 +84,10 @@ def test_wheel_holds_the_library_the_jobs_and_the_checkpoints(wheel):
     assert "meg-jax = meg_jax_jobs.train.cli:main" in zipfile.ZipFile(wheel).read(entry).decode()
 
 
-def test_installed_demo_runs_from_an_unrelated_directory(venv, tmp_path):
+def test_installed_demo_runs_from_an_unrelated_directory(venv, tmp_path, demo_smoke_run):
+    # ``demo_smoke_run`` (the session's one in-tree smoke demo) runs first, so the installed
+    # demo, which inherits the session's JAX_COMPILATION_CACHE_DIR and XLA flags, loads those
+    # compiled programs instead of compiling them again: the test checks packaging, not XLA.
     cwd = tmp_path / "elsewhere"
     cwd.mkdir()
     python = os.path.join(venv, "bin", "python")
