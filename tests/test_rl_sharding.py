@@ -99,7 +99,7 @@ def _free_port() -> int:
 JOB_ARGS = [
     "--env.artifact", "synthetic", "--env.num_envs", "8", "--env.episode_length", "8",
     "--total_env_steps", "128", "--blocks_per_log", "8", "--checkpoint_every_logs", "0",
-    "--cvpo.actor_hidden", "[16,16]", "--cvpo.critic_hidden", "[16,16]", "--cvpo.batch_size", "32",
+    "--cvpo.actor_hidden", "16", "16", "--cvpo.critic_hidden", "16", "16", "--cvpo.batch_size", "32",
     "--cvpo.num_action_samples", "8", "--cvpo.target_samples", "4", "--cvpo.min_replay", "32",
     "--cvpo.replay_capacity", "1024", "--cvpo.updates_per_block", "2", "--eval.num_episodes", "0",
     "--no-progress",
