@@ -302,6 +302,7 @@ def multi_head_attention(
     v: jax.Array,
     num_heads: int,
     mask: jax.Array | None = None,
+    implementation: str = "reference",
 ) -> jax.Array:
     """Scaled dot-product attention; logits and softmax in float32.
 
@@ -311,6 +312,9 @@ def multi_head_attention(
       v: [B, Nk, Cv] values.
       num_heads: H; C and Cv must be divisible by H.
       mask: optional boolean, True = attend; broadcastable to [B, H, Nq, Nk].
+      implementation: "reference" (the matmul-softmax-matmul below, parity-tested against
+        diffusers), or ``jax.nn.dot_product_attention`` with "xla" (any backend) or "cudnn"
+        (cuDNN's fused flash attention, NVIDIA GPUs only; needs Cv == C).
 
     Returns:
       [B, Nq, Cv] in q's dtype.
@@ -318,6 +322,17 @@ def multi_head_attention(
     b, nq, c = q.shape
     nk = k.shape[1]
     d = c // num_heads
+    if implementation in ("xla", "cudnn"):
+        if v.shape[-1] != c:
+            raise ValueError(f"attention implementation {implementation!r} needs values as wide as "
+                             f"queries ({v.shape[-1]} != {c}); use implementation='reference'")
+        out = jax.nn.dot_product_attention(
+            q.reshape(b, nq, num_heads, d), k.reshape(b, nk, num_heads, d), v.reshape(b, nk, num_heads, d),
+            mask=mask, implementation=implementation,
+        )  # [B, Nq, H, d]; logits and softmax in float32 for bf16 inputs too
+        return out.reshape(b, nq, c)
+    if implementation != "reference":
+        raise ValueError(f"attention implementation must be 'reference', 'xla' or 'cudnn', got {implementation!r}")
     # Heads before tokens ([B, H, N, d]) so both products are plain batched matmuls: on
     # XLA:CPU the "bqhd,bkhd" einsum form was fused with the softmax into one kernel several
     # times slower (eval/bench_backbone.py). q is pre-scaled by 1/sqrt(d) (same maths).
@@ -341,6 +356,7 @@ class Attention(nn.Module):
     num_heads: int
     qkv_bias: bool = False
     dtype: Dtype = jnp.float32
+    attention: str = "reference"  # multi_head_attention's implementation
 
     @nn.compact
     def __call__(
@@ -352,7 +368,7 @@ class Attention(nn.Module):
         q = Linear(inner, use_bias=self.qkv_bias, dtype=self.dtype, name="to_q")(x)
         k = Linear(inner, use_bias=self.qkv_bias, dtype=self.dtype, name="to_k")(context)
         v = Linear(inner, use_bias=self.qkv_bias, dtype=self.dtype, name="to_v")(context)
-        out = multi_head_attention(q, k, v, self.num_heads, mask)
+        out = multi_head_attention(q, k, v, self.num_heads, mask, self.attention)
         return Linear(inner, dtype=self.dtype, name="to_out_0")(out)
 
 

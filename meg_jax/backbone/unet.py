@@ -53,6 +53,7 @@ class BasicTransformerBlock(nn.Module):
     norm_eps: float = 1e-5
     tome: Any = None
     dtype: Dtype = jnp.float32
+    attention: str = "reference"  # layers.multi_head_attention implementation
 
     @nn.compact
     def __call__(
@@ -60,7 +61,7 @@ class BasicTransformerBlock(nn.Module):
     ) -> jax.Array:
         """x [B, N = height*width, C], context [B, L, D] -> [B, N, C]."""
         norm1 = LayerNorm(self.norm_eps, dtype=self.dtype, name="norm1")
-        attn1 = Attention(self.num_heads, dtype=self.dtype, name="attn1")
+        attn1 = Attention(self.num_heads, dtype=self.dtype, attention=self.attention, name="attn1")
         merge_plan = self._merge_plan(x, height, width, latent_tokens)
         if merge_plan is None:
             x = attn1(norm1(x)) + x
@@ -68,7 +69,7 @@ class BasicTransformerBlock(nn.Module):
             from meg_jax.backbone import tome as tome_lib  # only needed when merging
 
             x = tome_lib.unmerge(attn1(tome_lib.merge(norm1(x), merge_plan)), merge_plan) + x
-        x = Attention(self.num_heads, dtype=self.dtype, name="attn2")(
+        x = Attention(self.num_heads, dtype=self.dtype, attention=self.attention, name="attn2")(
             LayerNorm(self.norm_eps, dtype=self.dtype, name="norm2")(x), context
         ) + x
         x = FeedForward(dtype=self.dtype, name="ff")(LayerNorm(self.norm_eps, dtype=self.dtype, name="norm3")(x)) + x
@@ -99,6 +100,7 @@ class Transformer2DModel(nn.Module):
     use_linear_projection: bool = False
     tome: Any = None
     dtype: Dtype = jnp.float32
+    attention: str = "reference"
 
     @nn.compact
     def __call__(self, x: jax.Array, context: jax.Array, latent_tokens: int) -> jax.Array:
@@ -112,7 +114,8 @@ class Transformer2DModel(nn.Module):
             x = Conv2d(c, 1, dtype=self.dtype, name="proj_in")(x).reshape(b, h * w, c)
         for k in range(self.num_layers):
             x = BasicTransformerBlock(
-                self.num_heads, tome=self.tome, dtype=self.dtype, name=f"transformer_blocks_{k}"
+                self.num_heads, tome=self.tome, dtype=self.dtype, attention=self.attention,
+                name=f"transformer_blocks_{k}",
             )(x, context, h, w, latent_tokens)
         if self.use_linear_projection:
             x = Linear(c, dtype=self.dtype, name="proj_out")(x).reshape(b, h, w, c)
@@ -140,6 +143,7 @@ def _resnet_and_attention(
             cfg.use_linear_projection,
             tome=cfg.tome,
             dtype=block.dtype,
+            attention=block.attention,
             name=f"attentions_{j}",
         )(x, context, latent_tokens)
     return x
@@ -156,6 +160,7 @@ class _DownBlock(nn.Module):
     num_heads: int
     transformer_layers: int
     dtype: Dtype = jnp.float32
+    attention: str = "reference"
 
     @nn.compact
     def __call__(
@@ -183,6 +188,7 @@ class _UpBlock(nn.Module):
     num_heads: int
     transformer_layers: int
     dtype: Dtype = jnp.float32
+    attention: str = "reference"
 
     @nn.compact
     def __call__(
@@ -202,6 +208,7 @@ class _MidBlock(nn.Module):
 
     config: UNetConfig
     dtype: Dtype = jnp.float32
+    attention: str = "reference"
 
     @nn.compact
     def __call__(self, x: jax.Array, temb: jax.Array, context: jax.Array, latent_tokens: int) -> jax.Array:
@@ -217,6 +224,7 @@ class _MidBlock(nn.Module):
             cfg.use_linear_projection,
             tome=cfg.tome,
             dtype=self.dtype,
+            attention=self.attention,
             name="attentions_0",
         )(x, context, latent_tokens)
         return ResnetBlock2D(
@@ -230,10 +238,17 @@ class UNet(nn.Module):
     Attributes:
       config: the architecture.
       dtype: computation dtype (parameters stay float32; norms and softmax run in float32).
+      attention: ``layers.multi_head_attention`` implementation ("reference", "xla", "cudnn").
+      remat: a ``jax.checkpoint_policies`` name ("nothing_saveable", "dots_saveable", ...):
+        each down/mid/up block is rematerialised (``nn.remat``) in the backward pass and
+        keeps only what the policy saves; "none" keeps every activation. Values and
+        parameter names are unchanged.
     """
 
     config: UNetConfig
     dtype: Dtype = jnp.float32
+    attention: str = "reference"
+    remat: str = "none"
 
     @nn.compact
     def __call__(
@@ -296,11 +311,12 @@ class UNet(nn.Module):
 
         x = Conv2d(cfg.block_out_channels[0], cfg.conv_in_kernel, dtype=self.dtype, name="conv_in")(sample)
         latent_tokens = h * w
+        down_cls, mid_cls, up_cls = self._block_classes()
 
         n = cfg.num_blocks
         skips = [x]
         for i, block_type in enumerate(cfg.down_block_types):
-            x, block_skips = _DownBlock(
+            x, block_skips = down_cls(
                 cfg.block_out_channels[i],
                 cfg.layers_per_block_tuple[i],
                 block_type == "CrossAttnDownBlock2D",
@@ -309,17 +325,18 @@ class UNet(nn.Module):
                 cfg.num_heads_tuple[i],
                 cfg.transformer_layers_tuple[i],
                 dtype=self.dtype,
+                attention=self.attention,
                 name=f"down_blocks_{i}",
             )(x, emb, context, latent_tokens)
             skips.extend(block_skips)
 
-        x = _MidBlock(cfg, dtype=self.dtype, name="mid_block")(x, emb, context, latent_tokens)
+        x = mid_cls(cfg, dtype=self.dtype, attention=self.attention, name="mid_block")(x, emb, context, latent_tokens)
 
         rev = lambda v: tuple(reversed(v))  # noqa: E731 - up blocks read per-block values reversed
         for i, block_type in enumerate(cfg.up_block_types):
             num_layers = rev(cfg.layers_per_block_tuple)[i] + 1
             block_skips, skips = tuple(skips[-num_layers:]), skips[:-num_layers]
-            x = _UpBlock(
+            x = up_cls(
                 rev(cfg.block_out_channels)[i],
                 num_layers,
                 block_type == "CrossAttnUpBlock2D",
@@ -328,12 +345,27 @@ class UNet(nn.Module):
                 rev(cfg.num_heads_tuple)[i],
                 rev(cfg.transformer_layers_tuple)[i],
                 dtype=self.dtype,
+                attention=self.attention,
                 name=f"up_blocks_{i}",
             )(x, block_skips, emb, context, latent_tokens)
 
         x = GroupNorm(cfg.norm_num_groups, cfg.norm_eps, dtype=self.dtype, name="conv_norm_out")(x)
         x = nn.silu(x)
         return Conv2d(cfg.out_channels, cfg.conv_out_kernel, dtype=self.dtype, name="conv_out")(x)
+
+    def _block_classes(self) -> tuple[Any, Any, Any]:
+        """The down, mid and up block classes, wrapped in ``nn.remat`` when ``remat`` is set."""
+        if self.remat == "none":
+            return _DownBlock, _MidBlock, _UpBlock
+        policy = getattr(jax.checkpoint_policies, self.remat, None)
+        if policy is None or self.remat.startswith("_"):
+            raise ValueError(f"UNet.remat={self.remat!r} is not a jax.checkpoint_policies name "
+                             "(e.g. 'nothing_saveable', 'dots_saveable') or 'none'")
+        # static_argnums count ``self``: latent_tokens (a Python int) is argument 4 of the
+        # down/mid blocks' __call__ and 5 of the up blocks'.
+        return (nn.remat(_DownBlock, policy=policy, static_argnums=(4,)),
+                nn.remat(_MidBlock, policy=policy, static_argnums=(4,)),
+                nn.remat(_UpBlock, policy=policy, static_argnums=(5,)))
 
     def _text_time_embedding(self, added_cond_kwargs: Mapping[str, jax.Array] | None, batch: int) -> jax.Array:
         """SDXL: ``add_embedding([text_embeds, sinusoid(time_ids)])`` -> [B, time_embed_dim]."""
