@@ -228,7 +228,7 @@ def plan(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _report(out: dict[str, Any]) -> str:
-    g = lambda b: f"{b / GIB:8.2f} GiB"  # noqa: E731
+    g = lambda b: f"{b / GIB:8.2f} GiB" if b >= 0.1 * GIB else f"{b / 2**20:8.2f} MiB"  # noqa: E731
     lines = [
         f"{out['model']}: {out['devices']} devices (model axis {out['model_axis']}), batch "
         f"{out['batch_per_device']}/device (global {out['global_batch']}), K = {out['steps']}, params "
@@ -246,7 +246,7 @@ def _report(out: dict[str, Any]) -> str:
         lines.append(f"  FLOPs per step (all devices): {out['flops_per_step']:.4g} "
                      f"(XLA counts {out['flops_xla_as_counted']:.4g} with the K-loop body once)")
         lines.append(f"  step time at {out['peak_tflops']:g} TFLOP/s/device and MFU {out['mfu']:g}: "
-                     f"{out['step_time_s']:.3f} s")
+                     f"{out['step_time_s']:.3g} s")
     return "\n".join(lines)
 
 
