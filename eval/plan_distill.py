@@ -59,12 +59,14 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
                    help="jax.checkpoint_policies name for each UNet block (nothing_saveable, dots_saveable, ...)")
     p.add_argument("--rollout-remat", action="store_true",
                    help="rematerialise each of the K UNet passes (memory ~ one pass)")
-    p.add_argument("--attention", choices=("reference", "xla", "cudnn"), default="reference")
+    p.add_argument("--attention", choices=("reference", "chunked", "xla", "cudnn"), default="reference")
     p.add_argument("--grad-accum", type=int, default=1, help="microbatches per step")
     p.add_argument("--peak-tflops", type=float, default=989.0,
                    help="peak dense TFLOP/s per device for the step-time estimate (H100 SXM bf16: 989)")
     p.add_argument("--mfu", type=float, default=0.4, help="model FLOP utilisation assumed for the step time")
     p.add_argument("--no-flops", action="store_true", help="skip the unrolled lowering that counts FLOPs")
+    p.add_argument("--full-codegen", action="store_true",
+                   help="optimise the generated CPU code too (slower compile; same memory figures)")
     p.add_argument("--json", default=None, metavar="PATH", help="also write the figures as JSON")
     args = p.parse_args(list(argv))
     for name in ("devices", "batch_per_device", "steps", "model_axis", "grad_accum"):
@@ -75,7 +77,7 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     return args
 
 
-def _set_devices(n: int) -> None:
+def _set_devices(n: int, fast_codegen_off: bool = False) -> None:
     """Asks XLA for ``n`` host devices; must run before JAX is imported."""
     if "jax" in sys.modules:
         import jax
@@ -85,7 +87,13 @@ def _set_devices(n: int) -> None:
                                f"`python -m eval.plan_distill` as its own process to get {n}")
         return
     flags = [f for f in os.environ.get("XLA_FLAGS", "").split() if "force_host_platform_device_count" not in f]
-    os.environ["XLA_FLAGS"] = " ".join(flags + [f"--xla_force_host_platform_device_count={n}"])
+    flags.append(f"--xla_force_host_platform_device_count={n}")
+    if not fast_codegen_off:
+        # LLVM's optimisation of the CPU code is most of the compile time and changes nothing
+        # the plan reads: buffer assignment (the memory analysis) is done on the optimised HLO
+        # before code generation.
+        flags += ["--xla_backend_optimization_level=0", "--xla_llvm_disable_expensive_passes=true"]
+    os.environ["XLA_FLAGS"] = " ".join(flags)
     os.environ["JAX_PLATFORMS"] = "cpu"
 
 
@@ -252,7 +260,7 @@ def _report(out: dict[str, Any]) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
-    _set_devices(args.devices)
+    _set_devices(args.devices, args.full_codegen)
     out = plan(args)
     print(_report(out))
     if args.json:

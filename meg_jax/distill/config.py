@@ -282,8 +282,9 @@ class ComputeConfig:
     # keeps K latents instead of K passes' activations (memory ~ one pass, not K).
     rollout_remat: bool = False
     # Attention kernel: "reference" (meg_jax's matmul-softmax-matmul, the parity-tested
-    # default) or ``jax.nn.dot_product_attention`` with implementation "xla" or "cudnn" (GPU).
-    attention: Literal["reference", "xla", "cudnn"] = "reference"
+    # default), "chunked" (the same, 1024 queries at a time, rematerialised: no whole
+    # [B, H, N, N] logits) or ``jax.nn.dot_product_attention`` with "xla" or "cudnn" (GPU).
+    attention: Literal["reference", "chunked", "xla", "cudnn"] = "reference"
     # Split each stage's batch into this many microbatches whose gradients are averaged
     # (a scan inside the step): same update, 1/N of the activation memory.
     grad_accum_steps: int = 1
@@ -293,9 +294,9 @@ class ComputeConfig:
             raise ValueError(f"ComputeConfig.dtype must be 'float32' or 'bfloat16', got {self.dtype!r}")
         if self.remat not in REMAT_POLICIES:
             raise ValueError(f"ComputeConfig.remat must be one of {REMAT_POLICIES}, got {self.remat!r}")
-        if self.attention not in ("reference", "xla", "cudnn"):
+        if self.attention not in ("reference", "chunked", "xla", "cudnn"):
             raise ValueError(
-                f"ComputeConfig.attention must be 'reference', 'xla' or 'cudnn', got {self.attention!r}"
+                f"ComputeConfig.attention must be 'reference', 'chunked', 'xla' or 'cudnn', got {self.attention!r}"
             )
         if self.grad_accum_steps < 1:
             raise ValueError(f"ComputeConfig.grad_accum_steps must be >= 1, got {self.grad_accum_steps}")
