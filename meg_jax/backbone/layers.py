@@ -368,7 +368,7 @@ def multi_head_attention(
     return out.transpose(0, 2, 1, 3).reshape(b, nq, -1)
 
 
-QUERY_CHUNK = 1024  # queries per step of the "chunked" attention (logits [B, H, 1024, Nk])
+QUERY_CHUNK = 512  # queries per step of the "chunked" attention (logits [B, H, 512, Nk])
 
 
 def _query_chunk(nq: int) -> int:

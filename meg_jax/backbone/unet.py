@@ -101,6 +101,7 @@ class Transformer2DModel(nn.Module):
     tome: Any = None
     dtype: Dtype = jnp.float32
     attention: str = "reference"
+    remat: str = "none"  # jax.checkpoint_policies name for each resnet / transformer layer
 
     @nn.compact
     def __call__(self, x: jax.Array, context: jax.Array, latent_tokens: int) -> jax.Array:
@@ -113,7 +114,7 @@ class Transformer2DModel(nn.Module):
         else:
             x = Conv2d(c, 1, dtype=self.dtype, name="proj_in")(x).reshape(b, h * w, c)
         for k in range(self.num_layers):
-            x = BasicTransformerBlock(
+            x = _remat(BasicTransformerBlock, self.remat, (3, 4, 5))(
                 self.num_heads, tome=self.tome, dtype=self.dtype, attention=self.attention,
                 name=f"transformer_blocks_{k}",
             )(x, context, h, w, latent_tokens)
@@ -124,6 +125,20 @@ class Transformer2DModel(nn.Module):
         return x + residual
 
 
+def _remat(cls: type, policy_name: str, static_argnums: tuple[int, ...] = ()) -> type:
+    """``cls`` wrapped in ``nn.remat`` with ``jax.checkpoint_policies.<policy_name>`` ("none": as is).
+
+    ``static_argnums`` count ``self`` (flax's convention): the Python ints of ``__call__``.
+    """
+    if policy_name == "none":
+        return cls
+    policy = getattr(jax.checkpoint_policies, policy_name, None)
+    if policy is None or policy_name.startswith("_"):
+        raise ValueError(f"UNet.remat={policy_name!r} is not a jax.checkpoint_policies name "
+                         "(e.g. 'nothing_saveable', 'dots_saveable') or 'none'")
+    return nn.remat(cls, policy=policy, static_argnums=static_argnums)
+
+
 def _resnet_and_attention(
     block: "_DownBlock | _UpBlock", j: int, x: jax.Array, temb: jax.Array, context: jax.Array, latent_tokens: int
 ) -> jax.Array:
@@ -132,7 +147,8 @@ def _resnet_and_attention(
     Called from the block's compact ``__call__``, so the submodules belong to ``block``.
     """
     cfg = block.config
-    x = ResnetBlock2D(block.out_channels, cfg.norm_num_groups, cfg.norm_eps, dtype=block.dtype, name=f"resnets_{j}")(
+    resnet = _remat(ResnetBlock2D, block.remat)
+    x = resnet(block.out_channels, cfg.norm_num_groups, cfg.norm_eps, dtype=block.dtype, name=f"resnets_{j}")(
         x, temb
     )
     if block.with_attention:
@@ -144,6 +160,7 @@ def _resnet_and_attention(
             tome=cfg.tome,
             dtype=block.dtype,
             attention=block.attention,
+            remat=block.remat,
             name=f"attentions_{j}",
         )(x, context, latent_tokens)
     return x
@@ -161,6 +178,7 @@ class _DownBlock(nn.Module):
     transformer_layers: int
     dtype: Dtype = jnp.float32
     attention: str = "reference"
+    remat: str = "none"  # jax.checkpoint_policies name for each resnet / transformer layer
 
     @nn.compact
     def __call__(
@@ -189,6 +207,7 @@ class _UpBlock(nn.Module):
     transformer_layers: int
     dtype: Dtype = jnp.float32
     attention: str = "reference"
+    remat: str = "none"  # jax.checkpoint_policies name for each resnet / transformer layer
 
     @nn.compact
     def __call__(
@@ -209,12 +228,14 @@ class _MidBlock(nn.Module):
     config: UNetConfig
     dtype: Dtype = jnp.float32
     attention: str = "reference"
+    remat: str = "none"  # jax.checkpoint_policies name for each resnet / transformer layer
 
     @nn.compact
     def __call__(self, x: jax.Array, temb: jax.Array, context: jax.Array, latent_tokens: int) -> jax.Array:
         cfg = self.config
         c = x.shape[-1]
-        x = ResnetBlock2D(c, cfg.norm_num_groups, cfg.norm_eps, cfg.mid_block_scale_factor, dtype=self.dtype, name="resnets_0")(
+        resnet = _remat(ResnetBlock2D, self.remat)
+        x = resnet(c, cfg.norm_num_groups, cfg.norm_eps, cfg.mid_block_scale_factor, dtype=self.dtype, name="resnets_0")(
             x, temb
         )
         x = Transformer2DModel(
@@ -225,9 +246,10 @@ class _MidBlock(nn.Module):
             tome=cfg.tome,
             dtype=self.dtype,
             attention=self.attention,
+            remat=self.remat,
             name="attentions_0",
         )(x, context, latent_tokens)
-        return ResnetBlock2D(
+        return resnet(
             c, cfg.norm_num_groups, cfg.norm_eps, cfg.mid_block_scale_factor, dtype=self.dtype, name="resnets_1"
         )(x, temb)
 
@@ -240,9 +262,11 @@ class UNet(nn.Module):
       dtype: computation dtype (parameters stay float32; norms and softmax run in float32).
       attention: ``layers.multi_head_attention`` implementation ("reference", "xla", "cudnn").
       remat: a ``jax.checkpoint_policies`` name ("nothing_saveable", "dots_saveable", ...):
-        each down/mid/up block is rematerialised (``nn.remat``) in the backward pass and
-        keeps only what the policy saves; "none" keeps every activation. Values and
-        parameter names are unchanged.
+        each resnet and each transformer layer is rematerialised (``nn.remat``) in the
+        backward pass and keeps only what the policy saves; "none" keeps every activation.
+        Per layer rather than per down/up block: an SD up block recomputed whole holds three
+        resnets' and three transformers' activations at once (measured with
+        ``eval.plan_distill``). Values and parameter names are unchanged.
     """
 
     config: UNetConfig
@@ -311,12 +335,12 @@ class UNet(nn.Module):
 
         x = Conv2d(cfg.block_out_channels[0], cfg.conv_in_kernel, dtype=self.dtype, name="conv_in")(sample)
         latent_tokens = h * w
-        down_cls, mid_cls, up_cls = self._block_classes()
+        _remat(ResnetBlock2D, self.remat)  # an unknown policy name fails here, before any block
 
         n = cfg.num_blocks
         skips = [x]
         for i, block_type in enumerate(cfg.down_block_types):
-            x, block_skips = down_cls(
+            x, block_skips = _DownBlock(
                 cfg.block_out_channels[i],
                 cfg.layers_per_block_tuple[i],
                 block_type == "CrossAttnDownBlock2D",
@@ -326,17 +350,20 @@ class UNet(nn.Module):
                 cfg.transformer_layers_tuple[i],
                 dtype=self.dtype,
                 attention=self.attention,
+                remat=self.remat,
                 name=f"down_blocks_{i}",
             )(x, emb, context, latent_tokens)
             skips.extend(block_skips)
 
-        x = mid_cls(cfg, dtype=self.dtype, attention=self.attention, name="mid_block")(x, emb, context, latent_tokens)
+        x = _MidBlock(cfg, dtype=self.dtype, attention=self.attention, remat=self.remat, name="mid_block")(
+            x, emb, context, latent_tokens
+        )
 
         rev = lambda v: tuple(reversed(v))  # noqa: E731 - up blocks read per-block values reversed
         for i, block_type in enumerate(cfg.up_block_types):
             num_layers = rev(cfg.layers_per_block_tuple)[i] + 1
             block_skips, skips = tuple(skips[-num_layers:]), skips[:-num_layers]
-            x = up_cls(
+            x = _UpBlock(
                 rev(cfg.block_out_channels)[i],
                 num_layers,
                 block_type == "CrossAttnUpBlock2D",
@@ -346,26 +373,13 @@ class UNet(nn.Module):
                 rev(cfg.transformer_layers_tuple)[i],
                 dtype=self.dtype,
                 attention=self.attention,
+                remat=self.remat,
                 name=f"up_blocks_{i}",
             )(x, block_skips, emb, context, latent_tokens)
 
         x = GroupNorm(cfg.norm_num_groups, cfg.norm_eps, dtype=self.dtype, name="conv_norm_out")(x)
         x = nn.silu(x)
         return Conv2d(cfg.out_channels, cfg.conv_out_kernel, dtype=self.dtype, name="conv_out")(x)
-
-    def _block_classes(self) -> tuple[Any, Any, Any]:
-        """The down, mid and up block classes, wrapped in ``nn.remat`` when ``remat`` is set."""
-        if self.remat == "none":
-            return _DownBlock, _MidBlock, _UpBlock
-        policy = getattr(jax.checkpoint_policies, self.remat, None)
-        if policy is None or self.remat.startswith("_"):
-            raise ValueError(f"UNet.remat={self.remat!r} is not a jax.checkpoint_policies name "
-                             "(e.g. 'nothing_saveable', 'dots_saveable') or 'none'")
-        # static_argnums count ``self``: latent_tokens (a Python int) is argument 4 of the
-        # down/mid blocks' __call__ and 5 of the up blocks'.
-        return (nn.remat(_DownBlock, policy=policy, static_argnums=(4,)),
-                nn.remat(_MidBlock, policy=policy, static_argnums=(4,)),
-                nn.remat(_UpBlock, policy=policy, static_argnums=(5,)))
 
     def _text_time_embedding(self, added_cond_kwargs: Mapping[str, jax.Array] | None, batch: int) -> jax.Array:
         """SDXL: ``add_embedding([text_embeds, sinusoid(time_ids)])`` -> [B, time_embed_dim]."""

@@ -282,7 +282,7 @@ class ComputeConfig:
     # keeps K latents instead of K passes' activations (memory ~ one pass, not K).
     rollout_remat: bool = False
     # Attention kernel: "reference" (meg_jax's matmul-softmax-matmul, the parity-tested
-    # default), "chunked" (the same, 1024 queries at a time, rematerialised: no whole
+    # default), "chunked" (the same, 512 queries at a time, rematerialised: no whole
     # [B, H, N, N] logits) or ``jax.nn.dot_product_attention`` with "xla" or "cudnn" (GPU).
     attention: Literal["reference", "chunked", "xla", "cudnn"] = "reference"
     # Split each stage's batch into this many microbatches whose gradients are averaged

@@ -199,19 +199,23 @@ def teacher_model_fn(unet: Any, params: Any, context: jax.Array) -> schedules.Mo
 
 def student_model_fn(unet: Any, params: Any, context: jax.Array, num_steps: int,
                      embedding_dim: int, num_train_timesteps: int = 1000, *, remat: bool = False,
-                     added_cond_kwargs: Any = None) -> schedules.ModelFn:
+                     added_cond_kwargs: Any = None,
+                     prepare_params: Callable[[Any], Any] | None = None) -> schedules.ModelFn:
     """The student conditioned on its step count K, as a ``ModelFn`` (no guidance).
 
     Its output is float32 whatever the UNet computes in. With ``remat`` each call is a
     ``jax.checkpoint`` (policy ``nothing_saveable``): differentiated through a sampling
     loop, the backward keeps only each call's input latent and recomputes the pass, so the
     activation memory of a K-step rollout is that of one pass (plus K latents), not K passes.
+    ``prepare_params`` maps the params at the start of every call (inside the checkpoint),
+    e.g. ``partition.gather_for_compute`` (FSDP's all-gather at use).
     """
     emb = step_embedding(num_steps, embedding_dim, num_train_timesteps)
     cond = jnp.broadcast_to(emb, (context.shape[0], embedding_dim))
 
     def fn(x: jax.Array, t: jax.Array) -> jax.Array:
-        out = unet.apply(params, x, t, context, timestep_cond=cond, added_cond_kwargs=added_cond_kwargs)
+        p = params if prepare_params is None else prepare_params(params)
+        out = unet.apply(p, x, t, context, timestep_cond=cond, added_cond_kwargs=added_cond_kwargs)
         return out.astype(jnp.float32)
 
     if remat:
@@ -250,7 +254,8 @@ def teacher_sample(unet: Any, params: Any, schedule: schedules.NoiseSchedule, x_
 def student_sample(unet: Any, params: Any, schedule: schedules.NoiseSchedule, x_T: jax.Array,
                    context: jax.Array, *, num_steps: int, embedding_dim: int,
                    prediction_type: str, spacing: str = "trailing", remat: bool = False,
-                   added_cond_kwargs: Any = None) -> jax.Array:
+                   added_cond_kwargs: Any = None,
+                   prepare_params: Callable[[Any], Any] | None = None) -> jax.Array:
     """K trailing DDIM steps of the step-conditioned student.
 
     Args:
@@ -263,12 +268,14 @@ def student_sample(unet: Any, params: Any, schedule: schedules.NoiseSchedule, x_
       prediction_type, spacing: as ``schedules.sample``.
       remat: rematerialise each pass in a backward pass (``student_model_fn``).
       added_cond_kwargs: SDXL's ``{"text_embeds", "time_ids"}`` (None otherwise).
+      prepare_params: see ``student_model_fn``.
 
     Returns:
       ``[B, h, w, c]`` latents.
     """
     fn = student_model_fn(unet, params, context, num_steps, embedding_dim,
-                          schedule.num_train_timesteps, remat=remat, added_cond_kwargs=added_cond_kwargs)
+                          schedule.num_train_timesteps, remat=remat, added_cond_kwargs=added_cond_kwargs,
+                          prepare_params=prepare_params)
     return schedules.sample(fn, schedule, x_T, num_steps=num_steps, spacing=spacing,
                             prediction_type=prediction_type)
 

@@ -8,12 +8,13 @@ mesh)`` closes over them and the stage's config and draws (and shards) its own b
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Callable, Mapping
 
 import jax
 import jax.numpy as jnp
 
-from meg_jax import parallel
+from meg_jax import parallel, partition
 from meg_jax.backbone import schedules
 from meg_jax.data.shapes import sample_batch
 from meg_jax.distill import losses
@@ -213,6 +214,12 @@ def student_loss_fn(models: Models, config: DistillConfig, mesh: jax.sharding.Me
     batch_size = micro_batch_size(cfg.batch_size, config, mesh, "student")
     text_time = config.backbone.unet.addition_embed_type == "text_time"
     res = config.data.resolution
+    # FSDP: each pass gathers the UNet's params (cast to the compute dtype first) at use.
+    gather = functools.partial(partition.gather_for_compute, cfg=config.parallel, mesh=mesh)
+    compute_dtype = jnp.dtype(config.compute.dtype)
+
+    def prepare(params: Any) -> Any:
+        return gather(params, dtype=None if compute_dtype == jnp.float32 else compute_dtype)
 
     def loss_fn(params: Any, inputs: Any, key: jax.Array) -> tuple[jax.Array, dict]:
         k_idx, k_steps = jax.random.split(key)
@@ -224,7 +231,7 @@ def student_loss_fn(models: Models, config: DistillConfig, mesh: jax.sharding.Me
         idx = jax.random.randint(k_idx, (batch_size,), 0, n)
         batch = jax.tree.map(lambda a: a[idx], targets)
         batch = parallel.constrain_batch(batch, mesh)
-        context = models.text_encoder.apply(inputs["text_encoder"], batch["tokens"])
+        context = models.text_encoder.apply(gather(inputs["text_encoder"]), batch["tokens"])
         step_index = jax.random.choice(k_steps, len(cfg.step_counts), p=probs)
         added = None
         if text_time:  # (original size, crop top-left, target size) of SDXL's micro-conditioning
@@ -236,7 +243,7 @@ def student_loss_fn(models: Models, config: DistillConfig, mesh: jax.sharding.Me
             return losses.student_sample(models.unet, params, schedule, batch["noise"], context,
                                          num_steps=k, embedding_dim=dim, prediction_type=pred,
                                          spacing=spacing, remat=config.compute.rollout_remat,
-                                         added_cond_kwargs=added)
+                                         added_cond_kwargs=added, prepare_params=prepare)
 
         def decode(z: jax.Array) -> jax.Array:
             return models.vae.apply(inputs["vae"], z / inputs["latent_scale"], method="decode")
