@@ -41,6 +41,8 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
                         help="config override, e.g. --set student.steps=100 (repeatable)")
     parser.add_argument("--export", default=None, metavar="DIR",
                         help="after the stages, write the compact shipped form to DIR (e.g. checkpoints/tiny)")
+    parser.add_argument("--parallel.params", dest="parallel_params", choices=("replicated", "fsdp"), default=None,
+                        help="parameter layout on the device mesh (same as --set parallel.params=...)")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bars")
     return parser.parse_args(list(argv))
 
@@ -56,7 +58,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         config = distill_config.preset(args.preset)
-        config = config_lib.apply_overrides(config, args.overrides)
+        overrides = list(args.overrides)
+        if args.parallel_params is not None:
+            overrides.append(f"parallel.params={args.parallel_params}")
+        config = config_lib.apply_overrides(config, overrides)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
