@@ -50,7 +50,8 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
                    help="backbone preset (tiny: the shipped 32x32 model, for a quick check)")
     p.add_argument("--devices", type=int, required=True, help="N devices of the mesh (fake CPU devices)")
     p.add_argument("--device-memory", type=float, default=80.0, help="memory per device, GiB")
-    p.add_argument("--batch-per-device", type=int, default=1, help="student batch per data-axis device")
+    p.add_argument("--batch-per-device", type=int, default=1,
+                   help="student batch per data-axis device and optimizer step (split into --grad-accum microbatches)")
     p.add_argument("--steps", type=int, default=4, help="K, unrolled student steps of the trained branch")
     p.add_argument("--params", choices=("replicated", "fsdp"), default="replicated", help="parameter layout")
     p.add_argument("--model-axis", type=int, default=1, help="devices on the tensor-parallel axis")
@@ -72,6 +73,8 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     for name in ("devices", "batch_per_device", "steps", "model_axis", "grad_accum"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1")
+    if args.batch_per_device % args.grad_accum:
+        p.error(f"--grad-accum {args.grad_accum} must divide --batch-per-device {args.batch_per_device}")
     if args.devices % args.model_axis:
         p.error(f"--model-axis {args.model_axis} must divide --devices {args.devices}")
     return args
@@ -112,7 +115,7 @@ def distill_config(args: argparse.Namespace) -> Any:
         b = dataclasses.replace(b, prediction_type="v_prediction")
     res = b.vae.sample_size if isinstance(b.vae.sample_size, int) else b.vae.sample_size[0]
     data = ShapesConfig(resolution=res, max_length=b.text_encoder.max_length)
-    global_batch = args.batch_per_device * (args.devices // args.model_axis) * args.grad_accum
+    global_batch = args.batch_per_device * (args.devices // args.model_axis)  # per step (all microbatches)
     student = dconfig.StudentStageConfig(batch_size=global_batch, step_counts=(args.steps,), step_probs=(1.0,),
                                          num_targets=global_batch, target_chunk=global_batch)
     return dconfig.DistillConfig(
