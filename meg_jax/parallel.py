@@ -1,5 +1,8 @@
 """Data parallelism over every device of every process, for both trainers.
 
+(Parameter layouts beyond replication — FSDP and a tensor-parallel ``"model"`` axis — are
+rules in ``meg_jax.partition`` over the two-axis mesh of ``make_mesh(model=M)``.)
+
 One code path serves a laptop CPU (one device), a GPU box and a pod: a one-axis
 ``jax.sharding.Mesh`` named ``"data"`` (``AxisType.Auto``, so XLA's partitioner inserts the
 collectives) spans all devices of all processes; batches are sharded on their leading
