@@ -1,5 +1,8 @@
 """Data parallelism over every device of every process, for both trainers.
 
+(Parameter layouts beyond replication — FSDP and a tensor-parallel ``"model"`` axis — are
+rules in ``meg_jax.partition`` over the two-axis mesh of ``make_mesh(model=M)``.)
+
 One code path serves a laptop CPU (one device), a GPU box and a pod: a one-axis
 ``jax.sharding.Mesh`` named ``"data"`` (``AxisType.Auto``, so XLA's partitioner inserts the
 collectives) spans all devices of all processes; batches are sharded on their leading
@@ -28,6 +31,8 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 __all__ = [
     "DATA_AXIS",
+    "MODEL_AXIS",
+    "data_size",
     "make_mesh",
     "batch_sharding",
     "replicated_sharding",
@@ -38,24 +43,45 @@ __all__ = [
 ]
 
 DATA_AXIS = "data"
+MODEL_AXIS = "model"  # tensor-parallel axis (meg_jax.partition.MODEL_AXIS_RULES)
 
 
-def make_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:
-    """A one-axis ``"data"`` mesh (``AxisType.Auto``) over ``devices``.
+def make_mesh(devices: Sequence[jax.Device] | None = None, model: int | None = None) -> Mesh:
+    """A ``"data"`` mesh, or a ``("data", "model")`` mesh, over ``devices`` (``AxisType.Auto``).
 
     Args:
       devices: the devices to span; default ``jax.devices()``, i.e. every device of every
         process (after ``jax.distributed.initialize`` on a multi-host run).
+      model: None for a one-axis ``"data"`` mesh; an int M for a two-axis mesh of shape
+        ``[len(devices) / M, M]`` (M = 1 is plain data parallelism with a trivial model axis).
+        Neighbouring devices share a ``"model"`` group (its collectives are the most frequent).
 
     Returns:
-      ``Mesh`` of shape ``[len(devices)]``.
+      ``Mesh`` of shape ``[len(devices)]`` or ``[len(devices) / M, M]``.
     """
     devices = list(jax.devices() if devices is None else devices)
     if not devices:
         raise ValueError("make_mesh needs at least one device")
+    if model is None:
+        return jax.make_mesh(
+            (len(devices),), (DATA_AXIS,), axis_types=(AxisType.Auto,), devices=devices
+        )
+    if model < 1 or len(devices) % model:
+        raise ValueError(
+            f"parallel.model_axis={model} must be >= 1 and divide the {len(devices)} devices"
+        )
     return jax.make_mesh(
-        (len(devices),), (DATA_AXIS,), axis_types=(AxisType.Auto,), devices=devices
+        (len(devices) // model, model), (DATA_AXIS, MODEL_AXIS),
+        axis_types=(AxisType.Auto, AxisType.Auto), devices=devices,
     )
+
+
+def data_size(mesh: Any) -> int:
+    """Devices on the ``"data"`` axis (all devices of a one-axis mesh)."""
+    shape = getattr(mesh, "shape", None)
+    if shape is not None and DATA_AXIS in dict(shape):
+        return int(dict(shape)[DATA_AXIS])
+    return int(mesh.devices.size)
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
@@ -76,10 +102,10 @@ def check_batch_size(batch_size: int, mesh: Mesh, what: str = "batch size") -> N
       mesh: the ``"data"`` mesh.
       what: how the error names the quantity (e.g. the config field to change).
     """
-    n = mesh.devices.size
+    n = data_size(mesh)
     if batch_size % n:
         raise ValueError(
-            f"{what} {batch_size} is not divisible by the {n} devices of the mesh; "
+            f"{what} {batch_size} is not divisible by the {n} devices of the mesh's data axis; "
             f"use a multiple of {n}"
         )
 

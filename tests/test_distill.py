@@ -339,3 +339,143 @@ def test_export_and_load_backbone(stages, test_config, tmp_path):
     images = distill.generate(bb, tokens, noise, num_steps=1)
     assert images.shape == (2, 32, 32, 3)
     assert bool(jnp.all(jnp.isfinite(images)))
+
+
+# --------------------------------------------------------------------------- memory options
+
+
+class _StubUNet:
+    """A one-layer stand-in with the UNet's call signature: cheap to compile."""
+
+    def apply(self, params, x, t, context, timestep_cond=None, added_cond_kwargs=None):
+        h = jnp.tanh(x @ params["w"] + jnp.mean(context) + jnp.sum(timestep_cond, -1)[:, None, None, None])
+        return h * (t[:, None, None, None] / 1000.0)
+
+
+def test_rollout_remat_same_loss_and_grad_and_really_checkpoints():
+    """``remat=True`` wraps each pass in jax.checkpoint without changing loss or gradient."""
+    sched = schedules.make_schedule()
+    k1, k2, k3 = jax.random.split(jax.random.PRNGKey(0), 3)
+    params = {"w": 0.3 * jax.random.normal(k1, (4, 4))}
+    x_T = jax.random.normal(k2, (2, 3, 3, 4))
+    context = jax.random.normal(k3, (2, 5, 6))
+
+    def loss(p, remat):
+        out = losses.student_sample(_StubUNet(), p, sched, x_T, context, num_steps=4, embedding_dim=8,
+                                    prediction_type="v_prediction", remat=remat)
+        return jnp.mean(jnp.square(out))
+
+    (l0, g0), (l1, g1) = (jax.value_and_grad(loss)(params, r) for r in (False, True))
+    # Same operations recomputed in the backward: equal up to XLA fusing them differently.
+    np.testing.assert_allclose(l1, l0, rtol=1e-6)
+    np.testing.assert_allclose(g1["w"], g0["w"], rtol=1e-5, atol=1e-7)
+    assert float(jnp.abs(g0["w"]).max()) > 0
+    # The rematerialised program checkpoints (one remat per pass, inside the sampler's scan).
+    assert "remat" in str(jax.make_jaxpr(lambda p: loss(p, True))(params))  # jax.checkpoint's primitive
+    assert "remat" not in str(jax.make_jaxpr(lambda p: loss(p, False))(params))
+
+
+def test_grad_accumulation_averages_microbatch_gradients():
+    """accum = 2: the update uses the mean of the gradients on keys fold_in(key, 0) and fold_in(key, 1)."""
+    import optax
+
+    mesh = parallel.make_mesh()
+
+    def loss_fn(params, inputs, key):
+        x = jax.random.normal(key, (4, 3))
+        loss = jnp.mean(jnp.square(x @ params["w"] - 1.0))
+        return loss, {"x_mean": jnp.mean(x)}
+
+    params = {"w": jnp.arange(3.0)}
+    tx = optax.sgd(0.1)
+    step = train.make_train_step(loss_fn, tx, 0.5, mesh, grad_accum_steps=2)
+    state, metrics = step(train.create_state(jax.tree.map(jnp.copy, params), tx), {}, jax.random.PRNGKey(3))
+    keys = [jax.random.fold_in(jax.random.PRNGKey(3), i) for i in range(2)]
+    res = [jax.value_and_grad(loss_fn, has_aux=True)(params, {}, k) for k in keys]
+    l, m, g = [r[0][0] for r in res], [r[0][1] for r in res], [r[1] for r in res]
+    grad = (g[0]["w"] + g[1]["w"]) / 2
+    # One SGD step: w - 0.1 * mean gradient (float32 sums of two terms: a few ulp).
+    np.testing.assert_allclose(state.params["w"], params["w"] - 0.1 * grad, rtol=1e-6, atol=1e-7)
+    assert float(metrics["loss"]) == pytest.approx(float(l[0] + l[1]) / 2, rel=1e-6)
+    assert float(metrics["x_mean"]) == pytest.approx(float(m[0]["x_mean"] + m[1]["x_mean"]) / 2, rel=1e-5)
+
+
+def test_compute_options_keep_unet_numerics():
+    """Per-layer remat and chunked attention: same loss and gradient; bf16: close to fp32."""
+    from meg_jax.backbone import layers
+    from meg_jax.backbone.config import preset as backbone_preset
+    from meg_jax.backbone.unet import UNet, example_inputs, init_unet
+
+    cfg = backbone_preset("tiny").unet
+    params = init_unet(cfg, jax.random.PRNGKey(0))
+    inputs = example_inputs(cfg, batch=2, height=8, seq_len=16)
+    inputs["sample"] = jax.random.normal(jax.random.PRNGKey(1), inputs["sample"].shape)
+    inputs["encoder_hidden_states"] = jax.random.normal(jax.random.PRNGKey(2), inputs["encoder_hidden_states"].shape)
+    inputs["timestep"] = jnp.array([10, 500])
+
+    def loss(p, unet):
+        return jnp.mean(jnp.square(unet.apply(p, **inputs).astype(jnp.float32)))
+
+    l0, g0 = jax.value_and_grad(loss)(params, UNet(cfg))
+    chunk = layers.QUERY_CHUNK
+    layers.QUERY_CHUNK = 16  # the 64-token self-attention then runs in 4 chunks
+    try:
+        l1, g1 = jax.value_and_grad(loss)(params, UNet(cfg, remat="nothing_saveable", attention="chunked"))
+    finally:
+        layers.QUERY_CHUNK = chunk
+    # Same arithmetic per element (remat recomputes it; chunking splits independent query
+    # rows): float32 rounding of differently fused kernels only. A kernel's gradient is a
+    # sum over 2 x 64 positions with cancellation, so an element can carry an error of
+    # ~1e-5 of the leaf's largest element (measured 1.5e-6).
+    np.testing.assert_allclose(l1, l0, rtol=1e-6)
+    for a, b in zip(jax.tree.leaves(g0), jax.tree.leaves(g1)):
+        np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-5 * float(jnp.abs(a).max()) + 1e-9)
+    # bf16 compute with fp32 params: 8-bit mantissas (relative rounding 2^-9 per op) over a
+    # ~20-layer network; the loss stays within a few percent and the gradient is float32.
+    l2, g2 = jax.value_and_grad(loss)(params, UNet(cfg, dtype=jnp.bfloat16))
+    assert float(l2) == pytest.approx(float(l0), rel=0.05)
+    assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(g2))
+
+
+def test_attention_implementations_agree():
+    from meg_jax.backbone import layers
+
+    k = jax.random.split(jax.random.PRNGKey(0), 4)
+    q, kk, v = (jax.random.normal(k[i], s) for i, s in enumerate([(2, 64, 32), (2, 48, 32), (2, 48, 32)]))
+    mask = jax.random.bernoulli(k[3], 0.8, (2, 1, 64, 48))
+    chunk = layers.QUERY_CHUNK
+    layers.QUERY_CHUNK = 16
+    try:
+        for m in (None, mask):
+            ref = layers.multi_head_attention(q, kk, v, 4, m)
+            for impl in ("chunked", "xla"):
+                # Same softmax per query row in float32; only the matmul blocking differs.
+                np.testing.assert_allclose(layers.multi_head_attention(q, kk, v, 4, m, impl), ref,
+                                           rtol=1e-5, atol=1e-6)
+    finally:
+        layers.QUERY_CHUNK = chunk
+    with pytest.raises(ValueError, match="attention implementation"):
+        layers.multi_head_attention(q, kk, v, 4, None, "flash")
+
+
+def test_compute_and_parallel_config_validation_and_record():
+    with pytest.raises(ValueError, match="ComputeConfig.remat"):
+        dconfig.ComputeConfig(remat="sometimes")
+    with pytest.raises(ValueError, match="ComputeConfig.dtype"):
+        dconfig.ComputeConfig(dtype="float16")
+    with pytest.raises(ValueError, match="grad_accum_steps"):
+        dconfig.ComputeConfig(grad_accum_steps=0)
+    base = dconfig.preset("test")
+    # Layout and memory-only options do not enter a stage's record (resume may change them);
+    # bf16 changes the teacher/student numbers, accumulation every stage's batches.
+    rec = train.stage_record("student", base)
+    fsdp = dataclasses.replace(base, parallel=dconfig.ParallelConfig(params="fsdp"),
+                               compute=dconfig.ComputeConfig(remat="dots_saveable", rollout_remat=True))
+    assert train.stage_record("student", fsdp) == rec
+    bf16 = dataclasses.replace(base, compute=dconfig.ComputeConfig(dtype="bfloat16"))
+    assert train.stage_record("student", bf16)["compute"] == {"dtype": "bfloat16"}
+    assert "compute" not in train.stage_record("vae", bf16)
+    with pytest.raises(ValueError, match="not divisible by compute.grad_accum_steps=3"):
+        models = train.build_models(base)
+        acc = dataclasses.replace(base, compute=dconfig.ComputeConfig(grad_accum_steps=3))
+        train.student_loss_fn(models, acc, parallel.make_mesh())

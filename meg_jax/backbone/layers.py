@@ -302,6 +302,7 @@ def multi_head_attention(
     v: jax.Array,
     num_heads: int,
     mask: jax.Array | None = None,
+    implementation: str = "reference",
 ) -> jax.Array:
     """Scaled dot-product attention; logits and softmax in float32.
 
@@ -311,6 +312,12 @@ def multi_head_attention(
       v: [B, Nk, Cv] values.
       num_heads: H; C and Cv must be divisible by H.
       mask: optional boolean, True = attend; broadcastable to [B, H, Nq, Nk].
+      implementation: "reference" (the matmul-softmax-matmul below, parity-tested against
+        diffusers); "chunked": the same per query row, computed ``QUERY_CHUNK`` queries at a
+        time under ``jax.checkpoint`` (Rabe & Staats 2021), so the ``[B, H, Nq, Nk]`` logits
+        never exist whole, forward or backward: memory-efficient attention on any backend;
+        or ``jax.nn.dot_product_attention`` with "xla" (any backend) or "cudnn" (cuDNN's
+        fused flash attention, NVIDIA GPUs only; needs Cv == C).
 
     Returns:
       [B, Nq, Cv] in q's dtype.
@@ -318,18 +325,57 @@ def multi_head_attention(
     b, nq, c = q.shape
     nk = k.shape[1]
     d = c // num_heads
+    if implementation in ("xla", "cudnn"):
+        if v.shape[-1] != c:
+            raise ValueError(f"attention implementation {implementation!r} needs values as wide as "
+                             f"queries ({v.shape[-1]} != {c}); use implementation='reference'")
+        out = jax.nn.dot_product_attention(
+            q.reshape(b, nq, num_heads, d), k.reshape(b, nk, num_heads, d), v.reshape(b, nk, num_heads, d),
+            mask=mask, implementation=implementation,
+        )  # [B, Nq, H, d]; logits and softmax in float32 for bf16 inputs too
+        return out.reshape(b, nq, c)
+    if implementation not in ("reference", "chunked"):
+        raise ValueError(
+            f"attention implementation must be 'reference', 'chunked', 'xla' or 'cudnn', got {implementation!r}"
+        )
     # Heads before tokens ([B, H, N, d]) so both products are plain batched matmuls: on
     # XLA:CPU the "bqhd,bkhd" einsum form was fused with the softmax into one kernel several
     # times slower (eval/bench_backbone.py). q is pre-scaled by 1/sqrt(d) (same maths).
     qh = (q * (1.0 / math.sqrt(d))).reshape(b, nq, num_heads, d).transpose(0, 2, 1, 3)  # [B, H, Nq, d]
     kh = k.reshape(b, nk, num_heads, d).transpose(0, 2, 3, 1)  # [B, H, d, Nk]
     vh = v.reshape(b, nk, num_heads, v.shape[-1] // num_heads).transpose(0, 2, 1, 3)  # [B, H, Nk, dv]
-    logits = jnp.matmul(qh, kh, preferred_element_type=jnp.float32)  # [B, H, Nq, Nk]
-    if mask is not None:
-        logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
-    weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-    out = jnp.matmul(weights, vh)  # [B, H, Nq, dv]
+
+    def attend(qc: jax.Array, m: jax.Array | None) -> jax.Array:
+        logits = jnp.matmul(qc, kh, preferred_element_type=jnp.float32)  # [B, H, nq, Nk]
+        if m is not None:
+            logits = jnp.where(m, logits, jnp.finfo(jnp.float32).min)
+        weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+        return jnp.matmul(weights, vh)  # [B, H, nq, dv]
+
+    chunk = _query_chunk(nq)
+    if implementation == "reference" or chunk == nq:
+        out = attend(qh, mask)
+    else:
+        n = nq // chunk
+        qs = qh.reshape(b, num_heads, n, chunk, d).transpose(2, 0, 1, 3, 4)  # [n, B, H, chunk, d]
+        if mask is not None:
+            m = jnp.broadcast_to(mask, (b, num_heads, nq, nk)).reshape(b, num_heads, n, chunk, nk)
+            xs: Any = (qs, m.transpose(2, 0, 1, 3, 4))
+        else:
+            xs = (qs, None)
+        outs = jax.lax.map(jax.checkpoint(lambda a: attend(*a), prevent_cse=False), xs)  # [n, B, H, chunk, dv]
+        out = outs.transpose(1, 2, 0, 3, 4).reshape(b, num_heads, nq, -1)
     return out.transpose(0, 2, 1, 3).reshape(b, nq, -1)
+
+
+QUERY_CHUNK = 512  # queries per step of the "chunked" attention (logits [B, H, 512, Nk])
+
+
+def _query_chunk(nq: int) -> int:
+    """The largest divisor of ``nq`` that is at most ``QUERY_CHUNK``."""
+    if nq <= QUERY_CHUNK:
+        return nq
+    return max(c for c in range(1, QUERY_CHUNK + 1) if nq % c == 0)
 
 
 class Attention(nn.Module):
@@ -341,6 +387,7 @@ class Attention(nn.Module):
     num_heads: int
     qkv_bias: bool = False
     dtype: Dtype = jnp.float32
+    attention: str = "reference"  # multi_head_attention's implementation
 
     @nn.compact
     def __call__(
@@ -352,7 +399,7 @@ class Attention(nn.Module):
         q = Linear(inner, use_bias=self.qkv_bias, dtype=self.dtype, name="to_q")(x)
         k = Linear(inner, use_bias=self.qkv_bias, dtype=self.dtype, name="to_k")(context)
         v = Linear(inner, use_bias=self.qkv_bias, dtype=self.dtype, name="to_v")(context)
-        out = multi_head_attention(q, k, v, self.num_heads, mask)
+        out = multi_head_attention(q, k, v, self.num_heads, mask, self.attention)
         return Linear(inner, dtype=self.dtype, name="to_out_0")(out)
 
 

@@ -53,6 +53,7 @@ class BasicTransformerBlock(nn.Module):
     norm_eps: float = 1e-5
     tome: Any = None
     dtype: Dtype = jnp.float32
+    attention: str = "reference"  # layers.multi_head_attention implementation
 
     @nn.compact
     def __call__(
@@ -60,7 +61,7 @@ class BasicTransformerBlock(nn.Module):
     ) -> jax.Array:
         """x [B, N = height*width, C], context [B, L, D] -> [B, N, C]."""
         norm1 = LayerNorm(self.norm_eps, dtype=self.dtype, name="norm1")
-        attn1 = Attention(self.num_heads, dtype=self.dtype, name="attn1")
+        attn1 = Attention(self.num_heads, dtype=self.dtype, attention=self.attention, name="attn1")
         merge_plan = self._merge_plan(x, height, width, latent_tokens)
         if merge_plan is None:
             x = attn1(norm1(x)) + x
@@ -68,7 +69,7 @@ class BasicTransformerBlock(nn.Module):
             from meg_jax.backbone import tome as tome_lib  # only needed when merging
 
             x = tome_lib.unmerge(attn1(tome_lib.merge(norm1(x), merge_plan)), merge_plan) + x
-        x = Attention(self.num_heads, dtype=self.dtype, name="attn2")(
+        x = Attention(self.num_heads, dtype=self.dtype, attention=self.attention, name="attn2")(
             LayerNorm(self.norm_eps, dtype=self.dtype, name="norm2")(x), context
         ) + x
         x = FeedForward(dtype=self.dtype, name="ff")(LayerNorm(self.norm_eps, dtype=self.dtype, name="norm3")(x)) + x
@@ -99,6 +100,8 @@ class Transformer2DModel(nn.Module):
     use_linear_projection: bool = False
     tome: Any = None
     dtype: Dtype = jnp.float32
+    attention: str = "reference"
+    remat: str = "none"  # jax.checkpoint_policies name for each resnet / transformer layer
 
     @nn.compact
     def __call__(self, x: jax.Array, context: jax.Array, latent_tokens: int) -> jax.Array:
@@ -111,14 +114,29 @@ class Transformer2DModel(nn.Module):
         else:
             x = Conv2d(c, 1, dtype=self.dtype, name="proj_in")(x).reshape(b, h * w, c)
         for k in range(self.num_layers):
-            x = BasicTransformerBlock(
-                self.num_heads, tome=self.tome, dtype=self.dtype, name=f"transformer_blocks_{k}"
+            x = _remat(BasicTransformerBlock, self.remat, (3, 4, 5))(
+                self.num_heads, tome=self.tome, dtype=self.dtype, attention=self.attention,
+                name=f"transformer_blocks_{k}",
             )(x, context, h, w, latent_tokens)
         if self.use_linear_projection:
             x = Linear(c, dtype=self.dtype, name="proj_out")(x).reshape(b, h, w, c)
         else:
             x = Conv2d(c, 1, dtype=self.dtype, name="proj_out")(x.reshape(b, h, w, c))
         return x + residual
+
+
+def _remat(cls: type, policy_name: str, static_argnums: tuple[int, ...] = ()) -> type:
+    """``cls`` wrapped in ``nn.remat`` with ``jax.checkpoint_policies.<policy_name>`` ("none": as is).
+
+    ``static_argnums`` count ``self`` (flax's convention): the Python ints of ``__call__``.
+    """
+    if policy_name == "none":
+        return cls
+    policy = getattr(jax.checkpoint_policies, policy_name, None)
+    if policy is None or policy_name.startswith("_"):
+        raise ValueError(f"UNet.remat={policy_name!r} is not a jax.checkpoint_policies name "
+                         "(e.g. 'nothing_saveable', 'dots_saveable') or 'none'")
+    return nn.remat(cls, policy=policy, static_argnums=static_argnums)
 
 
 def _resnet_and_attention(
@@ -129,7 +147,8 @@ def _resnet_and_attention(
     Called from the block's compact ``__call__``, so the submodules belong to ``block``.
     """
     cfg = block.config
-    x = ResnetBlock2D(block.out_channels, cfg.norm_num_groups, cfg.norm_eps, dtype=block.dtype, name=f"resnets_{j}")(
+    resnet = _remat(ResnetBlock2D, block.remat)
+    x = resnet(block.out_channels, cfg.norm_num_groups, cfg.norm_eps, dtype=block.dtype, name=f"resnets_{j}")(
         x, temb
     )
     if block.with_attention:
@@ -140,6 +159,8 @@ def _resnet_and_attention(
             cfg.use_linear_projection,
             tome=cfg.tome,
             dtype=block.dtype,
+            attention=block.attention,
+            remat=block.remat,
             name=f"attentions_{j}",
         )(x, context, latent_tokens)
     return x
@@ -156,6 +177,8 @@ class _DownBlock(nn.Module):
     num_heads: int
     transformer_layers: int
     dtype: Dtype = jnp.float32
+    attention: str = "reference"
+    remat: str = "none"  # jax.checkpoint_policies name for each resnet / transformer layer
 
     @nn.compact
     def __call__(
@@ -183,6 +206,8 @@ class _UpBlock(nn.Module):
     num_heads: int
     transformer_layers: int
     dtype: Dtype = jnp.float32
+    attention: str = "reference"
+    remat: str = "none"  # jax.checkpoint_policies name for each resnet / transformer layer
 
     @nn.compact
     def __call__(
@@ -202,12 +227,15 @@ class _MidBlock(nn.Module):
 
     config: UNetConfig
     dtype: Dtype = jnp.float32
+    attention: str = "reference"
+    remat: str = "none"  # jax.checkpoint_policies name for each resnet / transformer layer
 
     @nn.compact
     def __call__(self, x: jax.Array, temb: jax.Array, context: jax.Array, latent_tokens: int) -> jax.Array:
         cfg = self.config
         c = x.shape[-1]
-        x = ResnetBlock2D(c, cfg.norm_num_groups, cfg.norm_eps, cfg.mid_block_scale_factor, dtype=self.dtype, name="resnets_0")(
+        resnet = _remat(ResnetBlock2D, self.remat)
+        x = resnet(c, cfg.norm_num_groups, cfg.norm_eps, cfg.mid_block_scale_factor, dtype=self.dtype, name="resnets_0")(
             x, temb
         )
         x = Transformer2DModel(
@@ -217,9 +245,11 @@ class _MidBlock(nn.Module):
             cfg.use_linear_projection,
             tome=cfg.tome,
             dtype=self.dtype,
+            attention=self.attention,
+            remat=self.remat,
             name="attentions_0",
         )(x, context, latent_tokens)
-        return ResnetBlock2D(
+        return resnet(
             c, cfg.norm_num_groups, cfg.norm_eps, cfg.mid_block_scale_factor, dtype=self.dtype, name="resnets_1"
         )(x, temb)
 
@@ -230,10 +260,19 @@ class UNet(nn.Module):
     Attributes:
       config: the architecture.
       dtype: computation dtype (parameters stay float32; norms and softmax run in float32).
+      attention: ``layers.multi_head_attention`` implementation ("reference", "xla", "cudnn").
+      remat: a ``jax.checkpoint_policies`` name ("nothing_saveable", "dots_saveable", ...):
+        each resnet and each transformer layer is rematerialised (``nn.remat``) in the
+        backward pass and keeps only what the policy saves; "none" keeps every activation.
+        Per layer rather than per down/up block: an SD up block recomputed whole holds three
+        resnets' and three transformers' activations at once (measured with
+        ``eval.plan_distill``). Values and parameter names are unchanged.
     """
 
     config: UNetConfig
     dtype: Dtype = jnp.float32
+    attention: str = "reference"
+    remat: str = "none"
 
     @nn.compact
     def __call__(
@@ -296,6 +335,7 @@ class UNet(nn.Module):
 
         x = Conv2d(cfg.block_out_channels[0], cfg.conv_in_kernel, dtype=self.dtype, name="conv_in")(sample)
         latent_tokens = h * w
+        _remat(ResnetBlock2D, self.remat)  # an unknown policy name fails here, before any block
 
         n = cfg.num_blocks
         skips = [x]
@@ -309,11 +349,15 @@ class UNet(nn.Module):
                 cfg.num_heads_tuple[i],
                 cfg.transformer_layers_tuple[i],
                 dtype=self.dtype,
+                attention=self.attention,
+                remat=self.remat,
                 name=f"down_blocks_{i}",
             )(x, emb, context, latent_tokens)
             skips.extend(block_skips)
 
-        x = _MidBlock(cfg, dtype=self.dtype, name="mid_block")(x, emb, context, latent_tokens)
+        x = _MidBlock(cfg, dtype=self.dtype, attention=self.attention, remat=self.remat, name="mid_block")(
+            x, emb, context, latent_tokens
+        )
 
         rev = lambda v: tuple(reversed(v))  # noqa: E731 - up blocks read per-block values reversed
         for i, block_type in enumerate(cfg.up_block_types):
@@ -328,6 +372,8 @@ class UNet(nn.Module):
                 rev(cfg.num_heads_tuple)[i],
                 rev(cfg.transformer_layers_tuple)[i],
                 dtype=self.dtype,
+                attention=self.attention,
+                remat=self.remat,
                 name=f"up_blocks_{i}",
             )(x, block_skips, emb, context, latent_tokens)
 

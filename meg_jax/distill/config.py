@@ -19,6 +19,7 @@ from meg_jax.backbone.config import BackboneConfig
 from meg_jax.backbone.config import preset as backbone_preset
 from meg_jax.data.classifier import ClassifierConfig
 from meg_jax.data.shapes import ShapesConfig
+from meg_jax.partition import ParallelConfig
 
 __all__ = [
     "StageConfig",
@@ -29,6 +30,9 @@ __all__ = [
     "TeacherFinetuneStageConfig",
     "StudentStageConfig",
     "SamplingConfig",
+    "ComputeConfig",
+    "ParallelConfig",
+    "REMAT_POLICIES",
     "DistillConfig",
     "STAGES",
     "OPTIONAL_STAGES",
@@ -256,6 +260,48 @@ class SamplingConfig:
     step_embedding_dim: int = 32
 
 
+# ``jax.checkpoint_policies`` a UNet block may be rematerialised with (what the forward keeps).
+REMAT_POLICIES = ("none", "nothing_saveable", "dots_saveable", "dots_with_no_batch_dims_saveable",
+                  "everything_saveable")
+
+
+@dataclasses.dataclass(frozen=True)
+class ComputeConfig:
+    """Precision and memory of the UNet's train steps (the defaults are the plain fp32 step).
+
+    Parameters, EMA and optimiser state stay float32 whatever ``dtype`` says (master
+    weights); ``dtype`` is what the UNet computes in (Flax casts each kernel to it at use),
+    with norms, softmax, losses and gradients in float32.
+    """
+
+    dtype: Literal["float32", "bfloat16"] = "float32"  # UNet compute dtype
+    # Rematerialise each UNet down/mid/up block in the backward pass with this
+    # ``jax.checkpoint_policies`` policy ("none": keep every activation).
+    remat: str = "none"
+    # Rematerialise each UNet pass of the student's unrolled K-step rollout: the backward
+    # keeps K latents instead of K passes' activations (memory ~ one pass, not K).
+    rollout_remat: bool = False
+    # Attention kernel: "reference" (meg_jax's matmul-softmax-matmul, the parity-tested
+    # default), "chunked" (the same, 512 queries at a time, rematerialised: no whole
+    # [B, H, N, N] logits) or ``jax.nn.dot_product_attention`` with "xla" or "cudnn" (GPU).
+    attention: Literal["reference", "chunked", "xla", "cudnn"] = "reference"
+    # Split each stage's batch into this many microbatches whose gradients are averaged
+    # (a scan inside the step): same update, 1/N of the activation memory.
+    grad_accum_steps: int = 1
+
+    def __post_init__(self) -> None:
+        if self.dtype not in ("float32", "bfloat16"):
+            raise ValueError(f"ComputeConfig.dtype must be 'float32' or 'bfloat16', got {self.dtype!r}")
+        if self.remat not in REMAT_POLICIES:
+            raise ValueError(f"ComputeConfig.remat must be one of {REMAT_POLICIES}, got {self.remat!r}")
+        if self.attention not in ("reference", "chunked", "xla", "cudnn"):
+            raise ValueError(
+                f"ComputeConfig.attention must be 'reference', 'chunked', 'xla' or 'cudnn', got {self.attention!r}"
+            )
+        if self.grad_accum_steps < 1:
+            raise ValueError(f"ComputeConfig.grad_accum_steps must be >= 1, got {self.grad_accum_steps}")
+
+
 @dataclasses.dataclass(frozen=True)
 class DistillConfig:
     """Everything the distillation job needs."""
@@ -274,6 +320,10 @@ class DistillConfig:
     teacher_ft: TeacherFinetuneStageConfig | None = None
     keep_checkpoints: int = 2  # orbax keeps the latest N steps per stage
     async_checkpointing: bool = True  # orbax saves in a background thread
+    # Parameter layout on the mesh (replicated / fsdp, tensor-parallel axis); not part of
+    # the stages' records: a run may resume with another layout.
+    parallel: ParallelConfig = ParallelConfig()
+    compute: ComputeConfig = ComputeConfig()  # UNet precision, remat, attention kernel, accumulation
 
     def __post_init__(self) -> None:
         unet = self.backbone.unet

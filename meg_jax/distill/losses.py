@@ -198,14 +198,30 @@ def teacher_model_fn(unet: Any, params: Any, context: jax.Array) -> schedules.Mo
 
 
 def student_model_fn(unet: Any, params: Any, context: jax.Array, num_steps: int,
-                     embedding_dim: int, num_train_timesteps: int = 1000) -> schedules.ModelFn:
-    """The student conditioned on its step count K, as a ``ModelFn`` (no guidance)."""
+                     embedding_dim: int, num_train_timesteps: int = 1000, *, remat: bool = False,
+                     added_cond_kwargs: Any = None,
+                     prepare_params: Callable[[Any], Any] | None = None) -> schedules.ModelFn:
+    """The student conditioned on its step count K, as a ``ModelFn`` (no guidance).
+
+    Its output is float32 whatever the UNet computes in. With ``remat`` each call is a
+    ``jax.checkpoint`` (policy ``nothing_saveable``): differentiated through a sampling
+    loop, the backward keeps only each call's input latent and recomputes the pass, so the
+    activation memory of a K-step rollout is that of one pass (plus K latents), not K passes.
+    ``prepare_params`` maps the params at the start of every call (inside the checkpoint),
+    e.g. ``partition.gather_for_compute`` (FSDP's all-gather at use).
+    """
     emb = step_embedding(num_steps, embedding_dim, num_train_timesteps)
     cond = jnp.broadcast_to(emb, (context.shape[0], embedding_dim))
 
     def fn(x: jax.Array, t: jax.Array) -> jax.Array:
-        return unet.apply(params, x, t, context, timestep_cond=cond)
+        p = params if prepare_params is None else prepare_params(params)
+        out = unet.apply(p, x, t, context, timestep_cond=cond, added_cond_kwargs=added_cond_kwargs)
+        return out.astype(jnp.float32)
 
+    if remat:
+        # prevent_cse=False: the call sits in a lax.scan, which already keeps XLA from
+        # merging the recomputation with the forward (JAX's advice for checkpoint in scan).
+        return jax.checkpoint(fn, policy=jax.checkpoint_policies.nothing_saveable, prevent_cse=False)
     return fn
 
 
@@ -237,7 +253,9 @@ def teacher_sample(unet: Any, params: Any, schedule: schedules.NoiseSchedule, x_
 
 def student_sample(unet: Any, params: Any, schedule: schedules.NoiseSchedule, x_T: jax.Array,
                    context: jax.Array, *, num_steps: int, embedding_dim: int,
-                   prediction_type: str, spacing: str = "trailing") -> jax.Array:
+                   prediction_type: str, spacing: str = "trailing", remat: bool = False,
+                   added_cond_kwargs: Any = None,
+                   prepare_params: Callable[[Any], Any] | None = None) -> jax.Array:
     """K trailing DDIM steps of the step-conditioned student.
 
     Args:
@@ -248,12 +266,16 @@ def student_sample(unet: Any, params: Any, schedule: schedules.NoiseSchedule, x_
       num_steps: K (static); also the value of the step conditioning.
       embedding_dim: width of ``timestep_cond``.
       prediction_type, spacing: as ``schedules.sample``.
+      remat: rematerialise each pass in a backward pass (``student_model_fn``).
+      added_cond_kwargs: SDXL's ``{"text_embeds", "time_ids"}`` (None otherwise).
+      prepare_params: see ``student_model_fn``.
 
     Returns:
       ``[B, h, w, c]`` latents.
     """
     fn = student_model_fn(unet, params, context, num_steps, embedding_dim,
-                          schedule.num_train_timesteps)
+                          schedule.num_train_timesteps, remat=remat, added_cond_kwargs=added_cond_kwargs,
+                          prepare_params=prepare_params)
     return schedules.sample(fn, schedule, x_T, num_steps=num_steps, spacing=spacing,
                             prediction_type=prediction_type)
 

@@ -8,12 +8,13 @@ mesh)`` closes over them and the stage's config and draws (and shards) its own b
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Callable, Mapping
 
 import jax
 import jax.numpy as jnp
 
-from meg_jax import parallel
+from meg_jax import parallel, partition
 from meg_jax.backbone import schedules
 from meg_jax.data.shapes import sample_batch
 from meg_jax.distill import losses
@@ -40,8 +41,9 @@ def build_models(config: DistillConfig) -> Models:
     from meg_jax.backbone.vae import AutoencoderKL
 
     b = config.backbone
+    c = config.compute
     return Models(
-        unet=UNet(b.unet),
+        unet=UNet(b.unet, dtype=jnp.dtype(c.dtype), attention=c.attention, remat=c.remat),
         vae=AutoencoderKL(b.vae),
         text_encoder=TextEncoder(b.text_encoder),
         classifier=_classifier_module(config),
@@ -60,12 +62,27 @@ def _classifier_module(config: DistillConfig) -> Any:
 # --------------------------------------------------------------------------- losses per stage
 
 
+def micro_batch_size(batch_size: int, config: DistillConfig, mesh: jax.sharding.Mesh, stage: str) -> int:
+    """The batch one loss call draws: ``batch_size / compute.grad_accum_steps``.
+
+    Raises:
+      ValueError: the batch does not split into that many microbatches each divisible by
+        the mesh's data axis (names the fields to change).
+    """
+    n = config.compute.grad_accum_steps
+    if batch_size % n:
+        raise ValueError(f"{stage}.batch_size={batch_size} is not divisible by "
+                         f"compute.grad_accum_steps={n}")
+    micro = batch_size // n
+    parallel.check_batch_size(micro, mesh, what=f"{stage}.batch_size / compute.grad_accum_steps =")
+    return micro
+
+
 def classifier_loss_fn(models: Models, config: DistillConfig, mesh: jax.sharding.Mesh) -> LossFn:
     """Cross-entropy of the attribute classifier on a fresh batch (``inputs`` unused)."""
     from meg_jax.data.classifier import classifier_loss, training_batch
 
-    batch_size = config.classifier.batch_size
-    parallel.check_batch_size(batch_size, mesh)
+    batch_size = micro_batch_size(config.classifier.batch_size, config, mesh, "classifier")
     model_cfg = dataclasses.replace(config.classifier_model, batch_size=batch_size)
 
     def loss_fn(params: Any, inputs: Any, key: jax.Array) -> tuple[jax.Array, dict]:
@@ -79,11 +96,11 @@ def classifier_loss_fn(models: Models, config: DistillConfig, mesh: jax.sharding
 def vae_loss_fn(models: Models, config: DistillConfig, mesh: jax.sharding.Mesh) -> LossFn:
     """VAE loss on a fresh batch: MSE + edge MSE + small KL (``inputs`` unused)."""
     cfg = config.vae
-    parallel.check_batch_size(cfg.batch_size, mesh)
+    batch_size = micro_batch_size(cfg.batch_size, config, mesh, "vae")
 
     def loss_fn(params: Any, inputs: Any, key: jax.Array) -> tuple[jax.Array, dict]:
         k_data, k_z = jax.random.split(key)
-        images, _, _ = sample_batch(k_data, cfg.batch_size, config.data)
+        images, _, _ = sample_batch(k_data, batch_size, config.data)
         images = parallel.constrain_batch(images, mesh)
         mean, logvar = models.vae.apply(params, images, method="encode")
         z = mean
@@ -125,11 +142,11 @@ def decoder_loss_fn(models: Models, config: DistillConfig, mesh: jax.sharding.Me
     from meg_jax.data.shapes import COLOR_RGB
 
     cfg = config.decoder
-    parallel.check_batch_size(cfg.batch_size, mesh)
+    batch_size = micro_batch_size(cfg.batch_size, config, mesh, "decoder")
     palette = jnp.asarray(COLOR_RGB, jnp.float32)
 
     def loss_fn(params: Any, inputs: Any, key: jax.Array) -> tuple[jax.Array, dict]:
-        images, _, attrs = sample_batch(key, cfg.batch_size, config.data)
+        images, _, attrs = sample_batch(key, batch_size, config.data)
         images, attrs = parallel.constrain_batch((images, attrs), mesh)
         vae = merge_vae(inputs["encoder"], params)
         mean, _ = models.vae.apply(vae, images, method="encode")
@@ -157,19 +174,19 @@ def teacher_loss_fn(models: Models, config: DistillConfig, mesh: jax.sharding.Me
     cfg = getattr(config, stage)
     pred = config.backbone.prediction_type
     schedule = models.schedule
-    parallel.check_batch_size(cfg.batch_size, mesh)
+    batch_size = micro_batch_size(cfg.batch_size, config, mesh, stage)
 
     def loss_fn(params: Any, inputs: Any, key: jax.Array) -> tuple[jax.Array, dict]:
         k_idx, k_noise, k_t, k_drop = jax.random.split(key, 4)
         n = inputs["latents"].shape[0]
-        idx = jax.random.randint(k_idx, (cfg.batch_size,), 0, n)
+        idx = jax.random.randint(k_idx, (batch_size,), 0, n)
         x0, tokens = parallel.constrain_batch((inputs["latents"][idx], inputs["tokens"][idx]), mesh)
         noise = jax.random.normal(k_noise, x0.shape)
-        t = jax.random.randint(k_t, (cfg.batch_size,), 0, schedule.num_train_timesteps)
+        t = jax.random.randint(k_t, (batch_size,), 0, schedule.num_train_timesteps)
         x_t = schedules.add_noise(schedule, x0, noise, t)
         context = models.text_encoder.apply(params["text_encoder"], tokens)
         context = losses.drop_context(k_drop, context, cfg.cond_dropout)
-        out = models.unet.apply(params["unet"], x_t, t, context)
+        out = models.unet.apply(params["unet"], x_t, t, context).astype(jnp.float32)  # loss in fp32
         target = losses.diffusion_target(schedule, x0, noise, t, pred)
         loss = jnp.mean(jnp.square(out - target))
         return loss, {}
@@ -179,7 +196,14 @@ def teacher_loss_fn(models: Models, config: DistillConfig, mesh: jax.sharding.Me
 
 def student_loss_fn(models: Models, config: DistillConfig, mesh: jax.sharding.Mesh) -> LossFn:
     """Rollout distillation loss; ``inputs`` holds the frozen text encoder, VAE, latent scale
-    and the teacher targets ``{"noise", "tokens", "latents"}`` (``[N, ...]`` each)."""
+    and the teacher targets ``{"noise", "tokens", "latents"}`` (``[N, ...]`` each).
+
+    With ``compute.rollout_remat`` each of the K UNet passes is rematerialised in the
+    backward pass (same loss and gradient; activation memory of one pass instead of K).
+    An SDXL-style UNet (``addition_embed_type="text_time"``) also reads the pooled prompt
+    embedding ``targets["text_embeds"]`` ``[N, E]``; its ``time_ids`` are the square
+    training resolution with no crop.
+    """
     cfg = config.student
     pred = config.backbone.prediction_type
     schedule = models.schedule
@@ -187,22 +211,39 @@ def student_loss_fn(models: Models, config: DistillConfig, mesh: jax.sharding.Me
     spacing = config.sampling.spacing
     probs = jnp.asarray(cfg.step_probs, jnp.float32)
     probs = probs / jnp.sum(probs)
-    parallel.check_batch_size(cfg.batch_size, mesh)
+    batch_size = micro_batch_size(cfg.batch_size, config, mesh, "student")
+    text_time = config.backbone.unet.addition_embed_type == "text_time"
+    res = config.data.resolution
+    # FSDP: each pass gathers the UNet's params (cast to the compute dtype first) at use.
+    gather = functools.partial(partition.gather_for_compute, cfg=config.parallel, mesh=mesh)
+    compute_dtype = jnp.dtype(config.compute.dtype)
+
+    def prepare(params: Any) -> Any:
+        return gather(params, dtype=None if compute_dtype == jnp.float32 else compute_dtype)
 
     def loss_fn(params: Any, inputs: Any, key: jax.Array) -> tuple[jax.Array, dict]:
         k_idx, k_steps = jax.random.split(key)
         targets = inputs["targets"]
+        if text_time and "text_embeds" not in targets:
+            raise ValueError("the UNet has addition_embed_type='text_time' (SDXL): the student's "
+                             "targets need 'text_embeds' [N, E] (pooled prompt embeddings)")
         n = targets["noise"].shape[0]
-        idx = jax.random.randint(k_idx, (cfg.batch_size,), 0, n)
+        idx = jax.random.randint(k_idx, (batch_size,), 0, n)
         batch = jax.tree.map(lambda a: a[idx], targets)
         batch = parallel.constrain_batch(batch, mesh)
-        context = models.text_encoder.apply(inputs["text_encoder"], batch["tokens"])
+        context = models.text_encoder.apply(gather(inputs["text_encoder"]), batch["tokens"])
         step_index = jax.random.choice(k_steps, len(cfg.step_counts), p=probs)
+        added = None
+        if text_time:  # (original size, crop top-left, target size) of SDXL's micro-conditioning
+            time_ids = jnp.asarray([res, res, 0, 0, res, res], jnp.float32)
+            added = {"text_embeds": batch["text_embeds"],
+                     "time_ids": jnp.broadcast_to(time_ids, (batch_size, 6))}
 
         def sample_fn(k: int) -> jax.Array:
             return losses.student_sample(models.unet, params, schedule, batch["noise"], context,
                                          num_steps=k, embedding_dim=dim, prediction_type=pred,
-                                         spacing=spacing)
+                                         spacing=spacing, remat=config.compute.rollout_remat,
+                                         added_cond_kwargs=added, prepare_params=prepare)
 
         def decode(z: jax.Array) -> jax.Array:
             return models.vae.apply(inputs["vae"], z / inputs["latent_scale"], method="decode")

@@ -46,8 +46,10 @@ from flax import struct
 from meg_jax import checkpoint as ckpt
 from meg_jax import config as config_lib
 from meg_jax import parallel
+from meg_jax import partition
 from meg_jax import run_log
 from meg_jax.distill.config import OPTIONAL_STAGES, STAGES, DistillConfig, StageConfig
+from meg_jax.partition import ParallelConfig
 from meg_jax.distill.objectives import (  # noqa: F401  (re-exported: the stage objectives)
     LossFn,
     Models,
@@ -78,6 +80,8 @@ __all__ = [
     "make_optimizer",
     "create_state",
     "make_train_step",
+    "state_specs",
+    "input_specs",
     "vae_loss_fn",
     "decoder_loss_fn",
     "teacher_loss_fn",
@@ -144,9 +148,41 @@ def create_state(params: Any, tx: optax.GradientTransformation) -> TrainState:
     )
 
 
+def state_specs(state: TrainState, tx: optax.GradientTransformation | None, cfg: ParallelConfig,
+                mesh: jax.sharding.Mesh) -> TrainState:
+    """``PartitionSpec``s of a train state (arrays or ``ShapeDtypeStruct``s) by the partition rules.
+
+    Params and their EMA by ``partition.tree_specs``; the step is replicated. The optimiser
+    state follows the params by structure (``partition.opt_state_specs``) when ``tx`` is
+    given; without it the rules are applied to its leaves directly, which gives moments the
+    spec of their parameter too (the rules read only a leaf's path suffix and shape) and
+    works for any state (``train_stage`` does not know the optimiser).
+    """
+    params = partition.tree_specs(state.params, cfg, mesh)
+    if tx is None:
+        opt = partition.tree_specs(state.opt_state, cfg, mesh)
+    else:
+        opt = partition.opt_state_specs(tx, state.opt_state, params)
+    return TrainState(step=jax.sharding.PartitionSpec(), params=params, ema_params=params, opt_state=opt)
+
+
+def input_specs(inputs: Any, cfg: ParallelConfig, mesh: jax.sharding.Mesh) -> Any:
+    """Specs of a stage's frozen inputs: the same rules as parameters (a cache ``[N, ...]``
+    splits on N under fsdp; scalars stay replicated)."""
+    return partition.tree_specs(inputs, cfg, mesh)
+
+
 def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, ema_decay: float,
-                    mesh: jax.sharding.Mesh) -> Callable[[TrainState, Any, jax.Array], tuple[TrainState, dict]]:
+                    mesh: jax.sharding.Mesh, parallel_config: ParallelConfig = ParallelConfig(),
+                    grad_accum_steps: int = 1,
+                    ) -> Callable[[TrainState, Any, jax.Array], tuple[TrainState, dict]]:
     """Builds the jitted ``train_step(state, inputs, key) -> (state, metrics)``.
+
+    The same function runs on one device and on a mesh: the state arrives laid out by
+    ``state_specs`` (replicated or FSDP, ``partition.shard``), the inputs by
+    ``input_specs``, and the step constrains gradients and the new state to those specs, so
+    XLA reduce-scatters the gradients onto their shards and the output layout equals the
+    input's (the donated buffers are reused).
 
     Args:
       loss_fn: ``loss_fn(params, inputs, key) -> (loss, metrics)``; it generates (and
@@ -154,14 +190,33 @@ def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, ema_decay
       tx: the optimizer.
       ema_decay: EMA decay d; the effective decay is ``min(d, (1 + s) / (10 + s))`` so the
         average forgets the random initialisation early in short runs.
-      mesh: device mesh; state, inputs and key are replicated, batches sharded inside.
+      mesh: device mesh; batches are sharded on its ``"data"`` axis inside ``loss_fn``.
+      parallel_config: the partition rules of params, EMA and optimiser state.
+      grad_accum_steps: N > 1 calls ``loss_fn`` on keys ``fold_in(key, i)``, i < N, in a
+        ``lax.scan`` (each draws a microbatch) and averages losses, metrics and gradients;
+        1 calls it once on ``key``.
 
     Returns:
       The jitted step (state donated).
     """
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
     def step(state: TrainState, inputs: Any, key: jax.Array) -> tuple[TrainState, dict[str, jax.Array]]:
-        (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, inputs, key)
+        specs = state_specs(state, tx, parallel_config, mesh)
+        if grad_accum_steps == 1:
+            (loss, metrics), grads = grad_fn(state.params, inputs, key)
+            grads = partition.constrain(grads, mesh, specs.params)
+        else:
+            def micro(carry: Any, i: jax.Array) -> tuple[Any, None]:
+                (l, m), g = grad_fn(state.params, inputs, jax.random.fold_in(key, i))
+                g = partition.constrain(g, mesh, specs.params)
+                return jax.tree.map(jnp.add, carry, (l, m, g)), None
+
+            (l0, m0), g0 = jax.eval_shape(grad_fn, state.params, inputs, key)
+            zero = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), (l0, m0, g0))
+            zero = (zero[0], zero[1], partition.constrain(zero[2], mesh, specs.params))
+            total, _ = jax.lax.scan(micro, zero, jnp.arange(grad_accum_steps))
+            loss, metrics, grads = jax.tree.map(lambda x: x / grad_accum_steps, total)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         s = state.step.astype(jnp.float32)
@@ -169,11 +224,9 @@ def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, ema_decay
         ema = jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, state.ema_params, params)
         metrics = {**metrics, "loss": loss, "grad_norm": optax.tree.norm(grads)}
         new = TrainState(step=state.step + 1, params=params, ema_params=ema, opt_state=opt_state)
-        return new, metrics
+        return partition.constrain(new, mesh, specs), metrics
 
-    repl = parallel.replicated_sharding(mesh)
-    return jax.jit(step, in_shardings=(repl, repl, repl), out_shardings=(repl, repl),
-                   donate_argnums=(0,))
+    return jax.jit(step, donate_argnums=(0,))
 
 
 # --------------------------------------------------------------------------- init
@@ -240,6 +293,16 @@ def stage_record(stage: str, config: DistillConfig) -> dict[str, Any]:
     if stage in ("teacher", "teacher_ft", "student"):
         record["backbone"] = {k: v for k, v in d["backbone"].items() if k != "vae"}
         record["vae"] = d["vae"]
+    # Compute options that change a stage's numbers (not just its memory or speed: remat and
+    # the attention kernel may differ on resume, as the layout may); absent at the defaults,
+    # so records made before these options existed stay valid.
+    compute = {}
+    if config.compute.grad_accum_steps != 1:  # other microbatches are drawn
+        compute["grad_accum_steps"] = config.compute.grad_accum_steps
+    if stage in ("teacher", "teacher_ft", "student") and config.compute.dtype != "float32":
+        compute["dtype"] = config.compute.dtype
+    if compute:
+        record["compute"] = compute
     if stage in ("teacher_ft", "student"):
         record["teacher"] = d["teacher"]
     if stage == "student":
@@ -280,6 +343,7 @@ def train_stage(
     async_save: bool = True,
     progress: bool = True,
     stop_after: int | None = None,
+    parallel_config: ParallelConfig = ParallelConfig(),
 ) -> tuple[TrainState, bool]:
     """Runs (or resumes) one stage to ``cfg.steps`` with checkpoints and logging.
 
@@ -298,6 +362,8 @@ def train_stage(
       progress: show a tqdm bar.
       stop_after: stop after this many steps of this call (as if killed right after the
         last checkpoint); for tests of resumption.
+      parallel_config: how state and inputs are laid out on ``mesh`` (``state_specs``,
+        ``input_specs``); a checkpoint restores into that layout whatever it was saved from.
 
     Returns:
       ``(state, finished)``.
@@ -311,12 +377,13 @@ def train_stage(
     manager = ckpt.make_manager(os.path.join(directory, "checkpoints"), max_to_keep=keep,
                                 async_save=async_save)
     try:
-        state = parallel.replicate(init_state, mesh)
+        specs = state_specs(init_state, None, parallel_config, mesh)
+        state = partition.shard(init_state, mesh, specs)
         state, start = ckpt.restore_or_init(manager, state)
-        state = parallel.replicate(state, mesh)
+        state = partition.shard(state, mesh, specs)
         if start >= cfg.steps:
             return state, True
-        inputs = parallel.replicate(inputs, mesh)
+        inputs = partition.shard(inputs, mesh, input_specs(inputs, parallel_config, mesh))
         base = jax.random.PRNGKey(cfg.seed)
         bar = run_log.progress(cfg.steps, initial=start, desc=name, disable=not progress)
         last = cfg.steps if stop_after is None else min(cfg.steps, start + stop_after)
@@ -399,7 +466,8 @@ def compiled_train_step(stage: str, config: DistillConfig, mesh: jax.sharding.Me
     """
     cfg: StageConfig = getattr(config, stage)
     models = build_models(config)
-    return make_train_step(_LOSS_FNS[stage](models, config, mesh), make_optimizer(cfg), cfg.ema_decay, mesh)
+    return make_train_step(_LOSS_FNS[stage](models, config, mesh), make_optimizer(cfg), cfg.ema_decay, mesh,
+                           config.parallel, config.compute.grad_accum_steps)
 
 
 def run(config: DistillConfig, stages: tuple[str, ...], workdir: str, *, mesh: jax.sharding.Mesh | None = None,
@@ -415,7 +483,7 @@ def run(config: DistillConfig, stages: tuple[str, ...], workdir: str, *, mesh: j
     if unknown:
         raise ValueError(f"unknown stage(s) {unknown}; choose from {STAGES}")
     stages = enabled_stages(config, tuple(stages))
-    mesh = parallel.make_mesh() if mesh is None else mesh
+    mesh = parallel.make_mesh(model=config.parallel.model_axis) if mesh is None else mesh
     os.makedirs(workdir, exist_ok=True)
     config_lib.save_json(config, os.path.join(workdir, "config.json"))
     models = build_models(config)
@@ -430,7 +498,7 @@ def run(config: DistillConfig, stages: tuple[str, ...], workdir: str, *, mesh: j
         step = compiled_train_step(stage, config, mesh)
         state, done = train_stage(stage, workdir, stage_record(stage, config), state, step, inputs, cfg, mesh,
                                   keep=config.keep_checkpoints, async_save=config.async_checkpointing,
-                                  progress=progress, stop_after=stop_after)
+                                  progress=progress, stop_after=stop_after, parallel_config=config.parallel)
         finished[stage] = done
         if not done:
             break

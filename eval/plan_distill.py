@@ -1,0 +1,277 @@
+"""Plan a distillation run on a pod from this machine: the compiler's memory and FLOPs of the student step.
+
+Lowers and compiles the real student train step (``meg_jax.distill.train.make_train_step`` over
+``student_loss_fn``: text encoder forward, K unrolled student UNet passes, backward, AdamW, EMA)
+for an SD-1.5 or SDXL-sized backbone on abstract shapes (``jax.ShapeDtypeStruct`` carrying the
+partition rules' shardings), over N fake CPU devices, and prints per device what XLA's
+``compiled.memory_analysis()`` reports (arguments, outputs, temporaries, generated code), the
+step's FLOPs (``cost_analysis()``), whether it fits ``--device-memory``, and the step time a
+given peak FLOP/s and MFU imply. Nothing is allocated and nothing runs::
+
+    python -m eval.plan_distill --model sd15 --devices 8 --device-memory 16 --batch-per-device 8 \\
+        --steps 4 --params fsdp --bf16 --remat nothing_saveable --rollout-remat
+
+The command sets ``XLA_FLAGS=--xla_force_host_platform_device_count=N`` (and the CPU platform)
+before importing JAX, so run it as its own process. Compiling SD-1.5/SDXL steps on a CPU takes
+minutes and several GB of host memory.
+
+Reading the numbers:
+
+* ``peak = arguments + outputs - aliased + temporaries``: the train state is donated, so its
+  output buffers alias the input's and count once.
+* The FLOP count is XLA's ``HloCostAnalysis`` of the un-partitioned program, all devices
+  together (2 per multiply-accumulate, elementwise ops 1, see ``meg_jax.backbone.flops``).
+  XLA counts a ``while`` loop's body once whatever its trip count, so the count is taken on
+  a second lowering (no compile) with every ``lax.scan`` unrolled: the K sampling passes
+  (and the microbatches) then each count.
+* The CPU compiler's memory figures are what XLA:CPU's buffer assignment needs; a GPU/TPU
+  compiler fuses differently (e.g. flash attention never materialises ``[B, H, N, N]``
+  logits), so they are an upper-bound-style estimate, not a measurement on the accelerator.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+import time
+from typing import Any, Sequence
+
+__all__ = ["main", "parse_args", "plan"]
+
+GIB = 2.0**30
+
+
+def parse_args(argv: Sequence[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m eval.plan_distill", description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", choices=("sd15", "sdxl", "tiny"), required=True,
+                   help="backbone preset (tiny: the shipped 32x32 model, for a quick check)")
+    p.add_argument("--devices", type=int, required=True, help="N devices of the mesh (fake CPU devices)")
+    p.add_argument("--device-memory", type=float, default=80.0, help="memory per device, GiB")
+    p.add_argument("--batch-per-device", type=int, default=1,
+                   help="student batch per data-axis device and optimizer step (split into --grad-accum microbatches)")
+    p.add_argument("--steps", type=int, default=4, help="K, unrolled student steps of the trained branch")
+    p.add_argument("--params", choices=("replicated", "fsdp"), default="replicated", help="parameter layout")
+    p.add_argument("--model-axis", type=int, default=1, help="devices on the tensor-parallel axis")
+    p.add_argument("--bf16", action="store_true", help="UNet computes in bfloat16 (fp32 master weights)")
+    p.add_argument("--remat", default="none",
+                   help="jax.checkpoint_policies name for each UNet block (nothing_saveable, dots_saveable, ...)")
+    p.add_argument("--rollout-remat", action="store_true",
+                   help="rematerialise each of the K UNet passes (memory ~ one pass)")
+    p.add_argument("--attention", choices=("reference", "chunked", "xla", "cudnn"), default="reference")
+    p.add_argument("--grad-accum", type=int, default=1, help="microbatches per step")
+    p.add_argument("--peak-tflops", type=float, default=989.0,
+                   help="peak dense TFLOP/s per device for the step-time estimate (H100 SXM bf16: 989)")
+    p.add_argument("--mfu", type=float, default=0.4, help="model FLOP utilisation assumed for the step time")
+    p.add_argument("--no-flops", action="store_true", help="skip the unrolled lowering that counts FLOPs")
+    p.add_argument("--full-codegen", action="store_true",
+                   help="optimise the generated CPU code too (slower compile; same memory figures)")
+    p.add_argument("--json", default=None, metavar="PATH", help="also write the figures as JSON")
+    args = p.parse_args(list(argv))
+    for name in ("devices", "batch_per_device", "steps", "model_axis", "grad_accum"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be >= 1")
+    if args.batch_per_device % args.grad_accum:
+        p.error(f"--grad-accum {args.grad_accum} must divide --batch-per-device {args.batch_per_device}")
+    if args.devices % args.model_axis:
+        p.error(f"--model-axis {args.model_axis} must divide --devices {args.devices}")
+    return args
+
+
+def _set_devices(n: int, fast_codegen_off: bool = False) -> None:
+    """Asks XLA for ``n`` host devices; must run before JAX is imported."""
+    if "jax" in sys.modules:
+        import jax
+
+        if jax.device_count() != n:
+            raise RuntimeError(f"JAX is already imported with {jax.device_count()} devices; run "
+                               f"`python -m eval.plan_distill` as its own process to get {n}")
+        return
+    flags = [f for f in os.environ.get("XLA_FLAGS", "").split() if "force_host_platform_device_count" not in f]
+    flags.append(f"--xla_force_host_platform_device_count={n}")
+    if not fast_codegen_off:
+        # LLVM's optimisation of the CPU code is most of the compile time and changes nothing
+        # the plan reads: buffer assignment (the memory analysis) is done on the optimised HLO
+        # before code generation.
+        flags += ["--xla_backend_optimization_level=0", "--xla_llvm_disable_expensive_passes=true"]
+    os.environ["XLA_FLAGS"] = " ".join(flags)
+    os.environ["JAX_PLATFORMS"] = "cpu"
+
+
+def distill_config(args: argparse.Namespace) -> Any:
+    """The ``DistillConfig`` of the planned student stage (one trained K, global batch B·N/M)."""
+    from meg_jax.backbone.config import preset as backbone_preset
+    from meg_jax.data.classifier import ClassifierConfig
+    from meg_jax.data.shapes import ShapesConfig
+    from meg_jax.distill import config as dconfig
+    from meg_jax.partition import ParallelConfig
+
+    sampling = dconfig.SamplingConfig()
+    b = backbone_preset(args.model)
+    b = dataclasses.replace(b, unet=dataclasses.replace(b.unet, time_cond_proj_dim=sampling.step_embedding_dim))
+    if args.model == "tiny":
+        b = dataclasses.replace(b, prediction_type="v_prediction")
+    res = b.vae.sample_size if isinstance(b.vae.sample_size, int) else b.vae.sample_size[0]
+    data = ShapesConfig(resolution=res, max_length=b.text_encoder.max_length)
+    global_batch = args.batch_per_device * (args.devices // args.model_axis)  # per step (all microbatches)
+    student = dconfig.StudentStageConfig(batch_size=global_batch, step_counts=(args.steps,), step_probs=(1.0,),
+                                         num_targets=global_batch, target_chunk=global_batch)
+    return dconfig.DistillConfig(
+        preset=f"plan-{args.model}", backbone=b, data=data, sampling=sampling,
+        classifier_model=ClassifierConfig(data=data), student=student,
+        parallel=ParallelConfig(params=args.params, model_axis=args.model_axis),
+        compute=dconfig.ComputeConfig(dtype="bfloat16" if args.bf16 else "float32", remat=args.remat,
+                                      rollout_remat=args.rollout_remat, attention=args.attention,
+                                      grad_accum_steps=args.grad_accum),
+    )
+
+
+def _abstract_student(config: Any) -> tuple[Any, Any]:
+    """Abstract (shape-only) student params ``{"params": ...}`` and frozen inputs of ``config``."""
+    import jax
+    import jax.numpy as jnp
+
+    from meg_jax.backbone.text_encoder import TextEncoder
+    from meg_jax.backbone.unet import UNet, example_inputs
+
+    b = config.backbone
+    key = jax.ShapeDtypeStruct((2,), jnp.uint32)
+    unet = jax.eval_shape(lambda k: UNet(b.unet).init({"params": k, "tome": k}, **example_inputs(b.unet)), key)
+    tokens = jax.ShapeDtypeStruct((1, b.text_encoder.max_length), jnp.int32)
+    text = jax.eval_shape(TextEncoder(b.text_encoder).init, key, tokens)
+    n, h, c = config.student.num_targets, b.latent_size, b.vae.latent_channels
+    targets = {
+        "noise": jax.ShapeDtypeStruct((n, h, h, c), jnp.float32),
+        "latents": jax.ShapeDtypeStruct((n, h, h, c), jnp.float32),
+        "tokens": jax.ShapeDtypeStruct((n, b.text_encoder.max_length), jnp.int32),
+    }
+    if b.unet.addition_embed_type == "text_time":
+        targets["text_embeds"] = jax.ShapeDtypeStruct((n, b.unet.text_embeds_dim), jnp.float32)
+    # pixel_weight = 0: the VAE decoder is not part of the step (an empty tree).
+    inputs = {"vae": {}, "latent_scale": jax.ShapeDtypeStruct((), jnp.float32), "text_encoder": text,
+              "targets": targets}
+    return unet, inputs
+
+
+def compile_step(config: Any, compile: bool = True) -> tuple[Any, Any, Any, float]:
+    """Lowers (and compiles) the student train step on abstract sharded shapes.
+
+    Returns:
+      ``(compiled or None, lowered, (abstract state, its specs, mesh), seconds)``.
+    """
+    import jax
+    import jax.numpy as jnp
+
+    from meg_jax import parallel, partition
+    from meg_jax.distill import train
+
+    mesh = parallel.make_mesh(model=config.parallel.model_axis)
+    models = train.build_models(config)
+    tx = train.make_optimizer(config.student)
+    params, inputs = _abstract_student(config)
+    state = jax.eval_shape(lambda p: train.create_state(p, tx), params)
+    state_specs = train.state_specs(state, tx, config.parallel, mesh)
+    state_abs = partition.abstract(state, mesh, state_specs)
+    inputs_abs = partition.abstract(inputs, mesh, train.input_specs(inputs, config.parallel, mesh))
+    key = jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=parallel.replicated_sharding(mesh))
+    step = train.make_train_step(train.student_loss_fn(models, config, mesh), tx, config.student.ema_decay,
+                                 mesh, config.parallel, config.compute.grad_accum_steps)
+    t0 = time.time()
+    lowered = step.lower(state_abs, inputs_abs, key)
+    compiled = lowered.compile() if compile else None
+    return compiled, lowered, (state, state_specs, mesh), time.time() - t0
+
+
+def unrolled_flops(config: Any) -> float:
+    """FLOPs of the step lowered with every ``lax.scan`` unrolled (XLA counts a loop body once)."""
+    import jax
+
+    original = jax.lax.scan
+
+    def scan(f, init, xs=None, length=None, **kw):  # noqa: ANN001, ANN202 - lax.scan's signature
+        return original(f, init, xs, length, **{**kw, "unroll": True})
+
+    jax.lax.scan = scan  # the sampler and the accumulation loop call jax.lax.scan at trace time
+    try:
+        _, lowered, _, _ = compile_step(config, compile=False)
+    finally:
+        jax.lax.scan = original
+    return _flops(lowered.cost_analysis())
+
+
+def _flops(cost: Any) -> float:
+    if isinstance(cost, (list, tuple)):
+        cost = cost[0] if cost else {}
+    return float((cost or {}).get("flops", float("nan")))
+
+
+def plan(args: argparse.Namespace) -> dict[str, Any]:
+    """Compiles the step(s) and returns the figures (bytes per device, FLOPs per step)."""
+    from meg_jax import partition
+
+    config = distill_config(args)
+    compiled, lowered, (state, specs, mesh), seconds = compile_step(config)
+    mem = compiled.memory_analysis()
+    out: dict[str, Any] = {
+        "command": "python -m eval.plan_distill " + " ".join(sys.argv[1:]),
+        "model": args.model, "devices": args.devices, "model_axis": args.model_axis,
+        "batch_per_device": args.batch_per_device, "global_batch": config.student.batch_size,
+        "steps": args.steps, "params": args.params, "bf16": args.bf16, "remat": args.remat,
+        "rollout_remat": args.rollout_remat, "attention": args.attention, "grad_accum": args.grad_accum,
+        "arguments": mem.argument_size_in_bytes, "outputs": mem.output_size_in_bytes,
+        "aliased": mem.alias_size_in_bytes, "temporaries": mem.temp_size_in_bytes,
+        "generated_code": mem.generated_code_size_in_bytes,
+        "state_per_device": partition.bytes_per_device(state, mesh, specs),
+        "compile_s": seconds,
+    }
+    out["peak"] = out["arguments"] + out["outputs"] - out["aliased"] + out["temporaries"]
+    out["fits"] = out["peak"] + out["generated_code"] <= args.device_memory * GIB
+    out["device_memory_gib"] = args.device_memory
+    out["flops_xla_as_counted"] = _flops(lowered.cost_analysis())
+    if not args.no_flops:
+        out["flops_per_step"] = unrolled_flops(config)
+        t = out["flops_per_step"] / (args.devices * args.peak_tflops * 1e12 * args.mfu)
+        out["step_time_s"] = t
+        out["peak_tflops"], out["mfu"] = args.peak_tflops, args.mfu
+    return out
+
+
+def _report(out: dict[str, Any]) -> str:
+    g = lambda b: f"{b / GIB:8.2f} GiB" if b >= 0.1 * GIB else f"{b / 2**20:8.2f} MiB"  # noqa: E731
+    lines = [
+        f"{out['model']}: {out['devices']} devices (model axis {out['model_axis']}), batch "
+        f"{out['batch_per_device']}/device (global {out['global_batch']}), K = {out['steps']}, params "
+        f"{out['params']}, {'bf16' if out['bf16'] else 'fp32'} compute, remat {out['remat']}, rollout remat "
+        f"{out['rollout_remat']}, attention {out['attention']}, grad accum {out['grad_accum']}",
+        f"  per device (XLA memory analysis, compiled in {out['compile_s']:.0f} s):",
+        f"    arguments       {g(out['arguments'])}   (train state {g(out['state_per_device']).strip()})",
+        f"    outputs         {g(out['outputs'])}   (aliased with donated arguments: {g(out['aliased']).strip()})",
+        f"    temporaries     {g(out['temporaries'])}",
+        f"    generated code  {g(out['generated_code'])}",
+        f"    peak            {g(out['peak'])}   -> {'fits' if out['fits'] else 'does NOT fit'} in "
+        f"{out['device_memory_gib']:g} GiB",
+    ]
+    if "flops_per_step" in out:
+        lines.append(f"  FLOPs per step (all devices): {out['flops_per_step']:.4g} "
+                     f"(XLA counts {out['flops_xla_as_counted']:.4g} with the K-loop body once)")
+        lines.append(f"  step time at {out['peak_tflops']:g} TFLOP/s/device and MFU {out['mfu']:g}: "
+                     f"{out['step_time_s']:.3g} s")
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    _set_devices(args.devices, args.full_codegen)
+    out = plan(args)
+    print(_report(out))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(out, f, indent=2)
+            f.write("\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
