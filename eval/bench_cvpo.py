@@ -21,11 +21,9 @@ Every row is measured in the same process; numbers depend on the machine's load.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from meg_jax.meg.artifact import synthetic_artifact
