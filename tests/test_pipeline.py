@@ -112,9 +112,12 @@ def test_r0_infinite_snr_reproduces_unlinked_pipeline_exactly(backbone, tokens, 
     # The link part alone: bit-exact.
     received = pipeline.transmit_latents(latents, 0.0, ANALOG, jnp.inf, jax.random.PRNGKey(6))
     np.testing.assert_array_equal(received, latents)
-    # End to end through generate (its own compiled program): the same images.
+    # End to end through generate (its own compiled program): the same images. Two XLA programs
+    # may fuse and order the float32 sums differently, so "the same" is up to rounding carried
+    # through K UNet passes and the decoder: atol 1e-4 on [-1, 1] pixels (~1e3 float32 ulps of 1),
+    # far below the 8-bit step 2/255 = 7.8e-3 that any real difference of the link would exceed.
     out, c = pipeline.generate(backbone, tokens, K, 0.0, ANALOG, jax.random.PRNGKey(7), snr_db=jnp.inf, noise=noise)
-    np.testing.assert_array_equal(out, images)
+    np.testing.assert_allclose(out, images, rtol=0, atol=1e-4)
     assert bool(jnp.all(c.tx_time_s > 0)) and bool(jnp.all(jnp.isfinite(c.latency_s)))
 
 
