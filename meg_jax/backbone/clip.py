@@ -445,10 +445,6 @@ def params_from_state_dict(
     return traverse_util.unflatten_dict(params)
 
 
-def _read_json(path: str) -> dict[str, Any]:
-    return config_lib.read_json_object(path)
-
-
 def load_text_encoder(
     folder: str | os.PathLike, *, dtype: Dtype = jnp.float32
 ) -> tuple[CLIPTextTransformer, dict[str, Any], CLIPTextConfig]:
@@ -470,7 +466,7 @@ def load_text_encoder(
     """
     folder = os.fspath(folder)
     cfg_path = os.path.join(folder, CONFIG_NAME)
-    data = _read_json(cfg_path)
+    data = config_lib.read_json_object(cfg_path)
     weights_path = os.path.join(folder, WEIGHTS_NAME)
     state = _read_safetensors(weights_path)
     # Without ``architectures`` the weights tell whether the model has a projection.

@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from meg_jax.backbone.clip import _read_json
+from meg_jax.config import read_json_object
 
 __all__ = ["CLIPTokenizer", "load_tokenizer"]
 
@@ -112,15 +112,15 @@ def load_tokenizer(folder: str | os.PathLike, max_length: int | None = None) -> 
     tok_json = os.path.join(folder, "tokenizer.json")
     vocab_file, merges_file = os.path.join(folder, "vocab.json"), os.path.join(folder, "merges.txt")
     cfg_file, map_file = os.path.join(folder, "tokenizer_config.json"), os.path.join(folder, "special_tokens_map.json")
-    config = _read_json(cfg_file) if os.path.isfile(cfg_file) else {}
-    token_map = _read_json(map_file) if os.path.isfile(map_file) else {}
+    config = read_json_object(cfg_file) if os.path.isfile(cfg_file) else {}
+    token_map = read_json_object(map_file) if os.path.isfile(map_file) else {}
     if config.get("tokenizer_class", "CLIPTokenizer") not in ("CLIPTokenizer", "CLIPTokenizerFast"):
         raise ValueError(
             f"{cfg_file}: tokenizer_class={config['tokenizer_class']!r}; meg-jax reads CLIP tokenizers only"
         )
 
     if os.path.isfile(tok_json):
-        model = _read_json(tok_json).get("model", {})
+        model = read_json_object(tok_json).get("model", {})
         if model.get("type") != "BPE" or not isinstance(model.get("vocab"), dict):
             raise ValueError(f"{tok_json}: expected a BPE model with a vocab, got model type {model.get('type')!r}")
         vocab = model["vocab"]
@@ -183,7 +183,7 @@ def load_tokenizer(folder: str | os.PathLike, max_length: int | None = None) -> 
         added[spec[0]] = spec[1]
     listed = dict(added)
     extra_file = os.path.join(folder, "added_tokens.json")  # transformers 4's list of tokens added later
-    for content, token_id in (_read_json(extra_file) if os.path.isfile(extra_file) else {}).items():
+    for content, token_id in (read_json_object(extra_file) if os.path.isfile(extra_file) else {}).items():
         if vocab.get(content) != token_id:
             raise ValueError(
                 f"{extra_file}: added token {content!r} with id {token_id} is not that id of the vocabulary "

@@ -28,16 +28,12 @@ _IGNORED_COMPONENTS = ("safety_checker", "feature_extractor", "image_encoder")
 _OPTIONS = ("requires_safety_checker", "force_zeros_for_empty_prompt", "requires_aesthetics_score")
 
 
-def _read_json(path: str) -> dict[str, Any]:
-    return config_lib.read_json_object(path)
-
-
 def _load_text_encoder(folder: str, variant: str | None, dtype: Any) -> tuple[Any, Any, Any]:
     """A CLIP text-encoder folder through ``weights`` (sharded/variant/fp16 files) and ``clip``."""
     from meg_jax.backbone import clip
 
     cfg_path = os.path.join(folder, "config.json")
-    data = _read_json(cfg_path)
+    data = config_lib.read_json_object(cfg_path)
     state = weights_lib.load_state_dict(folder, variant, np.float32, names=(weights_lib.TRANSFORMERS_WEIGHTS_NAME,))
     has_projection = "text_projection.weight" in state
     try:
@@ -114,7 +110,7 @@ def load_pipeline(
     dtype = jnp.dtype(dtype)
     if dtype not in (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16)):
         raise ValueError(f"dtype must be float32 or bfloat16, got {dtype}")
-    index = _read_json(os.path.join(path, "model_index.json"))
+    index = config_lib.read_json_object(os.path.join(path, "model_index.json"))
     kind, cfg_allowed = _check_model_index(path, index)
 
     def sub(name: str) -> str:

@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import dataclasses
 
+from meg_jax.meg import pricing
+
 __all__ = ["MEGEnvConfig", "PRESETS", "get_preset"]
 
 SINGLE_COSTS = ("normalised_sum", "latency", "energy")
@@ -54,7 +56,7 @@ class MEGEnvConfig:
     tx_power_dbm: float | None = None  # ES transmit power (dBm); None = the artifact's, else 30
     noise_figure_db: float | None = None  # UE noise figure (dB); None = the artifact's, else 7
     noise_psd_dbm_hz: float = -174.0  # thermal noise density (dBm/Hz)
-    snr_floor_db: float = -10.0  # rate floor: the link never runs slower than B log2(1 + SNR_floor)
+    snr_floor_db: float = pricing.DEFAULT_SNR_FLOOR_DB  # rate floor: the link never runs slower than B log2(1 + SNR_floor)
     # --- channel state information seen by the agent ------------------------------------
     csi_delay_s: float = 0.005  # age of the channel estimate at decision time (s)
     csi_error_std: float = 0.1  # estimation error std of h ~ CN(0, σ²) (NMSE = σ²)
