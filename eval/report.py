@@ -203,17 +203,22 @@ def _plot_training(curves: Mapping[str, Mapping[str, Any]], path: str) -> None:
             axes[1].plot(xl, c["lam_0"], "-", color=color, label=f"{name}: λ latency")
             axes[1].plot(xl, c["lam_1"], "--", color=color, label=f"{name}: λ energy")
     axes[0].axhline(1.0, color="k", lw=1, ls=":", label="limit")
-    axes[0].set_ylabel("episode-average cost / limit")
-    axes[0].set_title("(2) constraint satisfaction during training")
-    axes[1].set_ylabel("multiplier λ (per unit of cost / limit)")
-    axes[1].set_title("(2) Lagrange multipliers")
-    axes[2].set_ylabel("episode-average quality (accuracy)")
-    axes[2].set_title("(2) quality during training")
-    for ax in axes:
-        ax.set_xlabel("environment steps (transitions)")
+    _finish_panels(fig, axes, path, "environment steps (transitions)", [
+        ("episode-average cost / limit", "(2) constraint satisfaction during training"),
+        ("multiplier λ (per unit of cost / limit)", "(2) Lagrange multipliers"),
+        ("episode-average quality (accuracy)", "(2) quality during training")], legend_fontsize=7)
+
+
+def _finish_panels(fig: Any, axes: Any, path: str, xlabel: str, labels: Sequence[tuple[str, str]],
+                   legend_fontsize: int) -> None:
+    """Label a row of panels (``labels``: one (y label, title) per panel), grid, legend, save."""
+    for ax, (ylabel, title) in zip(axes, labels):
+        ax.set_ylabel(ylabel)
+        ax.set_title(title)
+        ax.set_xlabel(xlabel)
         ax.grid(alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize=7)
+            ax.legend(fontsize=legend_fontsize)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
@@ -234,16 +239,9 @@ def _plot_sweep(sweep: Mapping[str, Any], path: str) -> None:
         axes[0].errorbar(x, q, yerr=se, fmt="o-", color="tab:red", capsize=3, label="MEG-CVPO retrained per limit")
         axes[1].plot(x, 1e3 * np.asarray([r["cvpo"]["latency_s"] for r in rows]), "o-", color="tab:red", label="MEG-CVPO")
     axes[1].plot(x, x, ":", color="tab:red", lw=1, label="= limit")
-    axes[0].set_ylabel("average quality (accuracy)")
-    axes[0].set_title("(3) quality vs latency limit")
-    axes[1].set_ylabel("achieved average latency (ms)")
-    axes[1].set_title("(3) achieved latency vs limit")
-    for ax in axes:
-        ax.set_xlabel("latency limit (ms per request, episode average)")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    _finish_panels(fig, axes, path, "latency limit (ms per request, episode average)", [
+        ("average quality (accuracy)", "(3) quality vs latency limit"),
+        ("achieved average latency (ms)", "(3) achieved latency vs limit")], legend_fontsize=8)
 
 
 def _plot_behaviour(behaviour: Mapping[str, Mapping[str, Any]], path: str) -> None:

@@ -85,11 +85,6 @@ def test_oracle_is_feasible_and_the_orderings_hold(table, demo_smoke_run):
     assert not on_device["meets"] and on_device["energy_ratio"] > 5 and on_device["latency_ratio"] > 5
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "known inconsistency: the 'best fixed' row is chosen with costs <= limit while 'meets limits' / "
-    "'feasible' use <= 1.02 x limit (issue 18: one tolerance constant); on the smoke episodes fixed "
-    "action 0 (K=1, r=0) is feasible at 1.016 / 1.011 x limit, yet the table has no best-fixed row. "
-    "Remove this mark when the evaluation uses one rule."))
 def test_best_fixed_row_follows_the_feasibility_rule(table, demo_smoke_run):
     _, _, _, metrics = demo_smoke_run
     comp = next(c for c in metrics["comparisons"] if c["preset"] == "tiny")

@@ -203,3 +203,19 @@ def test_on_device_fit_matches_the_host_loop(setup):
     before = O._fit_oracle_device._cache_size()
     O.fit_oracle(q + 0.01, c, np.array([0.7, 0.75]))
     assert O._fit_oracle_device._cache_size() == before
+
+
+def test_best_fixed_action_applies_the_tolerance_to_the_limits():
+    # Two fixed actions on a 1 x 2 grid: action 1 is better but costs 1.01 x the latency limit.
+    # The exact rule (tolerance 1) must pick action 0; the report's rule (1.02) must pick action 1.
+    grid = type("Grid", (), {"steps": np.array([1]), "merge_ratios": np.array([0.0, 0.5])})()
+    quality = np.array([[0.5, 0.9]] * 4)
+    costs = np.array([[[0.5, 0.1], [1.01, 0.1]]] * 4)
+    limits = np.array([1.0, 1.0])
+    assert O.best_fixed_action(grid, quality, costs, limits).index == 0
+    picked = O.best_fixed_action(grid, quality, costs, limits, 1.02)
+    assert picked.index == 1 and picked.merge_ratio == 0.5
+    with pytest.raises(ValueError, match="no fixed action meets"):
+        O.best_fixed_action(grid, quality, costs * 3.0, limits, 1.02)
+    with pytest.raises(ValueError, match="tolerance"):
+        O.best_fixed_action(grid, quality, costs, limits, 0.98)

@@ -403,6 +403,12 @@ def test_loads_pipeline_and_scheduler_folders(tmp_path):
     assert load_scheduler(written).config == load_scheduler(tmp_path).config
     with pytest.raises(FileNotFoundError, match="scheduler_config.json"):
         load_scheduler(tmp_path / "nothing")
+    # a truncated config fails naming the file (not a bare JSONDecodeError)
+    cut = tmp_path / "cut" / "scheduler_config.json"
+    cut.parent.mkdir()
+    cut.write_text(json.dumps(written)[:40])
+    with pytest.raises(ValueError, match=re.escape(str(cut)) + r".*not valid JSON"):
+        load_scheduler(cut.parent)
 
 
 def test_plan_errors():

@@ -45,7 +45,6 @@ cumulative product (see ``tests/test_schedulers.py`` for the bound).
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 from typing import Any, Callable, Mapping
@@ -56,6 +55,7 @@ import numpy as np
 from meg_jax.backbone import schedules as S
 from meg_jax.backbone.sampling_loop import SamplingPlan, denoise
 from meg_jax.backbone.schedules import NoiseSchedule
+from meg_jax.config import read_json_object
 
 __all__ = [
     "SCHEDULER_CLASSES",
@@ -291,14 +291,7 @@ def _read_config(folder_or_dict: str | os.PathLike | Mapping[str, Any]) -> tuple
     )
     for c in candidates:
         if os.path.isfile(c):
-            with open(c, encoding="utf-8") as f:
-                try:
-                    cfg = json.load(f)
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{c}: not valid JSON ({e})") from e
-            if not isinstance(cfg, dict):
-                raise ValueError(f"{c}: expected a JSON object, got {type(cfg).__name__}")
-            return cfg, c
+            return read_json_object(c, "the scheduler's config"), c
     raise FileNotFoundError(
         f"no scheduler config at {path!r}: looked for {', '.join(repr(c) for c in candidates)}"
     )

@@ -62,6 +62,7 @@ from meg_jax.env.channel import (  # re-exported below: the public import paths 
     sample_step_noise,
     stationary_channel_samples,
 )
+from meg_jax.env import state as _state
 from meg_jax.env.config import MEGEnvConfig
 from meg_jax.env.state import (
     METRIC_KEYS,
@@ -75,15 +76,10 @@ from meg_jax.env.state import (
 )
 from meg_jax.meg import pricing
 
-__all__ = [
-    "EnvParams",
-    "ChannelState",
-    "MEGCore",
-    "StepNoise",
-    "ResetNoise",
+# the state types keep their old import path (``meg_env.EnvParams`` ...): re-exported
+__all__ = [n for n in _state.__all__ if n != "RESET_STREAM"] + [
     "MEGEnv",
     "build_params",
-    "observation_fields",
     "sample_step_noise",
     "episode_step_noise",
     "sample_reset_noise",
@@ -96,7 +92,6 @@ __all__ = [
     "grid_action_table",
     "stationary_channel_samples",
     "derive_limits",
-    "METRIC_KEYS",
 ]
 
 

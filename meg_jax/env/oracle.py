@@ -282,8 +282,13 @@ def fit_oracle(
     )
 
 
-def best_fixed_action(params: EnvParams, quality: Array, costs: Array, limits: Array) -> FixedAction:
+def best_fixed_action(params: EnvParams, quality: Array, costs: Array, limits: Array,
+                      tolerance: float = 1.0) -> FixedAction:
     """The fixed grid action with the highest average quality whose average costs meet the limits.
+
+    An action meets a limit when its average cost is <= ``tolerance`` x the limit: 1.0 is the
+    exact CMDP constraint; evaluation passes ``rl.config.FEASIBILITY_TOLERANCE`` so that the best
+    fixed action is chosen by the same rule that marks every other policy feasible.
 
     Averages in float64 on the host (a few thousand to a million requests: float32 sums
     would lose the last digits that separate near-tied actions).
@@ -293,15 +298,18 @@ def best_fixed_action(params: EnvParams, quality: Array, costs: Array, limits: A
       quality: [M, A] quality of every grid action at each request.
       costs: [M, A, 2] their latency (s) and energy (J).
       limits: [2] average limits.
+      tolerance: the factor on the limits (>= 1).
 
     Raises ``ValueError`` if no fixed action is feasible.
     """
+    if not tolerance >= 1.0:
+        raise ValueError(f"tolerance must be >= 1 (a factor on the limits), got {tolerance}")
     mean_q = np.asarray(quality, np.float64).mean(axis=0)
     mean_c = np.asarray(costs, np.float64).mean(axis=0)  # [A, 2]
     limits = np.asarray(limits, np.float64)
-    feasible = np.all(mean_c <= limits[None, :], axis=1)
+    feasible = np.all(mean_c <= tolerance * limits[None, :], axis=1)
     if not feasible.any():
-        raise ValueError(f"no fixed action meets the limits {limits.tolist()}")
+        raise ValueError(f"no fixed action meets the limits {limits.tolist()} (x {tolerance:g})")
     idx = int(np.argmax(np.where(feasible, mean_q, -np.inf)))
     num_r = int(np.shape(params.merge_ratios)[-1])
     return FixedAction(

@@ -28,6 +28,7 @@ import numpy as np
 
 from meg_jax.env import oracle as env_oracle
 from meg_jax.rl.evaluate import (
+    FEASIBILITY_TOLERANCE,
     LearnedPolicy,
     Rollout,
     gap_closed,
@@ -97,11 +98,16 @@ def fit_oracle_on(ro: Rollout, limits: Optional[np.ndarray] = None) -> tuple[env
     return sol, probs, oracle_dual(sol.lambdas, q, c / limits)
 
 
-def best_fixed_on(ro: Rollout, limits: Optional[np.ndarray], params: Any) -> Optional[env_oracle.FixedAction]:
-    """``env_oracle.best_fixed_action`` on ``ro``'s tables; None when no fixed action is feasible."""
+def best_fixed_on(ro: Rollout, limits: Optional[np.ndarray], params: Any,
+                  tolerance: float = FEASIBILITY_TOLERANCE) -> Optional[env_oracle.FixedAction]:
+    """``env_oracle.best_fixed_action`` on ``ro``'s tables; None when no fixed action is feasible.
+
+    Feasible means what it means for every other row of a report: average costs <= ``tolerance``
+    x the limits.
+    """
     q, c = _flat(ro)
     try:
-        return env_oracle.best_fixed_action(params, q, c, _limits(ro, limits))
+        return env_oracle.best_fixed_action(params, q, c, _limits(ro, limits), tolerance)
     except ValueError:
         return None
 
@@ -200,7 +206,7 @@ def evaluate_all(config: Any, agent: Any, actor_params: Any, artifact: Any = Non
     limits = np.asarray(params.limits, np.float64)
     ro = record_rollout(denv, key)
     q_flat, c_flat = _flat(ro)
-    fixed_action = env_oracle.best_fixed_action(params, q_flat, c_flat, limits)
+    fixed_action = env_oracle.best_fixed_action(params, q_flat, c_flat, limits, tol)
     solution = env_oracle.fit_oracle(q_flat, c_flat, limits)
     ceiling = oracle_dual(solution.lambdas, q_flat, c_flat / limits)
     out: dict[str, Any] = {"limits": limits.tolist(), "episodes": episodes, "episode_length": int(denv.episode_length)}
