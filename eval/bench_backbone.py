@@ -25,6 +25,9 @@ Run from the repository root::
 
     python -m eval.bench_backbone            # full run, writes docs/bench_backbone.md
     python -m eval.bench_backbone --quick    # smoke test (few repeats, small ToMe block)
+    python -m eval.bench_backbone --help     # every flag with its default
+
+Tables go to stdout, progress to the log (stderr).
 
 On a machine whose default JAX device is a GPU, the Flax rows are repeated on the GPU
 (PyTorch stays on the CPU: CI installs the CPU build).
@@ -32,12 +35,12 @@ On a machine whose default JAX device is a GPU, the Flax rows are repeated on th
 
 from __future__ import annotations
 
-import argparse
 import collections
 import dataclasses
 import datetime
 import glob
 import json
+import logging
 import os
 import platform
 import re
@@ -46,9 +49,13 @@ import subprocess
 import sys
 import tempfile
 import time
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Literal, Optional, Sequence
 
 import numpy as np
+
+__all__ = ["Args", "BenchSettings", "main", "parse_args"]
+
+log = logging.getLogger("eval.bench_backbone")
 
 # The tiny UNet of diffusers' Stable Diffusion pipeline tests (1.43 M parameters).
 TINY_UNET = dict(
@@ -265,15 +272,18 @@ def _child_unet(settings: BenchSettings, single_core: bool, torch_threads: int |
     print("CHILD_RESULT " + json.dumps(result), flush=True)
 
 
+def child_main(spec: str) -> None:
+    """Entry point of a row's child process: ``spec`` is the JSON :func:`_run_child` passes."""
+    job = json.loads(spec)
+    _child_unet(BenchSettings(**job["settings"]), job["single_core"], job["torch_threads"], job["profile"])
+
+
 def _run_child(settings: BenchSettings, row: UNetRow, profile: bool) -> dict[str, Any] | None:
-    cmd = [
-        sys.executable, "-m", "eval.bench_backbone", "--_child-unet",
-        "--repeats", str(settings.repeats), "--warmup", str(settings.warmup),
-        "--matmul-precision", settings.matmul_precision,
-    ]
-    cmd += ["--_single-core"] if row.single_core else []
-    cmd += ["--_torch-threads", str(row.torch_threads)] if row.torch_threads else []
-    cmd += ["--_profile"] if profile else []
+    spec = {"settings": dataclasses.asdict(settings), "single_core": row.single_core,
+            "torch_threads": row.torch_threads, "profile": profile}
+    module = __spec__.name if __spec__ is not None else "eval.bench_backbone"  # also as meg_jax_jobs.eval...
+    cmd = [sys.executable, "-c", f"import sys; from {module} import child_main; child_main(sys.argv[1])",
+           json.dumps(spec)]
     env = dict(os.environ, JAX_PLATFORMS="cpu")
     flags = " ".join(f for f in (os.environ.get("XLA_FLAGS", ""), row.xla_flags) if f)
     if flags:
@@ -282,7 +292,7 @@ def _run_child(settings: BenchSettings, row: UNetRow, profile: bool) -> dict[str
     for line in proc.stdout.splitlines():
         if line.startswith("CHILD_RESULT "):
             return json.loads(line[len("CHILD_RESULT "):])
-    print(f"UNet row '{row.label}' failed (rc {proc.returncode}):\n{proc.stderr[-3000:]}", file=sys.stderr)
+    log.error("UNet row '%s' failed (rc %d):\n%s", row.label, proc.returncode, proc.stderr[-3000:])
     return None
 
 
@@ -307,7 +317,7 @@ def bench_unet(settings: BenchSettings) -> tuple[list[list[Any]], list[list[Any]
             res["load"].split()[0],
         ])
         profile = res.get("profile", profile)
-        print("  " + " | ".join(str(v) for v in rows[-1]), flush=True)
+        log.info("  %s", " | ".join(str(v) for v in rows[-1]))
 
     if jax.devices()[0].platform == "gpu":
         import torch
@@ -502,63 +512,76 @@ def _report(
     return "\n".join(parts)
 
 
-def parse_args(argv: Sequence[str] | None = None) -> tuple[argparse.Namespace, BenchSettings]:
-    p = argparse.ArgumentParser(
-        description=(__doc__ or "").split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    p.add_argument("--repeats", type=int, default=None, help="timed calls per row (default 20; --quick: 3)")
-    p.add_argument("--warmup", type=int, default=None, help="untimed rounds first (default 3; --quick: 1)")
-    p.add_argument("--tome-repeats", type=int, default=None, help="timed calls per ToMe ratio (default 10; --quick: 3)")
-    p.add_argument("--quick", action="store_true", help="smoke test: few repeats, 16x16 tokens, C=64 ToMe block")
-    p.add_argument("--tome-channels", type=int, default=None, help="ToMe block width C (default 320)")
-    p.add_argument("--tome-side", type=int, default=None, help="ToMe token grid side (default 64 -> 4096 tokens)")
-    p.add_argument("--tome-batch", type=int, default=1)
-    p.add_argument("--matmul-precision", choices=("default", "high", "highest"), default="default")
-    p.add_argument("--skip-unet", action="store_true")
-    p.add_argument("--skip-tome", action="store_true")
-    p.add_argument(
-        "--out", default=None, help="markdown report (default docs/bench_backbone.md; --quick: none; '' for none)"
-    )
-    p.add_argument("--_child-unet", action="store_true", help=argparse.SUPPRESS)
-    p.add_argument("--_single-core", action="store_true", help=argparse.SUPPRESS)
-    p.add_argument("--_profile", action="store_true", help=argparse.SUPPRESS)
-    p.add_argument("--_torch-threads", type=int, default=None, help=argparse.SUPPRESS)
-    args = p.parse_args(argv)
+@dataclasses.dataclass(frozen=True)
+class Args:
+    """Flags of ``python -m eval.bench_backbone``."""
+
+    repeats: Optional[int] = None  # timed calls per row (None: 20; --quick: 3)
+    warmup: Optional[int] = None  # untimed rounds first (None: 3; --quick: 1)
+    tome_repeats: Optional[int] = None  # timed calls per ToMe ratio (None: 10; --quick: 3)
+    quick: bool = False  # smoke test: few repeats, 16x16 tokens, C=64 ToMe block, no report
+    tome_channels: Optional[int] = None  # ToMe block width C (None: 320; --quick: 64)
+    tome_side: Optional[int] = None  # ToMe token grid side (None: 64 -> 4096 tokens; --quick: 16)
+    tome_batch: int = 1  # ToMe block batch
+    matmul_precision: Literal["default", "high", "highest"] = "default"  # jax.default_matmul_precision of the Flax rows
+    skip_unet: bool = False  # skip the UNet table
+    skip_tome: bool = False  # skip the ToMe table
+    out: Optional[str] = None  # markdown report (None: docs/bench_backbone.md; --quick: none; '' for none)
+
+
+def parse_args(argv: Sequence[str]) -> tuple[Args, BenchSettings]:
+    """Command line -> (:class:`Args` with ``out`` resolved, the run's :class:`BenchSettings`).
+
+    Raises:
+      SystemExit: ``--help`` (0); an unknown flag or a bad value (2, naming it).
+    """
+    from meg_jax import config as config_lib
+
+    prog = "python -m eval.bench_backbone"
+    args = config_lib.parse_cli(Args, argv, prog=prog, description=(__doc__ or "").split("\n\n")[0])
     quick = args.quick
     if args.out is None:
-        args.out = "" if quick else "docs/bench_backbone.md"
+        args = dataclasses.replace(args, out="" if quick else "docs/bench_backbone.md")
     settings = BenchSettings(
         repeats=args.repeats if args.repeats is not None else (3 if quick else 20),
         warmup=args.warmup if args.warmup is not None else (1 if quick else 3),
         tome_repeats=args.tome_repeats if args.tome_repeats is not None else (3 if quick else 10),
-        tome_side=args.tome_side or (16 if quick else 64),
-        tome_channels=args.tome_channels or (64 if quick else 320),
+        tome_side=args.tome_side if args.tome_side is not None else (16 if quick else 64),
+        tome_channels=args.tome_channels if args.tome_channels is not None else (64 if quick else 320),
         tome_batch=args.tome_batch,
         tome_context_dim=64 if quick else 768,
         matmul_precision=args.matmul_precision,
     )
-    if min(settings.repeats, settings.warmup, settings.tome_repeats) < 1:
-        p.error("--repeats, --tome-repeats and --warmup must be >= 1 (the first warm-up call compiles)")
-    if settings.tome_side % 2:
-        p.error("--tome-side must be even (2x2 ToMe cells)")
+    bad = None
+    for name in ("repeats", "warmup", "tome_repeats", "tome_side", "tome_channels", "tome_batch"):
+        if getattr(settings, name) < 1:  # the first warm-up call compiles
+            bad = f"--{name} must be >= 1, got {getattr(settings, name)}"
+            break
+    if bad is None and settings.tome_side % 2:
+        bad = f"--tome_side must be even (2x2 ToMe cells), got {settings.tome_side}"
+    if bad is not None:
+        sys.stderr.write(f"{prog}: error: {bad}\n")
+        raise SystemExit(2)
     return args, settings
 
 
-def main(argv: Sequence[str] | None = None) -> None:
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    """Command-line entry point: measures the tables, prints them and writes the report."""
+    argv = list(sys.argv[1:] if argv is None else argv)
     args, settings = parse_args(argv)
-    if args._child_unet:
-        _child_unet(settings, args._single_core, args._torch_threads, args._profile)
-        return
+    from meg_jax import job_setup
+
+    job_setup.configure_logging()
     import jax
 
-    command = ("python -m eval.bench_backbone " + " ".join(sys.argv[1:] if argv is None else argv)).strip()
+    command = ("python -m eval.bench_backbone " + " ".join(argv)).strip()
     load_before = _load_average()
     machine = _machine()
-    print(f"machine: {machine}\nload average before: {load_before}", flush=True)
+    log.info("machine: %s; load average before: %s", machine, load_before)
 
     unet = None
     if not args.skip_unet:
-        print("\nUNet forward (batch 8, 32x32x4 latents): one child process per row", flush=True)
+        log.info("UNet forward (batch 8, 32x32x4 latents): one child process per row")
         unet = bench_unet(settings)
         print(_markdown_table(UNET_HEADER, unet[0]), flush=True)
         if unet[1]:
@@ -570,18 +593,19 @@ def main(argv: Sequence[str] | None = None) -> None:
         if jax.devices()[0].platform == "gpu":
             devices.append((f"GPU {jax.devices()[0].device_kind}", jax.devices()[0]))
         for name, device in devices:
+            log.info("ToMe block on %s", name)
             rows = bench_tome(settings, device)
             tome_tables.append((name, rows))
             print(f"\nToMe block on {name}\n" + _markdown_table(TOME_HEADER, rows), flush=True)
 
     load_after = _load_average()
-    print(f"\nload average after: {load_after}")
+    log.info("load average after: %s", load_after)
     if args.out:
         text = _report(settings, machine, command, load_before, load_after, unet, tome_tables)
         os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
         with open(args.out, "w") as f:
             f.write(text)
-        print(f"wrote {args.out}")
+        log.info("wrote %s", args.out)
 
 
 if __name__ == "__main__":

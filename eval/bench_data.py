@@ -1,14 +1,15 @@
 """Throughput of the image-caption loader vs what the tiny preset's student step consumes.
 
     python -m eval.bench_data                      # the table in docs/bench_data.md
-    python -m eval.bench_data --no-time-step       # loader rows only (seconds)
+    python -m eval.bench_data --no_time_step       # loader rows only (seconds)
+    python -m eval.bench_data --help               # every flag with its default
 
 Rows (``meg_jax.data.loader.ImageCaptionLoader`` over ``ImageFolderSource``, generated in a
 temporary folder first, not timed):
 
-* **32 x 32**: ``--small-images`` PNGs of 40 x 48 / 48 x 40 pixels (mixed orientation), the
+* **32 x 32**: ``--small_images`` PNGs of 40 x 48 / 48 x 40 pixels (mixed orientation), the
   tiny preset's resolution.
-* **512 x 512**: ``--large-images`` JPEGs (quality 90) of 640 x 512 / 512 x 640 pixels.
+* **512 x 512**: ``--large_images`` JPEGs (quality 90) of 640 x 512 / 512 x 640 pixels.
 
 Images are smooth colour gradients plus noise (so they compress like photographs, not like
 flat colour or white noise); captions in ``metadata.jsonl``. Each row reads batches of the
@@ -17,25 +18,69 @@ with shuffling and the default read threads, after 2 warm-up batches; records/s 
 wall seconds of ``--seconds`` of reading. "per CPU-s" divides by this process's CPU time
 (all threads): on the shared 2-core machine it is less sensitive to other jobs than wall time.
 
-Consumption: records/s = batch size / seconds per student train step. With ``--time-step``
+Consumption: records/s = batch size / seconds per student train step. With ``--time_step``
 (default) the tiny preset's student step is built (random weights: the cost does not depend
 on their values) with K = 1 only and timed: K = 1 is its cheapest step, so its rate is the
 most the student stage can ever ask for (the trained mix of K in (1, 2, 4, 8) asks for less;
 the config notes a K = 8 step at about 3.6 s). The target is loader >= 2 x consumption.
+
+The table goes to stdout, progress to the log (stderr).
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
+import logging
 import os
 import platform
+import sys
 import tempfile
 import time
+from typing import Optional, Sequence
 
 import numpy as np
 from PIL import Image
+
+__all__ = ["Args", "main", "parse_args"]
+
+log = logging.getLogger("eval.bench_data")
+
+
+@dataclasses.dataclass(frozen=True)
+class Args:
+    """Flags of ``python -m eval.bench_data``."""
+
+    small_images: int = 512  # images of the 32 x 32 row
+    large_images: int = 64  # images of the 512 x 512 row
+    seconds: float = 8.0  # reading time per row (s)
+    read_threads: Optional[int] = None  # loader read threads (None: LoaderConfig's default)
+    time_step: bool = True  # time the tiny preset's student step (K = 1)
+    out: Optional[str] = None  # write the results as JSON here
+
+
+def parse_args(argv: Sequence[str]) -> Args:
+    """Command line -> :class:`Args`.
+
+    Raises:
+      SystemExit: ``--help`` (0); an unknown flag or a bad value (2, naming it).
+    """
+    from meg_jax import config as config_lib
+
+    prog = "python -m eval.bench_data"
+    args = config_lib.parse_cli(Args, argv, prog=prog, description=__doc__.split("\n\n")[0])
+    bad = None
+    if args.small_images < 1 or args.large_images < 1:
+        name = "small_images" if args.small_images < 1 else "large_images"
+        bad = f"--{name} must be >= 1, got {getattr(args, name)}"
+    elif not args.seconds > 0:
+        bad = f"--seconds must be > 0, got {args.seconds}"
+    elif args.read_threads is not None and args.read_threads < 1:
+        bad = f"--read_threads must be >= 1 (or None), got {args.read_threads}"
+    if bad:
+        sys.stderr.write(f"{prog}: error: {bad}\n")
+        raise SystemExit(2)
+    return args
 
 
 def make_folder(root: str, count: int, size: tuple[int, int], fmt: str, seed: int = 0) -> None:
@@ -136,16 +181,12 @@ def student_step(folder: str, read_threads: int, repeats: int = 3) -> dict:
             "compile_s": compile_s}
 
 
-def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--small-images", type=int, default=512, help="images of the 32 x 32 row")
-    parser.add_argument("--large-images", type=int, default=64, help="images of the 512 x 512 row")
-    parser.add_argument("--seconds", type=float, default=8.0, help="reading time per row")
-    parser.add_argument("--read-threads", type=int, default=None, help="loader read threads (default: LoaderConfig's)")
-    parser.add_argument("--time-step", action=argparse.BooleanOptionalAction, default=True,
-                        help="time the tiny preset's student step (K = 1)")
-    parser.add_argument("--out", default=None, help="write the results as JSON here")
-    args = parser.parse_args(argv)
+def main(argv: Optional[Sequence[str]] = None) -> dict:
+    """Command-line entry point: measures the rows, prints the table and returns the results."""
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    from meg_jax import job_setup
+
+    job_setup.configure_logging()
 
     from meg_jax.data.loader import LoaderConfig
     from meg_jax.distill import config as distill_config
@@ -161,12 +202,15 @@ def main(argv: list[str] | None = None) -> dict:
             t0 = time.perf_counter()
             make_folder(folder, count, size, fmt)
             made = time.perf_counter() - t0
+            log.info("%d x %d row: %d %s images generated in %.1f s; reading for %g s", resolution, resolution,
+                     count, fmt, made, args.seconds)
             rate = loader_rate(folder, resolution, batch, args.seconds, threads)
             rows.append({"resolution": resolution, "images": count, "source_size": f"{size[0]}x{size[1]}",
                          "format": fmt, "generate_s": made, **rate})
         result = {"batch_size": batch, "read_threads": threads, "rows": rows, "load_before": load_before,
                   "machine": f"{os.cpu_count()}-core {platform.machine()}"}
         if args.time_step:
+            log.info("timing the tiny preset's student step (K = 1; compiles first)")
             result.update(student_step(os.path.join(tmp, "r32"), threads))
             result["consumption_per_s"] = result["batch_size"] / result["step_s"]
     result["load_after"] = os.getloadavg()
@@ -190,6 +234,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.out:
         with open(args.out, "w") as f:
             json.dump(result, f, indent=1)
+        log.info("wrote %s", args.out)
     return result
 
 

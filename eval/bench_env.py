@@ -2,6 +2,7 @@
 
     python -m eval.bench_env                       # the table in docs/bench_env.md
     python -m eval.bench_env --sizes 1 64 --steps 200 --quick
+    python -m eval.bench_env --help                # every flag with its default
 
 Rows, all measured in the same process with random actions:
 
@@ -9,23 +10,26 @@ Rows, all measured in the same process with random actions:
   one jitted ``lax.scan`` of ``--steps`` env steps whose body draws uniform random actions
   and steps the env; timed after a compile run, best of ``--repeats``.
 * ``numpy``: ``numpy_reference.NumpyMEGEnv`` (same dynamics, vectorized over N, float32,
-  noise from ``numpy.random.Generator``, fresh resets), ``--numpy-steps`` steps.
+  noise from ``numpy.random.Generator``, fresh resets), ``--numpy_steps`` steps.
 * ``gym``: ``MEGGymEnv`` (one env, one jitted call per step) in a Python loop with
-  ``action_space.sample()``, resetting at truncation; ``--gym-steps`` steps.
+  ``action_space.sample()``, resetting at truncation; ``--gym_steps`` steps.
 
 Env-steps/s = N x steps / wall seconds. Each row also reports env-steps per CPU-second of
 this process (``time.process_time``, all threads), which is far less sensitive to other jobs
 on a shared machine than wall time. The load average (``os.getloadavg``) is printed with the
-table.
+table. Progress goes to the log (stderr); the table and its context lines to stdout.
 """
 
 from __future__ import annotations
 
-import argparse
+import dataclasses
 import json
+import logging
 import os
 import platform
+import sys
 import time
+from typing import Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -37,7 +41,47 @@ from meg_jax.env.gym_adapter import MEGGymEnv
 from meg_jax.env.wrappers import replace_params
 from meg_jax.meg.artifact import CalibrationArtifact, synthetic_artifact
 
+__all__ = ["Args", "main", "parse_args"]
+
+log = logging.getLogger("eval.bench_env")
+
 EPISODE_LENGTH = 64
+
+
+@dataclasses.dataclass(frozen=True)
+class Args:
+    """Flags of ``python -m eval.bench_env``."""
+
+    sizes: tuple[int, ...] = (1, 64, 1024, 4096, 16384)  # batch sizes N of the JAX and NumPy rows
+    steps: int = 1000  # scan length of the JAX rows
+    repeats: int = 3  # timed JAX runs per size (best counts)
+    numpy_steps: int = 100  # steps of the NumPy rows
+    gym_steps: int = 2000  # steps of the gymnasium single-env loop
+    artifact: str = "auto"  # 'auto' (tiny.npz if present), 'synthetic' or a path
+    quick: bool = False  # fewer steps everywhere (smoke test: steps 100, repeats 1, numpy 10, gym 200)
+    out: Optional[str] = None  # write the results as JSON here
+
+
+def parse_args(argv: Sequence[str]) -> Args:
+    """Command line -> :class:`Args` (``--quick`` applied).
+
+    Raises:
+      SystemExit: ``--help`` (0); an unknown flag or a bad value (2, naming it).
+    """
+    from meg_jax import config as config_lib
+
+    prog = "python -m eval.bench_env"
+    args = config_lib.parse_cli(Args, argv, prog=prog, description=__doc__.split("\n\n")[0])
+    for name in ("steps", "repeats", "numpy_steps", "gym_steps"):
+        if getattr(args, name) < 1:
+            sys.stderr.write(f"{prog}: error: --{name} must be >= 1, got {getattr(args, name)}\n")
+            raise SystemExit(2)
+    if not args.sizes or min(args.sizes) < 1:
+        sys.stderr.write(f"{prog}: error: --sizes must be one or more sizes >= 1, got {list(args.sizes)}\n")
+        raise SystemExit(2)
+    if args.quick:
+        args = dataclasses.replace(args, steps=100, repeats=1, numpy_steps=10, gym_steps=200)
+    return args
 
 
 def _artifact(arg: str) -> tuple[CalibrationArtifact, str]:
@@ -113,23 +157,16 @@ def gym_rate(steps: int, artifact: CalibrationArtifact) -> tuple[float, float]:
     return steps / (time.perf_counter() - t0), steps / (time.process_time() - c0)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sizes", type=int, nargs="+", default=[1, 64, 1024, 4096, 16384])
-    parser.add_argument("--steps", type=int, default=1000, help="scan length of the JAX rows")
-    parser.add_argument("--repeats", type=int, default=3, help="timed JAX runs per size (best counts)")
-    parser.add_argument("--numpy-steps", type=int, default=100)
-    parser.add_argument("--gym-steps", type=int, default=2000)
-    parser.add_argument("--artifact", default="auto", help="'auto' (tiny.npz if present), 'synthetic' or a path")
-    parser.add_argument("--quick", action="store_true", help="fewer steps everywhere (smoke test)")
-    parser.add_argument("--out", default=None, help="write the results as JSON here")
-    args = parser.parse_args(argv)
-    if args.quick:
-        args.steps, args.repeats, args.numpy_steps, args.gym_steps = 100, 1, 10, 200
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Command-line entry point: measures every row and prints the table."""
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    from meg_jax import job_setup
 
+    job_setup.configure_logging()
     artifact, source = _artifact(args.artifact)
     params = menv.make_unbatched("tiny", EPISODE_LENGTH, artifact, limit_samples=1024)[0].params
     load_before = os.getloadavg()
+    log.info("artifact: %s; gym loop of %d steps first", source, args.gym_steps)
     gym, gym_cpu = gym_rate(args.gym_steps, artifact)
     rows = []
     for n in args.sizes:
@@ -137,12 +174,11 @@ def main(argv: list[str] | None = None) -> int:
         nr, nr_cpu = numpy_rate(n, args.numpy_steps, params)
         rows.append({"num_envs": n, "jax": jr, "numpy": nr, "jax_over_numpy": jr / nr, "jax_over_gym": jr / gym,
                      "jax_cpu": jr_cpu, "numpy_cpu": nr_cpu, "compile_s": compile_s, "load": os.getloadavg()[0]})
-        print(f"N={n:6d}  jax {jr / 1e6:8.3f} M/s ({jr_cpu / 1e6:.3f} M/CPU-s)  numpy {nr / 1e6:8.3f} M/s "
-              f"({nr_cpu / 1e6:.3f} M/CPU-s)  ratio {jr / nr:7.1f}x  vs gym {jr / gym:9.0f}x  "
-              f"(compile {compile_s:.1f} s, load {os.getloadavg()[0]:.1f})", flush=True)
+        log.info("N=%6d  jax %8.3f M/s (%.3f M/CPU-s)  numpy %8.3f M/s (%.3f M/CPU-s)  ratio %7.1fx  "
+                 "vs gym %9.0fx  (compile %.1f s, load %.1f)", n, jr / 1e6, jr_cpu / 1e6, nr / 1e6, nr_cpu / 1e6,
+                 jr / nr, jr / gym, compile_s, os.getloadavg()[0])
     load_after = os.getloadavg()
 
-    print()
     print(f"artifact: {source}; device: {jax.devices()[0].device_kind} ({jax.default_backend()}), "
           f"{os.cpu_count()} CPUs, {platform.processor() or platform.machine()}; jax {jax.__version__}")
     print(f"load average before {load_before[0]:.1f}, after {load_after[0]:.1f} (1-min)")
@@ -166,7 +202,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.out:
         with open(args.out, "w") as f:
             json.dump({"rows": rows, "gym": gym, "gym_cpu": gym_cpu, "artifact": source, "load_before": load_before,
-                       "load_after": load_after, "args": vars(args)}, f, indent=2)
+                       "load_after": load_after, "args": dataclasses.asdict(args)}, f, indent=2)
+        log.info("wrote %s", args.out)
     return 0
 
 

@@ -1,7 +1,7 @@
 """Prints the backbone FLOP table of docs/flops.md and reconciles the UNet counts.
 
-    python eval/flops_table.py            # tiny @ 8x8, sd15 @ 64x64, sdxl @ 128x128
-    python eval/flops_table.py --no-torch # XLA counts only (skips the diffusers cross-check)
+    python -m eval.flops_table             # tiny @ 8x8, sd15 @ 64x64, sdxl @ 128x128
+    python -m eval.flops_table --no_torch  # XLA counts only (skips the diffusers cross-check)
 
 Two tables:
 
@@ -14,17 +14,43 @@ Two tables:
    weights·v). Published "MACs" (e.g. BK-SDM's 339 G for SD1.5) count Conv2d + Linear with
    full kernels; XLA counts convs without padding taps, the attention matmuls, and one FLOP
    per elementwise op.
+
+The tables go to stdout, progress to the log (stderr).
 """
 
 from __future__ import annotations
 
-import argparse
-from typing import Any
+import dataclasses
+import logging
+import sys
+from typing import Any, Optional, Sequence
 
 from meg_jax.backbone import flops, preset
 from meg_jax.backbone.config import UNetConfig
 
+__all__ = ["Args", "diffusers_unet_macs", "main", "parse_args"]
+
+log = logging.getLogger("eval.flops_table")
+
 CASES = (("tiny", 8), ("sd15", 64), ("sdxl", 128))
+
+
+@dataclasses.dataclass(frozen=True)
+class Args:
+    """Flags of ``python -m eval.flops_table``."""
+
+    torch: bool = True  # reconcile the UNet counts with diffusers' PyTorch model (--no_torch: XLA counts only)
+
+
+def parse_args(argv: Sequence[str]) -> Args:
+    """Command line -> :class:`Args`.
+
+    Raises:
+      SystemExit: ``--help`` (0); an unknown flag or a bad value (2, naming it).
+    """
+    from meg_jax import config as config_lib
+
+    return config_lib.parse_cli(Args, argv, prog="python -m eval.flops_table", description=__doc__.split("\n")[0])
 
 
 def diffusers_unet_macs(
@@ -100,15 +126,18 @@ def _gflop(value: float) -> str:
     return f"{g:,.1f}" if abs(g) >= 100 else f"{g:.4g}"
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--no-torch", action="store_true", help="skip the diffusers MAC cross-check")
-    args = parser.parse_args()
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    """Command-line entry point: prints the two tables."""
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    from meg_jax import job_setup
+
+    job_setup.configure_logging()
 
     print("Per-forward FLOPs, batch 1 (XLA cost analysis; GFLOP)\n")
     print("| preset | latent | image | UNet | VAE decoder | VAE encoder | text encoder (L) |")
     print("|---|---|---|---|---|---|---|")
     for name, hw in CASES:
+        log.info("XLA cost analysis of %s @ %dx%d", name, hw, hw)
         cfg = preset(name)
         costs = flops.cost_breakdown(cfg, hw)
         image = hw * cfg.vae.downsample_factor
@@ -116,7 +145,7 @@ def main() -> None:
             f"| {name} | {hw}x{hw} | {image}x{image} | {_gflop(costs['unet'])} | {_gflop(costs['vae_decoder'])} "
             f"| {_gflop(costs['vae_encoder'])} | {_gflop(costs['text_encoder'])} ({cfg.text_encoder.max_length}) |"
         )
-    if args.no_torch:
+    if not args.torch:
         return
 
     print("\nUNet reconciliation with diffusers' PyTorch model (meta device; GFLOP = 2 x G MACs)\n")
@@ -127,6 +156,7 @@ def main() -> None:
     print("|---|---|---|---|---|---|")
     for name, hw in CASES:
         cfg = preset(name)
+        log.info("diffusers MACs of %s @ %dx%d (meta device)", name, hw, hw)
         total = flops.unet_flops(cfg, hw)
         macs = diffusers_unet_macs(cfg.unet, (hw, hw), seq_len=cfg.text_encoder.max_length)
         published = 2 * (macs["conv_full"] + macs["linear"])
