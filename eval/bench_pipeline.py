@@ -25,48 +25,74 @@ final latents for 2).
 Run from the repository root::
 
     python -m eval.bench_pipeline                     # writes docs/bench_pipeline.md
-    python -m eval.bench_pipeline --steps 4 --sd15-steps 2 --repeats 2 --sd15-repeats 1 --threads 1
+    python -m eval.bench_pipeline --steps 4 --sd15_steps 2 --repeats 2 --sd15_repeats 1 --threads 1
+    python -m eval.bench_pipeline --help              # every flag with its default
+
+``--threads`` sets ``XLA_FLAGS`` before JAX starts (unless ``XLA_FLAGS`` is already set), so run
+it as its own process. The table goes to stdout, progress to the log (stderr).
 """
 
 from __future__ import annotations
 
-import argparse
+import dataclasses
 import datetime
+import logging
 import os
 import platform
 import statistics
 import sys
 import tempfile
 import time
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Optional, Sequence
+
+__all__ = ["Args", "main", "parse_args"]
+
+log = logging.getLogger("eval.bench_pipeline")
 
 
-def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--steps", type=int, default=10, help="scheduler steps of the tiny pipeline (default 10)")
-    p.add_argument("--sd15-steps", type=int, default=2, help="DDIM steps of the SD-1.5 UNet loop (default 2)")
-    p.add_argument("--repeats", type=int, default=3, help="timed calls per side (default 3)")
-    p.add_argument("--sd15-repeats", type=int, default=1, help="timed loops per side on the SD-1.5 UNet (default 1)")
-    p.add_argument("--threads", type=int, default=1, help="CPU threads for XLA and PyTorch each (default 1)")
-    p.add_argument("--no-sd15", action="store_true", help="skip the SD-1.5 UNet workload")
-    p.add_argument("--no-sd15-bf16", action="store_true", help="skip meg-jax bf16 on the SD-1.5 UNet")
-    p.add_argument("--out", default="docs/bench_pipeline.md", help="markdown report ('' to skip writing)")
-    return p.parse_args(argv)
+@dataclasses.dataclass(frozen=True)
+class Args:
+    """Flags of ``python -m eval.bench_pipeline``."""
+
+    steps: int = 10  # scheduler steps of the tiny pipeline
+    sd15_steps: int = 2  # DDIM steps of the SD-1.5 UNet loop
+    repeats: int = 3  # timed calls per side (tiny pipeline)
+    sd15_repeats: int = 1  # timed loops per side on the SD-1.5 UNet
+    threads: int = 1  # CPU threads for XLA and PyTorch each
+    sd15: bool = True  # time the SD-1.5 UNet workload (--no_sd15 skips it)
+    sd15_bf16: bool = True  # time meg-jax bf16 on the SD-1.5 UNet (--no_sd15_bf16 skips it)
+    out: str = "docs/bench_pipeline.md"  # markdown report ('' to skip writing)
 
 
-ARGS = parse_args() if __name__ == "__main__" else None
-if ARGS is not None and "XLA_FLAGS" not in os.environ:
-    # Must be set before JAX starts: XLA:CPU's intra-op thread pool is fixed at start-up.
+def parse_args(argv: Sequence[str]) -> Args:
+    """Command line -> :class:`Args`.
+
+    Raises:
+      SystemExit: ``--help`` (0); an unknown flag or a bad value (2, naming it).
+    """
+    from meg_jax import config as config_lib
+
+    prog = "python -m eval.bench_pipeline"
+    args = config_lib.parse_cli(Args, argv, prog=prog, description=(__doc__ or "").split("\n\n")[0])
+    for name in ("steps", "sd15_steps", "repeats", "sd15_repeats", "threads"):
+        if getattr(args, name) < 1:
+            sys.stderr.write(f"{prog}: error: --{name} must be >= 1, got {getattr(args, name)}\n")
+            raise SystemExit(2)
+    return args
+
+
+def _set_threads(threads: int) -> None:
+    """XLA:CPU's intra-op thread pool is fixed when JAX starts: set it first (unless the user did)."""
+    if "XLA_FLAGS" in os.environ:
+        return
+    if "jax" in sys.modules:
+        log.warning("JAX is already imported: --threads %d does not reach XLA (run as its own process)", threads)
+        return
     os.environ["XLA_FLAGS"] = (
-        "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1" if ARGS.threads == 1
-        else f"intra_op_parallelism_threads={ARGS.threads}"
+        "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1" if threads == 1
+        else f"intra_op_parallelism_threads={threads}"
     )
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
 
 SD_SCHEDULER = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
                     set_alpha_to_one=False, steps_offset=1, num_train_timesteps=1000)
@@ -98,10 +124,14 @@ def _interleaved(fns: dict[str, Callable[[], Any]], repeats: int) -> tuple[dict[
 
 
 def _ready(x: Any) -> Any:
+    import jax
+
     return jax.block_until_ready(x)
 
 
 def _build_tiny_pipeline(folder: str) -> Any:
+    import torch
+
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests"))
     from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from sd_fixtures import clip_text_config, random_clip_text_model, save_clip_tokenizer  # the offline CLIP vocab
@@ -121,7 +151,11 @@ def _build_tiny_pipeline(folder: str) -> Any:
     return pipe
 
 
-def bench_tiny(args: argparse.Namespace) -> tuple[list[list[Any]], str]:
+def bench_tiny(args: Args) -> tuple[list[list[Any]], str]:
+    import jax.numpy as jnp
+    import numpy as np
+    import torch
+
     from meg_jax.backbone import load_pipeline
 
     folder = tempfile.mkdtemp(prefix="bench_pipeline_")
@@ -163,9 +197,13 @@ def _timed(fn: Callable[[], Any], repeats: int) -> tuple[float, float]:
     return first["f"], median["f"]
 
 
-def bench_sd15(args: argparse.Namespace) -> tuple[list[list[Any]], str]:
+def bench_sd15(args: Args) -> tuple[list[list[Any]], str]:
     import gc
 
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    import torch
     from diffusers import DDIMScheduler, UNet2DConditionModel
     from flax import traverse_util
 
@@ -220,7 +258,7 @@ def bench_sd15(args: argparse.Namespace) -> tuple[list[list[Any]], str]:
     loop32 = make(jnp.float32)
     timings["fp32"] = _timed(lambda: out.__setitem__("fp32", np.asarray(_ready(loop32(params32, plan, x_j, ctx_j)))),
                              args.sd15_repeats)
-    if not args.no_sd15_bf16:
+    if args.sd15_bf16:
         params16 = jax.tree_util.tree_map(lambda a: a.astype(jnp.bfloat16), params32)
         del params32
         gc.collect()
@@ -258,15 +296,27 @@ def _table(rows: Sequence[Sequence[Any]]) -> str:
     return "\n".join(lines)
 
 
-def main(args: argparse.Namespace) -> None:
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    """Command-line entry point: times both workloads, prints the table and writes the report."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parse_args(argv)
+    from meg_jax import job_setup
+
+    job_setup.configure_logging()
+    _set_threads(args.threads)
+    import jax
+    import torch
+
     torch.set_num_threads(args.threads)
     load_before = " ".join(f"{x:.2f}" for x in os.getloadavg())
     t0 = time.time()
     rows, notes = [], []
+    log.info("tiny SD pipeline, %d steps, %d timed calls per side", args.steps, args.repeats)
     r, what = bench_tiny(args)
     rows += r
     notes.append(f"- tiny SD pipeline: {what}.")
-    if not args.no_sd15:
+    if args.sd15:
+        log.info("SD-1.5 UNet + DDIM loop, %d steps, %d timed loops per side", args.sd15_steps, args.sd15_repeats)
         r, what = bench_sd15(args)
         rows += r
         notes.append(f"- SD-1.5 UNet: {what}.")
@@ -275,7 +325,7 @@ def main(args: argparse.Namespace) -> None:
     print(table)
     if not args.out:
         return
-    command = "python -m eval.bench_pipeline " + " ".join(sys.argv[1:])
+    command = "python -m eval.bench_pipeline " + " ".join(argv)
     cpu = platform.processor() or platform.machine()
     text = f"""# Pipeline benchmark: meg-jax `load_pipeline` vs diffusers
 
@@ -303,8 +353,8 @@ latents: image values in [0, 1] for the tiny pipeline, final latents for the SD-
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     with open(args.out, "w") as f:
         f.write(text)
-    print(f"wrote {args.out}")
+    log.info("wrote %s", args.out)
 
 
 if __name__ == "__main__":
-    main(ARGS)
+    main()

@@ -5,15 +5,16 @@ Lowers and compiles the real student train step (``meg_jax.distill.train.make_tr
 for an SD-1.5 or SDXL-sized backbone on abstract shapes (``jax.ShapeDtypeStruct`` carrying the
 partition rules' shardings), over N fake CPU devices, and prints per device what XLA's
 ``compiled.memory_analysis()`` reports (arguments, outputs, temporaries, generated code), the
-step's FLOPs (``cost_analysis()``), whether it fits ``--device-memory``, and the step time a
+step's FLOPs (``cost_analysis()``), whether it fits ``--device_memory``, and the step time a
 given peak FLOP/s and MFU imply. Nothing is allocated and nothing runs::
 
-    python -m eval.plan_distill --model sd15 --devices 8 --device-memory 16 --batch-per-device 8 \\
-        --steps 4 --params fsdp --bf16 --remat nothing_saveable --rollout-remat
+    python -m eval.plan_distill --model sd15 --devices 8 --device_memory 16 --batch_per_device 8 \\
+        --steps 4 --params fsdp --bf16 --remat nothing_saveable --rollout_remat
+    python -m eval.plan_distill --help    # every flag with its default
 
 The command sets ``XLA_FLAGS=--xla_force_host_platform_device_count=N`` (and the CPU platform)
 before importing JAX, so run it as its own process. Compiling SD-1.5/SDXL steps on a CPU takes
-minutes and several GB of host memory.
+minutes and several GB of host memory. The figures go to stdout, progress to the log (stderr).
 
 Reading the numbers:
 
@@ -31,52 +32,67 @@ Reading the numbers:
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
+import logging
 import os
 import sys
 import time
-from typing import Any, Sequence
+from typing import Any, Literal, Optional, Sequence
 
-__all__ = ["main", "parse_args", "plan"]
+__all__ = ["Args", "main", "parse_args", "plan"]
+
+log = logging.getLogger("eval.plan_distill")
 
 GIB = 2.0**30
 
 
-def parse_args(argv: Sequence[str]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m eval.plan_distill", description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", choices=("sd15", "sdxl", "tiny"), required=True,
-                   help="backbone preset (tiny: the shipped 32x32 model, for a quick check)")
-    p.add_argument("--devices", type=int, required=True, help="N devices of the mesh (fake CPU devices)")
-    p.add_argument("--device-memory", type=float, default=80.0, help="memory per device, GiB")
-    p.add_argument("--batch-per-device", type=int, default=1,
-                   help="student batch per data-axis device and optimizer step (split into --grad-accum microbatches)")
-    p.add_argument("--steps", type=int, default=4, help="K, unrolled student steps of the trained branch")
-    p.add_argument("--params", choices=("replicated", "fsdp"), default="replicated", help="parameter layout")
-    p.add_argument("--model-axis", type=int, default=1, help="devices on the tensor-parallel axis")
-    p.add_argument("--bf16", action="store_true", help="UNet computes in bfloat16 (fp32 master weights)")
-    p.add_argument("--remat", default="none",
-                   help="jax.checkpoint_policies name for each UNet block (nothing_saveable, dots_saveable, ...)")
-    p.add_argument("--rollout-remat", action="store_true",
-                   help="rematerialise each of the K UNet passes (memory ~ one pass)")
-    p.add_argument("--attention", choices=("reference", "chunked", "xla", "cudnn"), default="reference")
-    p.add_argument("--grad-accum", type=int, default=1, help="microbatches per step")
-    p.add_argument("--peak-tflops", type=float, default=989.0,
-                   help="peak dense TFLOP/s per device for the step-time estimate (H100 SXM bf16: 989)")
-    p.add_argument("--mfu", type=float, default=0.4, help="model FLOP utilisation assumed for the step time")
-    p.add_argument("--no-flops", action="store_true", help="skip the unrolled lowering that counts FLOPs")
-    p.add_argument("--full-codegen", action="store_true",
-                   help="optimise the generated CPU code too (slower compile; same memory figures)")
-    p.add_argument("--json", default=None, metavar="PATH", help="also write the figures as JSON")
-    args = p.parse_args(list(argv))
+@dataclasses.dataclass(frozen=True)
+class Args:
+    """Flags of ``python -m eval.plan_distill``."""
+
+    model: Literal["sd15", "sdxl", "tiny"]  # backbone preset (tiny: the shipped 32x32 model, for a quick check)
+    devices: int  # N devices of the mesh (fake CPU devices)
+    device_memory: float = 80.0  # memory per device, GiB
+    # student batch per data-axis device and optimizer step (split into --grad_accum microbatches)
+    batch_per_device: int = 1
+    steps: int = 4  # K, unrolled student steps of the trained branch
+    params: Literal["replicated", "fsdp"] = "replicated"  # parameter layout
+    model_axis: int = 1  # devices on the tensor-parallel axis
+    bf16: bool = False  # UNet computes in bfloat16 (fp32 master weights)
+    remat: str = "none"  # jax.checkpoint_policies name for each UNet block (nothing_saveable, dots_saveable, ...)
+    rollout_remat: bool = False  # rematerialise each of the K UNet passes (memory ~ one pass)
+    attention: Literal["reference", "chunked", "xla", "cudnn"] = "reference"  # attention implementation
+    grad_accum: int = 1  # microbatches per step
+    peak_tflops: float = 989.0  # peak dense TFLOP/s per device for the step-time estimate (H100 SXM bf16: 989)
+    mfu: float = 0.4  # model FLOP utilisation assumed for the step time
+    flops: bool = True  # count FLOPs on a second, unrolled lowering (--no_flops skips it)
+    full_codegen: bool = False  # optimise the generated CPU code too (slower compile; same memory figures)
+    json: Optional[str] = None  # also write the figures as JSON to this path
+
+
+def parse_args(argv: Sequence[str]) -> Args:
+    """Command line -> :class:`Args` (imports no JAX: the device count is set after this).
+
+    Raises:
+      SystemExit: ``--help`` (0); an unknown flag, a bad value or an inconsistent mesh (2, naming it).
+    """
+    from meg_jax import config as config_lib
+
+    prog = "python -m eval.plan_distill"
+    args = config_lib.parse_cli(Args, argv, prog=prog, description=__doc__.split("\n\n")[0])
+    bad = None
     for name in ("devices", "batch_per_device", "steps", "model_axis", "grad_accum"):
         if getattr(args, name) < 1:
-            p.error(f"--{name.replace('_', '-')} must be >= 1")
-    if args.batch_per_device % args.grad_accum:
-        p.error(f"--grad-accum {args.grad_accum} must divide --batch-per-device {args.batch_per_device}")
-    if args.devices % args.model_axis:
-        p.error(f"--model-axis {args.model_axis} must divide --devices {args.devices}")
+            bad = f"--{name} must be >= 1, got {getattr(args, name)}"
+            break
+    if bad is None and args.batch_per_device % args.grad_accum:
+        bad = f"--grad_accum {args.grad_accum} must divide --batch_per_device {args.batch_per_device}"
+    if bad is None and args.devices % args.model_axis:
+        bad = f"--model_axis {args.model_axis} must divide --devices {args.devices}"
+    if bad is not None:
+        sys.stderr.write(f"{prog}: error: {bad}\n")
+        raise SystemExit(2)
     return args
 
 
@@ -100,7 +116,7 @@ def _set_devices(n: int, fast_codegen_off: bool = False) -> None:
     os.environ["JAX_PLATFORMS"] = "cpu"
 
 
-def distill_config(args: argparse.Namespace) -> Any:
+def distill_config(args: Args) -> Any:
     """The ``DistillConfig`` of the planned student stage (one trained K, global batch B·N/M)."""
     from meg_jax.backbone.config import preset as backbone_preset
     from meg_jax.data.classifier import ClassifierConfig
@@ -207,15 +223,23 @@ def _flops(cost: Any) -> float:
     return float((cost or {}).get("flops", float("nan")))
 
 
-def plan(args: argparse.Namespace) -> dict[str, Any]:
-    """Compiles the step(s) and returns the figures (bytes per device, FLOPs per step)."""
+def plan(args: Args, command: Optional[str] = None) -> dict[str, Any]:
+    """Compiles the step(s) and returns the figures (bytes per device, FLOPs per step).
+
+    Args:
+      args: the parsed flags.
+      command: the command line recorded with the figures (None: this process's ``sys.argv``).
+    """
     from meg_jax import partition
 
     config = distill_config(args)
+    log.info("compiling the %s student step on %d devices", args.model, args.devices)
     compiled, lowered, (state, specs, mesh), seconds = compile_step(config)
     mem = compiled.memory_analysis()
+    if command is None:
+        command = "python -m eval.plan_distill " + " ".join(sys.argv[1:])
     out: dict[str, Any] = {
-        "command": "python -m eval.plan_distill " + " ".join(sys.argv[1:]),
+        "command": command,
         "model": args.model, "devices": args.devices, "model_axis": args.model_axis,
         "batch_per_device": args.batch_per_device, "global_batch": config.student.batch_size,
         "steps": args.steps, "params": args.params, "bf16": args.bf16, "remat": args.remat,
@@ -230,7 +254,8 @@ def plan(args: argparse.Namespace) -> dict[str, Any]:
     out["fits"] = out["peak"] + out["generated_code"] <= args.device_memory * GIB
     out["device_memory_gib"] = args.device_memory
     out["flops_xla_as_counted"] = _flops(lowered.cost_analysis())
-    if not args.no_flops:
+    if args.flops:
+        log.info("compiled in %.0f s; counting FLOPs on the unrolled lowering", seconds)
         out["flops_per_step"] = unrolled_flops(config)
         t = out["flops_per_step"] / (args.devices * args.peak_tflops * 1e12 * args.mfu)
         out["step_time_s"] = t
@@ -261,15 +286,21 @@ def _report(out: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = parse_args(sys.argv[1:] if argv is None else argv)
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Command-line entry point: prints the plan (and writes ``--json``)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parse_args(argv)
+    from meg_jax import job_setup
+
+    job_setup.configure_logging()
     _set_devices(args.devices, args.full_codegen)
-    out = plan(args)
+    out = plan(args, command="python -m eval.plan_distill " + " ".join(argv))
     print(_report(out))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(out, f, indent=2)
             f.write("\n")
+        log.info("wrote %s", args.json)
     return 0
 
 
