@@ -96,6 +96,52 @@ def test_load_rejects_other_schema_version_and_missing_keys(tmp_path):
         CalibrationArtifact.load(tmp_path / "absent.npz")
 
 
+def test_per_prompt_tables_round_trip_and_define_the_class_tables(tmp_path):
+    a = synthetic_artifact(prompts_per_class=6)
+    assert a.prompts_per_class == 6 and a.prompt_accuracy.shape == (4, 8, 11, 4, 6)
+    a.save(tmp_path / "cal.npz")
+    b = CalibrationArtifact.load(tmp_path / "cal.npz")
+    for name in ("prompt_accuracy", "prompt_psnr", "prompt_pixel_accuracy", "pixel_accuracy"):
+        np.testing.assert_array_equal(getattr(a, name), getattr(b, name), err_msg=name)
+    # prompts really differ (the replay has variance) and average to the class tables
+    assert np.all(np.ptp(b.prompt_psnr, axis=-1) > 1.0)
+    np.testing.assert_allclose(b.prompt_psnr.astype(np.float64).mean(-1), b.psnr, atol=1e-4)
+    # the authors' reward: -ln MSE on [-1, 1] pixels; 20 dB = MSE 4e-2 -> -ln(0.04) = 3.2189
+    np.testing.assert_allclose(art_mod.psnr_to_neg_log_mse(np.array([20.0])), [-np.log(0.04)], rtol=1e-12)
+    np.testing.assert_allclose(b.prompt_quality("neg_log_mse"), art_mod.psnr_to_neg_log_mse(b.prompt_psnr))
+    with pytest.raises(ValueError, match="unknown per-prompt quality metric 'ssim'"):
+        b.prompt_quality("ssim")
+
+
+def test_per_prompt_validation_names_the_problem():
+    a = synthetic_artifact(prompts_per_class=4)
+    shifted = a.prompt_psnr.copy()
+    shifted[0, 0, 0, 0, 0] += 1.0  # no longer averages to psnr
+    with pytest.raises(ValueError, match="prompt_psnr averaged over prompts differs from psnr by up to 0.25"):
+        dataclasses.replace(a, prompt_psnr=shifted).validate()
+    with pytest.raises(ValueError, match="per-prompt tables come as a set"):
+        dataclasses.replace(a, prompt_psnr=None).validate()
+    with pytest.raises(ValueError, match="num_samples must equal P"):
+        dataclasses.replace(a, num_samples=a.num_samples * 2).validate()
+    with pytest.raises(ValueError, match=r"prompt_accuracy has shape \(4, 8, 11, 4\)"):
+        dataclasses.replace(a, prompt_accuracy=a.accuracy).validate()
+
+
+def test_schema_1_file_loads_without_replay_and_says_how_to_regenerate(tmp_path):
+    a = synthetic_artifact()
+    a.save(tmp_path / "cal.npz")
+    with np.load(tmp_path / "cal.npz") as data:
+        contents = {k: data[k] for k in data.files}
+    meta = json.loads(str(contents["metadata.json"]))
+    meta["schema_version"] = 1  # what every file before the per-prompt tables says
+    np.savez(tmp_path / "v1.npz", **{**contents, "metadata.json": np.array(json.dumps(meta))})
+    b = CalibrationArtifact.load(tmp_path / "v1.npz")
+    np.testing.assert_array_equal(a.accuracy, b.accuracy)
+    assert b.prompts_per_class is None and b.provenance["loaded_schema_version"] == 1
+    with pytest.raises(ValueError, match=r"schema 1.*regenerate it with `meg-jax calibrate`"):
+        b.prompt_quality("accuracy")
+
+
 def test_module_imports_no_flax_or_jax():
     code = (
         "import sys, meg_jax.meg.artifact as a; a.synthetic_artifact();"

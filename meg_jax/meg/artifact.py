@@ -34,6 +34,23 @@ ue_compute_time_s          [R] float64     UE time for unmerge + VAE decode (s)
 ue_compute_energy_j        [R] float64     UE energy for unmerge + VAE decode (J)
 =========================  ==============  =====================================================
 
+Optional arrays (schema 2; absent in artifacts measured without them, and in every schema-1
+file, which still loads). ``P`` = prompts per task class, the same in every cell:
+
+=========================  ================  ===================================================
+prompt_accuracy            [K,R,S,C,P] f32   each prompt's classifier accuracy (the per-request
+                                             replay of the environment); its mean over P is
+                                             ``accuracy``
+prompt_psnr                [K,R,S,C,P] f32   each prompt's PSNR vs its own full-step reference
+                                             (dB, data range 2: MSE on [-1, 1] pixels is
+                                             4 * 10^(-PSNR/10)); its mean over P is ``psnr``
+pixel_accuracy             [K,R,S,C] f64     the analytic pixel reading's accuracy
+                                             (:mod:`meg_jax.data.pixel_reading`), a second
+                                             reading independent of the classifier
+prompt_pixel_accuracy      [K,R,S,C,P] f32   the same per prompt; its mean over P is
+                                             ``pixel_accuracy``
+=========================  ================  ===================================================
+
 Scalars / strings in ``metadata.json``: ``schema_version`` (int), ``task_classes`` (list of
 C unique names), ``link_mode`` ("analog" | "digital"), ``bits_per_value`` (int for digital,
 null for analog), ``bandwidth_hz`` (link bandwidth B, Hz), ``ue_receive_power_w`` (UE radio
@@ -71,6 +88,9 @@ import numpy as np
 
 __all__ = [
     "SCHEMA_VERSION",
+    "READABLE_VERSIONS",
+    "PROMPT_METRICS",
+    "psnr_to_neg_log_mse",
     "REQUIRED_PROVENANCE",
     "ConventionalScheme",
     "CalibrationArtifact",
@@ -78,7 +98,8 @@ __all__ = [
     "synthetic_artifact",
 ]
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+READABLE_VERSIONS = (1, 2)  # schema 1 = schema 2 without the optional per-prompt / pixel tables
 REQUIRED_PROVENANCE = ("backbone_checkpoint_hash", "backbone_preset", "cost_preset", "created", "command")
 LINK_MODES = ("analog", "digital")
 SCHEME_LINK_MODES = ("analog", "digital", "none")
@@ -86,6 +107,13 @@ SCHEME_LINK_MODES = ("analog", "digital", "none")
 # Per-action arrays: name -> which grid axis gives its length.
 _GRID_ARRAYS = ("steps", "merge_ratios", "snr_db")
 _QUALITY_ARRAYS = ("accuracy", "psnr", "num_samples")
+# optional per-prompt tables [K, R, S, C, P] -> the class-mean table [K, R, S, C] they average to
+# (None: no class table is stored for it but ``pixel_accuracy``, itself optional)
+_PROMPT_ARRAYS = {"prompt_accuracy": "accuracy", "prompt_psnr": "psnr", "prompt_pixel_accuracy": "pixel_accuracy"}
+# Tolerance of "the mean over prompts is the class table": the per-prompt tables are stored in
+# float32 (relative rounding 6e-8), the class tables in float64; a mean of float32 values is off
+# by at most their rounding, so 1e-6 of accuracy and 1e-4 dB of PSNR (values <= ~100 dB).
+_PROMPT_MEAN_ATOL = {"accuracy": 1e-6, "psnr": 1e-4, "pixel_accuracy": 1e-6}
 _COST_ARRAYS = {
     "es_compute_time_s": "K",
     "payload": "R",
@@ -149,11 +177,20 @@ class CalibrationArtifact:
     tx_power_dbm: float | None = None  # ES transmit power of the calibrated link (dBm)
     noise_figure_db: float | None = None  # UE receiver noise figure of the calibrated link (dB)
     conventional_schemes: Mapping[str, ConventionalScheme] = dataclasses.field(default_factory=dict)
+    prompt_accuracy: np.ndarray | None = None  # [K, R, S, C, P] per-prompt accuracy (replay)
+    prompt_psnr: np.ndarray | None = None  # [K, R, S, C, P] per-prompt PSNR (dB)
+    pixel_accuracy: np.ndarray | None = None  # [K, R, S, C] the pixel reading's accuracy
+    prompt_pixel_accuracy: np.ndarray | None = None  # [K, R, S, C, P] the same per prompt
     schema_version: int = SCHEMA_VERSION
 
     def __post_init__(self) -> None:
         # Normalise container types so that validation and saving see numpy arrays.
         set_ = object.__setattr__
+        for name in _PROMPT_ARRAYS:
+            if getattr(self, name) is not None:
+                set_(self, name, np.asarray(getattr(self, name), dtype=np.float32))
+        if self.pixel_accuracy is not None:
+            set_(self, "pixel_accuracy", np.asarray(self.pixel_accuracy, dtype=np.float64))
         set_(self, "steps", np.asarray(self.steps))
         for name in ("merge_ratios", "snr_db", "accuracy", "psnr", *_COST_ARRAYS):
             set_(self, name, np.asarray(getattr(self, name), dtype=np.float64))
@@ -167,6 +204,36 @@ class CalibrationArtifact:
     def shape(self) -> tuple[int, int, int, int]:
         """Grid sizes (K, R, S, C)."""
         return (len(self.steps), len(self.merge_ratios), len(self.snr_db), len(self.task_classes))
+
+    @property
+    def prompts_per_class(self) -> int | None:
+        """P, the prompts per class of the per-prompt tables; None without them (no replay)."""
+        return None if self.prompt_accuracy is None else int(self.prompt_accuracy.shape[-1])
+
+    def prompt_quality(self, metric: str) -> np.ndarray:
+        """The per-prompt table [K, R, S, C, P] of ``metric``.
+
+        Args:
+          metric: "accuracy", "psnr", "neg_log_mse" (the authors' reward, -ln MSE of [-1, 1]
+            pixels vs the prompt's full-step reference, from the PSNR) or "pixel_accuracy".
+
+        Raises:
+          ValueError: an unknown metric, or an artifact without per-prompt tables (a schema-1
+            file, or one measured without them): the message says how to regenerate it.
+        """
+        if metric not in PROMPT_METRICS:
+            raise ValueError(f"unknown per-prompt quality metric {metric!r}; choose from {PROMPT_METRICS}")
+        name = "prompt_pixel_accuracy" if metric == "pixel_accuracy" else (
+            "prompt_psnr" if metric in ("psnr", "neg_log_mse") else "prompt_accuracy")
+        table = getattr(self, name)
+        if table is None:
+            raise ValueError(
+                f"this calibration artifact has no per-prompt {name!r} table (schema "
+                f"{self.provenance.get('loaded_schema_version', self.schema_version)}; per-request replay "
+                "needs schema 2 with per-prompt tables): regenerate it with `meg-jax calibrate`")
+        if metric == "neg_log_mse":
+            return psnr_to_neg_log_mse(table)
+        return table
 
     # ------------------------------------------------------------- validation
     def problems(self) -> list[str]:
@@ -214,6 +281,7 @@ class CalibrationArtifact:
         if self.num_samples.shape == want:
             if not np.issubdtype(self.num_samples.dtype, np.integer) or np.any(self.num_samples < 1):
                 out.append("num_samples must be integers >= 1 in every cell")
+        out += self._prompt_problems(want)
         # Cost model.
         lengths = {"K": k_, "R": r_}
         for name, axis in _COST_ARRAYS.items():
@@ -261,6 +329,45 @@ class CalibrationArtifact:
                     out.append(f"conventional_schemes[{name!r}].{field} has non-finite values")
         return out
 
+    def _prompt_problems(self, want: tuple[int, int, int, int]) -> list[str]:
+        """Schema problems of the optional per-prompt and pixel-reading tables."""
+        out: list[str] = []
+        if self.pixel_accuracy is not None:
+            if self.pixel_accuracy.shape != want:
+                out.append(f"pixel_accuracy has shape {self.pixel_accuracy.shape}, the grids say {want}")
+            elif not np.all((self.pixel_accuracy >= 0) & (self.pixel_accuracy <= 1)):
+                out.append("pixel_accuracy must lie in [0, 1] (and be finite)")
+        present = {n: getattr(self, n) for n in _PROMPT_ARRAYS if getattr(self, n) is not None}
+        if not present:
+            return out
+        if self.prompt_accuracy is None or self.prompt_psnr is None:
+            out.append("per-prompt tables come as a set: prompt_accuracy and prompt_psnr are both required "
+                       f"when any is present (present: {sorted(present)})")
+        for name, arr in present.items():
+            if arr.ndim != 5 or arr.shape[:4] != want or arr.shape[4] < 1:
+                out.append(f"{name} has shape {arr.shape}, expected {want + ('P',)} with P >= 1")
+                continue
+            if not np.all(np.isfinite(arr)):
+                out.append(f"{name} has {int(np.sum(~np.isfinite(arr)))} non-finite values")
+                continue
+            if name != "prompt_psnr" and (np.any(arr < 0) or np.any(arr > 1)):
+                out.append(f"{name} must lie in [0, 1]")
+            table = _PROMPT_ARRAYS[name]
+            means = getattr(self, table)
+            if means is None:
+                out.append(f"{name} is present without the class table {table!r} it averages to")
+            elif means.shape == want:
+                err = float(np.max(np.abs(arr.astype(np.float64).mean(-1) - means)))
+                if not err <= _PROMPT_MEAN_ATOL[table]:
+                    out.append(f"{name} averaged over prompts differs from {table} by up to {err:.3g} "
+                               f"(allowed {_PROMPT_MEAN_ATOL[table]:g})")
+        sizes = {arr.shape[-1] for arr in present.values() if arr.ndim == 5}
+        if len(sizes) > 1:
+            out.append(f"the per-prompt tables disagree on P: {sorted(sizes)}")
+        elif sizes and self.num_samples.shape == want and np.any(self.num_samples != sizes.pop()):
+            out.append("num_samples must equal P (the per-prompt tables' last axis) in every cell")
+        return out
+
     def validate(self) -> "CalibrationArtifact":
         """Raises ``ValueError`` listing every schema problem; returns ``self`` if none."""
         problems = self.problems()
@@ -285,6 +392,9 @@ class CalibrationArtifact:
         }
         for name in _COST_ARRAYS:
             arrays[name] = getattr(self, name)
+        for name in (*_PROMPT_ARRAYS, "pixel_accuracy"):
+            if getattr(self, name) is not None:
+                arrays[name] = getattr(self, name)
         schemes_meta = {}
         for name, scheme in self.conventional_schemes.items():
             if "/" in name:
@@ -334,9 +444,9 @@ class CalibrationArtifact:
         if not isinstance(meta, dict):
             raise ValueError(f"{path}: its 'metadata.json' entry is {type(meta).__name__}, not an object; {_REMAKE}")
         version = meta.get("schema_version")
-        if version != SCHEMA_VERSION:
+        if version not in READABLE_VERSIONS:
             raise ValueError(
-                f"{path}: schema_version {version!r}, this loader reads {SCHEMA_VERSION}; "
+                f"{path}: schema_version {version!r}, this loader reads {list(READABLE_VERSIONS)}; "
                 "regenerate it with `meg-jax calibrate`"
             )
         required_arrays = (*_GRID_ARRAYS, *_QUALITY_ARRAYS, *_COST_ARRAYS)
@@ -367,12 +477,23 @@ class CalibrationArtifact:
             noise_figure_db=meta.get("noise_figure_db"),
             provenance=meta["provenance"],
             conventional_schemes=schemes,
-            schema_version=version,
+            # schema 1 is schema 2 without the optional tables: it loads as such (and says so)
+            **{k: contents[k] for k in (*_PROMPT_ARRAYS, "pixel_accuracy") if k in contents},
         )
+        if version != SCHEMA_VERSION:
+            artifact.provenance["loaded_schema_version"] = version
         problems = artifact.problems()
         if problems:
             raise ValueError(f"{path}: invalid calibration artifact:\n  - " + "\n  - ".join(problems))
         return artifact
+
+
+PROMPT_METRICS = ("accuracy", "psnr", "neg_log_mse", "pixel_accuracy")
+
+
+def psnr_to_neg_log_mse(psnr_db: np.ndarray) -> np.ndarray:
+    """-ln(MSE) of [-1, 1] pixels from a PSNR of data range 2 (MSE = 4 * 10^(-PSNR/10))."""
+    return np.asarray(psnr_db) * (np.log(10.0) / 10.0) - np.log(4.0)
 
 
 def load(path: str | os.PathLike) -> CalibrationArtifact:
@@ -424,6 +545,7 @@ def synthetic_artifact(
     task_classes: tuple[str, ...] = ("circle", "square", "triangle", "star"),
     bandwidth_hz: float = 1e6,
     bits_per_value: int = 8,
+    prompts_per_class: int = 0,
 ) -> CalibrationArtifact:
     """A small, plausible artifact **for tests only** (never a default of anything).
 
@@ -437,6 +559,9 @@ def synthetic_artifact(
       steps, merge_ratios, snr_db, task_classes: the grids.
       bandwidth_hz: link bandwidth (Hz).
       bits_per_value: quantiser bits for the digital link.
+      prompts_per_class: P > 0 adds per-prompt tables (and a pixel-reading table): prompt p of
+        a class sits a fixed offset above or below the class mean (offsets zero-mean over p,
+        their order shuffled per class and K), so the class tables are exactly their means.
     """
     if link_mode not in LINK_MODES:
         raise ValueError(f"link_mode must be one of {LINK_MODES}, got {link_mode!r}")
@@ -455,6 +580,19 @@ def synthetic_artifact(
         link_quality = np.ones_like(ss)  # error-free at the Shannon rate
     accuracy = chance + (0.97 - chance) * difficulty * step_quality * merge_keep * (0.35 + 0.65 * link_quality)
     psnr = 9.0 + 14.0 * step_quality * difficulty + 7.0 * link_quality - 8.0 * rr**2
+    per_prompt: dict[str, np.ndarray] = {}
+    if prompts_per_class > 0:
+        u = (np.arange(prompts_per_class) + 0.5) / prompts_per_class - 0.5  # zero mean, |u| < 1/2
+        rng = np.random.default_rng(0)
+        # [K, 1, 1, C, P]: each (K, class) orders its prompts differently
+        order = np.stack([np.stack([rng.permutation(u) for _ in range(n_classes)]) for _ in k])[:, None, None]
+        spread = np.minimum(accuracy, 1.0 - accuracy)[..., None]  # keeps every prompt in [0, 1]
+        per_prompt["prompt_accuracy"] = (accuracy[..., None] + order * spread).astype(np.float32)
+        per_prompt["prompt_psnr"] = (psnr[..., None] + 6.0 * order).astype(np.float32)
+        per_prompt["prompt_pixel_accuracy"] = (0.9 * per_prompt["prompt_accuracy"]).astype(np.float32)
+        accuracy = per_prompt["prompt_accuracy"].astype(np.float64).mean(-1)
+        psnr = per_prompt["prompt_psnr"].astype(np.float64).mean(-1)
+        per_prompt["pixel_accuracy"] = per_prompt["prompt_pixel_accuracy"].astype(np.float64).mean(-1)
     tokens, channels = 64 * 64, 4
     kept_values = (1.0 - r) * tokens * channels
     payload = kept_values / 2.0 if link_mode == "analog" else kept_values * bits_per_value
@@ -489,7 +627,7 @@ def synthetic_artifact(
         task_classes=tuple(task_classes),
         accuracy=accuracy,
         psnr=psnr,
-        num_samples=np.full(accuracy.shape, 128, dtype=np.int64),
+        num_samples=np.full(accuracy.shape, prompts_per_class or 128, dtype=np.int64),
         es_compute_time_s=0.01 + 0.025 * k,
         payload=payload,
         side_info_bits=side_info_bits,
@@ -510,4 +648,5 @@ def synthetic_artifact(
             "note": "for tests only",
         },
         conventional_schemes=conventional,
+        **per_prompt,
     ).validate()

@@ -151,6 +151,10 @@ class QualityGrid:
     task_classes: tuple[str, ...]  # C names
     seconds: float  # wall time of the measurement
     mse: Optional[np.ndarray] = None  # [K, R, S, C] mean MSE vs the reference ([-1, 1] images; pipelines)
+    prompt_accuracy: Optional[np.ndarray] = None  # [K, R, S, C, P] each prompt's accuracy (replay)
+    prompt_psnr: Optional[np.ndarray] = None  # [K, R, S, C, P] each prompt's PSNR (dB)
+    pixel_accuracy: Optional[np.ndarray] = None  # [K, R, S, C] the analytic pixel reading's accuracy
+    prompt_pixel_accuracy: Optional[np.ndarray] = None  # [K, R, S, C, P] the same per prompt
 
 
 def balanced_prompts(key: jax.Array, per_class: int, max_length: int = 16) -> tuple[jax.Array, Any]:
@@ -213,19 +217,22 @@ def _transmit_over_snr(
     return jax.vmap(one)(snr_db)
 
 
-def _score_received(backbone: Any, received: jax.Array, attrs: Any, reference: jax.Array) -> tuple[jax.Array, jax.Array]:
+def _score_received(backbone: Any, received: jax.Array, attrs: Any,
+                    reference: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Decodes and scores ``received [S, B, h, w, C]`` against ``reference [B, H, W, 3]``.
 
-    The ``S·B`` latents go through the decoder and the classifier as one batch.
+    The ``S·B`` latents go through the decoder, the classifier and the pixel reading as one batch.
 
     Returns:
-      ``(accuracy [S, B], psnr [S, B])``.
+      ``(accuracy [S, B], psnr [S, B], pixel_accuracy [S, B])``.
     """
     s, b = received.shape[:2]
     images = pipeline.decode_latents(backbone, received.reshape((s * b,) + received.shape[2:]))
     tile = lambda a: jnp.broadcast_to(a, (s,) + a.shape).reshape((s * b,) + a.shape[1:])  # noqa: E731
-    q = schemes.score_images(backbone, images, jax.tree.map(tile, attrs), tile(reference))
-    return q.accuracy.reshape(s, b), q.psnr.reshape(s, b)
+    tiled = jax.tree.map(tile, attrs)
+    q = schemes.score_images(backbone, images, tiled, tile(reference))
+    pix = schemes.pixel_accuracy(backbone, images, tiled)
+    return q.accuracy.reshape(s, b), q.psnr.reshape(s, b), pix.reshape(s, b)
 
 
 # Compiled programs: one small link program per static (merge ratio, link) and one decoder +
@@ -311,21 +318,29 @@ def measure(
     ref_acc, ref_psnr = (np.concatenate([np.asarray(s[i], np.float64) for s in reference_scores], -1) for i in (0, 1))
     unc_acc, unc_psnr = (np.concatenate([np.asarray(s[i], np.float64) for s in uncompressed_scores], -1)
                          for i in (0, 1))  # [S, N]
-    acc, psnr = (np.concatenate([np.asarray([[cell[i] for cell in row] for row in batch], np.float64)
-                                 for batch in grid_scores], -1) for i in (0, 1))  # [K, R, S, N]
+    acc, psnr, pix = (np.concatenate([np.asarray([[cell[i] for cell in row] for row in batch], np.float32)
+                                      for batch in grid_scores], -1) for i in (0, 1, 2))  # [K, R, S, N]
     bar.close()
 
     counts = np.bincount(task, minlength=num_c)  # [C] every sample is measured in every cell
     one_hot = (task[:, None] == np.arange(num_c)[None, :]).astype(np.float64)  # [N, C]
 
     def class_mean(values: np.ndarray) -> np.ndarray:  # [..., N] -> [..., C]
-        return (values @ one_hot) / counts
+        return (np.asarray(values, np.float64) @ one_hot) / counts
+
+    # balanced_prompts lays the samples out in class blocks of prompts_per_class: [..., N] -> [..., C, P]
+    def per_prompt(values: np.ndarray) -> np.ndarray:
+        return np.asarray(values, np.float32).reshape(values.shape[:-1] + (num_c, config.prompts_per_class))
 
     png_bits = np.concatenate(png)
     image_size = int(reference.shape[1]) * int(reference.shape[2])
     return QualityGrid(
-        accuracy=class_mean(acc),
-        psnr=class_mean(psnr),
+        accuracy=per_prompt(acc).astype(np.float64).mean(-1),  # the mean of the stored float32 values
+        psnr=per_prompt(psnr).astype(np.float64).mean(-1),
+        prompt_accuracy=per_prompt(acc),
+        prompt_psnr=per_prompt(psnr),
+        pixel_accuracy=per_prompt(pix).astype(np.float64).mean(-1),
+        prompt_pixel_accuracy=per_prompt(pix),
         num_samples=np.broadcast_to(counts, (k_, r_, s_, num_c)).astype(np.int64).copy(),
         reference_accuracy=class_mean(ref_acc),
         reference_psnr=class_mean(ref_psnr),
@@ -436,6 +451,8 @@ def build_artifact(
         "quality_source": provenance.get("quality_source", "measured with the backbone named by backbone_checkpoint_hash"),
         "accuracy_definition": "fraction of the 5 prompt attributes the classifier reads right on the 8-bit image",
         "psnr_definition": "PSNR (data range 2) of the 8-bit image vs the teacher's 50-step float image",
+        "pixel_accuracy_definition": ("fraction of the 5 prompt attributes the analytic pixel reading "
+                                      "(meg_jax.data.pixel_reading) reads right on the 8-bit image"),
         **{k: provenance[k] for k in ("accuracy_definition", "psnr_definition") if k in provenance},
         **({"mse": grid.mse.tolist()} if grid.mse is not None else {}),
         "png_bits_per_pixel": grid.png_bits_per_pixel,
@@ -453,6 +470,10 @@ def build_artifact(
         accuracy=grid.accuracy,
         psnr=grid.psnr,
         num_samples=grid.num_samples,
+        prompt_accuracy=grid.prompt_accuracy,
+        prompt_psnr=grid.prompt_psnr,
+        pixel_accuracy=grid.pixel_accuracy,
+        prompt_pixel_accuracy=grid.prompt_pixel_accuracy,
         es_compute_time_s=np.asarray(es_time),
         payload=np.asarray(payload),
         side_info_bits=np.asarray(side),

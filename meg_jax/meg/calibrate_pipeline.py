@@ -169,9 +169,14 @@ def measure_generator(
     mean = lambda a: a.mean(-1)[..., None]  # [..., N] -> [..., C=1]  # noqa: E731
     png_bits = np.concatenate(png)
     image_size = int(reference.shape[1]) * int(reference.shape[2])
+    # per-prompt tables [K, R, S, C=1, N] (the env's per-request replay); the class tables are
+    # the means of the stored float32 values
+    prompt_acc, prompt_psnr = (a.astype(np.float32)[..., None, :] for a in (score(psnr), psnr))
     return QualityGrid(
-        accuracy=mean(score(psnr)),
-        psnr=mean(psnr),
+        accuracy=prompt_acc.astype(np.float64).mean(-1),
+        psnr=prompt_psnr.astype(np.float64).mean(-1),
+        prompt_accuracy=prompt_acc,
+        prompt_psnr=prompt_psnr,
         num_samples=np.full((k_, r_, s_, 1), n, np.int64),
         reference_accuracy=mean(score(ref_psnr)),
         reference_psnr=mean(ref_psnr),

@@ -109,6 +109,20 @@ def score_images(backbone: Any, images: jax.Array, attrs: Any, reference: jax.Ar
     )
 
 
+def pixel_accuracy(backbone: Any, images: jax.Array, attrs: Any) -> jax.Array:
+    """The pixel reading's accuracy of ``images`` ``[B, H, W, 3]`` (traceable): ``[B]``.
+
+    The fraction of the five attributes :func:`meg_jax.data.pixel_reading.read_attributes`
+    reads right from the 8-bit image: the same definition as :class:`Quality`'s classifier
+    accuracy, from an analytic reading that nothing was trained for.
+    """
+    from meg_jax.data import pixel_reading
+
+    reading = pixel_reading.read_attributes(to_display(images), backbone.classifier_config.data)
+    truth = _classes(attrs)
+    return jnp.mean(jnp.stack([reading[n] == truth[n] for n in truth]).astype(jnp.float32), axis=0)
+
+
 def png_bits(images: jax.Array | np.ndarray) -> np.ndarray:
     """Size in bits of each image ``[B, H, W, 3]`` (``[-1, 1]``) as an 8-bit RGB PNG (Pillow).
 
