@@ -221,8 +221,9 @@ def test_each_snr_cell_is_the_pipeline_at_that_snr(traced_grid):
     @jax.jit
     def one_snr(latents, at, reference, snr, key):  # the cell's path at one SNR, unbatched
         received = pipeline.transmit_latents(latents, cfg.merge_ratios[ri], link, jnp.full((8,), snr), key)
-        q = schemes.score_images(bb, pipeline.decode_latents(bb, received), at, reference)
-        return q.accuracy, q.psnr
+        images = pipeline.decode_latents(bb, received)
+        q = schemes.score_images(bb, images, at, reference)
+        return q.accuracy, q.psnr, schemes.pixel_accuracy(bb, images, at)
 
     # The ES part (text, teacher reference, student latents) is unchanged code shared with
     # the fixture's compile cache; what is under test is the link -> decode -> score per SNR.
@@ -234,17 +235,27 @@ def test_each_snr_cell_is_the_pipeline_at_that_snr(traced_grid):
         latents = calibrate._student(bb, context, noise[sl], cfg.steps[ki])
         batches.append((latents, jax.tree.map(lambda a: a[sl], attrs), reference, jax.random.fold_in(k_channel, b)))
     for si in (0, 2):  # -5 dB and 30 dB
-        acc, psnr = [], []
+        acc, psnr, pix = [], [], []
         for latents, at, reference, key in batches:
-            a, p = one_snr(latents, at, reference, jnp.float32(cfg.snr_db[si]), key)
+            a, p, x = one_snr(latents, at, reference, jnp.float32(cfg.snr_db[si]), key)
             acc.append(np.asarray(a))
             psnr.append(np.asarray(p))
-        acc, psnr = np.concatenate(acc), np.concatenate(psnr)
+            pix.append(np.asarray(x))
+        acc, psnr, pix = np.concatenate(acc), np.concatenate(psnr), np.concatenate(pix)
         by_class = lambda v: np.array([v[cls == c].mean() for c in range(4)])  # noqa: E731
         # Unbatched vs vmapped programs differ by float32 rounding of the decoder (~1e-6),
         # which can flip an 8-bit display level: ~1e-3 dB per flip at these PSNRs.
         np.testing.assert_allclose(grid.psnr[ki, ri, si], by_class(psnr), atol=0.02)
         np.testing.assert_allclose(grid.accuracy[ki, ri, si], by_class(acc), atol=1e-6)
+        # Per-prompt tables (the env's replay): prompt p of class c is sample c * P + p (the
+        # class blocks of balanced_prompts). One prompt's PSNR moves ~1e-3 dB per flipped 8-bit
+        # level and a few levels may flip (at most a few hundredths of a dB); an attribute
+        # read is discrete (a flip would also show in the class means above, held at 1e-6).
+        assert np.all(cls.reshape(4, 4) == np.arange(4)[:, None])
+        np.testing.assert_allclose(grid.prompt_psnr[ki, ri, si], psnr.reshape(4, 4), atol=0.05)
+        np.testing.assert_allclose(grid.prompt_accuracy[ki, ri, si], acc.reshape(4, 4), atol=1e-6)
+        np.testing.assert_allclose(grid.prompt_pixel_accuracy[ki, ri, si], pix.reshape(4, 4), atol=1e-6)
+        np.testing.assert_allclose(grid.pixel_accuracy[ki, ri, si], by_class(pix), atol=1e-6)
     # The analog link really is evaluated per SNR. A random student is far from the random
     # teacher (~15 dB), so the channel moves its cells by ~1 dB from -5 to 30 dB (> 0.3 dB
     # in every class); the teacher's own latents (MEG uncompressed) gain > 10 dB.
@@ -270,8 +281,8 @@ def test_every_snr_is_sent_for_a_digital_link_too(calibrated, monkeypatch):
     real = calibrate._score_received
 
     def marked(backbone, received, attrs, reference):
-        acc, psnr = real(backbone, received, attrs, reference)
-        return acc, psnr + jnp.arange(received.shape[0], dtype=psnr.dtype)[:, None]
+        acc, psnr, pix = real(backbone, received, attrs, reference)
+        return acc, psnr + jnp.arange(received.shape[0], dtype=psnr.dtype)[:, None], pix
     monkeypatch.setattr(calibrate, "_score_cells", jax.jit(marked))
     perturbed = calibrate.measure(bb, cfg, progress=False)
     # Another compiled program for the decoder: float32 rounding, ~1e-3 dB at most.
