@@ -266,6 +266,7 @@ def _paper_params(config: MEGEnvConfig, artifact: CalibrationArtifact, episode_l
         value_bits=_f32(ps.value_bits),
         map_fraction=_f32(ps.map_fraction),
         quality_snr_db=_f32(-20.0 * np.log10(ps.feature_noise_std)),
+        teacher_steps=_f32(preset.teacher_steps),
     )
     nan = _f32(np.nan)  # fields the paper's system never reads
     return EnvParams(

@@ -73,6 +73,7 @@ class PaperParams:
     value_bits: Array  # bits per value (fp16)
     map_fraction: Array  # values of merge map per removed value
     quality_snr_db: Array  # the artifact SNR the feature noise maps to: -20 log10(sigma) (dB)
+    teacher_steps: Array  # steps of the conventional schemes (full-step teacher), for comparisons
 
 
 @struct.dataclass
