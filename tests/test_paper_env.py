@@ -169,3 +169,18 @@ def test_action_map_is_theirs_and_discrete_actions_round_trip(env_and_report):
     np.testing.assert_array_equal(k2, kd)
     np.testing.assert_allclose(r2, rd, rtol=1e-6)
     assert env.observation_size == 3 and p.num_actions == 9 * 9
+
+
+def test_conventional_schemes_are_priced_by_the_papers_formulas(env_and_report):
+    from meg_jax.rl.comparison import conventional_schemes
+
+    env, _ = env_and_report
+    artifact = menv.load_artifact(env.config)
+    out = conventional_schemes(artifact, env.params, np.asarray([0.0]), np.asarray([0]))
+    # On-device: (50 x 13.5423 + 0.2511 + 10.4620) TFLOP x 0.047226 s/TFLOP = 32.483 s, nothing sent;
+    # energy (687.83 x 0.021251 hJ + 15.79 hJ) / 10 = 3.0407.
+    np.testing.assert_allclose(out["on_device"]["latency_s"], 32.483, rtol=1e-4)
+    np.testing.assert_allclose(out["on_device"]["energy_j"], 3.0407, rtol=1e-4)
+    # MEG uncompressed at g = 0 dB (rate 1 Mbit/s): 1,048,576 bits take 1.048576 s on the air,
+    # on top of the teacher (677.37 TFLOP x 0.023613 = 15.994 s) and the decoder (0.4941 s).
+    np.testing.assert_allclose(out["meg_uncompressed"]["latency_s"], 1.048576 + 15.9947 + 0.49408, rtol=1e-4)
