@@ -104,7 +104,7 @@ def make(
     """The batched, episode-limited, freshly auto-resetting MEG environment.
 
     Args:
-      preset: "tiny", "sdxl-mobile" or a ``MEGEnvConfig``.
+      preset: "tiny", "sdxl-mobile", "paper" or a ``MEGEnvConfig``.
       num_envs: parallel episodes N (the batch axis of every state leaf).
       episode_length: requests per episode T.
       artifact: a ``CalibrationArtifact`` or a path; default the preset's ``artifact_path``.

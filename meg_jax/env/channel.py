@@ -17,6 +17,7 @@ from meg_jax.env import wireless
 from meg_jax.env.state import _SQRT_HALF, ChannelState, EnvParams, MEGCore, ResetNoise, StepNoise
 
 __all__ = [
+    "paper_channel",
     "sample_step_noise",
     "episode_step_noise",
     "sample_reset_noise",
@@ -93,8 +94,32 @@ def _measure(params: EnvParams, pos: Array, z_los: Array, z_shadow: Array, fadin
     return los, large, snr, large + 10.0 * jnp.log10(est_gain)
 
 
+def paper_channel(params: EnvParams, u: Array) -> tuple[Array, Array]:
+    """The paper's channel for a uniform draw ``u`` in [0, 1): (distance m, gain-to-noise dB).
+
+    d = d_min + u (d_max - d_min); PL = a + b log10(d) dB; SNR = P_tx - PL - N0 (dBm, dB).
+    No shadowing, no fading, no mobility: each request draws its own distance.
+    """
+    pp = params.paper
+    d = pp.distance_min_m + u * (pp.distance_max_m - pp.distance_min_m)
+    snr = pp.tx_power_dbm - (pp.path_loss_a_db + pp.path_loss_b_db * jnp.log10(d)) - pp.noise_dbm
+    return d, snr
+
+
+def _paper_channel_state(params: EnvParams, ch: ChannelState, u: Array) -> ChannelState:
+    d, snr = paper_channel(params, u)
+    return ch.replace(pos=jnp.stack([d, jnp.zeros_like(d)]), large_scale_snr_db=snr, snr_db=snr,
+                      est_snr_db=jnp.full((params.history_length,), snr))
+
+
 def _evolve_channel(params: EnvParams, ch: ChannelState, n: StepNoise) -> ChannelState:
-    """One inter-request interval: move, update latents and fading, measure, push the estimate."""
+    """One inter-request interval: move, update latents and fading, measure, push the estimate.
+
+    ``system == "paper"``: a fresh distance per request from u = Φ(``n.z_shadow``) (the
+    normal's CDF makes it uniform; that system has no shadowing to use it for).
+    """
+    if params.system == "paper":
+        return _paper_channel_state(params, ch, jax.scipy.special.ndtr(n.z_shadow))
     heading = ch.heading + params.heading_std_rad * n.turn
     step = ch.speed * params.slot_s
     w = params.area_half_width_m
@@ -130,6 +155,14 @@ def init_core(params: EnvParams, key: Array, noise: ResetNoise) -> MEGCore:
       key: the episode key stored in the state (step noise is ``episode_step_noise(key, t)``).
       noise: one reset's draws.
     """
+    if params.system == "paper":  # the first request's distance from pos_u[0]; nothing else is random
+        zero = jnp.zeros((), jnp.float32)
+        ch = ChannelState(
+            pos=jnp.zeros((2,), jnp.float32), heading=zero, speed=zero, rho=zero, csi_rho=zero, a_shadow=zero,
+            a_los=zero, z_los=zero, z_shadow=zero, fading=jnp.zeros((2,), jnp.float32), los=zero,
+            large_scale_snr_db=zero, snr_db=zero, est_snr_db=jnp.zeros((params.history_length,), jnp.float32),
+        )
+        return _new_core(params, _paper_channel_state(params, ch, noise.pos_u[0]), noise.task_u, key)
     speed = params.speed_min_mps + noise.speed_u * (params.speed_max_mps - params.speed_min_mps)
     pos = (2.0 * noise.pos_u - 1.0) * params.area_half_width_m
     moved = speed * params.slot_s
@@ -155,12 +188,17 @@ def init_core(params: EnvParams, key: Array, noise: ResetNoise) -> MEGCore:
     )
     if params.history_length > 1:
         ch, _ = jax.lax.scan(lambda c, n: (_evolve_channel(params, c, n), None), ch, noise.warmup)
+    return _new_core(params, ch, noise.task_u, key)
+
+
+def _new_core(params: EnvParams, ch: ChannelState, task_u: Array, key: Array) -> MEGCore:
     return MEGCore(
         channel=ch,
-        task_class=_sample_class(params.task_cdf, noise.task_u),
+        task_class=_sample_class(params.task_cdf, task_u),
         t=jnp.zeros((), jnp.int32),
         cum_costs=jnp.zeros((2,), jnp.float32),
         cum_quality=jnp.zeros((), jnp.float32),
+        last_costs=jnp.zeros((2,), jnp.float32),
         key=key,
     )
 
@@ -175,6 +213,8 @@ def stationary_channel_samples(params: EnvParams, key: Array, num: int) -> tuple
 
     def one(k: Array) -> tuple[Array, Array]:
         u = _uniform_open(k, (8,))
+        if params.system == "paper":
+            return paper_channel(params, 0.5 * (u[0] + 1.0))[1], _sample_class(params.task_cdf, 0.5 * (u[7] + 1.0))
         z = jnp.sqrt(2.0) * jax.lax.erf_inv(u[3:7])
         pos = u[0:2] * params.area_half_width_m
         _, _, snr, _ = _measure(params, pos, z[0], z[1], _SQRT_HALF * z[2:4], jnp.float32(1.0), jnp.zeros(2))

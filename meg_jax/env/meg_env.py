@@ -37,6 +37,11 @@ progress   1       requests served so far / T, in [0, 1]
 budget     2       latency and energy spent so far / (limit x T): 1 = the whole budget
 =========  ======  ===================================================================
 
+``system == "paper"`` (the paper's environment, ``config.PaperSystem``) replaces the channel
+by an i.i.d. distance per request, the pricing by the authors' formulas
+(:func:`price_action_paper`), the continuous action map by theirs and the observation by
+theirs: (gain-to-noise ratio, previous latency, previous energy), ``obs_dim = 3``.
+
 Randomness is injectable: ``init_core(params, key, ResetNoise)`` and
 ``transition(params, core, k_idx, r, StepNoise)`` are pure functions of their noise, shared
 with the NumPy reference test; ``MEGEnv`` draws the noise from the episode key and the
@@ -86,6 +91,8 @@ __all__ = [n for n in _state.__all__ if n != "RESET_STREAM"] + [
     "init_core",
     "transition",
     "price_action",
+    "price_action_paper",
+    "price_on_grid",
     "observe",
     "continuous_to_choice",
     "discrete_to_choice",
@@ -109,6 +116,59 @@ def _pairs(v: Array) -> Array:
 
 def price_action(params: EnvParams, snr_db: Array, task_class: Array, k_idx: Array, r: Array) -> dict[str, Array]:
     """Quality and costs of (K option ``k_idx``, merge ratio ``r``) at true ``snr_db``.
+
+    Dispatches on the system: :func:`price_action_paper` for ``system == "paper"``, else the
+    artifact's pricing (:func:`price_on_grid`).
+    """
+    if params.system == "paper":
+        return price_action_paper(params, snr_db, task_class, k_idx, r)
+    return price_on_grid(params, snr_db, task_class, k_idx, r)
+
+
+def price_action_paper(params: EnvParams, snr_db: Array, task_class: Array, k_idx: Array, r: Array) -> dict[str, Array]:
+    """The paper's environment: quality from the tables, costs by the authors' formulas.
+
+    Quality is read at the SNR the feature noise maps to (``paper.quality_snr_db``), not at
+    the channel's (the authors' feature noise is not tied to the channel); the tables were
+    resampled to the paper's K options and r grid by ``build_params``. Costs
+    (``meg_jax.env.config.PaperSystem``)::
+
+        merged = min(floor(r N_tok), N_src);  kept = (N_tok - merged) V_tok
+        bits = (kept + (L - kept) map_fraction) value_bits;  rate = B log2(1 + 10^(snr/10))
+        latency = bits / rate + ES TFLOP s_ES + UE TFLOP s_UE + base
+        energy = (ES TFLOP e_ES + UE TFLOP e_UE + P_tx bits / rate + bias) / 10
+
+    Returns :func:`price_on_grid`'s keys (``tx_time_s`` = air time) plus every cost term:
+    ``payload_bits``, ``rate_bps``, ``es_time_s``, ``ue_time_s``, ``es_energy``,
+    ``ue_energy``, ``tx_energy`` (energies in hJ, before the division by 10).
+    """
+    pp = params.paper
+    out = price_on_grid(params, pp.quality_snr_db, task_class, k_idx, r)
+    merged = jnp.minimum(jnp.floor(r * pp.num_tokens), pp.max_merged)
+    kept = (pp.num_tokens - merged) * pp.token_values
+    bits = (kept + (pp.latent_values - kept) * pp.map_fraction) * pp.value_bits
+    rate = pp.bandwidth_hz * jnp.log2(1.0 + jnp.power(10.0, snr_db / 10.0))
+    air = bits / rate
+    es_tflop = pp.unet_tflop_per_step * params.steps[k_idx] + pp.text_tflop
+    es_time, ue_time = es_tflop * pp.es_s_per_tflop, pp.vae_tflop * pp.ue_s_per_tflop
+    es_energy, ue_energy, tx_energy = es_tflop * pp.es_hj_per_tflop, pp.vae_tflop * pp.ue_hj_per_tflop, pp.tx_power_w * air
+    return {
+        **out,
+        "latency_s": air + es_time + ue_time + pp.base_delay_s,
+        "energy_j": (es_energy + ue_energy + tx_energy + pp.bias_energy_hj) / 10.0,
+        "tx_time_s": air,
+        "payload_bits": bits,
+        "rate_bps": rate,
+        "es_time_s": es_time,
+        "ue_time_s": ue_time,
+        "es_energy": es_energy,
+        "ue_energy": ue_energy,
+        "tx_energy": tx_energy,
+    }
+
+
+def price_on_grid(params: EnvParams, snr_db: Array, task_class: Array, k_idx: Array, r: Array) -> dict[str, Array]:
+    """Quality and costs of (K option ``k_idx``, merge ratio ``r``) at true ``snr_db`` (artifact pricing).
 
     Quality is bilinear in (r, SNR clamped to the grid); per-r costs linear in r; the rate
     uses max(SNR, ``snr_floor_db``). Tables are packed so that each request needs four
@@ -152,9 +212,17 @@ def price_action(params: EnvParams, snr_db: Array, task_class: Array, k_idx: Arr
 
 
 def continuous_to_choice(params: EnvParams, action: Array) -> tuple[Array, Array]:
-    """[-1, 1]² → (index of the nearest K option, r in [0, r_max])."""
+    """[-1, 1]² → (index of the nearest K option, r in [0, r_max]).
+
+    ``system == "paper"``: the authors' map of u = (a + 1)/2 in [0, 1]²: K option
+    ``floor((K - 1) u0)`` (K = int(8 u0) + 4 for K in 4..12, so K = 12 only at u0 = 1) and
+    r = u1 r_max.
+    """
     a = jnp.clip(action, -1.0, 1.0)
     num_k = params.steps.shape[-1]
+    if params.system == "paper":
+        u = 0.5 * (a + 1.0)
+        return jnp.floor((num_k - 1) * u[0]).astype(jnp.int32), u[1] * params.max_merge_ratio
     k_idx = jnp.round(0.5 * (a[0] + 1.0) * (num_k - 1)).astype(jnp.int32)
     return k_idx, 0.5 * (a[1] + 1.0) * params.max_merge_ratio
 
@@ -168,7 +236,13 @@ def discrete_to_choice(params: EnvParams, action: Array) -> tuple[Array, Array]:
 
 # ------------------------------------------------------------------ transition, obs
 def observe(params: EnvParams, core: MEGCore) -> Array:
-    """Observation vector [obs_dim] (layout in the module docstring)."""
+    """Observation vector [obs_dim] (layout in the module docstring).
+
+    ``system == "paper"``: the authors' (gain-to-noise ratio now (linear), previous request's
+    latency (s), previous request's energy), zeros before the first request.
+    """
+    if params.system == "paper":
+        return jnp.concatenate([jnp.power(10.0, core.channel.snr_db / 10.0)[None], core.last_costs]).astype(jnp.float32)
     grid = params.snr_grid_db
     mid, half = 0.5 * (grid[0] + grid[-1]), 0.5 * (grid[-1] - grid[0])
     ch = core.channel
@@ -201,6 +275,7 @@ def transition(
         t=core.t + 1,
         cum_costs=core.cum_costs + costs,
         cum_quality=core.cum_quality + out["quality"],
+        last_costs=costs,
         key=core.key,
     )
     return nxt, out

@@ -31,7 +31,7 @@ __all__ = [
 
 C_LIGHT = 299_792_458.0
 SQRT_HALF = np.sqrt(0.5)
-STATIC_FIELDS = ("scenario", "analog", "history_length")
+STATIC_FIELDS = ("scenario", "analog", "history_length", "system")
 
 
 def params_to_numpy(params: Any, dtype: Any = np.float64) -> dict[str, Any]:
@@ -39,7 +39,7 @@ def params_to_numpy(params: Any, dtype: Any = np.float64) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for name in params.__dataclass_fields__:
         value = getattr(params, name)
-        if name in STATIC_FIELDS:
+        if name in STATIC_FIELDS or value is None:  # paper: None outside system="paper" (not modelled here)
             out[name] = value
         elif name == "episode_length":
             out[name] = int(np.asarray(value))

@@ -329,7 +329,10 @@ def discrete_to_continuous(params: EnvParams, index: Array) -> Array:
     """A continuous action [..., 2] that the env maps back to the same grid action."""
     num_k, num_r = params.steps.shape[-1], params.merge_ratios.shape[-1]
     k_idx, r_idx = index // num_r, index % num_r
-    a0 = jnp.where(num_k > 1, 2.0 * k_idx / max(num_k - 1, 1) - 1.0, 0.0)
+    if params.system == "paper":  # the middle of K option k's bin [k, k + 1) / (K - 1); the last is u0 = 1
+        a0 = jnp.minimum(2.0 * (k_idx + 0.5) / max(num_k - 1, 1) - 1.0, 1.0)
+    else:
+        a0 = jnp.where(num_k > 1, 2.0 * k_idx / max(num_k - 1, 1) - 1.0, 0.0)
     a1 = 2.0 * params.merge_ratios[r_idx] / params.max_merge_ratio - 1.0
     return jnp.stack([a0, jnp.clip(a1, -1.0, 1.0)], axis=-1)
 

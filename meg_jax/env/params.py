@@ -21,10 +21,10 @@ from meg_jax import shipped
 from meg_jax.env.channel import stationary_channel_samples
 from meg_jax.env.config import MEGEnvConfig
 from meg_jax.env.meg_env import grid_action_table
-from meg_jax.env.state import EnvParams
+from meg_jax.env.state import EnvParams, PaperParams
 from meg_jax.meg.artifact import CalibrationArtifact
 
-__all__ = ["LimitReport", "derive_limits", "build_params", "resolve_artifact_path"]
+__all__ = ["LimitReport", "derive_limits", "build_params", "resolve_artifact_path", "resample_steps", "extend_ratios"]
 
 _stationary_channel_samples_jit = jax.jit(stationary_channel_samples, static_argnums=2)
 _grid_action_table_jit = jax.jit(grid_action_table)
@@ -121,6 +121,8 @@ def build_params(
         )
     cdf = np.cumsum(probs)
     cdf[-1] = 1.0
+    if config.system == "paper":
+        return _with_limits(_paper_params(config, artifact, episode_length, cdf), config, key)
     r_max = float(artifact.merge_ratios[-1]) if config.max_merge_ratio is None else config.max_merge_ratio
     if r_max > artifact.merge_ratios[-1] + 1e-9:
         raise ValueError(f"max_merge_ratio {r_max} exceeds the artifact's largest merge ratio {artifact.merge_ratios[-1]}")
@@ -168,11 +170,134 @@ def build_params(
         analog=artifact.link_mode == "analog",
         history_length=config.history_length,
     )
+    return _with_limits(params, config, key)
+
+
+def _with_limits(params: EnvParams, config: MEGEnvConfig, key: Array | None) -> tuple[EnvParams, LimitReport]:
+    """Sets the limits (derived or checked) and the single-cost weights."""
     report = derive_limits(params, config, key)
     limits = np.asarray(report.limits)
     weights = {"normalised_sum": 1.0 / limits, "latency": np.array([1.0, 0.0]), "energy": np.array([0.0, 1.0])}
     params = params.replace(limits=_f32(limits), cost_weights=_f32(weights[config.single_cost]))
     return params, report
+
+
+def resample_steps(steps: np.ndarray, table: np.ndarray, new_steps: np.ndarray) -> np.ndarray:
+    """A table [K, ...] measured at ``steps`` read at ``new_steps``: linear in log K, clipped.
+
+    Inside the measured range each cell is interpolated linearly in log K (quality grows
+    roughly by a constant per doubling of the steps); outside it the nearest measured K
+    holds (no extrapolation: more steps than measured buy no quality here).
+    """
+    x = np.log(np.asarray(steps, np.float64))
+    xq = np.log(np.clip(np.asarray(new_steps, np.float64), steps[0], steps[-1]))
+    flat = np.asarray(table, np.float64).reshape(len(steps), -1)
+    out = np.stack([np.interp(xq, x, flat[:, j]) for j in range(flat.shape[1])], axis=-1)
+    return out.reshape((len(new_steps),) + table.shape[1:])
+
+
+def extend_ratios(ratios: np.ndarray, table: np.ndarray, r_cap: float) -> tuple[np.ndarray, np.ndarray]:
+    """Ratio grid ending at ``r_cap`` and a table [K, R, ...] on it (axis 1 is r).
+
+    Points at or above ``r_cap`` are dropped and ``r_cap`` appended, its value interpolated,
+    or extrapolated linearly from the last measured segment when ``r_cap`` lies beyond the
+    measured grid (merging cannot remove more than the src tokens, so r_cap is the last
+    distinct merge).
+    """
+    ratios = np.asarray(ratios, np.float64)
+    keep = ratios < r_cap - 1e-12
+    lo, hi = (len(ratios) - 2, len(ratios) - 1) if r_cap > ratios[-1] else (None, None)
+    if lo is None:
+        i = int(np.searchsorted(ratios, r_cap, side="right")) - 1
+        lo, hi = i, min(i + 1, len(ratios) - 1)
+    w = 0.0 if hi == lo else (r_cap - ratios[lo]) / (ratios[hi] - ratios[lo])
+    at_cap = (1.0 - w) * table[:, lo] + w * table[:, hi]
+    return np.append(ratios[keep], r_cap), np.concatenate([table[:, keep], at_cap[:, None]], axis=1)
+
+
+def _paper_params(config: MEGEnvConfig, artifact: CalibrationArtifact, episode_length: int, cdf: np.ndarray) -> EnvParams:
+    """``EnvParams`` of the paper's environment (``config.system == "paper"``; see ``PaperSystem``)."""
+    from meg_jax.meg import costs as costs_lib
+    from meg_jax.meg import devices
+
+    ps = config.paper
+    preset = costs_lib.cost_preset(ps.cost_preset)
+    channels, side = preset.latent_channels, preset.latent_size
+    patch = int(round(np.sqrt(ps.token_values / channels)))
+    if patch * patch * channels != ps.token_values or side % (patch * ps.dst_stride):
+        raise ValueError(
+            f"paper.token_values={ps.token_values} must be p x p x {channels} channels with {side} divisible by "
+            f"p x paper.dst_stride ({ps.dst_stride})"
+        )
+    num_tokens = (side // patch) ** 2
+    max_merged = num_tokens - num_tokens // ps.dst_stride**2
+    es = devices.device(ps.es_device)
+    es_s_per_tflop = 1e12 / es.effective_flops
+    es_hj_per_tflop = es.energy_per_flop_j * 1e12 / 100.0
+    steps = np.asarray(ps.steps, np.float64)
+    quality = np.stack([artifact.accuracy, artifact.psnr], axis=-1)  # [K, R, S, C, 2]
+    quality = resample_steps(np.asarray(artifact.steps, np.float64), quality, steps)
+    ratios, quality = extend_ratios(np.asarray(artifact.merge_ratios), quality, max_merged / num_tokens)
+    quality[..., 0] = np.clip(quality[..., 0], 0.0, 1.0)  # an extrapolated accuracy stays a fraction
+    r_max = 1.0 if config.max_merge_ratio is None else config.max_merge_ratio
+    zeros_r, zeros_k = _f32(np.zeros(len(ratios))), _f32(np.zeros(len(steps)))
+    paper = PaperParams(
+        distance_min_m=_f32(ps.distance_m[0]),
+        distance_max_m=_f32(ps.distance_m[1]),
+        path_loss_a_db=_f32(ps.path_loss_db[0]),
+        path_loss_b_db=_f32(ps.path_loss_db[1]),
+        tx_power_dbm=_f32(ps.tx_power_dbm),
+        tx_power_w=_f32(10.0 ** (ps.tx_power_dbm / 10.0) / 1e3),
+        noise_dbm=_f32(ps.noise_dbm),
+        bandwidth_hz=_f32(ps.bandwidth_hz),
+        unet_tflop_per_step=_f32(preset.unet_flops * ps.unet_evals_per_step / 1e12),
+        text_tflop=_f32(preset.text_encoder_flops / 1e12),
+        vae_tflop=_f32(preset.vae_decoder_flops / 1e12),
+        es_s_per_tflop=_f32(es_s_per_tflop),
+        ue_s_per_tflop=_f32(es_s_per_tflop / ps.ue_time_ratio),
+        es_hj_per_tflop=_f32(es_hj_per_tflop),
+        ue_hj_per_tflop=_f32(es_hj_per_tflop / ps.ue_energy_ratio),
+        base_delay_s=_f32(ps.base_delay_s),
+        bias_energy_hj=_f32(ps.bias_energy_hj),
+        num_tokens=_f32(num_tokens),
+        max_merged=_f32(max_merged),
+        token_values=_f32(ps.token_values),
+        latent_values=_f32(side * side * channels),
+        value_bits=_f32(ps.value_bits),
+        map_fraction=_f32(ps.map_fraction),
+        quality_snr_db=_f32(-20.0 * np.log10(ps.feature_noise_std)),
+        teacher_steps=_f32(preset.teacher_steps),
+    )
+    nan = _f32(np.nan)  # fields the paper's system never reads
+    return EnvParams(
+        limits=_f32([1.0, 1.0]),
+        cost_weights=_f32([1.0, 1.0]),
+        episode_length=jnp.asarray(episode_length, jnp.int32),
+        slot_s=_f32(config.slot_s),
+        task_cdf=_f32(cdf),
+        carrier_hz=nan, bs_height_m=nan, ue_height_m=nan, area_half_width_m=nan, min_distance_m=nan,
+        speed_min_mps=nan, speed_max_mps=nan, heading_std_rad=nan, shadowing_std_los_db=nan,
+        shadowing_std_nlos_db=nan, shadowing_decorrelation_m=nan, los_decorrelation_m=nan,
+        tx_power_dbm=_f32(ps.tx_power_dbm),
+        noise_psd_dbm_hz=nan, noise_figure_db=nan,
+        snr_floor_db=_f32(config.snr_floor_db),
+        csi_delay_s=nan, csi_error_std=nan,
+        steps=_f32(steps),
+        merge_ratios=_f32(ratios),
+        snr_grid_db=_f32(artifact.snr_db),
+        quality_table=_f32(quality),
+        es_time_s=zeros_k, payload=zeros_r, side_info_bits=zeros_r, ue_time_s=zeros_r, ue_energy_j=zeros_r,
+        ue_receive_power_w=_f32(0.0),
+        bandwidth_hz=_f32(ps.bandwidth_hz),
+        max_merge_ratio=_f32(r_max),
+        reward_psnr_weight=_f32(config.reward_psnr_weight),
+        psnr_scale_db=_f32(config.psnr_scale_db),
+        paper=paper,
+        scenario=config.scenario,
+        analog=artifact.link_mode == "analog",
+        history_length=config.history_length,
+        system="paper",
+    )
 
 
 def resolve_artifact_path(path: str) -> str:

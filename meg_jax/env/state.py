@@ -15,6 +15,7 @@ from jax import Array
 
 __all__ = [
     "EnvParams",
+    "PaperParams",
     "ChannelState",
     "MEGCore",
     "StepNoise",
@@ -39,6 +40,40 @@ METRIC_KEYS = (
 )
 _SQRT_HALF = math.sqrt(0.5)
 RESET_STREAM = 2**31 - 1  # fold_in index of the reset draws
+
+
+@struct.dataclass
+class PaperParams:
+    """The paper's environment (``system="paper"``) as arrays, in the authors' units (all []).
+
+    See ``meg_jax.env.config.PaperSystem`` for the formulas; TFLOP = 1e12 FLOP, hJ = 100 J.
+    """
+
+    distance_min_m: Array  # d ~ U[min, max] per request (m)
+    distance_max_m: Array
+    path_loss_a_db: Array  # PL = a + b log10(d) (dB)
+    path_loss_b_db: Array
+    tx_power_dbm: Array  # P_tx (dBm)
+    tx_power_w: Array  # P_tx (W), the transmit-energy term
+    noise_dbm: Array  # N0 (dBm)
+    bandwidth_hz: Array  # B (Hz)
+    unet_tflop_per_step: Array  # UNet TFLOP per denoising step (all guidance passes)
+    text_tflop: Array  # text encoder TFLOP per request
+    vae_tflop: Array  # VAE decoder TFLOP per request (at the UE)
+    es_s_per_tflop: Array  # ES seconds per TFLOP
+    ue_s_per_tflop: Array  # UE seconds per TFLOP
+    es_hj_per_tflop: Array  # ES hJ per TFLOP
+    ue_hj_per_tflop: Array  # UE hJ per TFLOP
+    base_delay_s: Array  # fixed delay per request (s)
+    bias_energy_hj: Array  # fixed energy per request (hJ)
+    num_tokens: Array  # merge tokens of the latent (2 x 2 patches)
+    max_merged: Array  # src tokens: the most tokens merging can remove
+    token_values: Array  # values per token
+    latent_values: Array  # values of the whole latent
+    value_bits: Array  # bits per value (fp16)
+    map_fraction: Array  # values of merge map per removed value
+    quality_snr_db: Array  # the artifact SNR the feature noise maps to: -20 log10(sigma) (dB)
+    teacher_steps: Array  # steps of the conventional schemes (full-step teacher), for comparisons
 
 
 @struct.dataclass
@@ -90,10 +125,12 @@ class EnvParams:
     max_merge_ratio: Array  # [] r_max of the continuous action
     reward_psnr_weight: Array  # []
     psnr_scale_db: Array  # []
+    paper: PaperParams | None = None  # the paper's environment (system == "paper"), else None
     # static: changing these changes shapes or code paths
     scenario: str = struct.field(pytree_node=False, default="umi")
     analog: bool = struct.field(pytree_node=False, default=True)
     history_length: int = struct.field(pytree_node=False, default=4)
+    system: str = struct.field(pytree_node=False, default="mobility")  # "mobility" or "paper"
 
     @property
     def num_classes(self) -> int:
@@ -106,6 +143,8 @@ class EnvParams:
 
     @property
     def obs_dim(self) -> int:
+        if self.system == "paper":
+            return 3
         return self.history_length + self.num_classes + 5
 
 
@@ -138,6 +177,7 @@ class MEGCore:
     t: Array  # int32 requests served in this episode
     cum_costs: Array  # [2] latency (s), energy (J) spent in this episode
     cum_quality: Array  # summed reward in this episode
+    last_costs: Array  # [2] latency (s), energy of the previous request (0 before the first)
     key: Array  # episode PRNG key (legacy uint32 [2]); step noise = episode_step_noise(key, t)
 
 
@@ -170,6 +210,8 @@ class ResetNoise:
 
 def observation_fields(params: EnvParams) -> dict[str, slice]:
     """Name -> slice of the observation vector (see the module docstring)."""
+    if params.system == "paper":
+        return {"gain_to_noise": slice(0, 1), "prev_latency": slice(1, 2), "prev_energy": slice(2, 3)}
     h, c = params.history_length, params.num_classes
     sizes = (("est_snr", h), ("mean_snr", 1), ("speed", 1), ("task", c), ("progress", 1), ("budget", 2))
     out, start = {}, 0

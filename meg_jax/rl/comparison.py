@@ -26,6 +26,7 @@ __all__ = [
     "matched_quality_meg",
     "QUALITY_TOLERANCE",
     "scheme_comparison",
+    "paper_conventional_schemes",
 ]
 
 
@@ -45,6 +46,8 @@ def conventional_schemes(artifact: Any, params: Any, snr_db: np.ndarray, task_cl
     Returns:
       scheme name -> {"quality", "latency_s", "energy_j"} arrays of the requests' shape.
     """
+    if getattr(params, "system", "mobility") == "paper":
+        return paper_conventional_schemes(artifact, params, snr_db, task_class)
     snr = np.asarray(snr_db, np.float64)
     cls = np.asarray(task_class, np.int64)
     bandwidth = float(params.bandwidth_hz)
@@ -69,6 +72,60 @@ def conventional_schemes(artifact: Any, params: Any, snr_db: np.ndarray, task_cl
         out[name]["latency_s"] = np.asarray(latency, np.float64)
         out[name]["energy_j"] = np.asarray(energy, np.float64)
     return out
+
+
+def _scheme_quality(s: Any, grid: np.ndarray, snr: np.ndarray, cls: np.ndarray, w: float, scale: float) -> np.ndarray:
+    """A scheme's reward at (clamped) ``snr`` and ``cls``, mixed like the environment's."""
+    clamped = np.clip(snr, grid[0], grid[-1])
+    acc = np.stack([np.interp(clamped, grid, s.accuracy[:, c]) for c in range(s.accuracy.shape[1])], -1)
+    psnr = np.stack([np.interp(clamped, grid, s.psnr[:, c]) for c in range(s.psnr.shape[1])], -1)
+    acc = np.take_along_axis(acc, cls[..., None], -1)[..., 0]
+    psnr = np.take_along_axis(psnr, cls[..., None], -1)[..., 0]
+    return (1.0 - w) * acc + w * psnr / scale
+
+
+def paper_conventional_schemes(artifact: Any, params: Any, snr_db: np.ndarray, task_class: np.ndarray) -> dict[str, dict[str, np.ndarray]]:
+    """The conventional schemes priced by the paper's formulas (``system == "paper"``).
+
+    With the full-step teacher (``paper.teacher_steps`` guided steps) and the paper's
+    constants: **centralised** — the ES runs text encoder, teacher and VAE decoder and sends
+    the artifact's image file (its bits) at B log2(1 + g); **MEG uncompressed** — the ES runs
+    the teacher, the whole fp16 latent goes (r = 0), the UE decodes; **on-device** — the UE
+    runs everything at its seconds/hJ per TFLOP, nothing is sent. Latency adds the base
+    delay, energy is (ES hJ + UE hJ + P_tx air + bias) / 10 as for an MEG action. Quality is
+    the artifact's, at the feature-noise SNR (``paper.quality_snr_db``) like MEG's.
+    """
+    pp = _host_floats(params.paper)
+    snr = np.asarray(snr_db, np.float64)
+    cls = np.asarray(task_class, np.int64)
+    rate = pp["bandwidth_hz"] * np.log2(1.0 + 10.0 ** (snr / 10.0))
+    teacher = pp["teacher_steps"] * pp["unet_tflop_per_step"] + pp["text_tflop"]
+    latent_bits = pp["latent_values"] * pp["value_bits"]
+    image_bits = float(artifact.conventional_schemes["centralised"].payload
+                       + artifact.conventional_schemes["centralised"].side_info_bits)
+    # name -> (ES TFLOP, UE TFLOP, bits on the air)
+    work = {
+        "centralised": (teacher + pp["vae_tflop"], 0.0, image_bits),
+        "meg_uncompressed": (teacher, pp["vae_tflop"], latent_bits),
+        "on_device": (0.0, teacher + pp["vae_tflop"], 0.0),
+    }
+    grid = np.asarray(artifact.snr_db, np.float64)
+    q_snr = np.full_like(snr, pp["quality_snr_db"])
+    w, scale = float(params.reward_psnr_weight), float(params.psnr_scale_db)
+    out = {}
+    for name, (es_tf, ue_tf, bits) in work.items():
+        air = bits / rate
+        latency = air + es_tf * pp["es_s_per_tflop"] + ue_tf * pp["ue_s_per_tflop"] + pp["base_delay_s"]
+        energy = (es_tf * pp["es_hj_per_tflop"] + ue_tf * pp["ue_hj_per_tflop"] + pp["tx_power_w"] * air
+                  + pp["bias_energy_hj"]) / 10.0
+        out[name] = {"quality": _scheme_quality(artifact.conventional_schemes[name], grid, q_snr, cls, w, scale),
+                     "latency_s": latency, "energy_j": energy}
+    return out
+
+
+def _host_floats(paper: Any) -> dict[str, float]:
+    """``PaperParams`` as host floats (float64)."""
+    return {name: float(np.asarray(getattr(paper, name))) for name in paper.__dataclass_fields__}
 
 
 SCHEME_LABELS = {

@@ -37,7 +37,7 @@ FEASIBILITY_TOLERANCE = 1.02
 class EnvSpec:
     """Which environment to build (forwarded to ``meg_jax.env.make``)."""
 
-    preset: str = "tiny"  # environment preset: "tiny" or "sdxl-mobile"
+    preset: str = "tiny"  # environment preset: "tiny", "sdxl-mobile" or "paper"
     num_envs: int = 64  # parallel environments used for collection (sharded over devices)
     episode_length: Optional[int] = None  # requests per episode; None = the preset's default
     artifact: Optional[str] = None  # calibration artifact path; None = the preset's default
