@@ -62,6 +62,45 @@ def table_policy_scores(fit, test, limits, num_classes: int, bin_db: float):
     return quality, costs / limits, unseen
 
 
+def observable_ceiling(spec: EnvSpec, seeds: Sequence[int], episodes: int = 1024, fit_episodes: int = 4096,
+                       bin_db: float = 0.5, episode_length: int = EPISODE_LENGTH) -> dict[int, dict[str, float]]:
+    """The (estimated-SNR bin, class) table policy scored on each seed's evaluation episodes.
+
+    The evaluation episodes are ``train.cvpo``'s (key ``fold_in(PRNGKey(seed), 10**6)``,
+    ``episodes`` of ``episode_length`` requests), so the numbers pair with its ``eval.json``.
+
+    Returns:
+      seed -> {"quality", "latency_over_limit", "energy_over_limit", "fixed_quality",
+      "oracle_quality", "gap_closed"} (the table policy's quality and its gap closed, the best
+      fixed feasible action's and the oracle's quality on the same requests).
+    """
+    fit_env = make_env(spec, num_envs=fit_episodes, discrete=True)
+    params = fit_env.params
+    limits = np.asarray(params.limits, np.float64)
+    num_classes = int(params.num_classes)
+
+    def tables(env, key):
+        collect = jax.jit(lambda k: oracle_lib.collect_env_requests(env, k, episode_length, estimate=True))
+        snr, cls, est = (np.asarray(x).reshape(-1) for x in collect(key))
+        q, c = oracle_lib.action_tables(params, jnp.asarray(snr), jnp.asarray(cls))
+        return snr, est, cls, np.asarray(q, np.float64), np.asarray(c, np.float64)
+
+    fit = tables(fit_env, jax.random.PRNGKey(123))
+    eval_env = make_env(spec, num_envs=episodes, discrete=True)
+    out = {}
+    for seed in seeds:
+        test = tables(eval_env, jax.random.fold_in(jax.random.PRNGKey(seed), 10**6))
+        orc = oracle_lib.fit_oracle(test[3], test[4], limits)
+        fixed = oracle_lib.best_fixed_action(params, jnp.asarray(test[3]), jnp.asarray(test[4]), limits)
+        q, ratio, _ = table_policy_scores(fit, test, limits, num_classes, bin_db)
+        out[int(seed)] = {
+            "quality": q, "latency_over_limit": float(ratio[0]), "energy_over_limit": float(ratio[1]),
+            "fixed_quality": float(fixed.avg_quality), "oracle_quality": float(orc.avg_quality),
+            "gap_closed": gap_closed(q, fixed.avg_quality, orc.avg_quality),
+        }
+    return out
+
+
 @dataclasses.dataclass(frozen=True)
 class Args:
     """Flags of ``python -m eval.observable_oracle``."""

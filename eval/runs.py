@@ -21,16 +21,15 @@ import orbax.checkpoint as ocp
 from meg_jax import checkpoint as ckpt
 from meg_jax import config as config_lib
 from meg_jax.meg.artifact import synthetic_artifact
+from meg_jax.rl import agents
 from meg_jax.rl.config import RunConfig
-from meg_jax.rl.cvpo import make_cvpo
 from meg_jax.rl.evaluate import make_env
-from meg_jax.rl.ppo_lagrangian import make_ppo
 from meg_jax.run_log import read_metrics
 
 __all__ = ["ALGO_LABELS", "LoadedPolicy", "find_runs", "load_run", "policy_discrete", "training_curves"]
 
 # display names of the algorithms of train.cvpo
-ALGO_LABELS = {"cvpo": "MEG-CVPO", "ppo_lag": "PPO-Lagrangian", "ppo": "PPO (unconstrained)"}
+ALGO_LABELS = dict(agents.LABELS)
 
 
 @dataclasses.dataclass
@@ -92,14 +91,12 @@ def _run_artifact(config: Any) -> Any:
 
 
 def _make_agent(config: Any, env: Any) -> Any:
-    if config.algo == "cvpo":
-        return make_cvpo(config.cvpo, env)
-    return make_ppo(dataclasses.replace(config.ppo, lagrangian=config.algo == "ppo_lag"), env)
+    return agents.make_agent(config, env)
 
 
 def policy_discrete(config: Any) -> bool:
     """Whether the run's agent acts on the discrete grid."""
-    return bool(config.cvpo.discrete if config.algo == "cvpo" else config.ppo.discrete)
+    return agents.is_discrete(config)
 
 
 def load_run(run_dir: str | os.PathLike, seed_index: int = 0) -> LoadedPolicy:
@@ -118,7 +115,7 @@ def load_run(run_dir: str | os.PathLike, seed_index: int = 0) -> LoadedPolicy:
         raise FileNotFoundError(f"{cfg_path} not found: {run_dir!r} is not a run directory of `python -m train.cvpo`")
     config = config_lib.load_json(RunConfig, cfg_path)
     if config.algo not in ALGO_LABELS:
-        raise ValueError(f"{run_dir}: algo {config.algo!r} has no trained policy (choose a cvpo/ppo_lag/ppo run)")
+        raise ValueError(f"{run_dir}: algo {config.algo!r} has no trained policy (choose a run of {list(ALGO_LABELS)})")
     artifact = _run_artifact(config)
     discrete = policy_discrete(config)
     with warnings.catch_warnings():

@@ -125,20 +125,27 @@ def _evaluate(env, act, actor_params, key):
     return quality, costs
 
 
-@pytest.mark.parametrize("lagrangian", [True, False])
-def test_learns_within_the_limits_and_multipliers_follow_costs(artifact, eval_setup, lagrangian):
+@pytest.mark.parametrize("lagrangian,dual", [(True, "gradient"), (True, "pid"), (False, "gradient")])
+def test_learns_within_the_limits_and_multipliers_follow_costs(artifact, eval_setup, lagrangian, dual):
     chex.clear_trace_counter()  # the parametrized cases share the wrapped function's footprint
     env = menv.make("tiny", num_envs=16, episode_length=EPISODE_LENGTH, artifact=artifact, discrete=True)
-    config = dataclasses.replace(LEARN, lagrangian=lagrangian)
+    # PID-Lagrangian (Stooke et al. 2020): the integral gain is the gradient variant's step
+    config = dataclasses.replace(LEARN, lagrangian=lagrangian, dual=dual, pid_ki=LEARN.lagrange_lr)
     agent = ppo.make_ppo(config, env)
     state = jax.jit(agent.init)(jax.random.PRNGKey(0))
     step = jax.jit(chex.assert_max_traces(agent.train_step, n=1))
-    lam = np.zeros(2)
+    lam, integral, prev_cost = np.zeros(2), np.zeros(2), np.zeros(2)
     for i in range(BLOCKS):
         state, metrics = step(state, jax.random.PRNGKey(i))
-        if i < 3:  # lam <- clip(lam + lr (avg normalised cost - 1), 0, max), by hand
-            if lagrangian:
-                lam = np.clip(lam + LEARN.lagrange_lr * (np.asarray(metrics["rollout_costs_over_limit"]) - 1.0), 0, 100)
+        if i < 3:
+            cost = np.asarray(metrics["rollout_costs_over_limit"], np.float64)
+            if lagrangian and dual == "gradient":  # lam <- clip(lam + lr (avg normalised cost - 1), 0, max)
+                lam = np.clip(lam + LEARN.lagrange_lr * (cost - 1.0), 0, 100)
+            elif lagrangian:  # I <- (I + e)+, lam = clip(Kp e + Ki I + Kd (J - J_prev)+, 0, max)
+                integral = np.maximum(integral + cost - 1.0, 0.0)
+                lam = np.clip(config.pid_kp * (cost - 1.0) + config.pid_ki * integral
+                              + config.pid_kd * np.maximum(cost - prev_cost, 0.0), 0, 100)
+                prev_cost = cost
             # a few float32 roundings on lam ~ 0.1-1: rtol 1e-5 / atol 1e-6
             np.testing.assert_allclose(np.asarray(state.lam), lam, rtol=1e-5, atol=1e-6)
     chex.assert_tree_all_finite((state.actor, state.critic))

@@ -2,6 +2,7 @@
 
     python -m train.cvpo --env.preset tiny --seed 0 --workdir runs/cvpo-tiny-0
     python -m train.cvpo --algo ppo_lag --env.preset sdxl-mobile --workdir runs/ppo-sdxl --cvpo.batch_size 512
+    python -m train.cvpo --algo sac_lag --workdir runs/sac-tiny --num_seeds 5   # or ddpg_lag, ppo_pid
     python -m train.cvpo --distributed --coordinator host0:1234 --num_processes 2 --process_id 0 ...
 
 Every field of ``meg_jax.rl.config.RunConfig`` is a flag, ``--a.b value`` (``--env.preset``,
@@ -106,7 +107,9 @@ def _make_envs(config: RunConfig):
         from meg_jax.meg.artifact import synthetic_artifact
 
         artifact = synthetic_artifact()
-    discrete = config.ppo.discrete if config.algo in ("ppo_lag", "ppo") else config.cvpo.discrete
+    from meg_jax.rl.agents import is_discrete
+
+    discrete = is_discrete(config)
     env = make_env(config.env, discrete=discrete, artifact=artifact)
     return env, discrete, artifact
 
@@ -183,8 +186,15 @@ def _summarize(algo: str, metrics: dict, limits: np.ndarray) -> tuple[dict[str, 
                     rec[f"estep_cost_{j}_over_threshold"] = float(flat["estep_costs_over_threshold"][i][j])
                 per_update.append(rec)
     else:
-        out["policy_loss"] = float(m["policy_loss"].mean())
-        out["value_loss"] = float(m["value_loss"].mean())
+        if "updated" in m:  # off-policy agents: averages over the updates that ran
+            updated = m["updated"].reshape(-1) > 0.5
+            out["updates_done"] = float(updated.sum())
+            for k in ("critic_loss", "reward_critic_loss", "actor_loss", "alpha", "entropy"):
+                if k in m and updated.any():
+                    out[k] = float(m[k].reshape(-1)[updated].mean())
+        else:  # PPO
+            out["policy_loss"] = float(m["policy_loss"].mean())
+            out["value_loss"] = float(m["value_loss"].mean())
         lam = m["lam"].reshape((-1, limits.shape[0]))[-1]
         for j in range(limits.shape[0]):
             out[f"lam_{j}"] = float(lam[j])
@@ -251,15 +261,9 @@ def run(
             _write_json(os.path.join(workdir, eval_filename(config)), evaluation)
         return TrainResult(config, None, 0, evaluation)
 
-    if config.algo == "cvpo":
-        from meg_jax.rl.cvpo import make_cvpo
+    from meg_jax.rl import agents
 
-        per_block = config.env.num_envs * config.cvpo.env_steps_per_block
-    else:
-        from meg_jax.rl.ppo_lagrangian import make_ppo
-
-        ppo_config = dataclasses.replace(config.ppo, lagrangian=config.algo == "ppo_lag")
-        per_block = config.env.num_envs * config.ppo.rollout_length
+    per_block = agents.env_steps_per_block(config)
     vmapped = config.num_seeds > 1
     if config.num_seeds < 1:
         raise ValueError(f"num_seeds must be >= 1, got {config.num_seeds}")
@@ -267,7 +271,7 @@ def run(
     mesh = None if vmapped else make_mesh()
     if mesh is not None:
         check_batch_size(config.env.num_envs, mesh, what="env.num_envs")
-    agent = make_cvpo(config.cvpo, env, mesh) if config.algo == "cvpo" else make_ppo(ppo_config, env, mesh)
+    agent = agents.make_agent(config, env, mesh)
     blocks_per_log = config.blocks_per_log
     iterations = max(1, math.ceil(config.total_env_steps / (per_block * blocks_per_log)))
     seeds = [config.seed + i for i in range(config.num_seeds)]

@@ -223,7 +223,9 @@ def evaluate_all(config: Any, agent: Any, actor_params: Any, artifact: Any = Non
     out["oracle"] = oracle
     summary: dict[str, Any] = {"fixed_quality": fixed["quality"], "oracle_quality": oracle["quality"]}
     if agent is not None:
-        discrete = config.cvpo.discrete if config.algo == "cvpo" else config.ppo.discrete
+        from meg_jax.rl.agents import is_discrete
+
+        discrete = is_discrete(config)
         penv = denv if discrete else make_env(spec, num_envs=episodes, discrete=False, artifact=artifact)
         out["policy"] = score(LearnedPolicy(agent.act, config.eval.deterministic), actor_params, penv)
         ref = out["policy"]

@@ -1,4 +1,7 @@
-"""Configs of the constrained RL agents (MEG-CVPO, PPO-Lagrangian, PPO) and of a training run.
+"""Configs of the constrained RL agents and of a training run.
+
+Agents: MEG-CVPO, PPO-Lagrangian (gradient or PID multipliers), plain PPO, DDPG-Lagrangian and
+SAC-Lagrangian.
 
 Every config is a frozen dataclass of plain values (see ``meg_jax.config`` for the JSON
 round-trip and ``a.b=value`` overrides). Defaults are the values the results in
@@ -19,14 +22,23 @@ __all__ = [
     "EnvSpec",
     "CVPOConfig",
     "PPOConfig",
+    "DDPGConfig",
+    "SACConfig",
+    "DUALS",
     "EvalConfig",
     "RunConfig",
     "ALGOS",
     "FEASIBILITY_TOLERANCE",
 ]
 
-# the --algo choices of train/cvpo.py
-ALGOS = ("cvpo", "ppo_lag", "ppo", "fixed", "oracle", "max_quality")
+# the --algo choices of train/cvpo.py: the learned agents (``meg_jax.rl.agents.LEARNED``),
+# then the reference policies that are only evaluated
+ALGOS = ("cvpo", "ppo_lag", "ppo_pid", "ppo", "ddpg_lag", "sac_lag", "fixed", "oracle", "max_quality")
+
+# how the Lagrangian agents move their multipliers (``meg_jax.rl.dual.update_lagrange``):
+# "gradient": projected ascent lam <- clip(lam + lr (cost - target), 0, max);
+# "pid": Stooke, Achiam & Abbeel (ICML 2020), lam = (Kp e + Ki I + Kd (J - J_prev)+)+
+DUALS = ("gradient", "pid")
 
 # A policy is feasible when each mean episode-average cost is <= limit x this: the one
 # definition, used by training's final evaluation, the evaluation report and the benchmarks.
@@ -105,6 +117,79 @@ class PPOConfig:
     lagrange_init: float = 0.0  # initial multipliers
     lagrange_max: float = 100.0  # upper clip of each multiplier
     cost_margin: float = 0.0  # the multipliers aim at limit * (1 - cost_margin)
+    dual: str = "gradient"  # multiplier update, one of DUALS (--algo ppo_pid sets "pid")
+    pid_kp: float = 1.0  # PID: proportional gain on the error e = avg normalised cost - target
+    pid_ki: float = 0.05  # PID: integral gain (Kp = Kd = 0 and Ki = lagrange_lr is the gradient update)
+    pid_kd: float = 1.0  # PID: derivative gain on the rise of the (smoothed) cost, (J_k - J_k-1)+
+    pid_ema_p: float = 0.0  # PID: EMA weight of the previous error in the P term (0 = none)
+    pid_ema_d: float = 0.0  # PID: EMA weight of the previous cost in the D term (0 = none)
+
+
+@dataclasses.dataclass(frozen=True)
+class DDPGConfig:
+    """DDPG-Lagrangian hyperparameters (Lillicrap et al. 2016 with a Lagrangian on cost critics).
+
+    Continuous head only (a deterministic tanh policy over the [-1, 1]^2 action).
+    """
+
+    hidden: tuple[int, ...] = (64, 64)  # actor and critic MLP widths
+    critic_layer_norm: bool = True  # LayerNorm after each hidden critic layer
+    gamma: float = 0.5  # discount (same nearly-myopic task as CVPO)
+    batch_size: int = 256  # transitions per gradient update
+    replay_capacity: int = 100_000  # total transitions kept (split evenly over the envs)
+    min_replay: int = 1_000  # transitions collected (uniform random actions) before the first update
+    env_steps_per_block: int = 1  # vectorised env steps per block (x num_envs transitions)
+    updates_per_block: int = 4  # gradient updates per block
+    actor_lr: float = 3e-4  # Adam step of the actor
+    critic_lr: float = 1e-3  # Adam step of the critics
+    max_grad_norm: float = 10.0  # global gradient clip
+    tau: float = 0.05  # polyak rate of the target actor and critics (optax.incremental_update)
+    exploration_std: float = 0.1  # Gaussian noise added to the behaviour action (action units)
+    lagrange_lr: float = 0.01  # multiplier step per block per unit of (normalised block cost - target)
+    lagrange_init: float = 0.0  # initial multipliers
+    lagrange_max: float = 100.0  # upper clip of each multiplier
+    cost_margin: float = 0.0  # the multipliers aim at limit * (1 - cost_margin)
+    dual: str = "gradient"  # multiplier update, one of DUALS
+    pid_kp: float = 0.1  # PID gains (see PPOConfig), per block
+    pid_ki: float = 0.01
+    pid_kd: float = 0.0
+    pid_ema_p: float = 0.9
+    pid_ema_d: float = 0.9
+
+
+@dataclasses.dataclass(frozen=True)
+class SACConfig:
+    """SAC-Lagrangian hyperparameters (Haarnoja et al. 2018, automatic entropy, Lagrangian on cost critics).
+
+    Continuous head only (a tanh-squashed Gaussian over the [-1, 1]^2 action).
+    """
+
+    hidden: tuple[int, ...] = (64, 64)  # actor and critic MLP widths
+    critic_layer_norm: bool = True  # LayerNorm after each hidden critic layer
+    gamma: float = 0.5  # discount
+    batch_size: int = 256  # transitions per gradient update
+    replay_capacity: int = 100_000  # total transitions kept (split evenly over the envs)
+    min_replay: int = 1_000  # transitions collected (uniform random actions) before the first update
+    env_steps_per_block: int = 1  # vectorised env steps per block (x num_envs transitions)
+    updates_per_block: int = 4  # gradient updates per block
+    actor_lr: float = 3e-4  # Adam step of the actor
+    critic_lr: float = 1e-3  # Adam step of the critics
+    alpha_lr: float = 1e-3  # Adam step of log alpha (entropy temperature)
+    alpha_init: float = 0.01  # initial entropy temperature (quality differences between actions are ~0.05)
+    target_entropy: Optional[float] = None  # nats; None = -action_dim (Haarnoja et al. 2018b)
+    max_grad_norm: float = 10.0  # global gradient clip
+    tau: float = 0.05  # polyak rate of the target critics (optax.incremental_update)
+    init_std: float = 0.5  # initial pre-tanh standard deviation
+    lagrange_lr: float = 0.01  # multiplier step per block per unit of (normalised block cost - target)
+    lagrange_init: float = 0.0  # initial multipliers
+    lagrange_max: float = 100.0  # upper clip of each multiplier
+    cost_margin: float = 0.0  # the multipliers aim at limit * (1 - cost_margin)
+    dual: str = "gradient"  # multiplier update, one of DUALS
+    pid_kp: float = 0.1  # PID gains (see PPOConfig), per block
+    pid_ki: float = 0.01
+    pid_kd: float = 0.0
+    pid_ema_p: float = 0.9
+    pid_ema_d: float = 0.9
 
 
 @dataclasses.dataclass(frozen=True)
@@ -126,6 +211,8 @@ class RunConfig:
     env: EnvSpec = EnvSpec()
     cvpo: CVPOConfig = CVPOConfig()
     ppo: PPOConfig = PPOConfig()
+    ddpg: DDPGConfig = DDPGConfig()
+    sac: SACConfig = SACConfig()
     eval: EvalConfig = EvalConfig()
     total_env_steps: int = 200_000  # stop after this many transitions collected
     blocks_per_log: int = 50  # train_step blocks per host iteration (one log line each)

@@ -29,7 +29,7 @@ so every iteration is monotone. It stops when an iteration decreases g by less t
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Protocol
 
 import jax
 import jax.numpy as jnp
@@ -42,6 +42,12 @@ __all__ = [
     "estep_weights",
     "solve_estep_dual",
     "q_space_threshold",
+    "PIDState",
+    "pid_init",
+    "pid_lagrange_update",
+    "gradient_lagrange_update",
+    "LagrangeSettings",
+    "update_lagrange",
 ]
 
 # step sizes tried along each search direction (largest first); 0 (stay) is always a candidate
@@ -290,3 +296,109 @@ def solve_estep_dual(
         expected_reward=stats["expected_reward"],
         iterations=iters,
     )
+
+
+# ----------------------------------------------------------------------------- Lagrange multipliers
+# The multipliers of the Lagrangian baselines (PPO-, DDPG-, SAC-Lagrangian) are not solved for
+# like CVPO's E-step dual: they follow the measured average normalised cost of the policy, once
+# per rollout or block, by one of two rules.
+
+
+def gradient_lagrange_update(lam: jax.Array, avg_costs: jax.Array, target: float | jax.Array, lr: float,
+                             lam_max: float) -> jax.Array:
+    """Projected dual ascent, per constraint: lam <- clip(lam + lr (avg_cost - target), 0, lam_max)."""
+    return jnp.clip(lam + lr * (avg_costs - target), 0.0, lam_max)
+
+
+@struct.dataclass
+class PIDState:
+    """Memory of the PID Lagrangian multiplier (Stooke, Achiam & Abbeel, ICML 2020, Algorithm 2).
+
+    Attributes:
+      integral: [m] I_k, the accumulated error, kept >= 0 (anti-windup by projection).
+      error_ema: [m] the (exponentially smoothed) error e_k = J_k - target of the P term.
+      cost_ema: [m] the (exponentially smoothed) cost J_k of the D term; holds J_{k-1} between updates.
+    """
+
+    integral: jax.Array
+    error_ema: jax.Array
+    cost_ema: jax.Array
+
+
+def pid_init(num_constraints: int, lam_init: float = 0.0, ki: float = 0.0) -> PIDState:
+    """Zero memory, except that the integral starts at lam_init / Ki so the first I term is lam_init.
+
+    J_{-1} = 0 as in Stooke et al.'s Algorithm 2, so the first D term is Kd max(J_0, 0).
+    """
+    integral = lam_init / ki if (ki > 0 and lam_init > 0) else 0.0
+    z = jnp.zeros((num_constraints,), jnp.float32)
+    return PIDState(integral=z + integral, error_ema=z, cost_ema=z)
+
+
+def pid_lagrange_update(pid: PIDState, avg_costs: jax.Array, target: float | jax.Array, kp: float, ki: float,
+                        kd: float, ema_p: float = 0.0, ema_d: float = 0.0,
+                        lam_max: float = float("inf")) -> tuple[jax.Array, PIDState, dict[str, jax.Array]]:
+    """One PID step of the multipliers from the newest average cost J_k (Stooke et al. 2020, Alg. 2).
+
+        e_k = J_k - target                      I_k = max(0, I_{k-1} + e_k)
+        P_k = a_p P_{k-1} + (1 - a_p) e_k       D_k = a_d D_{k-1} + (1 - a_d) J_k
+        lam_k = clip(Kp P_k + Ki I_k + Kd max(0, D_k - D_{k-1}), 0, lam_max)
+
+    With a_p = a_d = 0 this is Algorithm 2 exactly; the smoothing is OmniSafe's
+    (``pid_delta_p_ema_alpha``, ``pid_delta_d_ema_alpha``). With Kp = Kd = 0 it is the
+    gradient update with step Ki (lam_k = Ki I_k, I_k = max(0, I_{k-1} + e_k)). The integral
+    is kept in units of the error, so a change of Ki rescales the whole history.
+
+    Args:
+      pid: the memory of the previous step.
+      avg_costs: [m] J_k, the average normalised cost of the newest rollout / block.
+      target: [m] (or scalar) the cost target (1 = the limit).
+      kp, ki, kd: the gains (>= 0).
+      ema_p, ema_d: smoothing weights of the previous P input and D input, in [0, 1).
+      lam_max: upper clip of each multiplier.
+
+    Returns:
+      ``(lam [m], new memory, terms)`` with ``terms`` the P, I and D contributions (each [m],
+      before the projection onto [0, lam_max]).
+    """
+    error = avg_costs - target
+    integral = jnp.maximum(pid.integral + error, 0.0)
+    error_ema = ema_p * pid.error_ema + (1.0 - ema_p) * error
+    cost_ema = ema_d * pid.cost_ema + (1.0 - ema_d) * avg_costs
+    rise = jnp.maximum(cost_ema - pid.cost_ema, 0.0)
+    terms = {"p": kp * error_ema, "i": ki * integral, "d": kd * rise}
+    lam = jnp.clip(terms["p"] + terms["i"] + terms["d"], 0.0, lam_max)
+    return lam, PIDState(integral=integral, error_ema=error_ema, cost_ema=cost_ema), terms
+
+
+class LagrangeSettings(Protocol):
+    """The multiplier fields every Lagrangian agent config has (``meg_jax.rl.config``)."""
+
+    dual: str
+    lagrange_lr: float
+    lagrange_max: float
+    pid_kp: float
+    pid_ki: float
+    pid_kd: float
+    pid_ema_p: float
+    pid_ema_d: float
+
+
+def update_lagrange(settings: LagrangeSettings, lam: jax.Array, pid: PIDState, avg_costs: jax.Array,
+                    target: float | jax.Array) -> tuple[jax.Array, PIDState]:
+    """The configured rule (``settings.dual``: "gradient" or "pid") applied to one measured average cost.
+
+    Args:
+      settings: an agent config (``PPOConfig``, ``DDPGConfig``, ``SACConfig``).
+      lam: [m] current multipliers (read by the gradient rule only).
+      pid: PID memory (advanced by the PID rule only, returned unchanged otherwise).
+      avg_costs: [m] average normalised cost of the newest rollout / block.
+      target: the cost target (1 - cost_margin).
+    """
+    if settings.dual == "pid":
+        lam, pid, _ = pid_lagrange_update(pid, avg_costs, target, settings.pid_kp, settings.pid_ki, settings.pid_kd,
+                                          settings.pid_ema_p, settings.pid_ema_d, settings.lagrange_max)
+        return lam, pid
+    if settings.dual == "gradient":
+        return gradient_lagrange_update(lam, avg_costs, target, settings.lagrange_lr, settings.lagrange_max), pid
+    raise ValueError(f"dual must be 'gradient' or 'pid', got {settings.dual!r}")

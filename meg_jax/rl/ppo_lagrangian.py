@@ -4,7 +4,8 @@ On-policy baseline (Ray, Achiam, Amodei 2019, "Benchmarking Safe Exploration"): 
 a rollout of ``rollout_length`` steps from N parallel environments; GAE (Schulman et al.
 2016) for the reward and for every normalised cost with one value head each; one Lagrange
 multiplier per constraint updated by projected ascent on the rollout's average normalised
-cost (the episode-average constraint, per request), lam <- clip(lam + lr (c_avg - 1), 0, max);
+cost (the episode-average constraint, per request), lam <- clip(lam + lr (c_avg - 1), 0, max), or with ``dual="pid"`` by the PID rule of
+Stooke, Achiam & Abbeel (ICML 2020; ``dual.pid_lagrange_update``);
 the clipped PPO objective on the penalised advantage (A_r - lam . A_c) / (1 + sum lam),
 normalised over the minibatch. With ``lagrangian=False`` the multipliers stay 0: plain PPO,
 the unconstrained baseline.
@@ -27,8 +28,9 @@ import rlax
 from flax import struct
 from jax.sharding import Mesh
 
+from meg_jax.rl import dual as dual_lib
 from meg_jax.rl import networks
-from meg_jax.rl.config import PPOConfig
+from meg_jax.rl.config import DUALS, PPOConfig
 from meg_jax.rl.cvpo import EpisodeTracker, env_limits, env_num_envs
 
 __all__ = ["PPOState", "Rollout", "PPOAgent", "make_ppo", "gae", "ppo_clip_loss", "update_multipliers"]
@@ -55,6 +57,7 @@ class PPOState:
       actor, critic: parameters (critic: ValueEnsemble with heads [V_r, V_c1..V_cm]).
       actor_opt, critic_opt: optax states.
       lam: [m] Lagrange multipliers.
+      pid: memory of the PID multiplier rule (unused, zeros, with ``dual="gradient"``).
       env_state: brax State of the N environments (sharded).
       block: [] int32 blocks done; env_steps: [] int32 transitions collected.
     """
@@ -64,6 +67,7 @@ class PPOState:
     actor_opt: Any
     critic_opt: Any
     lam: jax.Array
+    pid: dual_lib.PIDState
     env_state: Any
     block: jax.Array
     env_steps: jax.Array
@@ -111,14 +115,16 @@ def ppo_clip_loss(log_prob: jax.Array, old_log_prob: jax.Array, advantages: jax.
 
 
 def update_multipliers(lam: jax.Array, avg_costs: jax.Array, target: float | jax.Array, lr: float, lam_max: float) -> jax.Array:
-    """lam <- clip(lam + lr (avg_cost - target), 0, lam_max), per constraint."""
-    return jnp.clip(lam + lr * (avg_costs - target), 0.0, lam_max)
+    """lam <- clip(lam + lr (avg_cost - target), 0, lam_max), per constraint (``dual.gradient_lagrange_update``)."""
+    return dual_lib.gradient_lagrange_update(lam, avg_costs, target, lr, lam_max)
 
 
 def make_ppo(config: PPOConfig, env: Any, mesh: Optional[Mesh] = None) -> PPOAgent:
     """Binds PPO(-Lagrangian) to a batched environment (see ``cvpo.make_cvpo`` for ``mesh``)."""
     if config.discrete != bool(getattr(env.unwrapped, "discrete", False)):
         raise ValueError(f"ppo.discrete={config.discrete} does not match the environment; make both agree")
+    if config.dual not in DUALS:
+        raise ValueError(f"ppo.dual must be one of {DUALS}, got {config.dual!r}")
     num_envs = env_num_envs(env)
     batch = config.rollout_length * num_envs
     if batch % config.num_minibatches:
@@ -184,6 +190,7 @@ def make_ppo(config: PPOConfig, env: Any, mesh: Optional[Mesh] = None) -> PPOAge
         return PPOState(
             actor=actor, critic=critic, actor_opt=tx.init(actor), critic_opt=tx.init(critic),
             lam=jnp.full((m,), config.lagrange_init if config.lagrangian else 0.0, jnp.float32),
+            pid=dual_lib.pid_init(m, config.lagrange_init if config.lagrangian else 0.0, config.pid_ki),
             env_state=env.reset(k_env), block=jnp.zeros((), jnp.int32), env_steps=jnp.zeros((), jnp.int32),
         )
 
@@ -243,8 +250,9 @@ def make_ppo(config: PPOConfig, env: Any, mesh: Optional[Mesh] = None) -> PPOAge
         values = jnp.concatenate([ro.values, last_values], axis=0)  # [L + 1, N, 1 + m]
         adv, returns = gae(heads_r, values, ro.discount[..., None], config.gamma, config.gae_lambda)
         avg_costs = jnp.mean(ro.costs, axis=(0, 1))
-        lam = update_multipliers(state.lam, avg_costs, cost_target, config.lagrange_lr, config.lagrange_max)
-        state = state.replace(lam=jnp.where(config.lagrangian, lam, state.lam))
+        if config.lagrangian:
+            lam, pid = dual_lib.update_lagrange(config, state.lam, state.pid, avg_costs, cost_target)
+            state = state.replace(lam=lam, pid=pid)
         flat = {
             "obs": ro.obs, "action": ro.action, "log_prob": ro.log_prob,
             "adv_r": adv[..., 0], "adv_c": adv[..., 1:], "returns": returns,

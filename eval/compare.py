@@ -1,0 +1,264 @@
+"""Every learned agent on one preset, one table: MEG-CVPO against the safe-RL baselines.
+
+    python -m eval.compare --preset tiny --seeds 5 --out runs/compare-tiny
+    python -m eval.compare --preset tiny --seeds 5 --offpolicy_env_steps 32768 --onpolicy_env_steps 131072
+
+Each agent of ``--agents`` (default: MEG-CVPO, PPO-Lagrangian, PID-Lagrangian PPO,
+DDPG-Lagrangian, SAC-Lagrangian) is trained by the training job itself
+(``train.cvpo.run``: one jitted scan of blocks per host iteration, the ``--seeds`` seeds
+vmapped, orbax checkpoints in ``OUT/<algo>``, so a rerun of the same command resumes or only
+re-reads finished agents) and scored by its final evaluation: every seed on its own
+``--episodes`` fresh episodes (key ``fold_in(PRNGKey(seed), 10**6)``), the same requests for
+every agent. Off-policy agents (CVPO, DDPG, SAC) get ``--offpolicy_env_steps`` per seed,
+on-policy PPO variants ``--onpolicy_env_steps`` (docs/results.md gives PPO 4x the steps).
+
+Columns (medians over seeds unless said otherwise):
+
+* quality: mean episode-average quality; latency / limit, energy / limit: the worst seed's
+  mean episode-average cost over its limit; feasible seeds: both <= 1.02 x limit;
+* gap closed (oracle): (Q - Q_fixed) / (Q_oracle - Q_fixed), Q_fixed the best fixed feasible
+  (K, r) and Q_oracle the Lagrangian oracle with perfect channel knowledge, on the seed's
+  episodes; gap closed (observable): the same with the observable-information ceiling in place
+  of the oracle, the table policy over (estimated-SNR bin, class) of
+  ``eval.observable_oracle`` (it sees what the agents see, up to the SNR history);
+* env steps: transitions collected per seed; wall time: the training job's wall clock
+  (compilation included, evaluation excluded; all seeds together); updates/s: gradient
+  updates of all seeds per second of that wall time (PPO: one Adam step per minibatch).
+
+Writes ``OUT/compare.json`` (per-seed rows and the settings) and ``OUT/compare.md`` (the
+table), and prints the table.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import sys
+import time
+from typing import Any, Optional, Sequence
+
+import numpy as np
+
+__all__ = ["Args", "agent_run_config", "summarise_agent", "format_table", "compare", "main"]
+
+DEFAULT_AGENTS = ("cvpo", "ppo_lag", "ppo_pid", "ddpg_lag", "sac_lag")
+ON_POLICY = ("ppo_lag", "ppo_pid", "ppo")
+
+
+@dataclasses.dataclass(frozen=True)
+class Args:
+    """Flags of ``python -m eval.compare``."""
+
+    preset: str = "tiny"  # environment preset
+    seeds: int = 5  # seeds 0 .. seeds - 1, trained together (vmapped) per agent
+    out: str = "runs/compare"  # output folder: one run directory per agent, compare.json, compare.md
+    agents: tuple[str, ...] = DEFAULT_AGENTS  # --algo values of train.cvpo to compare
+    num_envs: int = 64  # parallel training environments
+    offpolicy_env_steps: int = 131_072  # transitions per seed of CVPO, DDPG-Lag, SAC-Lag
+    onpolicy_env_steps: int = 524_288  # transitions per seed of the PPO variants
+    log_iterations: int = 8  # host iterations (log lines, checkpoints) per training run
+    episodes: int = 1024  # evaluation episodes per seed
+    cvpo_discrete: bool = True  # MEG-CVPO with its categorical head (docs/results.md's headline)
+    hidden: tuple[int, ...] = (64, 64)  # hidden widths of every agent's networks
+    artifact: Optional[str] = None  # calibration artifact; None = the preset's, "synthetic" for tests
+    episode_length: Optional[int] = None  # requests per episode; None = the preset's
+    observable: bool = True  # also score the observable-information ceiling (eval.observable_oracle)
+    fit_episodes: int = 4096  # episodes that fit the observable table policy
+    bin_db: float = 0.5  # SNR-estimate bin width of the observable table policy (dB)
+
+
+def agent_run_config(args: Args, algo: str) -> Any:
+    """The ``RunConfig`` of one agent's training run."""
+    from meg_jax.rl import agents
+    from meg_jax.rl.config import EnvSpec, EvalConfig, RunConfig
+
+    if algo not in agents.LEARNED:
+        raise ValueError(f"--agents: {algo!r} is not a learned agent; choose from {list(agents.LEARNED)}")
+    base = RunConfig()
+    config = dataclasses.replace(
+        base, algo=algo, seed=0, num_seeds=args.seeds,
+        env=EnvSpec(preset=args.preset, num_envs=args.num_envs, artifact=args.artifact,
+                    episode_length=args.episode_length),
+        eval=EvalConfig(num_episodes=args.episodes),
+        cvpo=dataclasses.replace(base.cvpo, discrete=args.cvpo_discrete, actor_hidden=args.hidden,
+                                 critic_hidden=args.hidden),
+        ppo=dataclasses.replace(base.ppo, hidden=args.hidden),
+        ddpg=dataclasses.replace(base.ddpg, hidden=args.hidden),
+        sac=dataclasses.replace(base.sac, hidden=args.hidden),
+        total_env_steps=args.onpolicy_env_steps if algo in ON_POLICY else args.offpolicy_env_steps,
+    )
+    per_block = agents.env_steps_per_block(config)
+    blocks = max(1, -(-config.total_env_steps // per_block))
+    blocks_per_log = max(1, -(-blocks // max(1, args.log_iterations)))
+    return dataclasses.replace(config, blocks_per_log=blocks_per_log, checkpoint_every_logs=1)
+
+
+def _train(config: Any, workdir: str) -> tuple[Any, float]:
+    """Trains (or resumes) one agent, then evaluates it; returns (TrainResult, training seconds).
+
+    The training seconds accumulate over resumed calls in ``workdir/timing.json``; a call that
+    finds the run finished adds nothing.
+    """
+    from train import cvpo as train_job
+
+    timing_path = os.path.join(workdir, "timing.json")
+    timing = {"train_seconds": 0.0, "iterations": 0}
+    if os.path.isfile(timing_path):
+        with open(timing_path) as f:
+            timing = json.load(f)
+    t0 = time.perf_counter()
+    result = train_job.run(config, workdir, progress=False, evaluate=False)
+    seconds = time.perf_counter() - t0
+    if result.iterations > timing["iterations"]:
+        timing = {"train_seconds": timing["train_seconds"] + seconds, "iterations": result.iterations}
+        with open(timing_path, "w") as f:
+            json.dump(timing, f)
+    result = train_job.run(config, workdir, progress=False, evaluate=True)  # restores, only evaluates
+    return result, float(timing["train_seconds"])
+
+
+def _seed_evals(config: Any, workdir: str) -> list[dict]:
+    from train import cvpo as train_job
+
+    seeds = [config.seed + i for i in range(config.num_seeds)]
+    dirs = [os.path.join(workdir, f"seed_{s}") for s in seeds] if config.num_seeds > 1 else [workdir]
+    out = []
+    for s, d in zip(seeds, dirs):
+        with open(os.path.join(d, train_job.eval_filename(config))) as f:
+            out.append(dict(seed=s, **json.load(f)["summary"]))
+    return out
+
+
+def summarise_agent(algo: str, rows: list[dict], ceiling: Optional[dict[int, dict]], env_steps: float,
+                    train_seconds: float, updates: float) -> dict[str, Any]:
+    """One table row from the per-seed evaluation summaries (``eval.json``'s ``summary``).
+
+    Args:
+      algo: the agent's --algo.
+      rows: per seed: ``seed``, ``quality``, ``costs_over_limit``, ``feasible``, ``gap_closed``,
+        ``fixed_quality``.
+      ceiling: seed -> :func:`eval.observable_oracle.observable_ceiling` entry, or None.
+      env_steps: transitions per seed; train_seconds: wall clock of training (all seeds);
+      updates: gradient updates per seed.
+    """
+    from meg_jax.rl.agents import LABELS
+    from meg_jax.rl.evaluate import gap_closed
+
+    costs = np.asarray([r["costs_over_limit"] for r in rows], np.float64)
+    row: dict[str, Any] = {
+        "algo": algo, "agent": LABELS.get(algo, algo), "seeds": [r["seed"] for r in rows],
+        "quality": float(np.median([r["quality"] for r in rows])),
+        "worst_costs_over_limit": costs.max(axis=0).tolist(),
+        "feasible_seeds": int(sum(bool(r["feasible"]) for r in rows)),
+        "gap_closed": float(np.median([r["gap_closed"] for r in rows])),
+        "per_seed_gap_closed": [float(r["gap_closed"]) for r in rows],
+        "env_steps": float(env_steps), "train_seconds": float(train_seconds),
+        "updates_per_second": float(updates * len(rows) / train_seconds) if train_seconds > 0 else float("nan"),
+    }
+    if ceiling is not None:
+        obs = [gap_closed(r["quality"], r["fixed_quality"], ceiling[r["seed"]]["quality"]) for r in rows]
+        row["gap_closed_observable"] = float(np.median(obs))
+        row["per_seed_gap_closed_observable"] = [float(x) for x in obs]
+    return row
+
+
+def format_table(rows: list[dict], references: Optional[dict[str, Any]] = None) -> str:
+    """Markdown table of :func:`summarise_agent` rows (plus the observable ceiling's row)."""
+    head = ("| agent | quality | latency / limit | energy / limit | feasible seeds | gap closed (oracle) | "
+            "gap closed (observable) | env steps / seed | wall time (s) | updates/s |")
+    lines = [head, "|" + "---|" * 10]
+    for r in rows:
+        n = len(r["seeds"])
+        obs = f"{100 * r['gap_closed_observable']:.1f}%" if "gap_closed_observable" in r else "—"
+        lines.append(
+            f"| {r['agent']} | {r['quality']:.4f} | {r['worst_costs_over_limit'][0]:.4f} | "
+            f"{r['worst_costs_over_limit'][1]:.4f} | {r['feasible_seeds']}/{n} | {100 * r['gap_closed']:.1f}% | "
+            f"{obs} | {int(r['env_steps']):,} | {r['train_seconds']:.0f} | {r['updates_per_second']:.0f} |")
+    if references and "observable" in references:
+        o = references["observable"]
+        lines.append(
+            f"| table policy on (estimated SNR, class) (observable ceiling) | {o['quality']:.4f} | "
+            f"{o['worst_latency_over_limit']:.4f} | {o['worst_energy_over_limit']:.4f} | "
+            f"{o['feasible_seeds']}/{o['seeds']} | {100 * o['gap_closed']:.1f}% | 100% | — | — | — |")
+    return "\n".join(lines)
+
+
+def compare(args: Args) -> dict[str, Any]:
+    """Trains and scores every agent of ``args``; returns the JSON written to ``OUT/compare.json``."""
+    from meg_jax.rl import agents
+    from meg_jax.rl.config import FEASIBILITY_TOLERANCE, EnvSpec
+
+    if args.seeds < 1:
+        raise ValueError(f"--seeds must be >= 1, got {args.seeds}")
+    configs = {algo: agent_run_config(args, algo) for algo in args.agents}  # refuses unknown agents first
+    os.makedirs(args.out, exist_ok=True)
+    ceiling = None
+    references: dict[str, Any] = {}
+    if args.observable:
+        if args.artifact == "synthetic":
+            raise ValueError("--observable needs the preset's artifact file; pass --no_observable with synthetic")
+        from eval.observable_oracle import observable_ceiling
+
+        spec = EnvSpec(preset=args.preset, episode_length=args.episode_length)
+        first = next(iter(configs.values()))
+        ceiling = observable_ceiling(spec, list(range(args.seeds)), args.episodes, args.fit_episodes, args.bin_db,
+                                     episode_length=_episode_length(first))
+        tol = FEASIBILITY_TOLERANCE
+        references["observable"] = {
+            "quality": float(np.median([c["quality"] for c in ceiling.values()])),
+            "worst_latency_over_limit": max(c["latency_over_limit"] for c in ceiling.values()),
+            "worst_energy_over_limit": max(c["energy_over_limit"] for c in ceiling.values()),
+            "feasible_seeds": sum(c["latency_over_limit"] <= tol and c["energy_over_limit"] <= tol
+                                  for c in ceiling.values()),
+            "seeds": len(ceiling),
+            "gap_closed": float(np.median([c["gap_closed"] for c in ceiling.values()])),
+            "per_seed": {str(k): v for k, v in ceiling.items()},
+        }
+    rows, per_seed = [], {}
+    for algo, config in configs.items():
+        workdir = os.path.join(args.out, algo)
+        result, seconds = _train(config, workdir)
+        evals = _seed_evals(config, workdir)
+        if ceiling is not None:
+            for r in evals:  # the same requests: the fixed action's quality agrees to rounding
+                assert abs(r["fixed_quality"] - ceiling[r["seed"]]["fixed_quality"]) < 1e-4, (r, ceiling[r["seed"]])
+        env_steps = float(np.asarray(result.state.env_steps).reshape(-1)[0])
+        updates = float(np.asarray(agents.gradient_updates(config, result.state)).reshape(-1)[0])
+        rows.append(summarise_agent(algo, evals, ceiling, env_steps, seconds, updates))
+        per_seed[algo] = evals
+        print(format_table(rows[-1:]).splitlines()[-1], flush=True)
+    out = {"settings": dataclasses.asdict(args), "rows": rows, "per_seed": per_seed, "references": references}
+    table = format_table(rows, references)
+    with open(os.path.join(args.out, "compare.json"), "w") as f:
+        json.dump(out, f, indent=2, sort_keys=True)
+    with open(os.path.join(args.out, "compare.md"), "w") as f:
+        f.write(table + "\n")
+    return out
+
+
+def _episode_length(config: Any) -> int:
+    from meg_jax.rl.evaluate import make_env
+
+    return int(make_env(config.env, num_envs=1, discrete=True).episode_length)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    from meg_jax import config as config_lib
+    from meg_jax import job_setup
+
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = config_lib.parse_cli(Args, argv, prog="python -m eval.compare", description=__doc__.split("\n")[0])
+    job_setup.configure_logging()
+    job_setup.enable_compile_cache(True)
+    try:
+        out = compare(args)
+    except (ValueError, FileNotFoundError) as e:
+        sys.stderr.write(f"python -m eval.compare: error: {e}\n")
+        return 2
+    print(format_table(out["rows"], out["references"]))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
