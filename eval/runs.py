@@ -138,7 +138,7 @@ def load_run(run_dir: str | os.PathLike, seed_index: int = 0) -> LoadedPolicy:
     manager = ckpt.make_manager(os.path.join(run_dir, "checkpoints"), async_save=False)
     try:
         step = manager.latest_step()
-        state = None if step is None else manager.restore(step, args=ocp.args.StandardRestore(template))
+        folder = None if step is None else os.path.join(str(manager.directory), str(step), "default")
     finally:
         manager.close()
     step = 0 if step is None else int(step)
@@ -147,7 +147,13 @@ def load_run(run_dir: str | os.PathLike, seed_index: int = 0) -> LoadedPolicy:
             f"{run_dir}/checkpoints holds no checkpoint; train first: "
             f"python -m train.cvpo --algo {config.algo} --workdir {run_dir}"
         )
-    actor = state.actor if num_seeds == 1 else jax.tree.map(lambda x: x[seed_index], state.actor)
+    # Only the actor is read (a partial restore): the rest of the train state (critics, replay,
+    # env state) is training's business, and a run saved before the env state gained a field
+    # still evaluates.
+    item = {"actor": template.actor}
+    restored = ocp.PyTreeCheckpointer().restore(folder, args=ocp.args.PyTreeRestore(
+        item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item), partial_restore=True))
+    actor = restored["actor"] if num_seeds == 1 else jax.tree.map(lambda x: x[seed_index], restored["actor"])
     log_dir = run_dir if num_seeds == 1 else os.path.join(run_dir, f"seed_{config.seed + seed_index}")
     return LoadedPolicy(
         name=ALGO_LABELS[config.algo], algo=config.algo, run_dir=run_dir, config=config, act=agent.act,
