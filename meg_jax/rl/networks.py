@@ -155,15 +155,16 @@ def _layer_norm(x: jax.Array, scale: jax.Array, bias: jax.Array, eps: float = 1e
 
 
 def critic_ensemble_particles(
-    params: Any, obs: jax.Array, actions: jax.Array, layer_norm: bool = True, states_per_chunk: int = 32
+    params: Any, obs: jax.Array, actions: jax.Array, layer_norm: bool = True, rows_per_chunk: int = 256
 ) -> jax.Array:
     """Every head of a ``CriticEnsemble`` at M actions per state: Q(obs[b], actions[b, k]).
 
     Equal to ``CriticEnsemble(...).apply(params, obs[:, None], actions)`` up to float rounding
     (different summation order), computed for speed: the first layer is split as
     ``obs @ W_obs + action @ W_act``, so the state's part is computed once per state rather
-    than once per action, and the states are processed ``states_per_chunk`` at a time
-    (``lax.map``; the largest divisor of B not above it) so that each chunk's activations ([heads, chunk x M, width]) stay in cache
+    than once per action, and the states are processed a chunk of about ``rows_per_chunk`` (state, action) pairs at
+    a time (``lax.map``; the number of states per chunk is the largest divisor of B not above
+    ``rows_per_chunk / M``) so that each chunk's activations ([heads, chunk x M, width]) stay in cache
     instead of streaming [heads, B x M, width] tensors through memory between the layers.
 
     Args:
@@ -172,7 +173,8 @@ def critic_ensemble_particles(
       obs: [B, obs_dim] states.
       actions: [B, M, action_dim] actions (already clipped as the critic expects).
       layer_norm: whether the ensemble was built with ``layer_norm=True``.
-      states_per_chunk: states per chunk (rows per chunk = this x M).
+      rows_per_chunk: (state, action) pairs per chunk (256 x 128-wide x 4 heads of float32
+        activations = 512 KiB, inside a core's L2; measured fastest on this CPU at M = 16).
 
     Returns:
       [B, M, H] Q values of every head.
@@ -188,7 +190,11 @@ def critic_ensemble_particles(
     def chunk(args: tuple[jax.Array, jax.Array]) -> jax.Array:
         h_o, a = args  # [c, H, w], [c, M, da]
         c, m = a.shape[0], a.shape[1]
-        h = jnp.swapaxes(h_o, 0, 1)[:, :, None] + jnp.einsum("cmi,hiw->hcmw", a, w0_act)  # [H, c, M, w]
+        # the action's share as broadcast multiply-adds (action_dim is tiny): fuses with the add
+        # and the LayerNorm statistics instead of running as a separate small-K matmul
+        h = jnp.swapaxes(h_o, 0, 1)[:, :, None]  # [H, c, 1, w]
+        for j in range(a.shape[-1]):
+            h = h + a[None, :, :, j, None] * w0_act[:, None, None, j, :]  # [H, c, M, w]
         h = h.reshape(h.shape[0], c * m, h.shape[-1])
         for i in range(num_dense - 1):
             if i > 0:
@@ -202,7 +208,8 @@ def critic_ensemble_particles(
         return jnp.transpose(q.reshape(q.shape[0], c, m), (1, 2, 0))  # [c, M, H]
 
     b = obs.shape[0]
-    c = max(d for d in range(1, min(states_per_chunk, b) + 1) if b % d == 0)  # chunks of equal size
+    per_chunk = max(1, min(rows_per_chunk // actions.shape[1], b))
+    c = max(d for d in range(1, per_chunk + 1) if b % d == 0)  # states per chunk, chunks of equal size
     q = jax.lax.map(chunk, (h_obs.reshape((b // c, c) + h_obs.shape[1:]), actions.reshape((b // c, c) + actions.shape[1:])))
     return q.reshape((b,) + q.shape[2:])
 
