@@ -178,7 +178,12 @@ def env_num_envs(env: Any) -> int:
 
 
 # ----------------------------------------------------------------------------- the agent
-def make_cvpo(config: CVPOConfig, env: Any, mesh: Optional[Mesh] = None) -> CVPOAgent:
+PARTICLE_ROWS_PER_CHUNK = 256  # (state, action) pairs per chunk of the particle evaluation
+
+
+def make_cvpo(
+    config: CVPOConfig, env: Any, mesh: Optional[Mesh] = None, *, particle_rows_per_chunk: int = PARTICLE_ROWS_PER_CHUNK
+) -> CVPOAgent:
     """Binds CVPO to a batched environment.
 
     Args:
@@ -188,6 +193,8 @@ def make_cvpo(config: CVPOConfig, env: Any, mesh: Optional[Mesh] = None) -> CVPO
       mesh: a ``"data"`` mesh (``meg_jax.parallel.make_mesh``); when given, sampled batches
         are constrained to be sharded over it (environment and replay shardings come from
         how the state is placed, see ``meg_jax.rl.sharding``).
+      particle_rows_per_chunk: chunk size of the next-state particle evaluation (speed only;
+        ``eval/bench_cvpo.py`` sets it to B x K, one chunk, to count FLOPs without a loop).
 
     Returns:
       the agent's pure functions.
@@ -330,7 +337,7 @@ def make_cvpo(config: CVPOConfig, env: Any, mesh: Optional[Mesh] = None) -> CVPO
         a = networks.gaussian_sample(key, mean_old, std_old, num_particles)  # [K, B, d]
         a = jnp.swapaxes(a, 0, 1)  # [B, K, d]
         q = networks.critic_ensemble_particles(
-            state.target_critic, next_obs, jnp.clip(a, -1.0, 1.0), config.critic_layer_norm
+            state.target_critic, next_obs, jnp.clip(a, -1.0, 1.0), config.critic_layer_norm, particle_rows_per_chunk
         )
         return (a, mean_old, std_old), q
 

@@ -208,6 +208,8 @@ def critic_ensemble_particles(
         return jnp.transpose(q.reshape(q.shape[0], c, m), (1, 2, 0))  # [c, M, H]
 
     b = obs.shape[0]
+    if rows_per_chunk >= b * actions.shape[1]:  # one chunk: no loop
+        return chunk((h_obs, actions))
     per_chunk = max(1, min(rows_per_chunk // actions.shape[1], b))
     c = max(d for d in range(1, per_chunk + 1) if b % d == 0)  # states per chunk, chunks of equal size
     q = jax.lax.map(chunk, (h_obs.reshape((b // c, c) + h_obs.shape[1:]), actions.reshape((b // c, c) + actions.shape[1:])))
