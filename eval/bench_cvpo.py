@@ -1,72 +1,166 @@
-"""Throughput of MEG-CVPO: gradient updates/s and env steps/s, with a PyTorch baseline in the same run.
+"""MEG-CVPO's gradient update at the hardware limit: updates/s, FLOPs, fraction of the matmul peak,
+against an FSRL-style PyTorch update timed in the same run.
 
-    python -m eval.bench_cvpo                 # the table in docs/bench_cvpo.md
-    python -m eval.bench_cvpo --quick         # fewer repetitions
+    XLA_FLAGS="--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1" \\
+      python -m eval.bench_cvpo             # the table in docs/bench_cvpo.md
+    python -m eval.bench_cvpo --quick       # fewer rounds
 
-Rows:
+What is timed (one thread each: XLA single-threaded through ``XLA_FLAGS``, ``torch.set_num_threads(1)``):
 
-* ``jax update``: one jitted block = 1 vectorised env step (N envs) + U gradient updates
-  (critic TD step, E-step with the in-jit dual solve, M-step with KL backtracking, polyak),
-  timed over repeated blocks after compilation; updates/s = U x blocks / seconds.
-* ``torch update``: the same update structure written in PyTorch on the CPU (1 thread, as
-  FSRL's was measured: twin reward critics + one cost critic per constraint, next-action
-  sampling from the target actor, M actions per state, the dual variables eta, lam taking one
-  Adam step per update as FSRL does, decoupled Gaussian M-step). It is a stand-in for FSRL's
-  CVPO update at the same sizes, not FSRL itself (FSRL needs numpy<2 and is not installed).
-* ``jax training``: env steps/s of the default training block (N envs, 1 step, U updates).
+* ``jax update``: ``agent.update_block`` of ``meg_jax.rl.cvpo`` (U gradient updates in one jitted
+  call, ``lax.scan``, the train state donated; no environment step, no host transfer inside):
+  replay sampling, one evaluation of pi_old's K = 16 actions at each next state by all four
+  critic heads, TD step of the critics, the E-step dual solved to tolerance, the M-step with
+  its KL backtracking, polyak averaging. The replay is filled first (64 envs x 1 step).
+* ``torch update (FSRL-style)``: FSRL 0.1.0's CVPO update (``fsrl/policy/cvpo.py``: ``learn`` =
+  ``critics_loss`` + ``policy_loss``, then ``sync_weight``) written out in PyTorch at the same
+  sizes: twin reward critics and one cost critic per constraint as separate 128x128 MLPs,
+  TD targets from the target critics at next actions of the target actor (``target_samples``
+  = 16 averaged, as meg-jax does; FSRL samples one, see the next row), E-step on M = 16
+  actions per state from pi_old scored by the current critics, eta and lam taking one Adam
+  step on the dual (FSRL's ``estep_optim``), the M-step's alpha_mu / alpha_sigma taking one
+  Adam step (``mstep_optim``) before the decoupled-KL weighted-ML actor step, soft update of
+  the target critics. Random batches stand in for tianshou's replay and its n-step returns
+  (which would only add host work to the torch side); FSRL's ``.item()`` logging is left out.
+  It stands in for FSRL (which needs ``numpy<2`` and is not installed in this venv).
+* ``torch update (FSRL's 1-sample target)``: the same with FSRL's own TD target, a single
+  next action per state: less work than meg-jax's 16-sample target, so a stricter baseline.
+* ``jax training block``: env steps/s while training (N = 1024 environments, 4 updates per
+  vectorised step), the old headline row.
 
-Every row is measured in the same process; numbers depend on the machine's load.
+The torch and jax updates are timed in alternating rounds (machine load changes between
+rounds hit both alike); the table gives the median over rounds and the median of the
+per-round ratios. FLOPs per update come from XLA's cost analysis of the update as lowered
+(the particle evaluation in one chunk so no loop hides it; the E-step dual's and the
+backtracking's while loops count one iteration each), the peak from the best f32 matmul
+(jnp.dot, square, several sizes) measured in the same process, so the fraction of peak is a
+same-run ratio. A profile of the jitted update (top XLA ops) says where the time goes.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import statistics
 import time
+from typing import Any, Callable
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from meg_jax.meg.artifact import synthetic_artifact
-from meg_jax.rl import cvpo
+from meg_jax.rl import cvpo, networks
 from meg_jax.rl.config import CVPOConfig
 
+M = 16
+HIDDEN = 128
+PREFIX = "jit(update_block)/while/body/closed_call/"
 
-def _jax_rate(batch: int, m: int, hidden: tuple[int, ...], num_envs: int, updates: int, repeats: int, artifact):
+
+# ------------------------------------------------------------------------------ jax
+def _config(batch: int, updates: int) -> CVPOConfig:
+    return CVPOConfig(
+        actor_hidden=(HIDDEN, HIDDEN), critic_hidden=(HIDDEN, HIDDEN), batch_size=batch, num_action_samples=M,
+        target_samples=M, min_replay=64, updates_per_block=updates,
+    )
+
+
+def _env(artifact: Any, num_envs: int = 64) -> Any:
     import meg_jax.env as menv
 
-    env = menv.make("tiny", num_envs=num_envs, episode_length=32, artifact=artifact)
-    config = CVPOConfig(
-        actor_hidden=hidden, critic_hidden=hidden, batch_size=batch, num_action_samples=m, target_samples=m,
-        min_replay=num_envs, updates_per_block=updates, replay_capacity=max(100_000, 4 * num_envs),
-    )
+    return menv.make("tiny", num_envs=num_envs, episode_length=32, artifact=artifact)
+
+
+def jax_update(batch: int, updates: int, artifact: Any) -> dict[str, Any]:
+    """The jitted update block on a filled replay: call(), lower(), compile seconds, FLOPs per update."""
+    env = _env(artifact)
+    agent = cvpo.make_cvpo(_config(batch, updates), env)
+    state = jax.jit(agent.init)(jax.random.PRNGKey(0))
+    state, _ = jax.jit(agent.train_step)(state, jax.random.PRNGKey(1))  # fills the replay (64 transitions)
+    step = jax.jit(agent.update_block, donate_argnums=0)
+    t0 = time.perf_counter()
+    compiled = step.lower(state, jax.random.PRNGKey(2)).compile()
+    compile_s = time.perf_counter() - t0
+    box = {"state": state, "i": 0}
+
+    def call() -> dict:
+        box["i"] += 1
+        box["state"], metrics = compiled(box["state"], jax.random.PRNGKey(100 + box["i"]))
+        jax.block_until_ready(metrics)
+        return metrics
+
+    metrics = call()  # warm-up
+    # FLOPs: one update, the particle evaluation in one chunk (no lax.map loop)
+    one = cvpo.make_cvpo(_config(batch, 1), env, particle_rows_per_chunk=batch * M)
+    cost = jax.jit(one.update_block).lower(box["state"], jax.random.PRNGKey(3)).cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    # the particle evaluation alone: the update's dominant dense work
+    q_flops, q_call = _particle_eval(batch)
+    return {"call": call, "lower": lambda: step.lower(box["state"], jax.random.PRNGKey(2)), "compile_s": compile_s,
+            "flops": float(cost["flops"]), "updates": updates, "dual_iterations": float(np.mean(metrics["dual_iterations"])),
+            "particle_flops": q_flops, "particle_call": q_call}
+
+
+def _particle_eval(batch: int) -> tuple[float, Callable[[], Any]]:
+    """FLOPs and a timed call of ``critic_ensemble_particles`` at B x M, 4 heads, as the update runs it."""
+    k = jax.random.PRNGKey(0)
+    net = networks.CriticEnsemble((HIDDEN, HIDDEN), 4, True)
+    params = net.init(k, jnp.zeros((1, 13)), jnp.zeros((1, 2)))
+    obs = jax.random.normal(k, (batch, 13))
+    acts = jax.random.uniform(k, (batch, M, 2), minval=-1.0, maxval=1.0)
+    flops = jax.jit(lambda p, o, a: networks.critic_ensemble_particles(p, o, a, True, batch * M)).lower(
+        params, obs, acts).cost_analysis()
+    flops = flops[0] if isinstance(flops, (list, tuple)) else flops
+    fn = jax.jit(lambda p, o, a: networks.critic_ensemble_particles(p, o, a, True, cvpo.PARTICLE_ROWS_PER_CHUNK))
+    jax.block_until_ready(fn(params, obs, acts))
+    return float(flops["flops"]), lambda: jax.block_until_ready(fn(params, obs, acts))
+
+
+def matmul_peak(sizes: tuple[int, ...] = (512, 1024, 2048), reps: int = 5) -> float:
+    """Best f32 GFLOP/s of a square jnp.dot (the machine's measured matmul peak for this process)."""
+    best = 0.0
+    for n in sizes:
+        a = jax.random.normal(jax.random.PRNGKey(0), (n, n), jnp.float32)
+        b = jax.random.normal(jax.random.PRNGKey(1), (n, n), jnp.float32)
+        f = jax.jit(jnp.dot)
+        jax.block_until_ready(f(a, b))
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            jax.block_until_ready(f(a, b))
+            best = max(best, 2 * n**3 / (time.perf_counter() - t0) / 1e9)
+    return best
+
+
+def training_rate(artifact: Any, repeats: int) -> tuple[float, float]:
+    """(updates/s, env steps/s) of the training block with N = 1024 envs, 4 updates per step."""
+    env = _env(artifact, 1024)
+    config = _config(256, 4)
     agent = cvpo.make_cvpo(config, env)
     state = jax.jit(agent.init)(jax.random.PRNGKey(0))
     step = jax.jit(agent.train_step, donate_argnums=0)
-    t0 = time.perf_counter()
-    state, metrics = step(state, jax.random.PRNGKey(1))  # compile (+ first block)
-    jax.block_until_ready(metrics)
-    compile_s = time.perf_counter() - t0
-    for i in range(2):  # warm-up: replay filled, updates running
-        state, metrics = step(state, jax.random.PRNGKey(2 + i))
+    for i in range(2):
+        state, metrics = step(state, jax.random.PRNGKey(1 + i))
     jax.block_until_ready(metrics)
     t0 = time.perf_counter()
     for i in range(repeats):
         state, metrics = step(state, jax.random.PRNGKey(100 + i))
     jax.block_until_ready(metrics)
     seconds = time.perf_counter() - t0
-    assert float(np.asarray(metrics["updated"]).min()) == 1.0
-    return updates * repeats / seconds, num_envs * repeats / seconds, compile_s
+    return 4 * repeats / seconds, 1024 * repeats / seconds
 
 
-def _torch_rate(batch: int, m: int, hidden: int, repeats: int, obs_dim: int = 13, act_dim: int = 2, costs: int = 2):
+# ------------------------------------------------------------------------------ torch
+def torch_update(batch: int, target_samples: int, obs_dim: int = 13, act_dim: int = 2, costs: int = 2) -> Callable[[], None]:
+    """One FSRL CVPO update (see the module docstring), as a closure."""
     import torch
     from torch import nn
 
     torch.set_num_threads(1)
     torch.manual_seed(0)
 
-    def mlp(i, o):
-        return nn.Sequential(nn.Linear(i, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, o))
+    def mlp(i: int, o: int) -> nn.Module:
+        return nn.Sequential(nn.Linear(i, HIDDEN), nn.ReLU(), nn.Linear(HIDDEN, HIDDEN), nn.ReLU(), nn.Linear(HIDDEN, o))
 
     actor = mlp(obs_dim, 2 * act_dim)
     critics = nn.ModuleList([mlp(obs_dim + act_dim, 1) for _ in range(2 + costs)])
@@ -76,96 +170,155 @@ def _torch_rate(batch: int, m: int, hidden: int, repeats: int, obs_dim: int = 13
     target_critics.load_state_dict(critics.state_dict())
     opt_a = torch.optim.Adam(actor.parameters(), 5e-4)
     opt_c = torch.optim.Adam(critics.parameters(), 1e-3)
-    eta = torch.tensor(1.0, requires_grad=True)
-    lam = torch.zeros(costs, requires_grad=True)
-    opt_d = torch.optim.Adam([eta, lam], 0.02)
+    estep_dual = torch.tensor([1.0] + [0.0] * costs, requires_grad=True)  # (eta, lam)
+    opt_e = torch.optim.Adam([estep_dual], 0.02)
+    mstep_dual = torch.zeros(2, requires_grad=True)  # (alpha_mu, alpha_sigma)
+    opt_m = torch.optim.Adam([mstep_dual], 0.1)
     thresholds = torch.ones(costs)
+    kl_eps, kl_mu_eps, kl_std_eps = 0.02, 0.005, 0.0005
 
-    def dist(net, obs):
-        out = net(obs)
-        mean, raw = out.split(act_dim, -1)
+    def dist(net: nn.Module, obs: Any) -> tuple[Any, Any]:
+        mean, raw = net(obs).split(act_dim, -1)
         return mean, nn.functional.softplus(raw) + 1e-3
 
-    def q_all(nets, obs, act):
+    def q_all(nets: nn.ModuleList, obs: Any, act: Any) -> Any:
         x = torch.cat([obs, act], -1)
         return torch.cat([n(x) for n in nets], -1)
 
-    def update():
+    def update() -> None:
         obs, act = torch.randn(batch, obs_dim), torch.rand(batch, act_dim) * 2 - 1
         rew, cost, nobs = torch.rand(batch), torch.rand(batch, costs), torch.randn(batch, obs_dim)
+        # critics_loss: TD targets from the target critics at the target actor's next actions
         with torch.no_grad():
             mean, std = dist(target_actor, nobs)
-            na = (mean + std * torch.randn(m, batch, act_dim)).clamp(-1, 1)
-            qn = q_all(target_critics, nobs.expand(m, -1, -1), na).mean(0)
+            na = (mean + std * torch.randn(target_samples, batch, act_dim)).clamp(-1, 1)
+            qn = q_all(target_critics, nobs.expand(target_samples, -1, -1), na).mean(0)
             y_r = rew + 0.5 * torch.minimum(qn[:, 0], qn[:, 1])
             y_c = cost + 0.5 * qn[:, 2:]
         q = q_all(critics, obs, act)
-        loss_c = ((q[:, :2] - y_r[:, None]) ** 2).mean() + ((q[:, 2:] - y_c) ** 2).mean()
+        loss_c = ((q[:, :2] - y_r[:, None]) ** 2).mean(0).sum() + ((q[:, 2:] - y_c) ** 2).mean(0).sum()
         opt_c.zero_grad()
         loss_c.backward()
         opt_c.step()
+        # policy_loss, E-step: M actions from pi_old scored by the critics, one Adam step on the dual
         with torch.no_grad():
             mean_o, std_o = dist(target_actor, obs)
-            a = mean_o + std_o * torch.randn(m, batch, act_dim)
-            qa = q_all(target_critics, obs.expand(m, -1, -1), a.clamp(-1, 1))
-            q_r = torch.minimum(qa[..., 0], qa[..., 1])
+            a = mean_o + std_o * torch.randn(M, batch, act_dim)
+            qa = q_all(critics, obs.expand(M, -1, -1), a.clamp(-1, 1))
+            q_r = torch.minimum(qa[..., 0], qa[..., 1])  # [M, B]
             q_c = qa[..., 2:]
-        adv = q_r - (q_c * lam.detach().clamp(min=0)).sum(-1)  # [M, B]
-        e = eta.clamp(min=1e-6)
-        dual = e * 0.02 + (lam.clamp(min=0) * thresholds).sum() + e * (
-            torch.logsumexp((q_r - (q_c * lam.clamp(min=0)).sum(-1)) / e, 0) - np.log(m)).mean()
-        opt_d.zero_grad()
-        dual.backward()
-        opt_d.step()
-        w = torch.softmax(adv / e.detach(), 0)
+        eta, lam = estep_dual[0], estep_dual[1:]
+        combined = q_r - (q_c * lam).sum(-1)
+        loss_e = eta * kl_eps + (lam * thresholds).sum() + eta * (torch.logsumexp(combined / eta, 0) - np.log(M)).mean()
+        opt_e.zero_grad()
+        loss_e.backward()
+        opt_e.step()
+        with torch.no_grad():
+            estep_dual.clamp_(min=1e-6, max=20.0)
+            w = torch.softmax((q_r - (q_c * estep_dual[1:]).sum(-1)) / estep_dual[0], 0)  # [M, B]
+        # M-step: dual step on alpha, then the decoupled weighted-ML actor step
         mean, std = dist(actor, obs)
         lp_mu = torch.distributions.Normal(mean, std_o).log_prob(a).sum(-1)
         lp_sig = torch.distributions.Normal(mean_o, std).log_prob(a).sum(-1)
-        kl_mu = (0.5 * ((mean - mean_o) / std_o) ** 2).sum(-1).mean()
+        loss_mle = -(w * (lp_mu + lp_sig)).mean()
+        kl_mu = (0.5 * (mean - mean_o) ** 2 / std_o**2).sum(-1).mean()
         ratio = (std_o / std) ** 2
         kl_sig = (0.5 * (ratio - 1 - torch.log(ratio))).sum(-1).mean()
-        loss_a = -(w * (lp_mu + lp_sig)).sum(0).mean() + 0.1 * kl_mu + 0.1 * kl_sig
+        loss_m = mstep_dual[0] * (kl_mu_eps - kl_mu).detach() + mstep_dual[1] * (kl_std_eps - kl_sig).detach()
+        opt_m.zero_grad()
+        loss_m.backward()
+        opt_m.step()
+        alpha = mstep_dual.detach().clamp(0.0, 0.5)
+        loss_a = loss_mle + alpha[0] * (kl_mu - kl_mu_eps) + alpha[1] * (kl_sig - kl_std_eps)
         opt_a.zero_grad()
         loss_a.backward()
         opt_a.step()
-        with torch.no_grad():
+        with torch.no_grad():  # sync_weight (and the target actor, as meg-jax keeps one)
             for t, s in zip(list(target_actor.parameters()) + list(target_critics.parameters()),
                             list(actor.parameters()) + list(critics.parameters())):
                 t.mul_(0.95).add_(0.05 * s)
 
     for _ in range(3):
         update()
+    return update
+
+
+# ------------------------------------------------------------------------------ the run
+def _timed(fn: Callable[[], Any], n: int) -> float:
     t0 = time.perf_counter()
-    for _ in range(repeats):
-        update()
-    return repeats / (time.perf_counter() - t0)
+    for _ in range(n):
+        fn()
+    return (time.perf_counter() - t0) / n
 
 
-def main(argv=None) -> int:
+def bench_batch(batch: int, rounds: int, artifact: Any, profile: bool) -> dict[str, Any]:
+    """Alternating rounds of torch (both targets) and jax at one batch size; medians."""
+    updates = 50 if batch <= 512 else 4
+    torch_n = 20 if batch <= 512 else 2
+    jx = jax_update(batch, updates, artifact)
+    t_full = torch_update(batch, M)
+    t_one = torch_update(batch, 1)
+    rates: dict[str, list[float]] = {"jax": [], "torch": [], "torch1": [], "particles": []}
+    for _ in range(rounds):
+        rates["torch"].append(1.0 / _timed(t_full, torch_n))
+        rates["jax"].append(updates / _timed(jx["call"], 1))
+        rates["torch1"].append(1.0 / _timed(t_one, torch_n))
+        rates["particles"].append(1.0 / _timed(jx["particle_call"], 3))
+    med = {k: statistics.median(v) for k, v in rates.items()}
+    out = {
+        "batch": batch, "updates_per_call": updates, "rounds": rounds, "median": med,
+        "ratio_torch": statistics.median(j / t for j, t in zip(rates["jax"], rates["torch"])),
+        "ratio_torch1": statistics.median(j / t for j, t in zip(rates["jax"], rates["torch1"])),
+        "flops": jx["flops"], "particle_flops": jx["particle_flops"], "compile_s": jx["compile_s"],
+        "dual_iterations": jx["dual_iterations"], "profile": [],
+    }
+    if profile:
+        from eval.bench_backbone import _xla_profile
+
+        rows = _xla_profile(jx["call"], jx["lower"], top=12, calls=2)
+        out["profile"] = [[name, ms / updates, share, src.replace(PREFIX, "")] for name, ms, share, src in rows]
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="fewer repetitions")
+    parser.add_argument("--quick", action="store_true", help="3 rounds instead of 7, no training row")
+    parser.add_argument("--batches", type=int, nargs="+", default=[256, 4096], help="batch sizes B")
     args = parser.parse_args(argv)
-    reps = 5 if args.quick else 20
+    rounds = 3 if args.quick else 7
     artifact = synthetic_artifact()
-    rows = []
-    torch_small = _torch_rate(256, 16, 128, repeats=30 if args.quick else 100)
-    rows.append(("torch update (FSRL-style, 1 thread)", 256, 16, "128x128", f"{torch_small:.1f}", "-", "-"))
-    ups, _, comp = _jax_rate(256, 16, (128, 128), 64, updates=50, repeats=reps, artifact=artifact)
-    rows.append(("jax update (this repo)", 256, 16, "128x128", f"{ups:.1f}", "-", f"{comp:.0f}"))
-    torch_large = _torch_rate(4096, 16, 128, repeats=5 if args.quick else 10)
-    rows.append(("torch update (FSRL-style, 1 thread)", 4096, 16, "128x128", f"{torch_large:.2f}", "-", "-"))
-    ups_l, _, comp_l = _jax_rate(4096, 16, (128, 128), 64, updates=10, repeats=max(2, reps // 4), artifact=artifact)
-    rows.append(("jax update (this repo)", 4096, 16, "128x128", f"{ups_l:.2f}", "-", f"{comp_l:.0f}"))
-    ups_t, env_t, comp_t = _jax_rate(256, 16, (128, 128), 1024, updates=4, repeats=reps, artifact=artifact)
-    rows.append(("jax training block (N=1024, 4 updates/step)", 256, 16, "128x128", f"{ups_t:.1f}", f"{env_t:.0f}",
-                 f"{comp_t:.0f}"))
-    header = ("row", "batch", "M", "nets", "updates/s", "env steps/s", "compile s")
-    print("| " + " | ".join(header) + " |")
-    print("|" + "---|" * len(header))
-    for r in rows:
-        print("| " + " | ".join(str(x) for x in r) + " |")
-    print(f"\njax {jax.__version__}, backend {jax.default_backend()}, devices {jax.device_count()}; "
-          f"jax/torch at B=256: {ups / torch_small:.2f}x, at B=4096: {ups_l / torch_large:.2f}x")
+    load0 = os.getloadavg()
+    peak = matmul_peak()
+    results = [bench_batch(b, rounds, artifact, profile=True) for b in args.batches]
+    peak = max(peak, matmul_peak())  # measured again after the rows; the better of the two
+    load1 = os.getloadavg()
+
+    print(f"| row | B | M | nets | updates/s (median of {rounds} rounds) | jax / this row (median per-round ratio) |")
+    print("|---|---:|---:|---|---:|---:|")
+    for r in results:
+        md = r["median"]
+        print(f"| torch update (FSRL-style, 16-sample target, 1 thread) | {r['batch']} | {M} | 128x128 | {md['torch']:.2f} | {r['ratio_torch']:.2f}x |")
+        print(f"| torch update (FSRL's 1-sample target, 1 thread) | {r['batch']} | {M} | 128x128 | {md['torch1']:.2f} | {r['ratio_torch1']:.2f}x |")
+        print(f"| **jax update (meg-jax, 1 thread)** | {r['batch']} | {M} | 128x128 | **{md['jax']:.2f}** | - |")
+    print(f"\nmeasured f32 matmul peak (jnp.dot, 1 thread, best of 512/1024/2048): {peak:.1f} GFLOP/s")
+    print("\n| B | GFLOP per update (XLA) | achieved GFLOP/s | fraction of peak | particle eval GFLOP | its GFLOP/s | its fraction | dual iterations | compile s |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for r in results:
+        achieved = r["flops"] * r["median"]["jax"] / 1e9
+        p_achieved = r["particle_flops"] * r["median"]["particles"] / 1e9
+        print(f"| {r['batch']} | {r['flops'] / 1e9:.3f} | {achieved:.1f} | {achieved / peak:.1%} | "
+              f"{r['particle_flops'] / 1e9:.3f} | {p_achieved:.1f} | {p_achieved / peak:.1%} | {r['dual_iterations']:.1f} | {r['compile_s']:.0f} |")
+    for r in results:
+        if r["profile"]:
+            print(f"\nXLA profile of the update, B = {r['batch']} (ms per update, share of the op time, source op)\n")
+            print("| op | ms / update | share | source |\n|---|---:|---:|---|")
+            for name, ms, share, src in r["profile"]:
+                print(f"| {name} | {ms:.3f} | {share:.1%} | `{src}` |")
+    if not args.quick:
+        ups, env_s = training_rate(artifact, 10)
+        print(f"\njax training block (N=1024 envs, 4 updates per step, B=256): {ups:.1f} updates/s, {env_s:.0f} env steps/s")
+    print(f"\njax {jax.__version__}, backend {jax.default_backend()}; load average (1 min) {load0[0]:.1f} before, "
+          f"{load1[0]:.1f} after; XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}")
     return 0
 
 

@@ -16,6 +16,7 @@ from meg_jax.env import oracle as env_oracle
 from meg_jax.meg.artifact import synthetic_artifact
 from meg_jax.rl import baselines, cvpo, networks
 from meg_jax.rl.config import CVPOConfig
+from meg_jax.rl.cvpo_losses import _BACKTRACK
 from meg_jax.rl.evaluate import LearnedPolicy, evaluate_policy
 
 TINY = CVPOConfig(
@@ -114,6 +115,60 @@ def test_gaussian_mstep_keeps_kl_within_limits():
     # the mean moved towards the high-weight actions, up to the edge of the trust region
     assert float(kl_mu[-1]) > 0.5 * eps_mu
     assert float(jnp.mean(net.apply(p, obs)[0] - mean_old)) > 0
+
+
+@pytest.mark.parametrize("layer_norm", [True, False])
+def test_particle_evaluation_matches_the_critic_ensemble(layer_norm):
+    # critic_ensemble_particles is CriticEnsemble.apply at every (state, action) pair,
+    # rearranged (first layer split, chunks); B = 12 with 3 states per chunk, and one chunk
+    b, m, obs_dim = 12, 5, 6
+    key = jax.random.PRNGKey(4)
+    net = networks.CriticEnsemble((16, 16), 4, layer_norm)
+    params = net.init(key, jnp.zeros((1, obs_dim)), jnp.zeros((1, 2)))
+    # non-trivial LayerNorm scales / biases and output biases
+    leaves, tree = jax.tree.flatten(params)
+    keys = jax.random.split(key, len(leaves))
+    params = jax.tree.unflatten(tree, [x + 0.3 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)])
+    obs = jax.random.normal(jax.random.PRNGKey(5), (b, obs_dim))
+    actions = jax.random.uniform(jax.random.PRNGKey(6), (b, m, 2), minval=-1.0, maxval=1.0)
+    ref = net.apply(params, jnp.broadcast_to(obs[:, None], (b, m, obs_dim)), actions)  # [B, M, H]
+    assert float(jnp.std(ref)) > 0.1  # heads and pairs differ
+    for rows in (15, 1000):
+        got = networks.critic_ensemble_particles(params, obs, actions, layer_norm, rows_per_chunk=rows)
+        assert got.shape == (b, m, 4)
+        # float32, different summation order: each value sums ~20-term products of O(1)
+        # numbers through two layers; rounding ~ 20 eps |terms| ~ 1e-5 at most
+        np.testing.assert_allclose(got, ref, rtol=1e-5, atol=2e-5)
+
+
+def _backtrack_brute_force(kl_of, bounds):
+    """The choice the M-step backtracking must make, from every fraction at once."""
+    fractions = jnp.asarray(_BACKTRACK, jnp.float32)
+    kls = jax.vmap(kl_of)(fractions)
+    ratio = jnp.max(kls / bounds, axis=-1)
+    inside = ratio <= 1.0
+    choice = jnp.where(jnp.any(inside), jnp.argmax(inside), jnp.argmin(ratio))
+    return fractions[choice], kls[choice], kls[0]
+
+
+@pytest.mark.parametrize("case", ["full_step", "cut", "none_inside"])
+def test_backtracking_takes_the_largest_fraction_inside_the_bounds(case):
+    # params p = t * u (p0 = 0, update u = 1): KL terms as functions of t
+    kl_by_case = {
+        "full_step": lambda t: jnp.stack([0.5 * t, 0.1 * t * t]),  # t = 1 inside
+        "cut": lambda t: jnp.stack([t * t, 3.0 * t]),  # first inside: t = 1/4 (3 t <= 1)
+        "none_inside": lambda t: jnp.stack([(t - 0.3) ** 2 + 2.0, jnp.zeros_like(t)]),  # least violation t = 1/4
+    }
+    kl_t = kl_by_case[case]
+    bounds = jnp.asarray([1.0, 1.0])
+    p0, u = {"w": jnp.zeros(())}, {"w": jnp.ones(())}
+    new, t, kls, full = jax.jit(lambda: cvpo.backtrack_to_kl_bounds(p0, u, lambda p: kl_t(p["w"]), bounds))()
+    t_ref, kls_ref, full_ref = _backtrack_brute_force(kl_t, bounds)
+    expected_t = {"full_step": 1.0, "cut": 0.25, "none_inside": 0.25}[case]
+    assert float(t) == float(t_ref) == expected_t
+    np.testing.assert_allclose(new["w"], t_ref, rtol=0, atol=0)  # p0 + t u with t a power of 2: exact
+    np.testing.assert_allclose(kls, kls_ref, rtol=1e-6)
+    np.testing.assert_allclose(full, full_ref, rtol=1e-6)
 
 
 def test_categorical_mstep_keeps_kl_within_limit():

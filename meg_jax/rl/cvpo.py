@@ -8,10 +8,15 @@ with one constraint per cost (latency, UE energy). One ``train_step(state, key)`
    current policy (uniform random actions until ``min_replay`` transitions are stored), each
    transition written to a device-resident ring buffer (``replay.py``);
 2. ``updates_per_block`` gradient updates (``lax.scan``), each on a fresh batch of B:
+   * next-state particles, computed once per update: K = max(M, ``target_samples``)
+     actions per next state s' from pi_old (the target actor), scored by every target critic
+     head in one batched, cache-chunked evaluation (``networks.critic_ensemble_particles``);
    * critics: twin reward Q (min in every backup) and one cost Q per constraint, TD targets
-     with the target critics and the target actor (``target_samples`` next actions averaged);
-   * E-step: M actions per state from pi_old (the target actor), scored by the target
-     critics; the dual over (eta, lam) solved to tolerance by warm-started projected Newton
+     averaging the first ``target_samples`` particles of each s';
+   * E-step on the same next states and their first M particles (the TD target and the
+     E-step both score pi_old's actions with the target critics, so one evaluation serves
+     both; the E- and M-steps thus fit the policy on the batch's next states, which are
+     replay states like the current ones); the dual over (eta, lam) solved to tolerance by warm-started projected Newton
      (``dual.py``); q = softmax(log pi_old + (Q_r - lam . Q_c) / eta);
    * M-step: weighted maximum likelihood with decoupled KL bounds on the mean and the
      covariance of the diagonal Gaussian (a single KL bound for the categorical head), whose
@@ -143,6 +148,9 @@ class CVPOAgent(NamedTuple):
       act: ``act(actor_params, obs [N, obs_dim], key, deterministic) -> env action``.
       thresholds: [m] Q-space thresholds of the normalised costs.
       limits: [m] episode-average limits (env units).
+      update_block: ``update_block(state, key) -> (state, metrics)``: the block's
+        ``updates_per_block`` gradient updates alone (no collection; the replay must already
+        hold ``min_replay`` transitions), what ``eval/bench_cvpo.py`` times.
     """
 
     init: Callable[[jax.Array], CVPOState]
@@ -150,6 +158,7 @@ class CVPOAgent(NamedTuple):
     act: Callable[..., jax.Array]
     thresholds: jax.Array
     limits: jax.Array
+    update_block: Callable[[CVPOState, jax.Array], tuple[CVPOState, dict]]
 
 
 # ----------------------------------------------------------------------------- env facts
@@ -169,7 +178,12 @@ def env_num_envs(env: Any) -> int:
 
 
 # ----------------------------------------------------------------------------- the agent
-def make_cvpo(config: CVPOConfig, env: Any, mesh: Optional[Mesh] = None) -> CVPOAgent:
+PARTICLE_ROWS_PER_CHUNK = 256  # (state, action) pairs per chunk of the particle evaluation
+
+
+def make_cvpo(
+    config: CVPOConfig, env: Any, mesh: Optional[Mesh] = None, *, particle_rows_per_chunk: int = PARTICLE_ROWS_PER_CHUNK
+) -> CVPOAgent:
     """Binds CVPO to a batched environment.
 
     Args:
@@ -179,6 +193,8 @@ def make_cvpo(config: CVPOConfig, env: Any, mesh: Optional[Mesh] = None) -> CVPO
       mesh: a ``"data"`` mesh (``meg_jax.parallel.make_mesh``); when given, sampled batches
         are constrained to be sharded over it (environment and replay shardings come from
         how the state is placed, see ``meg_jax.rl.sharding``).
+      particle_rows_per_chunk: chunk size of the next-state particle evaluation (speed only;
+        ``eval/bench_cvpo.py`` sets it to B x K, one chunk, to count FLOPs without a loop).
 
     Returns:
       the agent's pure functions.
@@ -304,27 +320,44 @@ def make_cvpo(config: CVPOConfig, env: Any, mesh: Optional[Mesh] = None) -> CVPO
         return (state, tracker), None
 
     # ---------------------------------------------------------------- one update
-    def next_values(state: CVPOState, next_obs: jax.Array, key: jax.Array) -> jax.Array:
+    num_particles = max(config.num_action_samples, config.target_samples)
+
+    def next_state_particles(state: CVPOState, next_obs: jax.Array, key: jax.Array):
+        """pi_old (the target actor) at the next states and the target critics' values of its
+        actions there, computed once and shared by the TD target and the E-step.
+
+        Returns (candidates, q): discrete: logits_old [B, A] and q [B, A, H] (every action);
+        continuous: (actions [B, K, d] unclipped, mean_old [B, d], std_old [B, d]) and
+        q [B, K, H] at the clipped actions, K = max(M, target_samples).
+        """
         if discrete:
-            probs = jax.nn.softmax(actor_net.apply(state.target_actor, next_obs), axis=-1)  # [B, A]
-            q = critic_net.apply(state.target_critic, next_obs)  # [B, A, H]
+            logits_old = actor_net.apply(state.target_actor, next_obs)  # [B, A]
+            return logits_old, critic_net.apply(state.target_critic, next_obs)  # [B, A, H]
+        mean_old, std_old = actor_net.apply(state.target_actor, next_obs)
+        a = networks.gaussian_sample(key, mean_old, std_old, num_particles)  # [K, B, d]
+        a = jnp.swapaxes(a, 0, 1)  # [B, K, d]
+        q = networks.critic_ensemble_particles(
+            state.target_critic, next_obs, jnp.clip(a, -1.0, 1.0), config.critic_layer_norm, particle_rows_per_chunk
+        )
+        return (a, mean_old, std_old), q
+
+    def next_values(candidates: Any, q: jax.Array) -> jax.Array:
+        """[B, H] next-state values for the TD targets (packed as heads, see critic_targets)."""
+        if discrete:
+            probs = jax.nn.softmax(candidates, axis=-1)  # [B, A]
             q_min = jnp.minimum(q[..., 0], q[..., 1])
             v_r = jnp.sum(probs * q_min, axis=-1)
             v_c = jnp.einsum("ba,bah->bh", probs, q[..., REWARD_HEADS:])
-            # pack as heads so critic_targets' min is the identity on (v_r, v_r)
-            return jnp.concatenate([v_r[:, None], v_r[:, None], v_c], axis=-1)
-        mean, std = actor_net.apply(state.target_actor, next_obs)
-        a = jnp.clip(networks.gaussian_sample(key, mean, std, config.target_samples), -1.0, 1.0)  # [K', B, d]
-        q = critic_net.apply(state.target_critic, jnp.broadcast_to(next_obs, a.shape[:-1] + next_obs.shape[-1:]), a)
-        # min of the twins per sampled action, then the mean over actions
-        q_min = jnp.minimum(q[..., 0], q[..., 1])  # [K', B]
-        v_r = jnp.mean(q_min, axis=0)
-        v_c = jnp.mean(q[..., REWARD_HEADS:], axis=0)
+        else:
+            q = q[:, : config.target_samples]
+            # min of the twins per sampled action, then the mean over actions
+            v_r = jnp.mean(jnp.minimum(q[..., 0], q[..., 1]), axis=1)
+            v_c = jnp.mean(q[..., REWARD_HEADS:], axis=1)
+        # pack as heads so critic_targets' min is the identity on (v_r, v_r)
         return jnp.concatenate([v_r[:, None], v_r[:, None], v_c], axis=-1)
 
-    def critic_update(state: CVPOState, batch: Transition, key: jax.Array):
-        nv = jax.lax.stop_gradient(next_values(state, batch.next_obs, key))
-        y_r, y_c = critic_targets(batch.reward, batch.costs, batch.discount, nv, config.gamma)
+    def critic_update(state: CVPOState, batch: Transition, nv: jax.Array):
+        y_r, y_c = critic_targets(batch.reward, batch.costs, batch.discount, jax.lax.stop_gradient(nv), config.gamma)
         targets = jnp.concatenate([y_r[:, None], y_r[:, None], y_c], axis=-1)  # [B, H]
 
         def loss_fn(params):
@@ -342,21 +375,17 @@ def make_cvpo(config: CVPOConfig, env: Any, mesh: Optional[Mesh] = None) -> CVPO
         metrics = {"critic_loss": loss, "reward_critic_loss": per_head[0], "cost_critic_loss": per_head[REWARD_HEADS:]}
         return state.replace(critic=critic, critic_opt=opt), metrics
 
-    def estep(state: CVPOState, obs: jax.Array, key: jax.Array):
-        """Candidates, their values and prior under pi_old, and the solved dual."""
+    def estep(state: CVPOState, candidates: Any, q: jax.Array):
+        """The E-step on the next states' particles: their prior under pi_old and the solved dual."""
         if discrete:
-            logits_old = actor_net.apply(state.target_actor, obs)  # [B, A]
-            q = critic_net.apply(state.target_critic, obs)  # [B, A, H]
-            log_prior = jax.nn.log_softmax(logits_old, axis=-1)
-            candidates = logits_old
+            log_prior = jax.nn.log_softmax(candidates, axis=-1)
         else:
-            mean_old, std_old = actor_net.apply(state.target_actor, obs)
-            a = networks.gaussian_sample(key, mean_old, std_old, config.num_action_samples)  # [M, B, d]
-            a = jnp.swapaxes(a, 0, 1)  # [B, M, d]
-            obs_b = jnp.broadcast_to(obs[:, None], a.shape[:-1] + obs.shape[-1:])
-            q = critic_net.apply(state.target_critic, obs_b, jnp.clip(a, -1.0, 1.0))  # [B, M, H]
-            log_prior = jnp.full(a.shape[:2], -math.log(config.num_action_samples), jnp.float32)
-            candidates = (a, mean_old, std_old)
+            a, mean_old, std_old = candidates
+            m_samples = config.num_action_samples
+            candidates = (a[:, :m_samples], mean_old, std_old)
+            q = q[:, :m_samples]
+            log_prior = jnp.full(q.shape[:2], -math.log(m_samples), jnp.float32)
+        q = jax.lax.stop_gradient(q)
         q_r = jnp.minimum(q[..., 0], q[..., 1])
         q_c = q[..., REWARD_HEADS:]
         sol = dual_lib.solve_estep_dual(
@@ -405,11 +434,15 @@ def make_cvpo(config: CVPOConfig, env: Any, mesh: Optional[Mesh] = None) -> CVPO
         return state.replace(actor=actor, actor_opt=opt, alpha_mu=alpha_mu, alpha_sigma=alpha_sigma), metrics
 
     def update(state: CVPOState, key: jax.Array):
-        k_sample, k_target, k_estep = jax.random.split(key, 3)
+        k_sample, k_particles = jax.random.split(key)
         batch = constrain(replay_sample(state.replay, k_sample, config.batch_size))
-        state, c_metrics = critic_update(state, batch, k_target)
-        candidates, weights, sol = estep(state, batch.obs, k_estep)
-        state, a_metrics = mstep(state, batch.obs, candidates, weights)
+        # one evaluation of pi_old's actions at the next states serves the TD target and the
+        # E-step (both score pi_old's actions with the target critics, which the critic step
+        # below does not change); the E- and M-steps therefore fit the policy on the next states
+        particles, q_next = next_state_particles(state, batch.next_obs, k_particles)
+        state, c_metrics = critic_update(state, batch, next_values(particles, q_next))
+        candidates, weights, sol = estep(state, particles, q_next)
+        state, a_metrics = mstep(state, batch.next_obs, candidates, weights)
         state = state.replace(
             target_critic=polyak(state.target_critic, state.critic, config.tau),
             target_actor=polyak(state.target_actor, state.actor, config.tau),
@@ -464,7 +497,12 @@ def make_cvpo(config: CVPOConfig, env: Any, mesh: Optional[Mesh] = None) -> CVPO
         }
         return state, metrics
 
-    return CVPOAgent(init=init, train_step=train_step, act=act, thresholds=thresholds, limits=limits)
+    def update_block(state: CVPOState, key: jax.Array) -> tuple[CVPOState, dict[str, Any]]:
+        """``updates_per_block`` updates (``lax.scan``), metrics [updates_per_block]."""
+        return jax.lax.scan(update, state, jax.random.split(key, config.updates_per_block))
+
+    return CVPOAgent(init=init, train_step=train_step, act=act, thresholds=thresholds, limits=limits,
+                     update_block=update_block)
 
 
 def _validate(config: CVPOConfig, env: Any) -> None:

@@ -138,10 +138,29 @@ def backtrack_to_kl_bounds(
     def at(t):
         return jax.tree.map(lambda p, u: p + t * u, params, updates)
 
-    kls = jax.vmap(lambda t: kl_of(at(t)))(fractions)  # [T, n]
-    ratio = jnp.max(kls / bounds, axis=-1)  # [T]
-    inside = ratio <= 1.0
-    first_inside = jnp.argmax(inside)  # fractions are sorted largest first
-    choice = jnp.where(jnp.any(inside), first_inside, jnp.argmin(ratio))
+    def ratio_of(kls: jax.Array) -> jax.Array:
+        return jnp.max(kls / bounds)
+
+    # fractions are tried one at a time, largest first, stopping at the first inside the
+    # bounds (usually t = 1 or 1/2), instead of evaluating all of them: same choice
+    full_kls = kl_of(at(fractions[0]))
+    full_ratio = ratio_of(full_kls)
+
+    def cond(carry):
+        i, inside, *_ = carry
+        return (~inside) & (i + 1 < fractions.shape[0])
+
+    def body(carry):
+        i, _, best_i, best_ratio, best_kls = carry
+        i = i + 1
+        kls = kl_of(at(fractions[i]))
+        ratio = ratio_of(kls)
+        inside = ratio <= 1.0
+        better = inside | (ratio < best_ratio)  # inside ends the loop; else keep the least violation
+        return (i, inside, jnp.where(better, i, best_i), jnp.where(better, ratio, best_ratio),
+                jnp.where(better, kls, best_kls))
+
+    init = (jnp.int32(0), full_ratio <= 1.0, jnp.int32(0), full_ratio, full_kls)
+    _, _, choice, _, kls = jax.lax.while_loop(cond, body, init)
     t = fractions[choice]
-    return at(t), t, kls[choice], kls[0]
+    return at(t), t, kls, full_kls

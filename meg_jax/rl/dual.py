@@ -102,8 +102,13 @@ def q_space_threshold(limit: jax.Array | float, gamma: float, horizon: int) -> j
 
 
 def _advantage(q_reward: jax.Array, q_costs: jax.Array, lam: jax.Array) -> jax.Array:
-    # A = Q_r - lam . Q_c, [..., B, M]
-    return q_reward - jnp.einsum("...bmj,...j->...bm", q_costs, lam)
+    # A = Q_r - lam . Q_c, [..., B, M], as m broadcast multiply-adds (m is small): under the
+    # line search's vmap over candidates they fuse with the logsumexp, where a batched small-K
+    # dot materialised [candidates, B, M] with transposes (the largest E-step op at B = 4096)
+    lam_q = lam[..., 0, None, None] * q_costs[..., 0]
+    for j in range(1, q_costs.shape[-1]):
+        lam_q = lam_q + lam[..., j, None, None] * q_costs[..., j]
+    return q_reward - lam_q
 
 
 def dual_value(

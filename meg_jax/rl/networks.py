@@ -8,6 +8,9 @@
   vmapped module). CVPO uses heads [reward_1, reward_2, cost_1, ..., cost_m].
 * ``DiscreteCriticEnsemble``: the same with Q(s, .) for every discrete action at once.
 * ``ValueEnsemble``: V(s) heads for PPO (reward + one per constraint).
+* ``critic_ensemble_particles``: a ``CriticEnsemble``'s Q at M actions per state (same
+  parameters, no gradient path needed), computed cache-sized chunk by chunk with the state's
+  share of the first layer computed once per state instead of once per action.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ __all__ = [
     "CriticEnsemble",
     "DiscreteCriticEnsemble",
     "ValueEnsemble",
+    "critic_ensemble_particles",
     "gaussian_log_prob",
     "gaussian_sample",
     "gaussian_kl_mean",
@@ -141,6 +145,75 @@ class ValueEnsemble(nn.Module):
     def __call__(self, obs: jax.Array) -> jax.Array:
         heads = _mlp_ensemble(self.num_heads, self.hidden, 1)
         return heads(obs)[..., 0, :]
+
+
+def _layer_norm(x: jax.Array, scale: jax.Array, bias: jax.Array, eps: float = 1e-6) -> jax.Array:
+    """flax ``nn.LayerNorm()`` over the last axis (its fast variance E[x^2] - E[x]^2)."""
+    mean = jnp.mean(x, axis=-1, keepdims=True)
+    var = jnp.maximum(jnp.mean(x * x, axis=-1, keepdims=True) - mean * mean, 0.0)
+    return (x - mean) * (jax.lax.rsqrt(var + eps) * scale) + bias
+
+
+def critic_ensemble_particles(
+    params: Any, obs: jax.Array, actions: jax.Array, layer_norm: bool = True, rows_per_chunk: int = 256
+) -> jax.Array:
+    """Every head of a ``CriticEnsemble`` at M actions per state: Q(obs[b], actions[b, k]).
+
+    Equal to ``CriticEnsemble(...).apply(params, obs[:, None], actions)`` up to float rounding
+    (different summation order), computed for speed: the first layer is split as
+    ``obs @ W_obs + action @ W_act``, so the state's part is computed once per state rather
+    than once per action, and the states are processed a chunk of about ``rows_per_chunk`` (state, action) pairs at
+    a time (``lax.map``; the number of states per chunk is the largest divisor of B not above
+    ``rows_per_chunk / M``) so that each chunk's activations ([heads, chunk x M, width]) stay in cache
+    instead of streaming [heads, B x M, width] tensors through memory between the layers.
+
+    Args:
+      params: ``CriticEnsemble`` parameters ({"params": {"VmapMLP_0": {"Dense_i", "LayerNorm_i"}}},
+        kernels [H, in, out]).
+      obs: [B, obs_dim] states.
+      actions: [B, M, action_dim] actions (already clipped as the critic expects).
+      layer_norm: whether the ensemble was built with ``layer_norm=True``.
+      rows_per_chunk: (state, action) pairs per chunk (256 x 128-wide x 4 heads of float32
+        activations = 512 KiB, inside a core's L2; measured fastest on this CPU at M = 16).
+
+    Returns:
+      [B, M, H] Q values of every head.
+    """
+    p = params["params"]["VmapMLP_0"]
+    num_dense = sum(1 for name in p if name.startswith("Dense_"))
+    obs_dim = obs.shape[-1]
+    w0 = p["Dense_0"]["kernel"]  # [H, obs_dim + action_dim, width]
+    # the state's share of the first layer, once per state: [B, H, width]
+    h_obs = jnp.einsum("bi,hiw->bhw", obs, w0[:, :obs_dim]) + p["Dense_0"]["bias"]
+    w0_act = w0[:, obs_dim:]  # [H, action_dim, width]
+
+    def chunk(args: tuple[jax.Array, jax.Array]) -> jax.Array:
+        h_o, a = args  # [c, H, w], [c, M, da]
+        c, m = a.shape[0], a.shape[1]
+        # the action's share as broadcast multiply-adds (action_dim is tiny): fuses with the add
+        # and the LayerNorm statistics instead of running as a separate small-K matmul
+        h = jnp.swapaxes(h_o, 0, 1)[:, :, None]  # [H, c, 1, w]
+        for j in range(a.shape[-1]):
+            h = h + a[None, :, :, j, None] * w0_act[:, None, None, j, :]  # [H, c, M, w]
+        h = h.reshape(h.shape[0], c * m, h.shape[-1])
+        for i in range(num_dense - 1):
+            if i > 0:
+                h = jnp.einsum("hrw,hwv->hrv", h, p[f"Dense_{i}"]["kernel"]) + p[f"Dense_{i}"]["bias"][:, None]
+            if layer_norm:
+                ln = p[f"LayerNorm_{i}"]
+                h = _layer_norm(h, ln["scale"][:, None], ln["bias"][:, None])
+            h = nn.relu(h)
+        last = p[f"Dense_{num_dense - 1}"]
+        q = jnp.einsum("hrw,hw->hr", h, last["kernel"][..., 0]) + last["bias"]  # [H, c M]
+        return jnp.transpose(q.reshape(q.shape[0], c, m), (1, 2, 0))  # [c, M, H]
+
+    b = obs.shape[0]
+    if rows_per_chunk >= b * actions.shape[1]:  # one chunk: no loop
+        return chunk((h_obs, actions))
+    per_chunk = max(1, min(rows_per_chunk // actions.shape[1], b))
+    c = max(d for d in range(1, per_chunk + 1) if b % d == 0)  # states per chunk, chunks of equal size
+    q = jax.lax.map(chunk, (h_obs.reshape((b // c, c) + h_obs.shape[1:]), actions.reshape((b // c, c) + actions.shape[1:])))
+    return q.reshape((b,) + q.shape[2:])
 
 
 def gaussian_log_prob(action: jax.Array, mean: jax.Array, std: jax.Array) -> jax.Array:
