@@ -32,7 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from meg_jax.env import oracle as oracle_lib
-from meg_jax.rl.config import FEASIBILITY_TOLERANCE, EnvSpec
+from meg_jax.rl.config import REFERENCE_TOLERANCE, EnvSpec
 from meg_jax.rl.evaluate import gap_closed, make_env
 
 EPISODE_LENGTH = 32
@@ -152,7 +152,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         err = np.abs(test[1] - test[0])
         orc = oracle_lib.fit_oracle(test[3], test[4], limits)
         fixed = oracle_lib.best_fixed_action(params, jnp.asarray(test[3]), jnp.asarray(test[4]), limits,
-                                             FEASIBILITY_TOLERANCE)
+                                             REFERENCE_TOLERANCE)
         for width in args.bins:
             q, ratio, unseen = table_policy_scores(fit, test, limits, num_classes, width)
             rows.append((seed, width, float(np.mean(err)), float(np.percentile(err, 90)), fixed.avg_quality,

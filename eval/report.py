@@ -402,7 +402,8 @@ def write_report(results: Mapping[str, Any], out_dir: str, *, title: str = "MEG 
     L += ["Quality is the calibrated attribute accuracy of the generated image (fraction of the five prompt "
           "attributes an attribute classifier reads right); latency is ES compute + air time + UE compute per "
           "request; UE energy is decode + reception. Constraints are on episode averages; a policy meets them "
-          f"if each average is ≤ {FEASIBILITY_TOLERANCE:g} × its limit.", ""]
+          f"if each average is ≤ {FEASIBILITY_TOLERANCE:g} × its limit (the oracle and the fixed (K, r) actions, "
+          "chosen on these same requests, meet the limits exactly).", ""]
     if results.get("runs"):
         L += ["Runs: " + ", ".join(f"`{r['name']}` ({r['run_dir']}, {r['env_steps']:.0f} env steps)"
                                   for r in results["runs"]), ""]

@@ -27,6 +27,7 @@ import jax
 import numpy as np
 
 from meg_jax.env import oracle as env_oracle
+from meg_jax.rl.config import REFERENCE_TOLERANCE
 from meg_jax.rl.evaluate import (
     FEASIBILITY_TOLERANCE,
     LearnedPolicy,
@@ -99,11 +100,11 @@ def fit_oracle_on(ro: Rollout, limits: Optional[np.ndarray] = None) -> tuple[env
 
 
 def best_fixed_on(ro: Rollout, limits: Optional[np.ndarray], params: Any,
-                  tolerance: float = FEASIBILITY_TOLERANCE) -> Optional[env_oracle.FixedAction]:
+                  tolerance: float = REFERENCE_TOLERANCE) -> Optional[env_oracle.FixedAction]:
     """``env_oracle.best_fixed_action`` on ``ro``'s tables; None when no fixed action is feasible.
 
-    Feasible means what it means for every other row of a report: average costs <= ``tolerance``
-    x the limits.
+    A reference chosen on the very requests it is scored on meets the limits exactly
+    (``REFERENCE_TOLERANCE``), like the oracle it is compared with.
     """
     q, c = _flat(ro)
     try:
@@ -130,8 +131,9 @@ class _GridOnly:
         self.merge_ratios = ro.grid_ratios
 
 
-def _score(quality: np.ndarray, costs: np.ndarray, limits: np.ndarray) -> dict[str, Any]:
-    return summarise(quality, costs, limits).named()
+def _score(quality: np.ndarray, costs: np.ndarray, limits: np.ndarray,
+           tolerance: float = FEASIBILITY_TOLERANCE) -> dict[str, Any]:
+    return summarise(quality, costs, limits, tolerance).named()
 
 
 def reference_policies(ro: Rollout, limits: Optional[np.ndarray] = None) -> dict[str, dict[str, Any]]:
@@ -161,11 +163,15 @@ def reference_policies(ro: Rollout, limits: Optional[np.ndarray] = None) -> dict
 
 
 def fixed_policies(ro: Rollout, limits: Optional[np.ndarray] = None) -> list[dict[str, Any]]:
-    """Every fixed grid action (K, r): its averages on ``ro``'s requests."""
+    """Every fixed grid action (K, r): its averages on ``ro``'s requests.
+
+    ``feasible`` is judged at ``REFERENCE_TOLERANCE`` (exact limits), the rule that picks the
+    best fixed action among them.
+    """
     limits = _limits(ro, limits)
     out = []
     for a in range(ro.table_quality.shape[-1]):
-        row = _score(ro.table_quality[:, :, a], ro.table_costs[:, :, a], limits)
+        row = _score(ro.table_quality[:, :, a], ro.table_costs[:, :, a], limits, REFERENCE_TOLERANCE)
         k, r = _action_label(ro, a)
         row.update(action=a, steps=k, merge_ratio=r)
         out.append(row)
@@ -206,7 +212,7 @@ def evaluate_all(config: Any, agent: Any, actor_params: Any, artifact: Any = Non
     limits = np.asarray(params.limits, np.float64)
     ro = record_rollout(denv, key)
     q_flat, c_flat = _flat(ro)
-    fixed_action = env_oracle.best_fixed_action(params, q_flat, c_flat, limits, tol)
+    fixed_action = env_oracle.best_fixed_action(params, q_flat, c_flat, limits, REFERENCE_TOLERANCE)
     solution = env_oracle.fit_oracle(q_flat, c_flat, limits)
     ceiling = oracle_dual(solution.lambdas, q_flat, c_flat / limits)
     out: dict[str, Any] = {"limits": limits.tolist(), "episodes": episodes, "episode_length": int(denv.episode_length)}
