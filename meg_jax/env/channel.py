@@ -88,8 +88,9 @@ def _sample_prompt(task_cdf: Array, u: Array, num_prompts: int) -> Array:
     if num_prompts == 1:
         return jnp.zeros(jnp.shape(u), jnp.int32)
     bounds = task_cdf[:-1]
-    lo = jnp.max(jnp.where(u >= bounds, bounds, 0.0), initial=0.0)  # start of the drawn class's interval
-    hi = jnp.min(jnp.where(u < task_cdf, task_cdf, 1.0))  # its end (> lo: u lies inside)
+    passed = u >= bounds  # the class boundaries below u (the class is their count)
+    lo = jnp.max(jnp.where(passed, bounds, 0.0), initial=0.0)  # start of the drawn class's interval
+    hi = jnp.min(jnp.where(passed, 1.0, bounds), initial=1.0)  # its end (> lo: u lies inside)
     within = (u - lo) / (hi - lo)
     return jnp.clip(jnp.floor(within * num_prompts), 0, num_prompts - 1).astype(jnp.int32)
 

@@ -220,18 +220,12 @@ def price_on_grid(
     si = _bracket_index(params.snr_grid_db, snr_q)
     s_lo, s_hi = _pairs(params.snr_grid_db)[si]
     ws = jnp.clip((snr_q - s_lo) / (s_hi - s_lo), 0.0, 1.0)
-    # Quality corners [K, R-1, S-1, C, 2 (snr lo/hi), 2 (r lo/hi), 2 (acc, psnr)].
-    t = params.quality_table
-    corners = jnp.stack(
-        [
-            jnp.stack([t[:, :-1, :-1], t[:, 1:, :-1]], axis=-2),  # SNR low end: r low, r high
-            jnp.stack([t[:, :-1, 1:], t[:, 1:, 1:]], axis=-2),  # SNR high end
-        ],
-        axis=-3,
-    )
-    c = corners[k_idx, ri, si, _quality_cell(params, task_class, prompt)]  # [2 (snr), 2 (r), 2]
-    q_lo_s = (1.0 - wr) * c[0, 0] + wr * c[0, 1]
-    q_hi_s = (1.0 - wr) * c[1, 0] + wr * c[1, 1]
+    # The four quality corners in one gather: the [2 (r lo/hi), 2 (snr lo/hi), 2 (acc, psnr)]
+    # window at (k, ri, si, cell); no packed copy of the table (a replay table has ~1e6 entries).
+    start = (k_idx, ri, si, _quality_cell(params, task_class, prompt), jnp.zeros_like(ri))
+    c = jax.lax.dynamic_slice(params.quality_table, start, (1, 2, 2, 1, 2))[0, :, :, 0]
+    q_lo_s = (1.0 - wr) * c[0, 0] + wr * c[1, 0]
+    q_hi_s = (1.0 - wr) * c[0, 1] + wr * c[1, 1]
     acc, psnr = (1.0 - ws) * q_lo_s + ws * q_hi_s
     quality = (1.0 - params.reward_psnr_weight) * acc + params.reward_psnr_weight * psnr / params.psnr_scale_db
     quality = quality + params.reward_offset
