@@ -16,11 +16,15 @@ requests (``slot_s`` apart) the UE moves and the channel evolves (``wireless.py`
 * SNR = P_tx - PL - shadowing + 10 log10|h|² - (N0 + 10 log10 B + NF) dB.
 * CSI: the agent sees ĥ = ρ_τ h + sqrt(1 - ρ_τ² + σ_e²) e, i.e. the channel ``csi_delay_s``
   earlier (ρ_τ = J0(2π f_d τ)) plus estimation error of variance σ_e².
-* task class of each request drawn from ``task_class_probs``.
+* task class of each request drawn from ``task_class_probs``; with ``quality_source="replay"``
+  also one of the class's P calibration prompts, uniformly (``MEGCore.prompt``; not observed).
 
 Pricing of (K, r) at the request's true SNR and class: quality bilinear in (r, SNR) (SNR
-clamped to the artifact's grid), K the nearest option; costs per ``meg_jax.meg.artifact``
-with the Shannon rate computed at max(SNR, ``snr_floor_db``).
+clamped to the artifact's grid), K the nearest option, read from the class's mean row or
+(replay) the prompt's own row; the reward is the ``reward_metric`` reading; costs per
+``meg_jax.meg.artifact`` with the Shannon rate computed at max(SNR, ``snr_floor_db``), energy
+the UE's (``energy_scope="ue"``) or the whole system's (``"system"``: + ES compute and
+radiated transmit energy). See ``docs/replay.md``.
 
 Observation (float32 vector, ``obs_dim = H + C + 5``; see :func:`observation_fields`):
 
