@@ -1,8 +1,9 @@
 """The MEG constrained MDP on brax's ``Env`` API: one episode = T generation requests of one UE.
 
 Per request the agent picks the denoising steps K and the merge ratio r; the reward is the
-calibrated image quality, the costs are the request's latency (s) and UE energy (J); the
-constraint is that their episode averages stay below ``EnvParams.limits``. Between two
+calibrated image quality, the costs are the request's latency (s) and energy (J, the UE's or
+the whole system's); the constraint is that their episode averages stay below
+``EnvParams.limits``. Between two
 requests (``slot_s`` apart) the UE moves and the channel evolves (``wireless.py``):
 
 * mobility: per-episode speed v ~ U[v_min, v_max]; heading random walk (std ``heading_std``

@@ -84,7 +84,7 @@ class EnvParams:
     """
 
     # constraints
-    limits: Array  # [2] per-request average limits: latency (s), UE energy (J)
+    limits: Array  # [2] per-request average limits: latency (s), energy (J; UE or system, energy_scope)
     cost_weights: Array  # [2] info["cost"] = costs · cost_weights
     episode_length: Array  # [] int32, T requests per episode (progress and budget features)
     # requests, mobility, geometry
