@@ -3,6 +3,7 @@
     python -m eval.bench_env                       # the table in docs/bench_env.md
     python -m eval.bench_env --sizes 1 64 --steps 200 --quick
     python -m eval.bench_env --help                # every flag with its default
+    python -m eval.bench_env --quality_source replay --energy_scope system   # replay on (docs/replay.md)
 
 Rows, all measured in the same process with random actions:
 
@@ -58,6 +59,11 @@ class Args:
     numpy_steps: int = 100  # steps of the NumPy rows
     gym_steps: int = 2000  # steps of the gymnasium single-env loop
     artifact: str = "auto"  # 'auto' (tiny.npz if present), 'synthetic' or a path
+    # env quality source: "class_mean" or "replay" (per-prompt tables; an artifact without them
+    # is replaced by synthetic_artifact(prompts_per_class=...) and the output says so)
+    quality_source: str = "class_mean"
+    prompts_per_class: int = 128  # P of that synthetic replay artifact (meg-jax calibrate's default)
+    energy_scope: str = "ue"  # env energy scope: "ue" or "system"
     quick: bool = False  # fewer steps everywhere (smoke test: steps 100, repeats 1, numpy 10, gym 200)
     out: Optional[str] = None  # write the results as JSON here
 
@@ -76,6 +82,15 @@ def parse_args(argv: Sequence[str]) -> Args:
         if getattr(args, name) < 1:
             sys.stderr.write(f"{prog}: error: --{name} must be >= 1, got {getattr(args, name)}\n")
             raise SystemExit(2)
+    from meg_jax.env.config import ENERGY_SCOPES, QUALITY_SOURCES
+
+    for name, allowed in (("quality_source", QUALITY_SOURCES), ("energy_scope", ENERGY_SCOPES)):
+        if getattr(args, name) not in allowed:
+            sys.stderr.write(f"{prog}: error: --{name} must be one of {list(allowed)}, got {getattr(args, name)!r}\n")
+            raise SystemExit(2)
+    if args.prompts_per_class < 1:
+        sys.stderr.write(f"{prog}: error: --prompts_per_class must be >= 1, got {args.prompts_per_class}\n")
+        raise SystemExit(2)
     if not args.sizes or min(args.sizes) < 1:
         sys.stderr.write(f"{prog}: error: --sizes must be one or more sizes >= 1, got {list(args.sizes)}\n")
         raise SystemExit(2)
@@ -84,20 +99,37 @@ def parse_args(argv: Sequence[str]) -> Args:
     return args
 
 
-def _artifact(arg: str) -> tuple[CalibrationArtifact, str]:
+def _artifact(arg: str, replay: bool = False, prompts: int = 128) -> tuple[CalibrationArtifact, str]:
+    """The artifact to benchmark and a description; with ``replay``, one with per-prompt tables."""
     if arg == "synthetic":
-        return synthetic_artifact(), "synthetic_artifact() (tests-only artifact)"
-    if arg == "auto":
+        artifact, source = synthetic_artifact(), "synthetic_artifact() (tests-only artifact)"
+    elif arg == "auto":
         path = menv.resolve_artifact_path(menv.get_preset("tiny").artifact_path)
         if os.path.exists(path):
-            return CalibrationArtifact.load(path), path
-        return synthetic_artifact(), "synthetic_artifact() (tiny.npz not found)"
-    return CalibrationArtifact.load(arg), arg
+            artifact, source = CalibrationArtifact.load(path), path
+        else:
+            artifact, source = synthetic_artifact(), "synthetic_artifact() (tiny.npz not found)"
+    else:
+        artifact, source = CalibrationArtifact.load(arg), arg
+    if replay and artifact.prompts_per_class is None:
+        return (synthetic_artifact(prompts_per_class=prompts),
+                f"synthetic_artifact(prompts_per_class={prompts}) (tests-only; {source} has no per-prompt tables)")
+    return artifact, source
 
 
-def jax_rate(num_envs: int, steps: int, repeats: int, artifact: CalibrationArtifact) -> tuple[float, float, float]:
+def _env_overrides(args: Args) -> dict:
+    """``MEGEnvConfig`` overrides of every env built here."""
+    overrides = {"limit_samples": 1024, "quality_source": args.quality_source, "energy_scope": args.energy_scope}
+    if args.energy_scope == "system":
+        overrides["es_device"] = "edge_gpu_l4"  # synthetic artifacts name none (the shipped ones: this one)
+    return overrides
+
+
+def jax_rate(num_envs: int, steps: int, repeats: int, artifact: CalibrationArtifact,
+             overrides: Optional[dict] = None) -> tuple[float, float, float]:
     """(env-steps/s, env-steps per CPU-second, compile seconds) of the batched JAX env."""
-    env = menv.make("tiny", num_envs=num_envs, episode_length=EPISODE_LENGTH, artifact=artifact, limit_samples=1024)
+    overrides = {"limit_samples": 1024} if overrides is None else overrides
+    env = menv.make("tiny", num_envs=num_envs, episode_length=EPISODE_LENGTH, artifact=artifact, **overrides)
     params = env.params
 
     # params enter as an argument (not closed-over constants): XLA then does not constant-fold
@@ -142,9 +174,10 @@ def numpy_rate(num_envs: int, steps: int, params) -> tuple[float, float]:
     return num_envs * steps / (time.perf_counter() - t0), num_envs * steps / (time.process_time() - c0)
 
 
-def gym_rate(steps: int, artifact: CalibrationArtifact) -> tuple[float, float]:
+def gym_rate(steps: int, artifact: CalibrationArtifact, overrides: Optional[dict] = None) -> tuple[float, float]:
     """(env-steps/s, env-steps per CPU-second) of a gymnasium single-env Python loop."""
-    env = MEGGymEnv("tiny", episode_length=EPISODE_LENGTH, artifact=artifact, limit_samples=1024)
+    overrides = {"limit_samples": 1024} if overrides is None else overrides
+    env = MEGGymEnv("tiny", episode_length=EPISODE_LENGTH, artifact=artifact, **overrides)
     env.action_space.seed(0)
     env.reset(seed=0)
     env.step(env.action_space.sample())  # compile
@@ -163,14 +196,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from meg_jax import job_setup
 
     job_setup.configure_logging()
-    artifact, source = _artifact(args.artifact)
-    params = menv.make_unbatched("tiny", EPISODE_LENGTH, artifact, limit_samples=1024)[0].params
+    artifact, source = _artifact(args.artifact, args.quality_source == "replay", args.prompts_per_class)
+    overrides = _env_overrides(args)
+    params = menv.make_unbatched("tiny", EPISODE_LENGTH, artifact, **overrides)[0].params
     load_before = os.getloadavg()
     log.info("artifact: %s; gym loop of %d steps first", source, args.gym_steps)
-    gym, gym_cpu = gym_rate(args.gym_steps, artifact)
+    gym, gym_cpu = gym_rate(args.gym_steps, artifact, overrides)
     rows = []
     for n in args.sizes:
-        jr, jr_cpu, compile_s = jax_rate(n, args.steps, args.repeats, artifact)
+        jr, jr_cpu, compile_s = jax_rate(n, args.steps, args.repeats, artifact, overrides)
         nr, nr_cpu = numpy_rate(n, args.numpy_steps, params)
         rows.append({"num_envs": n, "jax": jr, "numpy": nr, "jax_over_numpy": jr / nr, "jax_over_gym": jr / gym,
                      "jax_cpu": jr_cpu, "numpy_cpu": nr_cpu, "compile_s": compile_s, "load": os.getloadavg()[0]})
@@ -179,6 +213,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                  jr / nr, jr / gym, compile_s, os.getloadavg()[0])
     load_after = os.getloadavg()
 
+    print(f"env: quality_source={args.quality_source}, energy_scope={args.energy_scope}, "
+          f"quality table {tuple(params.quality_table.shape)}")
     print(f"artifact: {source}; device: {jax.devices()[0].device_kind} ({jax.default_backend()}), "
           f"{os.cpu_count()} CPUs, {platform.processor() or platform.machine()}; jax {jax.__version__}")
     print(f"load average before {load_before[0]:.1f}, after {load_after[0]:.1f} (1-min)")
@@ -201,7 +237,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
               f">= 1000x gym: {r['jax_over_gym']:,.0f}x ({'met' if r['jax_over_gym'] >= 1000 else 'NOT met'})")
     if args.out:
         with open(args.out, "w") as f:
-            json.dump({"rows": rows, "gym": gym, "gym_cpu": gym_cpu, "artifact": source, "load_before": load_before,
+            json.dump({"rows": rows, "gym": gym, "gym_cpu": gym_cpu, "artifact": source, "env": overrides,
+                       "load_before": load_before,
                        "load_after": load_after, "args": dataclasses.asdict(args)}, f, indent=2)
         log.info("wrote %s", args.out)
     return 0

@@ -20,6 +20,18 @@ class)":
 A learned policy also has the SNR history and the large-scale SNR, so it can in principle do
 somewhat better than this table; if the table already closes most of the gap, the channel
 estimate is not what keeps an agent from the oracle.
+
+With ``--quality_source replay`` (per-request prompt replay, ``docs/replay.md``) each request's
+reward is its calibration prompt's quality. The oracle knows it (perfect information: the
+prompt index is read from the state); the table policy does not (the agent observes the
+class, never the prompt), so its conditional means average over the prompts of a (bin,
+class). The extra column "SNR+class oracle Q" is the oracle that knows the true SNR and
+class but not the prompt (fitted on the class-mean tables, scored on the prompts' quality):
+oracle - it is what the prompt information is worth, it - table is what the SNR estimate
+costs.
+
+    python -m eval.observable_oracle --quality_source replay --reward_metric neg_log_mse \
+        --artifact /work/runs/calib_v2/tiny.npz
 """
 
 from __future__ import annotations
@@ -31,6 +43,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+import meg_jax.env as menv
 from meg_jax.env import oracle as oracle_lib
 from meg_jax.rl.config import REFERENCE_TOLERANCE, EnvSpec
 from meg_jax.rl.evaluate import gap_closed, make_env
@@ -112,6 +125,9 @@ class Args:
     bins: tuple[float, ...] = (0.5, 2.0)  # SNR-estimate bin widths (dB)
     csi_delay_s: Optional[float] = None  # age of the channel estimate (s); None: the preset's
     csi_error_std: Optional[float] = None  # error of the channel estimate; None: the preset's
+    artifact: Optional[str] = None  # calibration artifact path; None: the preset's
+    quality_source: str = "class_mean"  # "class_mean" or "replay" (per-prompt quality; schema-2 artifact)
+    reward_metric: str = "accuracy"  # "accuracy", "pixel_accuracy", "psnr" or "neg_log_mse"
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
@@ -123,48 +139,74 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     args = config_lib.parse_cli(Args, argv, prog="python -m eval.observable_oracle",
                                 description=__doc__.split("\n")[0])
 
-    spec = EnvSpec(preset=args.preset, csi_delay_s=args.csi_delay_s, csi_error_std=args.csi_error_std)
-    fit_env = make_env(spec, num_envs=args.fit_episodes, discrete=True)
+    overrides = {"quality_source": args.quality_source, "reward_metric": args.reward_metric}
+    for name in ("csi_delay_s", "csi_error_std"):
+        if getattr(args, name) is not None:
+            overrides[name] = float(getattr(args, name))
+    base = menv.get_preset(args.preset)
+    artifact = menv.load_artifact(base, args.artifact)
+
+    def make(num_envs: int):  # rl.evaluate.make_env's environment, with the quality overrides
+        return menv.make(args.preset, num_envs=num_envs, episode_length=EPISODE_LENGTH, artifact=artifact,
+                         discrete=True, **overrides)
+
+    fit_env = make(args.fit_episodes)
     params = fit_env.params
-    limits = np.asarray(params.limits, np.float64)
+    replay = args.quality_source == "replay"
     num_classes = int(params.num_classes)
+    # the class-mean tables (true SNR and class, prompt unknown): the "SNR+class oracle"; the
+    # mean of the prompts' rows is the class row (quality is linear in the tables)
+    table = params.quality_table
+    blind_params = params.replace(quality_table=jnp.mean(
+        table.reshape(table.shape[:3] + (num_classes, params.prompts_per_class, 2)), axis=4))
+    limits = np.asarray(params.limits, np.float64)
 
     def collector(env):  # compiled once per env, reused for every key
-        return jax.jit(lambda k: oracle_lib.collect_env_requests(env, k, EPISODE_LENGTH, estimate=True))
+        return jax.jit(lambda k: oracle_lib.collect_env_requests(env, k, EPISODE_LENGTH, estimate=True,
+                                                                 with_prompt=True))
 
     def tables(collect, key):
-        """True SNR, its estimate, class [N·T] and every action's quality and costs (numpy)."""
-        snr, cls, est = (np.asarray(x).reshape(-1) for x in collect(key))
-        q, c = oracle_lib.action_tables(params, jnp.asarray(snr), jnp.asarray(cls))
-        return snr, est, cls, np.asarray(q, np.float64), np.asarray(c, np.float64)
+        """True SNR, its estimate, class [N·T], every action's quality and costs, and the
+        class-mean quality (numpy)."""
+        snr, cls, prompt, est = (np.asarray(x).reshape(-1) for x in collect(key))
+        q, c = oracle_lib.action_tables(params, jnp.asarray(snr), jnp.asarray(cls), jnp.asarray(prompt))
+        q_blind = oracle_lib.action_tables(blind_params, jnp.asarray(snr), jnp.asarray(cls))[0] if replay else q
+        return snr, est, cls, np.asarray(q, np.float64), np.asarray(c, np.float64), np.asarray(q_blind, np.float64)
 
     collect_fit = collector(fit_env)
-    fit = tables(collect_fit, jax.random.PRNGKey(123))
-    collect_eval = (collect_fit if args.episodes == args.fit_episodes
-                    else collector(make_env(spec, num_envs=args.episodes, discrete=True)))
+    fit = tables(collect_fit, jax.random.PRNGKey(123))[:5]
+    collect_eval = collect_fit if args.episodes == args.fit_episodes else collector(make(args.episodes))
     cfg = fit_env.config
     print(f"preset {args.preset}; CSI delay {cfg.csi_delay_s} s, error std {cfg.csi_error_std}; "
-          f"fit on {args.fit_episodes} episodes, evaluated on {args.episodes} x "
+          f"quality {cfg.quality_source} (P = {params.prompts_per_class} prompts per class), reward "
+          f"{cfg.reward_metric}; fit on {args.fit_episodes} episodes, evaluated on {args.episodes} x "
           f"{EPISODE_LENGTH} requests per seed")
     rows = []
     for seed in args.seeds:
-        test = tables(collect_eval, jax.random.fold_in(jax.random.PRNGKey(seed), 10**6))
+        *test, q_blind = tables(collect_eval, jax.random.fold_in(jax.random.PRNGKey(seed), 10**6))
         err = np.abs(test[1] - test[0])
         orc = oracle_lib.fit_oracle(test[3], test[4], limits)
+        blind = oracle_lib.fit_oracle(q_blind, test[4], limits)
+        probs = np.asarray(oracle_lib.oracle_probabilities(
+            jnp.asarray(q_blind), jnp.asarray(test[4]), jnp.asarray(limits), jnp.asarray(blind.lambdas),
+            blind.temperature), np.float64)
+        blind_q = float(np.mean(np.sum(probs * test[3], axis=1)))  # scored on the true (prompt) quality
         fixed = oracle_lib.best_fixed_action(params, jnp.asarray(test[3]), jnp.asarray(test[4]), limits,
                                              REFERENCE_TOLERANCE)
         for width in args.bins:
             q, ratio, unseen = table_policy_scores(fit, test, limits, num_classes, width)
             rows.append((seed, width, float(np.mean(err)), float(np.percentile(err, 90)), fixed.avg_quality,
-                         orc.avg_quality, q, ratio, gap_closed(q, fixed.avg_quality, orc.avg_quality), unseen))
+                         orc.avg_quality, blind_q, q, ratio, gap_closed(q, fixed.avg_quality, orc.avg_quality),
+                         unseen))
     print("\n| seed | bin (dB) | mean abs SNR-estimate error (dB) | p90 (dB) | best fixed Q | oracle Q | "
-          "table policy Q | latency / limit | energy / limit | gap closed | eval requests in unseen bins |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
-    for seed, width, e_mean, e_p90, fq, oq, q, ratio, gap, unseen in rows:
-        print(f"| {seed} | {width:g} | {e_mean:.2f} | {e_p90:.2f} | {fq:.4f} | {oq:.4f} | {q:.4f} | {ratio[0]:.4f} | "
-              f"{ratio[1]:.4f} | {100 * gap:.1f}% | {unseen:.4f} |")
+          "SNR+class oracle Q | table policy Q | latency / limit | energy / limit | gap closed | "
+          "eval requests in unseen bins |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for seed, width, e_mean, e_p90, fq, oq, bq, q, ratio, gap, unseen in rows:
+        print(f"| {seed} | {width:g} | {e_mean:.2f} | {e_p90:.2f} | {fq:.4f} | {oq:.4f} | {bq:.4f} | {q:.4f} | "
+              f"{ratio[0]:.4f} | {ratio[1]:.4f} | {100 * gap:.1f}% | {unseen:.4f} |")
     for width in args.bins:
-        gaps = [r[8] for r in rows if r[1] == width]
+        gaps = [r[9] for r in rows if r[1] == width]
         print(f"bin {width:g} dB: median gap closed {100 * float(np.median(gaps)):.1f}% over {len(gaps)} seeds")
 
 

@@ -74,6 +74,10 @@ def test_flags_reach_the_scripts():
 
     env = bench_env.parse_args(["--sizes", "1", "64", "--numpy_steps", "7"])
     assert env.sizes == (1, 64) and env.numpy_steps == 7 and env.steps == 1000
+    assert bench_env.parse_args(["--quality_source", "replay", "--energy_scope", "system"]).quality_source == "replay"
+    for bad in (["--quality_source", "prompt"], ["--energy_scope", "es"]):
+        with pytest.raises(SystemExit):
+            bench_env.parse_args(bad)
     quick = bench_env.parse_args(["--quick", "--steps", "5000"])
     assert (quick.steps, quick.repeats, quick.numpy_steps, quick.gym_steps) == (100, 1, 10, 200)  # --quick wins
     args, settings = bench_backbone.parse_args(["--quick", "--tome_side", "8", "--matmul_precision", "highest"])

@@ -6,6 +6,7 @@ import numpy as np
 
 from eval import observable_oracle as oo
 from meg_jax.env import oracle as O
+from meg_jax.meg.artifact import synthetic_artifact
 
 
 def _tables(rng, m=600, a=6):
@@ -43,7 +44,16 @@ def test_useless_estimate_cannot_follow_the_channel():
     assert blind < good - 1e-3
 
 
-def test_cli_prints_the_table(capsys):
-    oo.main(["--episodes", "256", "--fit-episodes", "256", "--seeds", "0", "--bins", "2"])
+def test_cli_prints_the_table_with_replay(capsys, tmp_path):
+    # Per-prompt replay on a schema-2 (synthetic) artifact: the oracle knows each request's
+    # prompt, the "SNR+class oracle" only the class, so it is at most the oracle (fitted on
+    # the same requests; 5e-4 covers the smoothing slack tau log A = 1e-4 ln 32).
+    path = tmp_path / "replay.npz"
+    synthetic_artifact(prompts_per_class=4).save(path)
+    oo.main(["--episodes", "256", "--fit-episodes", "256", "--seeds", "0", "--bins", "2", "--artifact", str(path),
+             "--quality_source", "replay"])
     out = capsys.readouterr().out
-    assert "| seed | bin (dB) |" in out and "median gap closed" in out
+    assert "| seed | bin (dB) |" in out and "median gap closed" in out and "quality replay (P = 4" in out
+    row = [line for line in out.splitlines() if line.startswith("| 0 |")][0].split("|")
+    oracle_q, blind_q = float(row[6]), float(row[7])
+    assert blind_q <= oracle_q + 5e-4 and blind_q < oracle_q

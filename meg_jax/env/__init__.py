@@ -109,7 +109,8 @@ def make(
       episode_length: requests per episode T.
       artifact: a ``CalibrationArtifact`` or a path; default the preset's ``artifact_path``.
       discrete: one integer action index over the K x R grid instead of ``[-1, 1]²``.
-      **overrides: ``MEGEnvConfig`` fields, e.g. ``limits=(0.2, 0.02)``, ``slot_s=0.05``.
+      **overrides: ``MEGEnvConfig`` fields, e.g. ``limits=(0.2, 0.02)``, ``slot_s=0.05``,
+        ``quality_source="replay"``, ``reward_metric="neg_log_mse"``, ``energy_scope="system"``.
 
     Returns:
       ``FreshAutoResetWrapper(EpisodeLimitWrapper(VmapWrapper(MEGEnv)))``; ``reset(key)``

@@ -77,6 +77,24 @@ def _sample_class(task_cdf: Array, u: Array) -> Array:
     return jnp.sum(u >= task_cdf[:-1]).astype(jnp.int32)
 
 
+def _sample_prompt(task_cdf: Array, u: Array, num_prompts: int) -> Array:
+    """The prompt (of ``num_prompts``, uniform) of the class that ``u`` draws in :func:`_sample_class`.
+
+    Where ``u`` falls inside its class's interval [cdf[c-1], cdf[c]) is itself uniform on
+    [0, 1) and independent of the class, so it picks the prompt: one uniform draws both
+    (the step noise and its key discipline stay as they were; class-mean envs draw the
+    same channels and classes as replay envs under the same keys).
+    """
+    if num_prompts == 1:
+        return jnp.zeros(jnp.shape(u), jnp.int32)
+    bounds = task_cdf[:-1]
+    passed = u >= bounds  # the class boundaries below u (the class is their count)
+    lo = jnp.max(jnp.where(passed, bounds, 0.0), initial=0.0)  # start of the drawn class's interval
+    hi = jnp.min(jnp.where(passed, 1.0, bounds), initial=1.0)  # its end (> lo: u lies inside)
+    within = (u - lo) / (hi - lo)
+    return jnp.clip(jnp.floor(within * num_prompts), 0, num_prompts - 1).astype(jnp.int32)
+
+
 def _measure(params: EnvParams, pos: Array, z_los: Array, z_shadow: Array, fading: Array, csi_rho: Array, csi: Array):
     """LOS state, large-scale SNR, true SNR and estimated SNR at ``pos`` (all dB)."""
     d2d = jnp.maximum(jnp.sqrt(pos[0] ** 2 + pos[1] ** 2), params.min_distance_m)
@@ -195,6 +213,7 @@ def _new_core(params: EnvParams, ch: ChannelState, task_u: Array, key: Array) ->
     return MEGCore(
         channel=ch,
         task_class=_sample_class(params.task_cdf, task_u),
+        prompt=_sample_prompt(params.task_cdf, task_u, params.prompts_per_class),
         t=jnp.zeros((), jnp.int32),
         cum_costs=jnp.zeros((2,), jnp.float32),
         cum_quality=jnp.zeros((), jnp.float32),
@@ -203,21 +222,26 @@ def _new_core(params: EnvParams, ch: ChannelState, task_u: Array, key: Array) ->
     )
 
 
-def stationary_channel_samples(params: EnvParams, key: Array, num: int) -> tuple[Array, Array]:
+def stationary_channel_samples(params: EnvParams, key: Array, num: int, with_prompt: bool = False) -> tuple[Array, ...]:
     """True SNR (dB) and task class of ``num`` independent requests [num].
 
     Draws from the distribution of a fresh episode's first request (uniform position,
     stationary LOS/shadowing latents and fading), which is also the stationary distribution
     of the dynamics. Cheaper to compile than a full reset (no history warm-up).
+    ``with_prompt`` (static) also returns each request's prompt index [num] (0 unless replay).
     """
 
-    def one(k: Array) -> tuple[Array, Array]:
+    def one(k: Array) -> tuple[Array, ...]:
         u = _uniform_open(k, (8,))
+        task_u = 0.5 * (u[7] + 1.0)
+        request = (_sample_class(params.task_cdf, task_u),)
+        if with_prompt:
+            request += (_sample_prompt(params.task_cdf, task_u, params.prompts_per_class),)
         if params.system == "paper":
-            return paper_channel(params, 0.5 * (u[0] + 1.0))[1], _sample_class(params.task_cdf, 0.5 * (u[7] + 1.0))
+            return (paper_channel(params, 0.5 * (u[0] + 1.0))[1],) + request
         z = jnp.sqrt(2.0) * jax.lax.erf_inv(u[3:7])
         pos = u[0:2] * params.area_half_width_m
         _, _, snr, _ = _measure(params, pos, z[0], z[1], _SQRT_HALF * z[2:4], jnp.float32(1.0), jnp.zeros(2))
-        return snr, _sample_class(params.task_cdf, 0.5 * (u[7] + 1.0))
+        return (snr,) + request
 
     return jax.vmap(one)(jax.random.split(key, num))

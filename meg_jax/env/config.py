@@ -17,6 +17,17 @@ Presets:
   energy units per request). SDXL-1024 FLOPs are this project's count; the quality is the
   calibration artifact's (the tiny model's quality standing in for SDXL's).
 
+Quality and reward (``docs/replay.md``): ``quality_source="class_mean"`` (default) rewards a
+request with its task class's mean quality in the artifact; ``"replay"`` draws one of the
+class's P calibration prompts per request (uniformly; the agent does not observe which) and
+rewards that prompt's measured quality (schema-2 artifacts). ``reward_metric`` picks the
+reading: classifier ``accuracy`` (default), ``pixel_accuracy`` (the analytic pixel reading),
+``psnr`` (dB) or ``neg_log_mse`` (-ln MSE of [-1, 1] pixels, the authors' reward).
+
+Energy (``energy_scope``): ``"ue"`` (default) is the UE's compute + receive energy;
+``"system"`` adds the ES's compute energy (ES compute time x the ES device's power under
+load) and its radiated transmit energy (P_tx x air time).
+
 Constraint limits: unless ``limits`` is given, each limit is placed a fraction of the way
 between the cheapest and the most expensive *fixed* action's average cost under the
 environment's own stationary channel distribution (see ``meg_env.derive_limits``).
@@ -28,11 +39,26 @@ import dataclasses
 import math
 
 from meg_jax.meg import pricing
+from meg_jax.meg.artifact import PROMPT_METRICS
 
-__all__ = ["MEGEnvConfig", "PaperSystem", "PRESETS", "get_preset", "SYSTEMS", "PAPER_EPISODE_LENGTH", "PAPER_GAMMA"]
+__all__ = [
+    "MEGEnvConfig",
+    "PaperSystem",
+    "PRESETS",
+    "get_preset",
+    "SYSTEMS",
+    "QUALITY_SOURCES",
+    "REWARD_METRICS",
+    "ENERGY_SCOPES",
+    "PAPER_EPISODE_LENGTH",
+    "PAPER_GAMMA",
+]
 
 SINGLE_COSTS = ("normalised_sum", "latency", "energy")
 SYSTEMS = ("mobility", "paper")
+QUALITY_SOURCES = ("class_mean", "replay")  # see MEGEnvConfig.quality_source
+REWARD_METRICS = PROMPT_METRICS  # "accuracy", "psnr", "neg_log_mse", "pixel_accuracy"
+ENERGY_SCOPES = ("ue", "system")  # see MEGEnvConfig.energy_scope
 
 
 @dataclasses.dataclass(frozen=True)
@@ -129,9 +155,21 @@ class MEGEnvConfig:
     csi_error_std: float = 0.1  # estimation error std of h ~ CN(0, σ²) (NMSE = σ²)
     history_length: int = 4  # number of past requests' SNR estimates in the observation (incl. the current)
     # --- reward and constraints ---------------------------------------------------------
+    # "class_mean": the class's mean quality; "replay": a uniformly drawn calibration prompt's
+    # own quality (needs an artifact with per-prompt tables, schema 2; the prompt is not observed)
+    quality_source: str = "class_mean"
+    # reading the reward is made of: "accuracy" (classifier), "pixel_accuracy" (analytic pixel
+    # reading), "psnr" (dB) or "neg_log_mse" (-ln MSE of [-1, 1] pixels = psnr ln(10)/10 - ln 4)
+    reward_metric: str = "accuracy"
+    # the two fields below mix PSNR into the accuracy metrics only ("psnr"/"neg_log_mse" are pure):
     reward_psnr_weight: float = 0.0  # reward = (1 - w) accuracy + w psnr / psnr_scale_db
     psnr_scale_db: float = 40.0  # PSNR that counts as quality 1 in the reward mix (dB)
-    limits: tuple[float, float] | None = None  # per-request average (latency s, UE energy J); None = derived
+    # energy cost: "ue" (UE compute + receive) or "system" (+ ES compute + ES radiated transmit energy)
+    energy_scope: str = "ue"
+    # meg_jax.meg.devices profile whose power under load prices ES compute energy (energy_scope
+    # "system"); None = the artifact's provenance ``es_device``
+    es_device: str | None = None
+    limits: tuple[float, float] | None = None  # per-request average (latency s, energy J); None = derived
     limit_fractions: tuple[float, float] = (0.3, 0.3)  # derived limit = cheapest + f (dearest - cheapest)
     limit_samples: int = 4096  # stationary channel draws used to average action costs
     single_cost: str = "normalised_sum"  # info["cost"]: "normalised_sum" (Σ c_i / limit_i), "latency" or "energy"
@@ -180,6 +218,15 @@ class MEGEnvConfig:
         top_ok = (lambda r: r <= 1.0) if self.system == "paper" else (lambda r: r < 1.0)  # paper: r = a1 in [0, 1]
         if self.max_merge_ratio is not None and not (0.0 <= self.max_merge_ratio and top_ok(self.max_merge_ratio)):
             problems.append(f"max_merge_ratio must lie in [0, 1) ([0, 1] for system='paper'), got {self.max_merge_ratio}")
+        if self.quality_source not in QUALITY_SOURCES:
+            problems.append(f"quality_source must be one of {QUALITY_SOURCES}, got {self.quality_source!r}")
+        if self.reward_metric not in REWARD_METRICS:
+            problems.append(f"reward_metric must be one of {REWARD_METRICS}, got {self.reward_metric!r}")
+        if self.energy_scope not in ENERGY_SCOPES:
+            problems.append(f"energy_scope must be one of {ENERGY_SCOPES}, got {self.energy_scope!r}")
+        elif self.system == "paper" and self.energy_scope != "ue":
+            problems.append("energy_scope applies to system='mobility': system='paper' prices energy by the "
+                            "authors' formula (ES + UE compute + transmit already); leave energy_scope='ue'")
         if self.system not in SYSTEMS:
             problems.append(f"system must be one of {SYSTEMS}, got {self.system!r}")
         elif self.system == "paper":

@@ -1,8 +1,9 @@
 """The MEG constrained MDP on brax's ``Env`` API: one episode = T generation requests of one UE.
 
 Per request the agent picks the denoising steps K and the merge ratio r; the reward is the
-calibrated image quality, the costs are the request's latency (s) and UE energy (J); the
-constraint is that their episode averages stay below ``EnvParams.limits``. Between two
+calibrated image quality, the costs are the request's latency (s) and energy (J, the UE's or
+the whole system's); the constraint is that their episode averages stay below
+``EnvParams.limits``. Between two
 requests (``slot_s`` apart) the UE moves and the channel evolves (``wireless.py``):
 
 * mobility: per-episode speed v ~ U[v_min, v_max]; heading random walk (std ``heading_std``
@@ -16,11 +17,15 @@ requests (``slot_s`` apart) the UE moves and the channel evolves (``wireless.py`
 * SNR = P_tx - PL - shadowing + 10 log10|h|² - (N0 + 10 log10 B + NF) dB.
 * CSI: the agent sees ĥ = ρ_τ h + sqrt(1 - ρ_τ² + σ_e²) e, i.e. the channel ``csi_delay_s``
   earlier (ρ_τ = J0(2π f_d τ)) plus estimation error of variance σ_e².
-* task class of each request drawn from ``task_class_probs``.
+* task class of each request drawn from ``task_class_probs``; with ``quality_source="replay"``
+  also one of the class's P calibration prompts, uniformly (``MEGCore.prompt``; not observed).
 
 Pricing of (K, r) at the request's true SNR and class: quality bilinear in (r, SNR) (SNR
-clamped to the artifact's grid), K the nearest option; costs per ``meg_jax.meg.artifact``
-with the Shannon rate computed at max(SNR, ``snr_floor_db``).
+clamped to the artifact's grid), K the nearest option, read from the class's mean row or
+(replay) the prompt's own row; the reward is the ``reward_metric`` reading; costs per
+``meg_jax.meg.artifact`` with the Shannon rate computed at max(SNR, ``snr_floor_db``), energy
+the UE's (``energy_scope="ue"``) or the whole system's (``"system"``: + ES compute and
+radiated transmit energy). See ``docs/replay.md``.
 
 Observation (float32 vector, ``obs_dim = H + C + 5``; see :func:`observation_fields`):
 
@@ -61,6 +66,7 @@ from meg_jax.env.channel import (  # re-exported below: the public import paths 
     _evolve_channel,
     _measure,
     _sample_class,
+    _sample_prompt,
     episode_step_noise,
     init_core,
     sample_reset_noise,
@@ -114,18 +120,23 @@ def _pairs(v: Array) -> Array:
     return jnp.stack([v[:-1], v[1:]], axis=1)
 
 
-def price_action(params: EnvParams, snr_db: Array, task_class: Array, k_idx: Array, r: Array) -> dict[str, Array]:
+def price_action(
+    params: EnvParams, snr_db: Array, task_class: Array, k_idx: Array, r: Array, prompt: Array | None = None
+) -> dict[str, Array]:
     """Quality and costs of (K option ``k_idx``, merge ratio ``r``) at true ``snr_db``.
 
     Dispatches on the system: :func:`price_action_paper` for ``system == "paper"``, else the
-    artifact's pricing (:func:`price_on_grid`).
+    artifact's pricing (:func:`price_on_grid`). ``prompt``: the request's prompt index
+    within its class, needed with ``quality_source="replay"`` (see :func:`price_on_grid`).
     """
     if params.system == "paper":
-        return price_action_paper(params, snr_db, task_class, k_idx, r)
-    return price_on_grid(params, snr_db, task_class, k_idx, r)
+        return price_action_paper(params, snr_db, task_class, k_idx, r, prompt)
+    return price_on_grid(params, snr_db, task_class, k_idx, r, prompt)
 
 
-def price_action_paper(params: EnvParams, snr_db: Array, task_class: Array, k_idx: Array, r: Array) -> dict[str, Array]:
+def price_action_paper(
+    params: EnvParams, snr_db: Array, task_class: Array, k_idx: Array, r: Array, prompt: Array | None = None
+) -> dict[str, Array]:
     """The paper's environment: quality from the tables, costs by the authors' formulas.
 
     Quality is read at the SNR the feature noise maps to (``paper.quality_snr_db``), not at
@@ -143,7 +154,7 @@ def price_action_paper(params: EnvParams, snr_db: Array, task_class: Array, k_id
     ``ue_energy``, ``tx_energy`` (energies in hJ, before the division by 10).
     """
     pp = params.paper
-    out = price_on_grid(params, pp.quality_snr_db, task_class, k_idx, r)
+    out = price_on_grid(params, pp.quality_snr_db, task_class, k_idx, r, prompt)
     merged = jnp.minimum(jnp.floor(r * pp.num_tokens), pp.max_merged)
     kept = (pp.num_tokens - merged) * pp.token_values
     bits = (kept + (pp.latent_values - kept) * pp.map_fraction) * pp.value_bits
@@ -167,16 +178,40 @@ def price_action_paper(params: EnvParams, snr_db: Array, task_class: Array, k_id
     }
 
 
-def price_on_grid(params: EnvParams, snr_db: Array, task_class: Array, k_idx: Array, r: Array) -> dict[str, Array]:
+def _quality_cell(params: EnvParams, task_class: Array, prompt: Array | None) -> Array:
+    """Index c x P + p of the request's row of the quality table (class-major)."""
+    num_prompts = params.prompts_per_class
+    if num_prompts == 1:
+        return task_class
+    if prompt is None:
+        raise ValueError(
+            f"this environment replays {num_prompts} prompts per class (quality_source='replay'): pricing a "
+            "request needs its prompt index (MEGCore.prompt); pass prompt=")
+    return task_class * num_prompts + prompt
+
+
+def price_on_grid(
+    params: EnvParams, snr_db: Array, task_class: Array, k_idx: Array, r: Array, prompt: Array | None = None
+) -> dict[str, Array]:
     """Quality and costs of (K option ``k_idx``, merge ratio ``r``) at true ``snr_db`` (artifact pricing).
 
-    Quality is bilinear in (r, SNR clamped to the grid); per-r costs linear in r; the rate
-    uses max(SNR, ``snr_floor_db``). Tables are packed so that each request needs four
-    gathers (gathers dominate on CPU); the packing acts on the unbatched params, so under
-    ``vmap`` it runs once per call, not per env.
+    Quality is bilinear in (r, SNR clamped to the grid) at the request's quality cell (its
+    class, or with replay its class's ``prompt``-th calibration prompt); per-r costs linear
+    in r; the rate uses max(SNR, ``snr_floor_db``). Tables are packed so that each request
+    needs four gathers (gathers dominate on CPU); the packing acts on the unbatched params,
+    so under ``vmap`` it runs once per call, not per env.
 
-    Returns a dict of scalars: ``accuracy``, ``psnr_db``, ``quality`` (the reward),
-    ``latency_s``, ``energy_j``, ``tx_time_s``.
+    Reward: ``(1 - w) acc + w psnr / psnr_scale_db + reward_offset`` (``build_params`` sets
+    w, the scale and the offset from ``reward_metric``). Energy (``energy_scope``)::
+
+        ue:      UE compute energy(r) + UE receive power x air time
+        system:  ue + ES power x ES compute time(K) + P_tx (W) x air time
+
+    Returns a dict of scalars: ``accuracy`` (the accuracy reading: the pixel reading's with
+    ``reward_metric="pixel_accuracy"``), ``psnr_db``, ``quality`` (the reward),
+    ``latency_s``, ``energy_j``, ``tx_time_s`` and the energy terms ``ue_compute_energy_j``,
+    ``ue_rx_energy_j`` (and with ``energy_scope="system"`` ``es_compute_energy_j``,
+    ``es_tx_energy_j``), J.
     """
     # Per merge-ratio interval: (r, payload, side bits, UE time, UE energy) at both ends.
     per_r = jnp.stack(
@@ -190,25 +225,27 @@ def price_on_grid(params: EnvParams, snr_db: Array, task_class: Array, k_idx: Ar
     si = _bracket_index(params.snr_grid_db, snr_q)
     s_lo, s_hi = _pairs(params.snr_grid_db)[si]
     ws = jnp.clip((snr_q - s_lo) / (s_hi - s_lo), 0.0, 1.0)
-    # Quality corners [K, R-1, S-1, C, 2 (snr lo/hi), 2 (r lo/hi), 2 (acc, psnr)].
-    t = params.quality_table
-    corners = jnp.stack(
-        [
-            jnp.stack([t[:, :-1, :-1], t[:, 1:, :-1]], axis=-2),  # SNR low end: r low, r high
-            jnp.stack([t[:, :-1, 1:], t[:, 1:, 1:]], axis=-2),  # SNR high end
-        ],
-        axis=-3,
-    )
-    c = corners[k_idx, ri, si, task_class]  # [2 (snr), 2 (r), 2]
-    q_lo_s = (1.0 - wr) * c[0, 0] + wr * c[0, 1]
-    q_hi_s = (1.0 - wr) * c[1, 0] + wr * c[1, 1]
+    # The four quality corners in one gather: the [2 (r lo/hi), 2 (snr lo/hi), 2 (acc, psnr)]
+    # window at (k, ri, si, cell); no packed copy of the table (a replay table has ~1e6 entries).
+    start = (k_idx, ri, si, _quality_cell(params, task_class, prompt), jnp.zeros_like(ri))
+    c = jax.lax.dynamic_slice(params.quality_table, start, (1, 2, 2, 1, 2))[0, :, :, 0]
+    q_lo_s = (1.0 - wr) * c[0, 0] + wr * c[1, 0]
+    q_hi_s = (1.0 - wr) * c[0, 1] + wr * c[1, 1]
     acc, psnr = (1.0 - ws) * q_lo_s + ws * q_hi_s
     quality = (1.0 - params.reward_psnr_weight) * acc + params.reward_psnr_weight * psnr / params.psnr_scale_db
+    quality = quality + params.reward_offset
     tx = pricing.artifact_air_time_s(
         payload, side, params.bandwidth_hz, snr_db, params.snr_floor_db, "analog" if params.analog else "digital"
     )
-    latency, energy = pricing.request_costs(params.es_time_s[k_idx], tx, ue_time, ue_energy, params.ue_receive_power_w)
-    return {"accuracy": acc, "psnr_db": psnr, "quality": quality, "latency_s": latency, "energy_j": energy, "tx_time_s": tx}
+    es_time = params.es_time_s[k_idx]
+    latency, energy = pricing.request_costs(es_time, tx, ue_time, ue_energy, params.ue_receive_power_w)
+    out = {"accuracy": acc, "psnr_db": psnr, "quality": quality, "latency_s": latency, "energy_j": energy,
+           "tx_time_s": tx, "ue_compute_energy_j": ue_energy, "ue_rx_energy_j": params.ue_receive_power_w * tx}
+    if params.energy_scope == "system":
+        es_compute = params.es_power_w * es_time
+        es_tx = jnp.power(10.0, params.tx_power_dbm / 10.0 - 3.0) * tx  # P_tx: dBm -> W
+        out.update(energy_j=energy + es_compute + es_tx, es_compute_energy_j=es_compute, es_tx_energy_j=es_tx)
+    return out
 
 
 def continuous_to_choice(params: EnvParams, action: Array) -> tuple[Array, Array]:
@@ -266,12 +303,13 @@ def transition(
       The next core state and the request's outcome: :func:`price_action`'s dict plus
       ``steps`` (K), ``merge_ratio`` (r) and ``snr_db`` (the SNR it was priced at).
     """
-    out = price_action(params, core.channel.snr_db, core.task_class, k_idx, r)
+    out = price_action(params, core.channel.snr_db, core.task_class, k_idx, r, core.prompt)
     out = {**out, "steps": params.steps[k_idx], "merge_ratio": r, "snr_db": core.channel.snr_db}
     costs = jnp.stack([out["latency_s"], out["energy_j"]])
     nxt = MEGCore(
         channel=_evolve_channel(params, core.channel, noise),
         task_class=_sample_class(params.task_cdf, noise.task_u),
+        prompt=_sample_prompt(params.task_cdf, noise.task_u, params.prompts_per_class),
         t=core.t + 1,
         cum_costs=core.cum_costs + costs,
         cum_quality=core.cum_quality + out["quality"],
@@ -373,26 +411,32 @@ class MEGEnv(Env):
 
 
 # ------------------------------------------------------------- tables and limits
-def grid_action_table(params: EnvParams, snr_db: Array, task_class: Array) -> tuple[Array, Array]:
+def grid_action_table(
+    params: EnvParams, snr_db: Array, task_class: Array, prompt: Array | None = None
+) -> tuple[Array, Array]:
     """Quality and costs of every discrete action at given requests (perfect knowledge).
 
     Args:
-      snr_db: [M] true SNRs (dB); task_class: [M] int classes.
+      snr_db: [M] true SNRs (dB); task_class: [M] int classes; prompt: [M] int prompt
+        indices within the class (``MEGCore.prompt``), required with ``quality_source="replay"``:
+        the quality is then that prompt's (the oracle knows it; the agent does not).
     Returns:
       quality [M, A] and costs [M, A, 2] (latency s, energy J), A = K x R in the discrete
       action order ``k_idx * R + r_idx``.
     """
     idx = jnp.arange(params.num_actions)
+    _quality_cell(params, jnp.int32(0), None if prompt is None else jnp.int32(0))  # replay without prompt: raise
+    prompt = jnp.zeros_like(task_class) if prompt is None else prompt
 
-    def one(s, c):
+    def one(s, c, p):
         def act(i):
             k, r = discrete_to_choice(params, i)
-            out = price_action(params, s, c, k, r)
+            out = price_action(params, s, c, k, r, p)
             return out["quality"], jnp.stack([out["latency_s"], out["energy_j"]])
 
         return jax.vmap(act)(idx)
 
-    return jax.vmap(one)(snr_db, task_class)
+    return jax.vmap(one)(snr_db, task_class, prompt)
 
 
 # Limits and params building import grid_action_table from here: imported last (re-exported).

@@ -31,7 +31,7 @@ __all__ = [
 
 C_LIGHT = 299_792_458.0
 SQRT_HALF = np.sqrt(0.5)
-STATIC_FIELDS = ("scenario", "analog", "history_length", "system")
+STATIC_FIELDS = ("scenario", "analog", "history_length", "system", "energy_scope")
 
 
 def params_to_numpy(params: Any, dtype: Any = np.float64) -> dict[str, Any]:
@@ -122,6 +122,19 @@ def _task_class(p, u: np.ndarray) -> np.ndarray:
     return np.searchsorted(p["task_cdf"][:-1], u, side="right").astype(np.int64)
 
 
+def _prompts_per_class(p) -> int:
+    return p["quality_table"].shape[-2] // len(p["task_cdf"])
+
+
+def _prompt(p, u: np.ndarray) -> np.ndarray:
+    """Prompt index: where u lies within its class's CDF interval, times P (0 unless replay)."""
+    num = _prompts_per_class(p)
+    edges = np.concatenate([[0.0], p["task_cdf"][:-1], [1.0]])
+    c = _task_class(p, u)
+    within = (u - edges[c]) / (edges[c + 1] - edges[c])
+    return np.clip(np.floor(within * num), 0, num - 1).astype(np.int64)
+
+
 def reset(p: Mapping[str, Any], noise: Any) -> dict[str, np.ndarray]:
     """Initial states [N] from reset draws (fields of ``ResetNoise`` with a leading N axis)."""
     n = _as_dict(noise)
@@ -144,14 +157,21 @@ def reset(p: Mapping[str, Any], noise: Any) -> dict[str, np.ndarray]:
     for j in range(h - 1):
         s = _evolve(p, s, {k: v[:, j] for k, v in warm.items()})
     s["task_class"] = _task_class(p, n["task_u"])
+    s["prompt"] = _prompt(p, n["task_u"])
     s["t"] = np.zeros(len(speed), np.int64)
     s["cum_costs"] = np.zeros((len(speed), 2), pos.dtype)
     s["cum_quality"] = np.zeros(len(speed), pos.dtype)
     return s
 
 
-def price(p: Mapping[str, Any], snr_db: np.ndarray, cls: np.ndarray, k_idx: np.ndarray, r: np.ndarray) -> dict:
-    """Quality (bilinear in r and clamped SNR, nearest K) and costs of each request [N]."""
+def price(p: Mapping[str, Any], snr_db: np.ndarray, cls: np.ndarray, k_idx: np.ndarray, r: np.ndarray,
+          prompt: np.ndarray | None = None) -> dict:
+    """Quality (bilinear in r and clamped SNR, nearest K) and costs of each request [N].
+
+    ``prompt`` [N]: prompt index within the class (replay tables have C x P rows, class-major).
+    """
+    if prompt is not None:
+        cls = cls * _prompts_per_class(p) + prompt
     rg, sg = p["merge_ratios"], p["snr_grid_db"]
     ri = np.clip(np.searchsorted(rg, r, side="right") - 1, 0, len(rg) - 2)
     wr = np.clip((r - rg[ri]) / (rg[ri + 1] - rg[ri]), 0, 1)
@@ -163,24 +183,27 @@ def price(p: Mapping[str, Any], snr_db: np.ndarray, cls: np.ndarray, k_idx: np.n
         + (wr * (1 - ws))[:, None] * t[k_idx, ri + 1, si, cls] + (wr * ws)[:, None] * t[k_idx, ri + 1, si + 1, cls]
     acc, psnr = q[:, 0], q[:, 1]
     w = p["reward_psnr_weight"]
-    quality = (1 - w) * acc + w * psnr / p["psnr_scale_db"]
+    quality = (1 - w) * acc + w * psnr / p["psnr_scale_db"] + p.get("reward_offset", 0.0)
     lerp = lambda v: (1 - wr) * v[ri] + wr * v[ri + 1]  # noqa: E731
     rate = p["bandwidth_hz"] * np.log2(1 + 10 ** (np.maximum(snr_db, p["snr_floor_db"]) / 10))
     payload, side = lerp(p["payload"]), lerp(p["side_info_bits"])
     tx = payload / p["bandwidth_hz"] + side / rate if p["analog"] else (payload + side) / rate
     latency = p["es_time_s"][k_idx] + tx + lerp(p["ue_time_s"])
     energy = lerp(p["ue_energy_j"]) + p["ue_receive_power_w"] * tx
+    if p.get("energy_scope", "ue") == "system":  # + ES compute (power x time) + radiated transmit energy
+        energy = energy + p["es_power_w"] * p["es_time_s"][k_idx] + 10 ** (p["tx_power_dbm"] / 10) / 1e3 * tx
     return {"accuracy": acc, "psnr_db": psnr, "quality": quality, "latency_s": latency, "energy_j": energy, "tx_time_s": tx}
 
 
 def step(p: Mapping[str, Any], s: dict, k_idx: np.ndarray, r: np.ndarray, noise: Any) -> tuple[dict, dict]:
     """Serves every env's current request with (k_idx, r) [N] and evolves the channel."""
     n = _as_dict(noise)
-    out = price(p, s["snr_db"], s["task_class"], k_idx, r)
+    out = price(p, s["snr_db"], s["task_class"], k_idx, r, s["prompt"])
     out["snr_db"] = s["snr_db"]
     costs = np.stack([out["latency_s"], out["energy_j"]], axis=-1)
     nxt = _evolve(p, s, n)
     nxt["task_class"] = _task_class(p, n["task_u"])
+    nxt["prompt"] = _prompt(p, n["task_u"])
     nxt["t"] = s["t"] + 1
     nxt["cum_costs"] = s["cum_costs"] + costs
     nxt["cum_quality"] = s["cum_quality"] + out["quality"]

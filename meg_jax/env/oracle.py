@@ -12,6 +12,11 @@ expectation (∇g_τ = 1 - E_π[c̃] = 0) and reduces to argmax except between n
 this is the "randomise between the actions at the boundary" step, done smoothly (on a
 continuous channel the mass of ties is small). Its quality is within τ log A of the LP optimum.
 
+With ``quality_source="replay"`` the quality of a request is its calibration prompt's: the
+oracle (and "always maximum quality") reads the prompt index from the state, i.e. knows each
+request's own quality, which no agent observes (perfect information: an upper bound). The
+collectors return the prompt with ``with_prompt=True`` for :func:`action_tables`.
+
 Also: ``best_fixed_action`` (the best single (K, r) whose average costs meet the limits) and the
 "always maximum quality" policy (λ = 0, unconstrained). All evaluated on batches of episodes in
 JAX: ``collect_requests`` runs the environment's own channel dynamics (the same draws as the env
@@ -91,21 +96,25 @@ class FixedAction:
 
 
 # ----------------------------------------------------------------- data collection
-def collect_requests(params: EnvParams, key: Array, num_episodes: int, episode_length: int) -> tuple[Array, Array]:
+def collect_requests(
+    params: EnvParams, key: Array, num_episodes: int, episode_length: int, with_prompt: bool = False
+) -> tuple[Array, ...]:
     """True SNR (dB) and task class of every request of ``num_episodes`` episodes.
 
     Uses the environment's own reset and transition with the env's key discipline (episode
     key = reset key, step t from ``episode_step_noise(key, t)``), so ``env.reset(keys)`` on the same
     per-episode keys sees the same channels. The action does not matter (it does not
-    influence the channel). Returns ``snr_db`` and ``task_class``, each [E, T].
+    influence the channel). Returns ``snr_db`` and ``task_class``, each [E, T], and with
+    ``with_prompt`` (static) each request's prompt index [E, T] (replay; 0 otherwise) third.
     """
 
-    def episode(k: Array) -> tuple[Array, Array]:
+    def episode(k: Array) -> tuple[Array, ...]:
         core = reset_env(params, k).pipeline_state
 
         def body(c: MEGCore, _):
             nxt, _ = transition(params, c, jnp.int32(0), jnp.float32(0.0), episode_step_noise(c.key, c.t))
-            return nxt, (c.channel.snr_db, c.task_class)
+            seen = (c.channel.snr_db, c.task_class) + ((c.prompt,) if with_prompt else ())
+            return nxt, seen
 
         return jax.lax.scan(body, core, None, length=episode_length)[1]
 
@@ -113,15 +122,16 @@ def collect_requests(params: EnvParams, key: Array, num_episodes: int, episode_l
 
 
 def collect_env_requests(
-    env: Env, key: Array, episode_length: int, *, estimate: bool = False
+    env: Env, key: Array, episode_length: int, *, estimate: bool = False, with_prompt: bool = False
 ) -> tuple[Array, ...]:
     """True SNR (dB) and class of every request a batched env (from ``make``) serves.
 
     Uses the same reset key as :func:`rollout_policy` with the same ``key``, so a policy
     rolled out afterwards faces exactly these requests (the channel ignores actions).
     Returns ``snr_db`` and ``task_class``, each [N, T] for the N slots' first episodes; with
-    ``estimate=True`` also the SNR estimate the agent observes for each request (dB, [N, T])
-    as a third array: ``(snr_db, task_class, est_snr_db)``.
+    ``with_prompt=True`` next each request's prompt index (replay: what :func:`action_tables`
+    needs; 0 otherwise); with ``estimate=True`` last the SNR estimate the agent observes for
+    each request (dB, [N, T]): ``(snr_db, task_class[, prompt][, est_snr_db])``.
     """
     k_reset, _ = jax.random.split(key)
     state = env.reset(k_reset)
@@ -131,6 +141,8 @@ def collect_env_requests(
     def body(s: State, _):
         core: MEGCore = s.pipeline_state
         seen = (core.channel.snr_db, core.task_class)
+        if with_prompt:
+            seen = seen + (core.prompt,)
         if estimate:  # newest entry of the observed estimate history
             seen = seen + (core.channel.est_snr_db[..., 0],)
         return env.step(s, action), seen
@@ -139,9 +151,16 @@ def collect_env_requests(
     return tuple(x.T for x in seen)
 
 
-def action_tables(params: EnvParams, snr_db: Array, task_class: Array) -> tuple[Array, Array]:
-    """Quality [M, A] and costs [M, A, 2] of every grid action at flattened requests."""
-    return grid_action_table(params, jnp.reshape(snr_db, (-1,)), jnp.reshape(task_class, (-1,)))
+def action_tables(
+    params: EnvParams, snr_db: Array, task_class: Array, prompt: Array | None = None
+) -> tuple[Array, Array]:
+    """Quality [M, A] and costs [M, A, 2] of every grid action at flattened requests.
+
+    With ``quality_source="replay"`` pass each request's ``prompt`` (``with_prompt=True`` of
+    the collectors): the oracle then knows the prompt's own quality (perfect information).
+    """
+    flat = lambda x: None if x is None else jnp.reshape(x, (-1,))  # noqa: E731
+    return grid_action_table(params, flat(snr_db), flat(task_class), flat(prompt))
 
 
 # ---------------------------------------------------------------------- the oracle
@@ -345,8 +364,8 @@ def _emit(params: EnvParams, index: Array, discrete: bool) -> Array:
 class OraclePolicy:
     """The oracle as a parametrised policy: ``policy((params, lambdas, temperature), state, key)``.
 
-    Reads each slot's true SNR and class from the state and samples the oracle's Boltzmann
-    choice. The multipliers are traced arguments (:func:`oracle_policy_params`), so one
+    Reads each slot's true SNR, class and (replay) prompt from the state and samples the
+    oracle's Boltzmann choice. The multipliers are traced arguments (:func:`oracle_policy_params`), so one
     compiled rollout serves every fit.
     """
 
@@ -355,7 +374,7 @@ class OraclePolicy:
     def __call__(self, p: tuple[EnvParams, Array, Array], state: State, key: Array) -> Array:
         params, lambdas, temperature = p
         core: MEGCore = state.pipeline_state
-        q, c = grid_action_table(params, core.channel.snr_db, core.task_class)
+        q, c = grid_action_table(params, core.channel.snr_db, core.task_class, core.prompt)
         probs = oracle_probabilities(q, c, params.limits, lambdas, temperature)
         index = jax.random.categorical(key, jnp.log(jnp.maximum(probs, 1e-30)), axis=-1)
         return _emit(params, index, self.discrete)
@@ -388,7 +407,7 @@ class MaxQualityPolicy:
     def __call__(self, params: EnvParams, state: State, key: Array) -> Array:
         del key
         core: MEGCore = state.pipeline_state
-        q, _ = grid_action_table(params, core.channel.snr_db, core.task_class)
+        q, _ = grid_action_table(params, core.channel.snr_db, core.task_class, core.prompt)
         return _emit(params, max_quality_actions(q), self.discrete)
 
 

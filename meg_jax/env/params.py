@@ -24,9 +24,19 @@ from meg_jax.env.meg_env import grid_action_table
 from meg_jax.env.state import EnvParams, PaperParams
 from meg_jax.meg.artifact import CalibrationArtifact
 
-__all__ = ["LimitReport", "derive_limits", "build_params", "resolve_artifact_path", "resample_steps", "extend_ratios"]
+__all__ = [
+    "LimitReport",
+    "derive_limits",
+    "build_params",
+    "resolve_artifact_path",
+    "resample_steps",
+    "extend_ratios",
+    "quality_channels",
+    "reward_coefficients",
+    "es_power_w",
+]
 
-_stationary_channel_samples_jit = jax.jit(stationary_channel_samples, static_argnums=2)
+_stationary_channel_samples_jit = jax.jit(stationary_channel_samples, static_argnums=(2, 3))
 _grid_action_table_jit = jax.jit(grid_action_table)
 
 
@@ -54,8 +64,8 @@ def derive_limits(params: EnvParams, config: MEGEnvConfig, key: Array | None = N
     warns if "always max quality" already meets them (the limits would not bind).
     """
     key = jax.random.PRNGKey(0) if key is None else key
-    snr, cls = _stationary_channel_samples_jit(params, key, config.limit_samples)
-    quality, costs = _grid_action_table_jit(params, snr, cls)
+    snr, cls, prompt = _stationary_channel_samples_jit(params, key, config.limit_samples, True)
+    quality, costs = _grid_action_table_jit(params, snr, cls, prompt)
     quality, costs = np.asarray(quality, np.float64), np.asarray(costs, np.float64)
     mean_costs = costs.mean(axis=0)  # [A, 2]
     cheapest, dearest = mean_costs.min(axis=0), mean_costs.max(axis=0)
@@ -96,6 +106,72 @@ def derive_limits(params: EnvParams, config: MEGEnvConfig, key: Array | None = N
 
 def _f32(x: Any) -> Array:
     return jnp.asarray(x, jnp.float32)
+
+
+def quality_channels(config: MEGEnvConfig, artifact: CalibrationArtifact) -> np.ndarray:
+    """The quality table [K, R, S, C x P, 2] (accuracy reading, PSNR dB) the env reads.
+
+    Row ``c x P + p`` is class c's prompt p (``quality_source="replay"``, P = the artifact's
+    prompts per class) or class c itself (``"class_mean"``, P = 1). The accuracy reading is
+    the pixel reading's with ``reward_metric="pixel_accuracy"``, else the classifier's.
+
+    Raises:
+      ValueError: replay asked of an artifact without per-prompt tables, or the pixel reading
+        of one without it; the message names the config field and ``meg-jax calibrate``.
+    """
+    reading = "pixel_accuracy" if config.reward_metric == "pixel_accuracy" else "accuracy"
+    if config.quality_source == "replay":
+        try:
+            acc, psnr = artifact.prompt_quality(reading), artifact.prompt_quality("psnr")
+        except ValueError as e:
+            raise ValueError(f"quality_source='replay' needs per-prompt quality tables: {e}") from e
+        k_, r_, s_, c_, p_ = acc.shape
+        acc, psnr = acc.reshape(k_, r_, s_, c_ * p_), psnr.reshape(k_, r_, s_, c_ * p_)  # class-major rows
+    else:
+        acc, psnr = getattr(artifact, reading), artifact.psnr
+        if acc is None:
+            raise ValueError(
+                f"reward_metric={config.reward_metric!r} needs the artifact's {reading!r} table, which this "
+                "artifact lacks (schema 1, or measured without it): regenerate it with `meg-jax calibrate`")
+    return np.stack([np.asarray(acc, np.float64), np.asarray(psnr, np.float64)], axis=-1)
+
+
+def reward_coefficients(config: MEGEnvConfig) -> tuple[float, float, float]:
+    """(w, psnr scale dB, offset) of reward = (1 - w) acc + w psnr / scale + offset.
+
+    The accuracy metrics mix PSNR in by ``config.reward_psnr_weight`` / ``psnr_scale_db``;
+    ``"psnr"`` is the PSNR in dB; ``"neg_log_mse"`` is -ln MSE of [-1, 1] pixels, from the
+    PSNR of data range 2: MSE = 4 x 10^(-PSNR/10), so -ln MSE = PSNR ln(10)/10 - ln 4.
+    """
+    if config.reward_metric == "psnr":
+        return 1.0, 1.0, 0.0
+    if config.reward_metric == "neg_log_mse":
+        return 1.0, 10.0 / np.log(10.0), -float(np.log(4.0))
+    return config.reward_psnr_weight, config.psnr_scale_db, 0.0
+
+
+def es_power_w(config: MEGEnvConfig, artifact: CalibrationArtifact) -> float:
+    """ES power while computing (W) for ``energy_scope="system"``; NaN if not needed and unknown.
+
+    The ES device profile (``config.es_device``, else the artifact provenance's ``es_device``)
+    gives it as energy per FLOP x sustained FLOP/s (its datasheet power under load): ES
+    compute energy = this x the artifact's ES compute time, the FLOPs at that profile's J/FLOP.
+
+    Raises:
+      ValueError: ``energy_scope="system"`` and no ES device is known.
+    """
+    from meg_jax.meg import devices
+
+    name = config.es_device if config.es_device is not None else artifact.provenance.get("es_device")
+    if name is None:
+        if config.energy_scope == "system":
+            raise ValueError(
+                "energy_scope='system' prices ES compute energy from an ES device profile: the artifact's "
+                "provenance names no es_device, so set es_device (one of meg_jax.meg.devices.DEVICES, "
+                f"{sorted(devices.DEVICES)})")
+        return float("nan")
+    profile = devices.device(name)
+    return profile.energy_per_flop_j * profile.effective_flops
 
 
 def build_params(
@@ -155,7 +231,7 @@ def build_params(
         steps=_f32(artifact.steps),
         merge_ratios=_f32(artifact.merge_ratios),
         snr_grid_db=_f32(artifact.snr_db),
-        quality_table=_f32(np.stack([artifact.accuracy, artifact.psnr], axis=-1)),
+        quality_table=_f32(quality_channels(config, artifact)),
         es_time_s=_f32(artifact.es_compute_time_s),
         payload=_f32(artifact.payload),
         side_info_bits=_f32(artifact.side_info_bits),
@@ -164,13 +240,19 @@ def build_params(
         ue_receive_power_w=_f32(artifact.ue_receive_power_w),
         bandwidth_hz=_f32(artifact.bandwidth_hz),
         max_merge_ratio=_f32(r_max),
-        reward_psnr_weight=_f32(config.reward_psnr_weight),
-        psnr_scale_db=_f32(config.psnr_scale_db),
+        **_reward_fields(config),
+        es_power_w=_f32(es_power_w(config, artifact)),
         scenario=config.scenario,
         analog=artifact.link_mode == "analog",
         history_length=config.history_length,
+        energy_scope=config.energy_scope,
     )
     return _with_limits(params, config, key)
+
+
+def _reward_fields(config: MEGEnvConfig) -> dict[str, Array]:
+    w, scale, offset = reward_coefficients(config)
+    return {"reward_psnr_weight": _f32(w), "psnr_scale_db": _f32(scale), "reward_offset": _f32(offset)}
 
 
 def _with_limits(params: EnvParams, config: MEGEnvConfig, key: Array | None) -> tuple[EnvParams, LimitReport]:
@@ -192,7 +274,12 @@ def resample_steps(steps: np.ndarray, table: np.ndarray, new_steps: np.ndarray) 
     x = np.log(np.asarray(steps, np.float64))
     xq = np.log(np.clip(np.asarray(new_steps, np.float64), steps[0], steps[-1]))
     flat = np.asarray(table, np.float64).reshape(len(steps), -1)
-    out = np.stack([np.interp(xq, x, flat[:, j]) for j in range(flat.shape[1])], axis=-1)
+    if len(x) == 1:
+        out = np.repeat(flat, len(xq), axis=0)
+    else:  # np.interp's rule for every column at once (replay tables have ~1e5 columns)
+        lo = np.clip(np.searchsorted(x, xq, side="right") - 1, 0, len(x) - 2)
+        w = ((xq - x[lo]) / (x[lo + 1] - x[lo]))[:, None]
+        out = (1.0 - w) * flat[lo] + w * flat[lo + 1]
     return out.reshape((len(new_steps),) + table.shape[1:])
 
 
@@ -235,7 +322,7 @@ def _paper_params(config: MEGEnvConfig, artifact: CalibrationArtifact, episode_l
     es_s_per_tflop = 1e12 / es.effective_flops
     es_hj_per_tflop = es.energy_per_flop_j * 1e12 / 100.0
     steps = np.asarray(ps.steps, np.float64)
-    quality = np.stack([artifact.accuracy, artifact.psnr], axis=-1)  # [K, R, S, C, 2]
+    quality = quality_channels(config, artifact)  # [K, R, S, C x P, 2]
     quality = resample_steps(np.asarray(artifact.steps, np.float64), quality, steps)
     ratios, quality = extend_ratios(np.asarray(artifact.merge_ratios), quality, max_merged / num_tokens)
     quality[..., 0] = np.clip(quality[..., 0], 0.0, 1.0)  # an extrapolated accuracy stays a fraction
@@ -290,8 +377,8 @@ def _paper_params(config: MEGEnvConfig, artifact: CalibrationArtifact, episode_l
         ue_receive_power_w=_f32(0.0),
         bandwidth_hz=_f32(ps.bandwidth_hz),
         max_merge_ratio=_f32(r_max),
-        reward_psnr_weight=_f32(config.reward_psnr_weight),
-        psnr_scale_db=_f32(config.psnr_scale_db),
+        **_reward_fields(config),
+        es_power_w=nan,
         paper=paper,
         scenario=config.scenario,
         analog=artifact.link_mode == "analog",

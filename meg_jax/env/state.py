@@ -84,7 +84,7 @@ class EnvParams:
     """
 
     # constraints
-    limits: Array  # [2] per-request average limits: latency (s), UE energy (J)
+    limits: Array  # [2] per-request average limits: latency (s), energy (J; UE or system, energy_scope)
     cost_weights: Array  # [2] info["cost"] = costs · cost_weights
     episode_length: Array  # [] int32, T requests per episode (progress and budget features)
     # requests, mobility, geometry
@@ -114,7 +114,9 @@ class EnvParams:
     steps: Array  # [K] float32 step counts
     merge_ratios: Array  # [R]
     snr_grid_db: Array  # [S]
-    quality_table: Array  # [K, R, S, C, 2]: (accuracy, psnr dB)
+    # [K, R, S, C x P, 2]: (accuracy reading, psnr dB) of cell c x P + p (class c, prompt p);
+    # P = 1 for quality_source "class_mean" (the class tables), the artifact's P for "replay"
+    quality_table: Array
     es_time_s: Array  # [K]
     payload: Array  # [R] bits (digital) or complex symbols (analog)
     side_info_bits: Array  # [R]
@@ -123,18 +125,26 @@ class EnvParams:
     ue_receive_power_w: Array  # []
     bandwidth_hz: Array  # []
     max_merge_ratio: Array  # [] r_max of the continuous action
-    reward_psnr_weight: Array  # []
+    reward_psnr_weight: Array  # [] reward = (1 - w) acc + w psnr / psnr_scale_db + reward_offset
     psnr_scale_db: Array  # []
+    reward_offset: Array  # [] (-ln 4 for reward_metric "neg_log_mse", else 0)
+    es_power_w: Array  # [] ES power while computing (W): ES compute energy of energy_scope "system"
     paper: PaperParams | None = None  # the paper's environment (system == "paper"), else None
     # static: changing these changes shapes or code paths
     scenario: str = struct.field(pytree_node=False, default="umi")
     analog: bool = struct.field(pytree_node=False, default=True)
     history_length: int = struct.field(pytree_node=False, default=4)
     system: str = struct.field(pytree_node=False, default="mobility")  # "mobility" or "paper"
+    energy_scope: str = struct.field(pytree_node=False, default="ue")  # "ue" or "system"
 
     @property
     def num_classes(self) -> int:
         return self.task_cdf.shape[-1]
+
+    @property
+    def prompts_per_class(self) -> int:
+        """P of the quality table: 1 for class-mean quality, the artifact's P for replay."""
+        return self.quality_table.shape[-2] // self.num_classes
 
     @property
     def num_actions(self) -> int:
@@ -174,6 +184,7 @@ class MEGCore:
 
     channel: ChannelState
     task_class: Array  # int32 class of the current request
+    prompt: Array  # int32 calibration prompt of the current request within its class (0 unless replay)
     t: Array  # int32 requests served in this episode
     cum_costs: Array  # [2] latency (s), energy (J) spent in this episode
     cum_quality: Array  # summed reward in this episode
@@ -190,7 +201,7 @@ class StepNoise:
     z_los: Array  # N(0, 1): LOS-latent innovation
     fading: Array  # [2] N(0, 1): fading innovation (re, im), scaled by sqrt(1/2)
     csi: Array  # [2] N(0, 1): CSI error (re, im), scaled by sqrt(1/2)
-    task_u: Array  # U[0, 1): next request's task class by inverse CDF
+    task_u: Array  # U[0, 1): next request's task class by inverse CDF (and its prompt, see channel)
 
 
 @struct.dataclass

@@ -25,7 +25,7 @@ class DeviceProfile:
     name: str  # preset name
     peak_flops: float  # peak dense FP16 throughput, FLOP/s
     utilisation: float  # fraction of peak reached by diffusion inference, in (0, 1]
-    energy_per_flop_j: float  # joules per FLOP while computing (only used for the UE)
+    energy_per_flop_j: float  # joules per FLOP while computing (UE; the ES only in energy_scope="system")
     rx_power_w: float  # radio power while receiving, watts (only used for the UE)
     source: str  # where the numbers come from (short citation)
 
@@ -53,7 +53,8 @@ DEVICES: dict[str, DeviceProfile] = {
     # NVIDIA L4 datasheet (2023): FP16 Tensor Core 242 TFLOP/s with sparsity, i.e. 121 TFLOP/s
     # dense; 72 W. Utilisation 0.35 is this project's assumption for batched fp16 UNet
     # inference (convolutions and attention at SD sizes keep tensor cores a third busy; no
-    # measurement here backs it). ES energy is not part of the cost model.
+    # measurement here backs it). ES energy enters only the environment's
+    # energy_scope="system" (power under load x ES compute time: meg_jax.env.params.es_power_w).
     "edge_gpu_l4": DeviceProfile(
         name="edge_gpu_l4",
         peak_flops=121e12,

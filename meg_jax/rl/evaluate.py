@@ -222,7 +222,7 @@ def _rollout_program(env: Any, policy: Policy, parametrised: bool, record: bool)
             if not record:
                 return ns, None
             core = s.pipeline_state
-            q, c = grid_action_table(env_params, core.channel.snr_db, core.task_class)
+            q, c = grid_action_table(env_params, core.channel.snr_db, core.task_class, core.prompt)
             rec = {
                 "snr_db": core.channel.snr_db,
                 "est_snr_db": core.channel.est_snr_db[:, 0],
