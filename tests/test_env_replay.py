@@ -264,3 +264,23 @@ def test_paper_system_replays_prompts_with_the_authors_reward(analog):
     # base reward = PSNR ln(10)/10 (reward_psnr_weight 1, scale 10/ln 10): values ~5, float32
     np.testing.assert_allclose(rows["quality"].reshape(n, P).mean(1), ref["quality"] - np.log(4.0), rtol=1e-5)
     assert np.all(np.ptp(rows["quality"].reshape(n, P), axis=1) > 0.1)
+
+
+def test_conventional_schemes_follow_the_reward_metric_and_the_energy_scope(analog):
+    # The comparison prices the schemes like the env prices MEG: the reward's offset (-ln 4 of
+    # neg_log_mse) and, under the system scope, ES compute energy + radiated energy.
+    from meg_jax.rl.comparison import conventional_schemes
+
+    snr, cls = np.array([-3.0, 4.0, 12.5, 30.0]), np.array([0, 1, 2, 3])
+    base = _params(analog)
+    system = _params(analog, energy_scope="system", es_device="edge_gpu_l4", reward_metric="neg_log_mse")
+    a, b = conventional_schemes(analog, base, snr, cls), conventional_schemes(analog, system, snr, cls)
+    for name, s in analog.conventional_schemes.items():
+        # quality: PSNR ln10/10 - ln 4 of the scheme's class PSNR at the SNR (float64 on the host)
+        psnr = np.array([np.interp(x, analog.snr_db, s.psnr[:, c]) for x, c in zip(snr, cls)])
+        np.testing.assert_allclose(b[name]["quality"], psnr * np.log(10.0) / 10.0 - np.log(4.0), rtol=1e-6)
+        np.testing.assert_array_equal(a[name]["latency_s"], b[name]["latency_s"])
+        extra = b[name]["energy_j"] - a[name]["energy_j"]
+        t_tx = a[name]["energy_j"] - s.ue_compute_energy_j  # = receive power (1 W) x air time
+        np.testing.assert_allclose(extra, 72.0 * s.es_compute_time_s + 0.01 * t_tx, rtol=1e-6, atol=1e-12)
+    assert np.all(b["on_device"]["energy_j"] == a["on_device"]["energy_j"])  # nothing sent, no ES work

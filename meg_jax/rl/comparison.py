@@ -36,7 +36,9 @@ def conventional_schemes(artifact: Any, params: Any, snr_db: np.ndarray, task_cl
     Priced by the environment's own pricing functions (``meg_jax.meg.pricing``): Shannon
     rate at max(SNR, floor); ``digital`` sends payload + side bits at that rate, ``analog``
     one symbol per Hz·s plus the side bits at that rate, ``none`` sends nothing. Quality is
-    the scheme's calibrated accuracy/PSNR at the (clamped) SNR, mixed like the reward.
+    the scheme's calibrated accuracy/PSNR at the (clamped) SNR, mixed like the reward (the
+    schemes carry the classifier's accuracy only: under ``reward_metric="pixel_accuracy"`` they
+    are scored by it). Energy follows the env's ``energy_scope``.
 
     Args:
       artifact: the ``CalibrationArtifact`` of the environment.
@@ -53,24 +55,21 @@ def conventional_schemes(artifact: Any, params: Any, snr_db: np.ndarray, task_cl
     bandwidth = float(params.bandwidth_hz)
     floor = float(params.snr_floor_db)
     grid = np.asarray(artifact.snr_db, np.float64)
-    clamped = np.clip(snr, grid[0], grid[-1])
     w = float(params.reward_psnr_weight)
     scale = float(params.psnr_scale_db)
+    offset = float(params.reward_offset)
     out = {}
     for name, s in artifact.conventional_schemes.items():
         t_tx = np.asarray(pricing.artifact_air_time_s(s.payload, s.side_info_bits, bandwidth, snr, floor, s.link_mode),
                           np.float64)
-        acc = np.stack([np.interp(clamped, grid, s.accuracy[:, c]) for c in range(s.accuracy.shape[1])], -1)
-        psnr = np.stack([np.interp(clamped, grid, s.psnr[:, c]) for c in range(s.psnr.shape[1])], -1)
-        acc = np.take_along_axis(acc, cls[..., None], -1)[..., 0]
-        psnr = np.take_along_axis(psnr, cls[..., None], -1)[..., 0]
-        out[name] = {
-            "quality": (1.0 - w) * acc + w * psnr / scale,
-        }
         latency, energy = pricing.request_costs(s.es_compute_time_s, t_tx, s.ue_compute_time_s,
                                                 s.ue_compute_energy_j, artifact.ue_receive_power_w)
-        out[name]["latency_s"] = np.asarray(latency, np.float64)
-        out[name]["energy_j"] = np.asarray(energy, np.float64)
+        energy = np.asarray(energy, np.float64)
+        if params.energy_scope == "system":  # as the env prices MEG: + ES compute + radiated energy
+            energy = (energy + float(params.es_power_w) * s.es_compute_time_s
+                      + 10.0 ** (float(params.tx_power_dbm) / 10.0 - 3.0) * t_tx)
+        out[name] = {"quality": _scheme_quality(s, grid, snr, cls, w, scale) + offset,
+                     "latency_s": np.asarray(latency, np.float64), "energy_j": energy}
     return out
 
 
@@ -118,7 +117,8 @@ def paper_conventional_schemes(artifact: Any, params: Any, snr_db: np.ndarray, t
         latency = air + es_tf * pp["es_s_per_tflop"] + ue_tf * pp["ue_s_per_tflop"] + pp["base_delay_s"]
         energy = (es_tf * pp["es_hj_per_tflop"] + ue_tf * pp["ue_hj_per_tflop"] + pp["tx_power_w"] * air
                   + pp["bias_energy_hj"]) / 10.0
-        out[name] = {"quality": _scheme_quality(artifact.conventional_schemes[name], grid, q_snr, cls, w, scale),
+        out[name] = {"quality": _scheme_quality(artifact.conventional_schemes[name], grid, q_snr, cls, w, scale)
+                     + float(params.reward_offset),
                      "latency_s": latency, "energy_j": energy}
     return out
 

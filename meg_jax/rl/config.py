@@ -64,6 +64,11 @@ class EnvSpec:
     # zero error give the agent the channel the oracle sees.
     csi_delay_s: Optional[float] = None
     csi_error_std: Optional[float] = None
+    # reward and energy (``MEGEnvConfig`` fields); None = the preset's. "replay" rewards each
+    # request's own prompt (a schema-2 artifact's per-prompt tables), see docs/replay.md.
+    quality_source: Optional[str] = None  # "class_mean" or "replay"
+    reward_metric: Optional[str] = None  # "accuracy", "pixel_accuracy", "psnr" or "neg_log_mse"
+    energy_scope: Optional[str] = None  # "ue" (UE decode + reception) or "system" (+ ES compute + transmit)
 
 
 @dataclasses.dataclass(frozen=True)

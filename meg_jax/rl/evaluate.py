@@ -153,6 +153,9 @@ def make_env(spec: EnvSpec, num_envs: Optional[int] = None, discrete: bool = Fal
     for name in ("csi_delay_s", "csi_error_std"):
         if getattr(spec, name) is not None:
             overrides[name] = float(getattr(spec, name))
+    for name in ("quality_source", "reward_metric", "energy_scope"):
+        if getattr(spec, name) is not None:
+            overrides[name] = getattr(spec, name)
     return menv.make(
         spec.preset,
         num_envs=spec.num_envs if num_envs is None else num_envs,
