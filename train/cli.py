@@ -20,6 +20,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "calibrate": ("train.calibrate", "measure quality on the (K, r, SNR) grid and write the calibration artifact"),
     "train": ("train.cvpo", "train MEG-CVPO or a baseline on the channel environment (python -m train.cvpo)"),
     "evaluate": ("eval.evaluate", "evaluate a run directory or the shipped checkpoints and write a report"),
+    "compare": ("eval.compare", "train every learned agent on one preset and write one comparison table"),
 }
 
 
