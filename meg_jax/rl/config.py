@@ -22,6 +22,7 @@ __all__ = [
     "EnvSpec",
     "CVPOConfig",
     "PPOConfig",
+    "OffPolicyConfig",
     "DDPGConfig",
     "SACConfig",
     "DUALS",
@@ -136,11 +137,8 @@ class PPOConfig:
 
 
 @dataclasses.dataclass(frozen=True)
-class DDPGConfig:
-    """DDPG-Lagrangian hyperparameters (Lillicrap et al. 2016 with a Lagrangian on cost critics).
-
-    Continuous head only (a deterministic tanh policy over the [-1, 1]^2 action).
-    """
+class OffPolicyConfig:
+    """What DDPG- and SAC-Lagrangian share: replay, networks, optimisers, the block multipliers."""
 
     hidden: tuple[int, ...] = (64, 64)  # actor and critic MLP widths
     critic_layer_norm: bool = True  # LayerNorm after each hidden critic layer
@@ -153,8 +151,7 @@ class DDPGConfig:
     actor_lr: float = 3e-4  # Adam step of the actor
     critic_lr: float = 1e-3  # Adam step of the critics
     max_grad_norm: float = 10.0  # global gradient clip
-    tau: float = 0.05  # polyak rate of the target actor and critics (optax.incremental_update)
-    exploration_std: float = 0.1  # Gaussian noise added to the behaviour action (action units)
+    tau: float = 0.05  # polyak rate of the targets (optax.incremental_update)
     lagrange_lr: float = 0.01  # multiplier step per block per unit of (normalised block cost - target)
     lagrange_init: float = 0.0  # initial multipliers
     lagrange_max: float = 100.0  # upper clip of each multiplier
@@ -168,38 +165,28 @@ class DDPGConfig:
 
 
 @dataclasses.dataclass(frozen=True)
-class SACConfig:
-    """SAC-Lagrangian hyperparameters (Haarnoja et al. 2018, automatic entropy, Lagrangian on cost critics).
+class DDPGConfig(OffPolicyConfig):
+    """DDPG-Lagrangian hyperparameters (Lillicrap et al. 2016 with a Lagrangian on cost critics).
 
-    Continuous head only (a tanh-squashed Gaussian over the [-1, 1]^2 action).
+    Continuous head only (a deterministic tanh policy over the [-1, 1]^2 action); the target
+    actor and the critics follow at rate ``tau``.
     """
 
-    hidden: tuple[int, ...] = (64, 64)  # actor and critic MLP widths
-    critic_layer_norm: bool = True  # LayerNorm after each hidden critic layer
-    gamma: float = 0.5  # discount
-    batch_size: int = 256  # transitions per gradient update
-    replay_capacity: int = 100_000  # total transitions kept (split evenly over the envs)
-    min_replay: int = 1_000  # transitions collected (uniform random actions) before the first update
-    env_steps_per_block: int = 1  # vectorised env steps per block (x num_envs transitions)
-    updates_per_block: int = 4  # gradient updates per block
-    actor_lr: float = 3e-4  # Adam step of the actor
-    critic_lr: float = 1e-3  # Adam step of the critics
+    exploration_std: float = 0.1  # Gaussian noise added to the behaviour action (action units)
+
+
+@dataclasses.dataclass(frozen=True)
+class SACConfig(OffPolicyConfig):
+    """SAC-Lagrangian hyperparameters (Haarnoja et al. 2018, automatic entropy, Lagrangian on cost critics).
+
+    Continuous head only (a tanh-squashed Gaussian over the [-1, 1]^2 action); the target
+    critics follow at rate ``tau``.
+    """
+
     alpha_lr: float = 1e-3  # Adam step of log alpha (entropy temperature)
     alpha_init: float = 0.01  # initial entropy temperature (quality differences between actions are ~0.05)
     target_entropy: Optional[float] = None  # nats; None = -action_dim (Haarnoja et al. 2018b)
-    max_grad_norm: float = 10.0  # global gradient clip
-    tau: float = 0.05  # polyak rate of the target critics (optax.incremental_update)
     init_std: float = 0.5  # initial pre-tanh standard deviation
-    lagrange_lr: float = 0.01  # multiplier step per block per unit of (normalised block cost - target)
-    lagrange_init: float = 0.0  # initial multipliers
-    lagrange_max: float = 100.0  # upper clip of each multiplier
-    cost_margin: float = 0.0  # the multipliers aim at limit * (1 - cost_margin)
-    dual: str = "gradient"  # multiplier update, one of DUALS
-    pid_kp: float = 0.1  # PID gains (see PPOConfig), per block
-    pid_ki: float = 0.01
-    pid_kd: float = 0.0
-    pid_ema_p: float = 0.9
-    pid_ema_d: float = 0.9
 
 
 @dataclasses.dataclass(frozen=True)
