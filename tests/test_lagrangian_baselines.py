@@ -14,6 +14,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from _policy_eval import episode_averages
+
 import meg_jax.env as menv
 from meg_jax.env import oracle as env_oracle
 from meg_jax.meg.artifact import synthetic_artifact
@@ -93,23 +95,6 @@ def eval_setup(artifact):
     return env, key, fixed.avg_quality
 
 
-def _evaluate(env, act, actor_params, key):
-    """Per-episode average quality [E] and costs / limits [E, 2] of the sampled policy."""
-
-    @jax.jit
-    def run(params, key):
-        k_reset, k_run = jax.random.split(key)
-
-        def body(s, k):
-            return env.step(s, act(params, s.obs, k)), None
-
-        s, _ = jax.lax.scan(body, env.reset(k_reset), jax.random.split(k_run, EPISODE_LENGTH))
-        m = s.metrics
-        return m["avg_quality"], jnp.stack([m["avg_latency_s"], m["avg_energy_j"]], -1) / env.params.limits
-
-    return (np.asarray(x, np.float64) for x in run(actor_params, key))
-
-
 @pytest.mark.parametrize("algo", sorted(AGENTS))
 def test_learns_within_the_limits_and_multipliers_follow_block_costs(artifact, eval_setup, algo):
     chex.clear_trace_counter()  # the parametrized cases share the wrapped function's footprint
@@ -146,7 +131,7 @@ def test_learns_within_the_limits_and_multipliers_follow_block_costs(artifact, e
     assert float(state.lam[0]) > 0  # the latency limit binds at the end
 
     eval_env, key, fixed_quality = eval_setup
-    quality, costs = _evaluate(eval_env, agent.act, state.actor, key)
+    quality, costs = episode_averages(eval_env, agent.act, state.actor, key, EPISODE_LENGTH)
     q, se = quality.mean(), quality.std(ddof=1) / np.sqrt(quality.size)
     mean_costs, cost_se = costs.mean(0), costs.std(0, ddof=1) / np.sqrt(quality.size)
     # The multipliers hold the constraint on average: over the last quarter of training the

@@ -12,6 +12,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from _policy_eval import episode_averages
+
 import meg_jax.env as menv
 from meg_jax.env import oracle as env_oracle
 from meg_jax.meg.artifact import synthetic_artifact
@@ -104,27 +106,6 @@ def eval_setup(artifact):
     return env, key, fixed.avg_quality
 
 
-def _evaluate(env, act, actor_params, key):
-    """Per-episode average quality [E] and costs / limits [E, 2] of ``act`` on fresh episodes
-    (the same channels for every policy given the same key; the params are an argument, so
-    both parametrizations share one compiled program)."""
-
-    @jax.jit
-    def run(params, key):
-        k_reset, k_run = jax.random.split(key)
-
-        def body(s, k):
-            return env.step(s, act(params, s.obs, k)), None
-
-        s, _ = jax.lax.scan(body, env.reset(k_reset), jax.random.split(k_run, EPISODE_LENGTH))
-        m = s.metrics
-        return m["avg_quality"], jnp.stack([m["avg_latency_s"], m["avg_energy_j"]], -1) / env.params.limits, s.done
-
-    quality, costs, done = (np.asarray(x, np.float64) for x in run(actor_params, key))
-    assert np.all(done > 0.5)
-    return quality, costs
-
-
 @pytest.mark.parametrize("lagrangian,dual", [(True, "gradient"), (True, "pid"), (False, "gradient")])
 def test_learns_within_the_limits_and_multipliers_follow_costs(artifact, eval_setup, lagrangian, dual):
     chex.clear_trace_counter()  # the parametrized cases share the wrapped function's footprint
@@ -152,7 +133,7 @@ def test_learns_within_the_limits_and_multipliers_follow_costs(artifact, eval_se
     assert int(state.env_steps) == BLOCKS * LEARN.rollout_length * 16
 
     eval_env, key, fixed_quality = eval_setup
-    quality, costs = _evaluate(eval_env, agent.act, state.actor, key)
+    quality, costs = episode_averages(eval_env, agent.act, state.actor, key, EPISODE_LENGTH)
     q, se = quality.mean(), quality.std(ddof=1) / np.sqrt(quality.size)
     mean_costs = costs.mean(0)
     cost_se = costs.std(0, ddof=1) / np.sqrt(quality.size)
