@@ -370,7 +370,9 @@ class DistillConfig:
 
     def __post_init__(self) -> None:
         unet = self.backbone.unet
-        if unet.time_cond_proj_dim != self.sampling.step_embedding_dim:
+        # With a pipeline teacher the backbone is not read (the student's UNet is the pipeline's
+        # with time_cond_proj_dim = step_embedding_dim).
+        if self.pipeline is None and unet.time_cond_proj_dim != self.sampling.step_embedding_dim:
             raise ValueError(
                 f"DistillConfig: backbone.unet.time_cond_proj_dim={unet.time_cond_proj_dim} must equal "
                 f"sampling.step_embedding_dim={self.sampling.step_embedding_dim} (the student's step "
