@@ -197,7 +197,15 @@ def all_finite(tree: Any) -> bool:
     leaves = [x for x in jax.tree.leaves(tree) if jnp.issubdtype(jnp.asarray(x).dtype, jnp.floating)]
     if not leaves:
         return True
-    return bool(jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves])))
+    # One jitted program, not an eager reduction per leaf: on sharded (FSDP) leaves each eager
+    # reduction is its own program with a cross-device all-reduce, and on 8 fake CPU devices a
+    # run of them deadlocked in XLA's collective rendezvous (one device thread never arrived).
+    return bool(_all_finite(leaves))
+
+
+@jax.jit
+def _all_finite(leaves: list) -> jax.Array:
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]))
 
 
 # --------------------------------------------------------------------------- shipped form

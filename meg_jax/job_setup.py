@@ -26,7 +26,7 @@ import os
 import sys
 from typing import Optional
 
-__all__ = ["configure_logging", "default_cache_dir", "enable_compile_cache", "MAX_CACHE_BYTES"]
+__all__ = ["configure_logging", "default_cache_dir", "enable_compile_cache", "init_distributed", "MAX_CACHE_BYTES"]
 
 MAX_CACHE_BYTES = 4 * 1024**3  # LRU cap of the cache directory we choose (not of a user-set one)
 # Programs that compile faster than this are not written: on CPU the small helpers of a job
@@ -114,3 +114,28 @@ def enable_compile_cache(enabled: bool = True) -> Optional[str]:
     jax.config.update("jax_persistent_cache_min_compile_time_secs", MIN_COMPILE_TIME_S)
     jax.config.update("jax_compilation_cache_max_size", MAX_CACHE_BYTES)
     return path
+
+
+def init_distributed(coordinator: Optional[str] = None, num_processes: Optional[int] = None,
+                     process_id: Optional[int] = None) -> None:
+    """``jax.distributed.initialize`` for a multi-host job (call before anything touches a device).
+
+    Args:
+      coordinator: ``host:port`` of process 0's coordinator service; None: from the cluster's
+        environment (TPU pods, SLURM, Open MPI, Kubernetes are detected by jax).
+      num_processes: number of processes (None: from the environment).
+      process_id: this process's index (None: from the environment).
+    """
+    import jax
+
+    # CPU collectives across processes need gloo; the setting only concerns the CPU backend, and
+    # asking which backend is in use would initialise it (initialize() must come first).
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    kwargs: dict = {}
+    if coordinator:
+        kwargs["coordinator_address"] = coordinator
+    if num_processes is not None:
+        kwargs["num_processes"] = num_processes
+    if process_id is not None:
+        kwargs["process_id"] = process_id
+    jax.distributed.initialize(**kwargs)

@@ -266,3 +266,52 @@ def save_clip_text_encoder(
         return model.to(torch.float32).eval()
     model.save_pretrained(os.fspath(path))
     return model
+
+
+def save_tiny_sd_pipeline(path: str | os.PathLike, *, max_length: int = 16, seed: int = 0,
+                          scheduler: str = "PNDMScheduler") -> str:
+    """Writes a tiny random ``StableDiffusionPipeline`` folder (SD-1.x layout) and returns its path.
+
+    UNet: one cross-attention level of 8 channels on 8 x 8 x 4 latents (``sample_size`` 8),
+    cross-attention width 32; VAE: two levels (8, 16), one downsample, so images are 16 x 16;
+    CLIP text encoder of width 32 with :func:`save_clip_tokenizer`'s vocabulary and
+    ``max_length`` positions. Weights are perturbed by N(0, 0.05²) so every norm and bias
+    matters. The scheduler is SD-1.5's (``scheduler``: its class, PNDM as on the hub),
+    epsilon prediction.
+    """
+    import torch
+    from diffusers import AutoencoderKL, DDIMScheduler, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTokenizer
+
+    path = os.fspath(path)
+
+    def perturb(module: Any, s: int) -> Any:
+        gen = torch.Generator().manual_seed(s)
+        with torch.no_grad():
+            for p in module.parameters():
+                p.add_(0.05 * torch.randn(p.shape, generator=gen))
+        return module.eval()
+
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        unet = perturb(UNet2DConditionModel(
+            sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(8,),
+            down_block_types=("CrossAttnDownBlock2D",), up_block_types=("CrossAttnUpBlock2D",),
+            norm_num_groups=4, cross_attention_dim=32, attention_head_dim=2), seed + 1)
+        vae = perturb(AutoencoderKL(block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2,
+                                    up_block_types=("UpDecoderBlock2D",) * 2, norm_num_groups=4, latent_channels=4,
+                                    sample_size=16, scaling_factor=0.5), seed + 2)
+    text = random_clip_text_model(clip_text_config(hidden_size=32, max_position_embeddings=max_length), seed=seed + 3)
+    save_clip_tokenizer(os.path.join(path, "_tokenizer"), model_max_length=max_length)
+    tokenizer = CLIPTokenizer.from_pretrained(os.path.join(path, "_tokenizer"))
+    sd = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", set_alpha_to_one=False,
+              steps_offset=1, num_train_timesteps=1000)
+    sched = {"PNDMScheduler": lambda: PNDMScheduler(skip_prk_steps=True, **sd),
+             "DDIMScheduler": lambda: DDIMScheduler(clip_sample=False, **sd)}[scheduler]()
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text, tokenizer=tokenizer, unet=unet, scheduler=sched,
+                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipe.save_pretrained(path)
+    import shutil
+
+    shutil.rmtree(os.path.join(path, "_tokenizer"))
+    return path

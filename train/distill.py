@@ -9,6 +9,17 @@ latent space and can be switched off (``--decoder None``).
     python -m train.distill --preset tiny --stage all --workdir runs/tiny --decoder None --teacher_ft None
     python -m train.distill --preset tiny --workdir runs/tiny --export checkpoints/tiny
 
+Distilling a diffusers Stable Diffusion folder on image–caption data (only the student stage
+runs; ``--export`` then writes a diffusers pipeline folder of the student at K
+``--export_steps``)::
+
+    python -m train.distill --preset tiny --workdir runs/sd --pipeline.teacher path/to/sd15 \
+        --pipeline.data path/to/images --student.batch_size 64 --parallel.params fsdp \
+        --compute.dtype bfloat16 --compute.rollout_remat --export runs/sd/student_k4 --export_steps 4
+
+On several hosts run the same command on each with ``--distributed`` (README, "Distilling your
+own model on a pod").
+
 ``--preset`` picks the defaults (``tiny``: the shipped checkpoints; ``test``: seconds per
 stage); every field of ``meg_jax.distill.config.DistillConfig`` is then a flag
 (``--student.steps 400``, ``--vae.learning_rate 3e-4``); ``--preset test --help`` lists them
@@ -47,6 +58,12 @@ class Args:
     # skipped; decoder and teacher_ft are optional refinements)
     stage: Literal["classifier", "vae", "decoder", "teacher", "teacher_ft", "student", "all", "none"] = "all"
     export: Optional[str] = None  # after the stages, write the compact shipped form here (e.g. checkpoints/tiny)
+    # with --pipeline.*: the K of the exported diffusers student (None: the largest student.step_counts)
+    export_steps: Optional[int] = None
+    distributed: bool = False  # call jax.distributed.initialize() first (one process per host)
+    coordinator: Optional[str] = None  # coordinator address host:port (None: from the cluster env)
+    num_processes: Optional[int] = None  # number of processes (None: from the cluster env)
+    process_id: Optional[int] = None  # this process's id (None: from the cluster env)
     progress: bool = True  # show the progress bars
     compile_cache: bool = True  # persistent XLA compilation cache in the user cache dir (meg_jax.job_setup)
     config: DistillFlags = distill_config.preset("tiny")
@@ -67,7 +84,8 @@ def parse_args(argv: Sequence[str]) -> Args:
         sys.stderr.write(f"{prog}: error: --preset: {e}\n")
         raise SystemExit(2) from e
     description = ("Train the attribute classifier, VAE, teacher LDM and the step-conditioned student on "
-                   "procedural data; resume; export the compact checkpoints. --preset picks the defaults "
+                   "procedural data, or (--pipeline.teacher FOLDER --pipeline.data DATA) distil a diffusers "
+                   "SD pipeline on image-caption data; resume; export. --preset picks the defaults "
                    f"({' or '.join(sorted(distill_config.PRESETS))}; shown: {name}).")
     return config_lib.parse_cli(Args, argv, prog=prog, description=description, config=base)
 
@@ -81,12 +99,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     from meg_jax import job_setup
     from meg_jax.checkpoint import ConfigMismatchError
     from meg_jax.distill import train
+    from meg_jax.data.sources import DataRecordError
     from meg_jax.run_log import NonFiniteError
 
     job_setup.configure_logging()
+    if args.distributed:
+        job_setup.init_distributed(args.coordinator, args.num_processes, args.process_id)
     job_setup.enable_compile_cache(args.compile_cache)
     config = args.config
-    stages = {"all": distill_config.STAGES, "none": ()}.get(args.stage, (args.stage,))
+    all_stages = ("student",) if config.pipeline is not None else distill_config.STAGES
+    stages = {"all": all_stages, "none": ()}.get(args.stage, (args.stage,))
+    if config.pipeline is not None and set(stages) - {"student"}:
+        log.error("with a pipeline teacher (--pipeline.*) only the student stage runs; got --stage %s", args.stage)
+        return 2
     if args.stage in distill_config.OPTIONAL_STAGES and getattr(config, args.stage) is None:
         log.error("stage %r is off (--%s None); use a preset that enables it (tiny does) and do not "
                   "pass --%s None", args.stage, args.stage, args.stage)
@@ -95,8 +120,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         finished = train.run(config, tuple(stages), args.workdir, progress=args.progress)
         if args.export:
-            train.export(args.workdir, args.export, config)
-            log.info("exported the backbone to %s", args.export)
+            train.export(args.workdir, args.export, config, args.export_steps)
+            log.info("exported the %s to %s", "student pipeline" if config.pipeline else "backbone", args.export)
     except ConfigMismatchError as e:
         log.error("%s", e)
         return 2
@@ -104,7 +129,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         log.error("training diverged: %s. The last good checkpoint is kept in %s; lower the learning rate "
                   "(--STAGE.learning_rate ...) and rerun.", e, args.workdir)
         return 3
-    except FileNotFoundError as e:
+    except DataRecordError as e:  # a bad image or caption with --pipeline.on_error raise
+        log.error("bad data record %s (--pipeline.on_error skip drops such records with a warning)", e)
+        return 2
+    except (FileNotFoundError, ValueError) as e:
         log.error("%s", e)
         return 2
     log.info("stages finished: %s; wall time %.0f s", finished, time.time() - start)

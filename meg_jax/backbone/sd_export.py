@@ -1,6 +1,8 @@
 """Export of the distilled step-conditioned student as a diffusers pipeline folder.
 
-:func:`export_student` writes the folder diffusers' ``StableDiffusionPipeline`` loads;
+:func:`export_student` writes the folder diffusers' ``StableDiffusionPipeline`` loads (the
+tiny backbone's student); :func:`export_pipeline_student` writes a student distilled from a
+user's SD pipeline as a complete pipeline beside its teacher's text encoder and VAE;
 :func:`fold_step_conditioning` folds the student's fixed step conditioning into its time
 embedding so the exported UNet needs no ``timestep_cond``. Both are re-exported by
 ``meg_jax.backbone.sd_pipeline``.
@@ -19,7 +21,7 @@ from meg_jax.backbone.config import UNetConfig
 from meg_jax.backbone.unet import UNet
 from meg_jax.backbone.vae import AutoencoderKL
 
-__all__ = ["fold_step_conditioning", "export_student"]
+__all__ = ["fold_step_conditioning", "export_student", "export_pipeline_student"]
 
 
 
@@ -130,6 +132,79 @@ def export_student(backbone: Any, path: str | os.PathLike, steps: int) -> None:
     }
     os.makedirs(os.path.join(path, "scheduler"), exist_ok=True)
     for name, data in ((os.path.join("scheduler", "scheduler_config.json"), scheduler),
+                       ("model_index.json", index), ("meg_jax_student.json", meta)):
+        with open(os.path.join(path, name), "w") as f:
+            json.dump(data, f, indent=2, sort_keys=True)
+            f.write("\n")
+
+
+def export_pipeline_student(teacher: str | os.PathLike, unet_config: UNetConfig, params: Any,
+                            path: str | os.PathLike, *, steps: int, scheduler_config: dict[str, Any],
+                            step_embedding_dim: int, guidance_scale: float) -> None:
+    """Writes a student distilled from a diffusers SD pipeline as a complete pipeline folder at K = ``steps``.
+
+    ``StableDiffusionPipeline.from_pretrained(path)`` loads it and generates from prompts
+    (run it with ``num_inference_steps=K``; CFG is off because the UNet has
+    ``time_cond_proj_dim``, as the student is sampled):
+
+    * ``unet/``: the student with its step conditioning for K folded into the time embedding
+      (:func:`fold_step_conditioning`; ``time_cond_proj_dim`` kept);
+    * ``text_encoder/``, ``tokenizer/``, ``vae/``: copied from the teacher folder (frozen);
+    * ``scheduler/``: ``DDIMScheduler`` over the teacher's β table and prediction type with
+      the distillation's timestep spacing (``scheduler_config``);
+    * ``meg_jax_student.json``: K, the step-embedding width, the guidance scale that was
+      distilled in, and the teacher folder.
+
+    Args:
+      teacher: the teacher pipeline folder.
+      unet_config: the student's config (with ``time_cond_proj_dim``).
+      params: ``{"params": ...}`` of the student.
+      path: output folder (created; existing files are replaced).
+      steps: K.
+      scheduler_config: the DDIM config (``meg_jax.distill.pipeline_teacher.scheduler_config``).
+      step_embedding_dim: width of the step embedding.
+      guidance_scale: the CFG scale of the teacher's targets (recorded).
+    """
+    import shutil
+
+    from meg_jax.backbone.diffusers_io import to_diffusers
+    from meg_jax.distill.losses import step_embedding
+
+    if not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"steps must be an int >= 1, got {steps!r}")
+    if unet_config.time_cond_proj_dim != step_embedding_dim:
+        raise ValueError(f"student time_cond_proj_dim={unet_config.time_cond_proj_dim} != "
+                         f"step_embedding_dim={step_embedding_dim}")
+    teacher, path = os.fspath(teacher), os.fspath(path)
+    os.makedirs(path, exist_ok=True)
+    num_train = int(scheduler_config.get("num_train_timesteps", 1000))
+    cond = np.asarray(step_embedding(steps, step_embedding_dim, num_train))
+    to_diffusers(UNet(unet_config), fold_step_conditioning(unet_config, params, cond), os.path.join(path, "unet"))
+    for part in ("text_encoder", "tokenizer", "vae"):
+        shutil.copytree(os.path.join(teacher, part), os.path.join(path, part), dirs_exist_ok=True)
+    with open(os.path.join(teacher, "model_index.json")) as f:
+        teacher_index = json.load(f)
+    index = {
+        "_class_name": "StableDiffusionPipeline",
+        "unet": ["diffusers", "UNet2DConditionModel"],
+        "vae": ["diffusers", "AutoencoderKL"],
+        "scheduler": ["diffusers", "DDIMScheduler"],
+        "text_encoder": teacher_index.get("text_encoder", ["transformers", "CLIPTextModel"]),
+        "tokenizer": teacher_index.get("tokenizer", ["transformers", "CLIPTokenizer"]),
+        "safety_checker": [None, None],
+        "feature_extractor": [None, None],
+        "image_encoder": [None, None],
+        "requires_safety_checker": False,
+    }
+    meta = {
+        "steps": steps,
+        "step_embedding_dim": step_embedding_dim,
+        "guidance": f"distilled at guidance_scale={guidance_scale} (teacher CFG with the empty prompt); "
+                    "the student is sampled without CFG",
+        "teacher": os.path.abspath(teacher),
+    }
+    os.makedirs(os.path.join(path, "scheduler"), exist_ok=True)
+    for name, data in ((os.path.join("scheduler", "scheduler_config.json"), dict(scheduler_config)),
                        ("model_index.json", index), ("meg_jax_student.json", meta)):
         with open(os.path.join(path, name), "w") as f:
             json.dump(data, f, indent=2, sort_keys=True)

@@ -8,6 +8,11 @@ their step counts, batch sizes, learning rates, EMA decays, checkpoint intervals
 VAE's latent space, so they change what the later stages start from, not what they read. Named presets:
 ``tiny`` (the shipped checkpoints, sized for a 2-core CPU) and ``test`` (seconds per stage,
 for the tests). The command line only overrides fields (``--student.steps 100``).
+
+``pipeline`` (off by default) replaces the procedural world with a user's: a diffusers
+Stable Diffusion folder is the frozen teacher and the student's starting point, and an
+image–caption folder is the data; only the student stage runs
+(``meg_jax.distill.pipeline_teacher``).
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ __all__ = [
     "StudentStageConfig",
     "SamplingConfig",
     "ComputeConfig",
+    "PipelineConfig",
     "ParallelConfig",
     "REMAT_POLICIES",
     "DistillConfig",
@@ -303,6 +309,40 @@ class ComputeConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class PipelineConfig:
+    """A diffusers pipeline folder as the frozen teacher, and image–caption data from disk.
+
+    With this section on, ``python -m train.distill`` runs only the student stage: its
+    teacher is the pipeline's UNet (guided at ``sampling.guidance_scale`` with the
+    pipeline's own empty-prompt embedding as the unconditional branch), its text encoder
+    the pipeline's CLIP, its noise schedule and prediction type the pipeline scheduler's;
+    the student starts as the teacher UNet with a zero-initialised ``time_cond_proj``
+    (``sampling.step_embedding_dim`` wide). ``backbone``, ``data`` and the other stages'
+    sections are then not read.
+    """
+
+    teacher: str = ""  # diffusers pipeline folder (model_index.json, unet/, vae/, text_encoder/, ...)
+    # Image–caption data: a folder (metadata.jsonl, or a .txt beside each image) or a glob of
+    # uncompressed webdataset tar shards ("shards/*.tar").
+    data: str = ""
+    caption_column: str = "text"  # metadata.jsonl key of the caption
+    image_column: str = "file_name"  # metadata.jsonl key of the image's file name
+    # A corrupt image or a missing caption: "skip" drops it with a counted warning naming the
+    # file; "raise" stops the job naming it.
+    on_error: Literal["skip", "raise"] = "skip"
+    resolution: int | None = None  # image side, pixels (None: the pipeline's default size)
+    read_threads: int = 4  # grain threads reading + decoding images per process
+
+    def __post_init__(self) -> None:
+        if self.on_error not in ("skip", "raise"):
+            raise ValueError(f"PipelineConfig.on_error must be 'skip' or 'raise', got {self.on_error!r}")
+        if self.resolution is not None and self.resolution < 1:
+            raise ValueError(f"PipelineConfig.resolution must be >= 1 or None, got {self.resolution}")
+        if self.read_threads < 0:
+            raise ValueError(f"PipelineConfig.read_threads must be >= 0, got {self.read_threads}")
+
+
+@dataclasses.dataclass(frozen=True)
 class DistillConfig:
     """Everything the distillation job needs."""
 
@@ -324,10 +364,15 @@ class DistillConfig:
     # the stages' records: a run may resume with another layout.
     parallel: ParallelConfig = ParallelConfig()
     compute: ComputeConfig = ComputeConfig()  # UNet precision, remat, attention kernel, accumulation
+    # A diffusers pipeline as the teacher and image–caption data (None: the procedural world;
+    # any ``--pipeline.FIELD`` switches it on). Only the student stage runs then.
+    pipeline: PipelineConfig | None = None
 
     def __post_init__(self) -> None:
         unet = self.backbone.unet
-        if unet.time_cond_proj_dim != self.sampling.step_embedding_dim:
+        # With a pipeline teacher the backbone is not read (the student's UNet is the pipeline's
+        # with time_cond_proj_dim = step_embedding_dim).
+        if self.pipeline is None and unet.time_cond_proj_dim != self.sampling.step_embedding_dim:
             raise ValueError(
                 f"DistillConfig: backbone.unet.time_cond_proj_dim={unet.time_cond_proj_dim} must equal "
                 f"sampling.step_embedding_dim={self.sampling.step_embedding_dim} (the student's step "

@@ -25,17 +25,32 @@ LossFn = Callable[[Any, Any, jax.Array], tuple[jax.Array, dict[str, jax.Array]]]
 
 @dataclasses.dataclass(frozen=True)
 class Models:
-    """The Flax modules of a backbone (stateless; params live in the states)."""
+    """The Flax modules of a backbone (stateless; params live in the states).
+
+    ``text_encoder.apply(params, tokens [B, L]) -> [B, L, D]`` is the context the UNet
+    cross-attends to (the tiny ``TextEncoder``, or a pipeline's CLIP through
+    ``meg_jax.distill.pipeline_teacher.CLIPContext``); ``prediction_type`` is what the UNet
+    predicts under ``schedule``.
+    """
 
     unet: Any
     vae: Any
     text_encoder: Any
     classifier: Any
     schedule: schedules.NoiseSchedule
+    prediction_type: str = "epsilon"
 
 
 def build_models(config: DistillConfig) -> Models:
-    """Instantiates the UNet, VAE, text encoder and classifier modules and the schedule."""
+    """Instantiates the UNet, VAE, text encoder and classifier modules and the schedule.
+
+    With ``config.pipeline`` set, the modules are the pipeline's (configs read from its
+    folder, no weights): ``meg_jax.distill.pipeline_teacher.pipeline_models``.
+    """
+    if config.pipeline is not None:
+        from meg_jax.distill.pipeline_teacher import pipeline_models
+
+        return pipeline_models(config)
     from meg_jax.backbone.text_encoder import TextEncoder
     from meg_jax.backbone.unet import UNet
     from meg_jax.backbone.vae import AutoencoderKL
@@ -48,6 +63,7 @@ def build_models(config: DistillConfig) -> Models:
         text_encoder=TextEncoder(b.text_encoder),
         classifier=_classifier_module(config),
         schedule=schedules.make_schedule(),
+        prediction_type=b.prediction_type,
     )
 
 
@@ -205,7 +221,7 @@ def student_loss_fn(models: Models, config: DistillConfig, mesh: jax.sharding.Me
     training resolution with no crop.
     """
     cfg = config.student
-    pred = config.backbone.prediction_type
+    pred = models.prediction_type
     schedule = models.schedule
     dim = config.sampling.step_embedding_dim
     spacing = config.sampling.spacing

@@ -13,7 +13,9 @@ same batches as an uninterrupted one and ends with identical parameters.
 orbax checkpoints (keep N, async), resume, config check. ``run`` chains the stages of a
 ``DistillConfig`` in a work directory (the optional ``decoder`` and ``teacher_ft`` stages run
 when their config is set); ``export`` writes the compact shipped form
-(``meg_jax.checkpoint.load_backbone`` reads it). The stage objectives live in
+(``meg_jax.checkpoint.load_backbone`` reads it). With ``DistillConfig.pipeline`` set, only the
+student stage runs, its teacher a diffusers pipeline folder and its data images with captions
+(``meg_jax.distill.pipeline_teacher``), and ``export`` writes a diffusers pipeline folder. The stage objectives live in
 ``meg_jax.distill.objectives`` and what stages keep on disk in ``meg_jax.distill.stage_io``;
 both are re-exported here.
 
@@ -311,6 +313,10 @@ def stage_record(stage: str, config: DistillConfig) -> dict[str, Any]:
             record["teacher_ft"] = d["teacher_ft"]
         if d["decoder"] is not None and d["student"]["pixel_weight"] > 0:
             record["decoder"] = d["decoder"]
+        if config.pipeline is not None:  # absent otherwise, so records made before it stay valid
+            from meg_jax.distill.pipeline_teacher import pipeline_record
+
+            record.update(pipeline_record(config))
     return record
 
 
@@ -412,8 +418,18 @@ def train_stage(
 
 
 def stage_inputs(stage: str, workdir: str, models: Models, config: DistillConfig,
-                 progress: bool = True) -> tuple[Any, TrainState]:
-    """The frozen inputs and the fresh state of ``stage`` (reads earlier stages' outputs)."""
+                 progress: bool = True, mesh: jax.sharding.Mesh | None = None) -> tuple[Any, TrainState]:
+    """The frozen inputs and the fresh state of ``stage`` (reads earlier stages' outputs; with
+    ``config.pipeline``, the pipeline folder and the data, the targets made on ``mesh``)."""
+    if config.pipeline is not None:
+        from meg_jax.distill.pipeline_teacher import student_inputs
+
+        if stage != "student":
+            raise ValueError(f"stage {stage!r} does not run with a pipeline teacher (--pipeline.*): "
+                             "only the student stage does")
+        mesh = parallel.make_mesh(model=config.parallel.model_axis) if mesh is None else mesh
+        inputs, params = student_inputs(workdir, models, config, mesh, progress=progress)
+        return inputs, create_state(params, make_optimizer(config.student))
     if stage in ("classifier", "vae"):
         return {}, init_stage_state(stage, models, config)
     vae = load_final(workdir, "vae", ("vae",))["vae"]
@@ -482,6 +498,8 @@ def run(config: DistillConfig, stages: tuple[str, ...], workdir: str, *, mesh: j
     unknown = [s for s in stages if s not in STAGES]
     if unknown:
         raise ValueError(f"unknown stage(s) {unknown}; choose from {STAGES}")
+    if config.pipeline is not None and set(stages) - {"student"}:
+        raise ValueError(f"with a pipeline teacher (--pipeline.*) only the student stage runs; got {list(stages)}")
     stages = enabled_stages(config, tuple(stages))
     mesh = parallel.make_mesh(model=config.parallel.model_axis) if mesh is None else mesh
     os.makedirs(workdir, exist_ok=True)
@@ -494,7 +512,7 @@ def run(config: DistillConfig, stages: tuple[str, ...], workdir: str, *, mesh: j
             ckpt.check_config(os.path.join(workdir, stage), stage_record(stage, config))
             finished[stage] = True
             continue
-        inputs, state = stage_inputs(stage, workdir, models, config, progress=progress)
+        inputs, state = stage_inputs(stage, workdir, models, config, progress=progress, mesh=mesh)
         step = compiled_train_step(stage, config, mesh)
         state, done = train_stage(stage, workdir, stage_record(stage, config), state, step, inputs, cfg, mesh,
                                   keep=config.keep_checkpoints, async_save=config.async_checkpointing,
@@ -508,8 +526,12 @@ def run(config: DistillConfig, stages: tuple[str, ...], workdir: str, *, mesh: j
     return finished
 
 
-def export(workdir: str, out: str, config: DistillConfig) -> None:
+def export(workdir: str, out: str, config: DistillConfig, steps: int | None = None) -> None:
     """Writes the shipped compact form of a finished work directory to ``out``.
+
+    With ``config.pipeline`` set, ``out`` is instead a diffusers pipeline folder of the student
+    at K = ``steps`` (default: the largest trained K) beside the teacher's text encoder and VAE
+    (``meg_jax.distill.pipeline_teacher.export``).
 
     ``out/backbone.json`` (backbone config with the measured latent scale, sampling
     settings, data config) and ``out/{classifier,vae,teacher,student}/`` (config.json +
@@ -517,6 +539,11 @@ def export(workdir: str, out: str, config: DistillConfig) -> None:
     when those are enabled; each component's ``stage`` record lists the stages it went
     through. ``meg_jax.checkpoint.load_backbone(out)`` reads it back.
     """
+    if config.pipeline is not None:
+        from meg_jax.distill import pipeline_teacher
+
+        pipeline_teacher.export(workdir, out, config, steps)
+        return
     models = build_models(config)
     classifier = load_final(workdir, "classifier", ("classifier",))
     encoder_vae = load_final(workdir, "vae", ("vae",))["vae"]  # the latent space (and its scale)
