@@ -20,6 +20,7 @@ import numpy as np
 from meg_jax.backbone.config import UNetConfig
 from meg_jax.backbone.unet import UNet
 from meg_jax.backbone.vae import AutoencoderKL
+from meg_jax.config import read_json_object
 
 __all__ = ["fold_step_conditioning", "export_student", "export_pipeline_student"]
 
@@ -112,18 +113,7 @@ def export_student(backbone: Any, path: str | os.PathLike, steps: int) -> None:
         "prediction_type": cfg.prediction_type,
         "timestep_spacing": backbone.sampling.spacing,
     }
-    index = {
-        "_class_name": "StableDiffusionPipeline",
-        "unet": ["diffusers", "UNet2DConditionModel"],
-        "vae": ["diffusers", "AutoencoderKL"],
-        "scheduler": ["diffusers", "DDIMScheduler"],
-        "text_encoder": [None, None],
-        "tokenizer": [None, None],
-        "safety_checker": [None, None],
-        "feature_extractor": [None, None],
-        "image_encoder": [None, None],
-        "requires_safety_checker": False,
-    }
+    index = _student_model_index([None, None], [None, None])
     meta = {
         "steps": steps,
         "step_embedding_dim": dim,
@@ -182,20 +172,10 @@ def export_pipeline_student(teacher: str | os.PathLike, unet_config: UNetConfig,
     to_diffusers(UNet(unet_config), fold_step_conditioning(unet_config, params, cond), os.path.join(path, "unet"))
     for part in ("text_encoder", "tokenizer", "vae"):
         shutil.copytree(os.path.join(teacher, part), os.path.join(path, part), dirs_exist_ok=True)
-    with open(os.path.join(teacher, "model_index.json")) as f:
-        teacher_index = json.load(f)
-    index = {
-        "_class_name": "StableDiffusionPipeline",
-        "unet": ["diffusers", "UNet2DConditionModel"],
-        "vae": ["diffusers", "AutoencoderKL"],
-        "scheduler": ["diffusers", "DDIMScheduler"],
-        "text_encoder": teacher_index.get("text_encoder", ["transformers", "CLIPTextModel"]),
-        "tokenizer": teacher_index.get("tokenizer", ["transformers", "CLIPTokenizer"]),
-        "safety_checker": [None, None],
-        "feature_extractor": [None, None],
-        "image_encoder": [None, None],
-        "requires_safety_checker": False,
-    }
+    teacher_index = read_json_object(os.path.join(teacher, "model_index.json"), "the teacher pipeline's index")
+    index = _student_model_index(
+        teacher_index.get("text_encoder", ["transformers", "CLIPTextModel"]),
+        teacher_index.get("tokenizer", ["transformers", "CLIPTokenizer"]))
     meta = {
         "steps": steps,
         "step_embedding_dim": step_embedding_dim,
@@ -209,3 +189,19 @@ def export_pipeline_student(teacher: str | os.PathLike, unet_config: UNetConfig,
         with open(os.path.join(path, name), "w") as f:
             json.dump(data, f, indent=2, sort_keys=True)
             f.write("\n")
+
+
+def _student_model_index(text_encoder: list, tokenizer: list) -> dict:
+    """``model_index.json`` of an exported student: a DDIM StableDiffusionPipeline (no safety checker)."""
+    return {
+        "_class_name": "StableDiffusionPipeline",
+        "unet": ["diffusers", "UNet2DConditionModel"],
+        "vae": ["diffusers", "AutoencoderKL"],
+        "scheduler": ["diffusers", "DDIMScheduler"],
+        "text_encoder": text_encoder,
+        "tokenizer": tokenizer,
+        "safety_checker": [None, None],
+        "feature_extractor": [None, None],
+        "image_encoder": [None, None],
+        "requires_safety_checker": False,
+    }
