@@ -39,11 +39,12 @@ same-run ratio. A profile of the jitted update (top XLA ops) says where the time
 
 from __future__ import annotations
 
-import argparse
+import dataclasses
 import os
 import statistics
+import sys
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -280,11 +281,28 @@ def bench_batch(batch: int, rounds: int, artifact: Any, profile: bool) -> dict[s
     return out
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="3 rounds instead of 7, no training row")
-    parser.add_argument("--batches", type=int, nargs="+", default=[256, 4096], help="batch sizes B")
-    args = parser.parse_args(argv)
+@dataclasses.dataclass(frozen=True)
+class Args:
+    """Flags of ``python -m eval.bench_cvpo``."""
+
+    quick: bool = False  # 3 rounds instead of 7, no training row
+    batches: tuple[int, ...] = (256, 4096)  # batch sizes B
+
+
+def parse_args(argv: Sequence[str]) -> Args:
+    """Command line -> :class:`Args` (exit 2 naming a bad flag or value)."""
+    from meg_jax import config as config_lib
+
+    prog = "python -m eval.bench_cvpo"
+    args = config_lib.parse_cli(Args, argv, prog=prog, description=__doc__.split("\n\n")[0])
+    if not args.batches or min(args.batches) < 1:
+        sys.stderr.write(f"{prog}: error: --batches must be >= 1, got {list(args.batches)}\n")
+        raise SystemExit(2)
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
     rounds = 3 if args.quick else 7
     artifact = synthetic_artifact()
     load0 = os.getloadavg()

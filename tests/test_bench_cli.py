@@ -17,6 +17,8 @@ import pytest
 # refuses, and the flag each of the two must name
 SCRIPTS = {
     "eval.bench_backbone": ([], ["--tome_repeats", "x"], "--tome_repeats", ["--tome_side", "3"], "--tome_side"),
+    "eval.bench_cvpo": ([], ["--batches", "x"], "--batches", ["--batches", "256", "0"], "--batches"),
+    "eval.paper_system": ([], ["--episodes", "x"], "--episodes", ["--episodes", "1"], "--episodes"),
     "eval.bench_data": ([], ["--seconds", "x"], "--seconds", ["--read_threads", "0"], "--read_threads"),
     "eval.bench_env": ([], ["--repeats", "x"], "--repeats", ["--sizes", "64", "0"], "--sizes"),
     "eval.bench_pipeline": ([], ["--sd15_steps", "2.5"], "--sd15_steps", ["--threads", "0"], "--threads"),
