@@ -93,6 +93,11 @@ class CVPOConfig:
     dual_tol: float = 2e-7  # relative decrease of the dual below which the solver stops
     cost_margin: float = 0.0  # thresholds use limit * (1 - cost_margin)
     target_samples: int = 16  # next-state actions averaged in the critic target (continuous)
+    # E-step cost baseline: the batch's cost constraint is read relative to its own cost under
+    # pi_old, with the policy's cost level taken from an EMA of those batch costs at this rate
+    # per update (bias-corrected); 1.0 = the batch's own estimate (no smoothing)
+    cost_baseline_rate: float = 0.01
+    n_step: int = 1  # TD targets over n consecutive steps (the authors use 2; 1 = one-step)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -114,6 +114,8 @@ class CVPOState:
       actor_opt, critic_opt: optax states.
       eta: [] E-step temperature (warm start of the next solve).
       lam: [m] E-step cost multipliers (normalised cost units).
+      cost_baseline: [m] EMA accumulator (not bias-corrected) of the batches' costs under
+        pi_old, mean_s E_pi_old[Q_c] (the E-step's cost baseline, ``cvpo.cost_baseline_rate``).
       alpha_mu, alpha_sigma: [] M-step KL multipliers.
       env_state: brax State of the N environments (leaves [N, ...], sharded).
       replay: ring buffer (leaves [N, capacity_per_env, ...], sharded).
@@ -130,6 +132,7 @@ class CVPOState:
     critic_opt: Any
     eta: jax.Array
     lam: jax.Array
+    cost_baseline: jax.Array
     alpha_mu: jax.Array
     alpha_sigma: jax.Array
     env_state: Any
@@ -281,6 +284,7 @@ def make_cvpo(
             critic_opt=critic_tx.init(critic),
             eta=jnp.asarray(config.eta_init, jnp.float32),
             lam=jnp.zeros((m,), jnp.float32),
+            cost_baseline=jnp.zeros((m,), jnp.float32),
             alpha_mu=jnp.zeros((), jnp.float32),
             alpha_sigma=jnp.zeros((), jnp.float32),
             env_state=env_state,
@@ -376,7 +380,17 @@ def make_cvpo(
         return state.replace(critic=critic, critic_opt=opt), metrics
 
     def estep(state: CVPOState, candidates: Any, q: jax.Array):
-        """The E-step on the next states' particles: their prior under pi_old and the solved dual."""
+        """The E-step on the next states' particles: their prior under pi_old and the solved dual.
+
+        The cost constraint is read relative to the batch's own cost under pi_old: q may move
+        mean_s E_q[Q_c] by (threshold - J) from the batch's mean_s E_pi_old[Q_c], J the
+        policy's cost level smoothed over batches (EMA at ``cost_baseline_rate``). The batch
+        mean alone is a noisy estimate of J (B states of random channels), noisier than what
+        q can change within the KL ball, which pinned lam at 0 or lam_max batch by batch.
+
+        Returns (candidates, weights [B, M], solution, cost_baseline accumulator [m],
+        diagnostics).
+        """
         if discrete:
             log_prior = jax.nn.log_softmax(candidates, axis=-1)
         else:
@@ -388,12 +402,24 @@ def make_cvpo(
         q = jax.lax.stop_gradient(q)
         q_r = jnp.minimum(q[..., 0], q[..., 1])
         q_c = q[..., REWARD_HEADS:]
+        prior_costs = jnp.mean(jnp.einsum("bk,bkj->bj", jnp.exp(log_prior), q_c), axis=0)  # [m]
+        accumulator, baseline = dual_lib.ema_update(
+            state.cost_baseline, prior_costs, config.cost_baseline_rate, state.updates + 1
+        )
+        batch_thresholds = thresholds + (prior_costs - baseline)
         sol = dual_lib.solve_estep_dual(
-            q_r, q_c, log_prior, config.kl_epsilon, thresholds, state.eta, state.lam,
+            q_r, q_c, log_prior, config.kl_epsilon, batch_thresholds, state.eta, state.lam,
             max_iters=config.dual_iters, tol=config.dual_tol, lam_max=config.lam_max,
         )
         weights = jax.lax.stop_gradient(dual_lib.estep_weights(q_r, q_c, log_prior, sol.eta, sol.lam))
-        return candidates, weights, sol
+        diagnostics = {
+            "estep_lam_at_cap": dual_lib.lam_at_cap(sol.lam, config.lam_max),
+            # > 0: q still exceeds a batch threshold at the solution (infeasible in the KL ball)
+            "estep_violation": jnp.max((sol.expected_costs - batch_thresholds) / thresholds),
+            "estep_prior_costs_over_threshold": prior_costs / thresholds,
+            "estep_baseline_over_threshold": baseline / thresholds,
+        }
+        return candidates, weights, sol, accumulator, diagnostics
 
     def mstep(state: CVPOState, obs: jax.Array, candidates: Any, weights: jax.Array):
         if discrete:
@@ -441,13 +467,14 @@ def make_cvpo(
         # below does not change); the E- and M-steps therefore fit the policy on the next states
         particles, q_next = next_state_particles(state, batch.next_obs, k_particles)
         state, c_metrics = critic_update(state, batch, next_values(particles, q_next))
-        candidates, weights, sol = estep(state, particles, q_next)
+        candidates, weights, sol, cost_baseline, e_metrics = estep(state, particles, q_next)
         state, a_metrics = mstep(state, batch.next_obs, candidates, weights)
         state = state.replace(
             target_critic=polyak(state.target_critic, state.critic, config.tau),
             target_actor=polyak(state.target_actor, state.actor, config.tau),
             eta=sol.eta,
             lam=sol.lam,
+            cost_baseline=cost_baseline,
             updates=state.updates + 1,
         )
         if not discrete:
@@ -455,6 +482,7 @@ def make_cvpo(
         metrics = {
             **c_metrics,
             **a_metrics,
+            **e_metrics,
             "eta": sol.eta,
             "lam": sol.lam,
             "estep_kl": sol.kl,
@@ -522,6 +550,10 @@ def _validate(config: CVPOConfig, env: Any) -> None:
             problems.append(f"cvpo.{name} must be > 0, got {getattr(config, name)}")
     if not 0.0 <= config.cost_margin < 1.0:
         problems.append(f"cvpo.cost_margin must be in [0, 1), got {config.cost_margin}")
+    if not 0.0 < config.cost_baseline_rate <= 1.0:
+        problems.append(f"cvpo.cost_baseline_rate must be in (0, 1], got {config.cost_baseline_rate}")
+    if config.n_step < 1:
+        problems.append(f"cvpo.n_step must be >= 1, got {config.n_step}")
     if config.replay_capacity < env_num_envs(env):
         problems.append(
             f"cvpo.replay_capacity={config.replay_capacity} is below the {env_num_envs(env)} parallel "

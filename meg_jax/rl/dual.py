@@ -42,6 +42,8 @@ __all__ = [
     "estep_weights",
     "solve_estep_dual",
     "q_space_threshold",
+    "lam_at_cap",
+    "ema_update",
     "PIDState",
     "pid_init",
     "pid_lagrange_update",
@@ -99,6 +101,42 @@ def q_space_threshold(limit: jax.Array | float, gamma: float, horizon: int) -> j
         raise ValueError(f"horizon must be >= 1, got {horizon}")
     factor = (1.0 - gamma**horizon) / (1.0 - gamma)
     return jnp.asarray(limit, jnp.float32) * factor
+
+
+def lam_at_cap(lam: jax.Array, lam_max: float | jax.Array) -> jax.Array:
+    """1.0 where any multiplier sits on its upper bound, else 0.0.
+
+    The projected Newton solver clips lam to [0, lam_max] exactly, so "at the cap" is
+    ``lam >= lam_max`` up to float32 rounding of the bound (relative 1e-6).
+
+    Args:
+      lam: [..., m] multipliers.
+      lam_max: their common upper bound.
+
+    Returns:
+      [...] float32 indicator.
+    """
+    return jnp.any(lam >= jnp.float32(lam_max) * (1.0 - 1e-6), axis=-1).astype(jnp.float32)
+
+
+def ema_update(accumulator: jax.Array, x: jax.Array, rate: float, count: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Bias-corrected exponential moving average (as Adam's moments).
+
+    acc <- (1 - rate) acc + rate x from acc = 0; the estimate after ``count`` values is
+    acc / (1 - (1 - rate)^count). With rate = 1 it is the newest x exactly.
+
+    Args:
+      accumulator: [...] the raw accumulator (zeros before the first value).
+      x: [...] the newest value.
+      rate: weight of the newest value, in (0, 1].
+      count: [] values seen including x (>= 1).
+
+    Returns:
+      (new accumulator, bias-corrected estimate), both [...].
+    """
+    accumulator = (1.0 - rate) * accumulator + rate * x
+    correction = 1.0 - (1.0 - rate) ** jnp.asarray(count, jnp.float32)
+    return accumulator, accumulator / correction
 
 
 def _advantage(q_reward: jax.Array, q_costs: jax.Array, lam: jax.Array) -> jax.Array:
