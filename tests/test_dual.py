@@ -153,5 +153,7 @@ def test_q_space_threshold():
     # float32 geometric sums vs exact decimals: a few rounded ops, <= ~4 x 0.5 ulp (2.4e-7)
     np.testing.assert_allclose(dual.q_space_threshold(jnp.asarray([2.0]), 0.5, 3), [3.5], rtol=1e-6)
     np.testing.assert_allclose(dual.q_space_threshold(jnp.asarray([2.0, 1.0]), 0.0, 10), [2.0, 1.0], rtol=1e-6)
+    # continuing view (no horizon): limit / (1 - gamma) = 1 / 0.03; 3 rounded float32 ops
+    np.testing.assert_allclose(dual.q_space_threshold(jnp.asarray([1.0]), 0.97, None), [100.0 / 3.0], rtol=1e-6)
     with pytest.raises(ValueError, match="gamma"):
         dual.q_space_threshold(1.0, 1.0, 10)

@@ -29,7 +29,8 @@ import math
 
 from meg_jax.meg import pricing
 
-__all__ = ["MEGEnvConfig", "PaperSystem", "PRESETS", "get_preset", "SYSTEMS", "PAPER_EPISODE_LENGTH", "PAPER_GAMMA"]
+__all__ = ["MEGEnvConfig", "PaperSystem", "PRESETS", "get_preset", "SYSTEMS", "PAPER_EPISODE_LENGTH", "PAPER_GAMMA",
+           "PAPER_N_STEP"]
 
 SINGLE_COSTS = ("normalised_sum", "latency", "energy")
 SYSTEMS = ("mobility", "paper")
@@ -198,9 +199,10 @@ PRESETS: dict[str, MEGEnvConfig] = {
         artifact_path="checkpoints/calibration/sdxl-1024.npz",
         slot_s=2.0,  # SDXL-1024 requests take seconds; one request every 2 s
     ),
-    # The paper's environment (PaperSystem). T = 64 requests and gamma = 0.97 are the
-    # authors' episode length and discount: pass --env.episode_length 64 --cvpo.gamma 0.97
-    # (presets carry no agent settings; PAPER_EPISODE_LENGTH / PAPER_GAMMA below).
+    # The paper's environment (PaperSystem). T = 64 requests, gamma = 0.97 and 2-step returns
+    # are the authors' episode length, discount and TD targets: pass --env.episode_length 64
+    # --cvpo.gamma 0.97 --cvpo.n_step 2 (presets carry no agent settings; PAPER_EPISODE_LENGTH /
+    # PAPER_GAMMA / PAPER_N_STEP below).
     "paper": MEGEnvConfig(
         name="paper",
         artifact_path="checkpoints/calibration/sdxl-1024.npz",  # its quality tables and scheme file sizes
@@ -215,6 +217,7 @@ PRESETS: dict[str, MEGEnvConfig] = {
 
 PAPER_EPISODE_LENGTH = 64  # the authors' T
 PAPER_GAMMA = 0.97  # the authors' CVPO discount
+PAPER_N_STEP = 2  # the authors' n-step returns (FSRL's CVPO)
 
 
 def get_preset(name: str) -> MEGEnvConfig:

@@ -32,8 +32,16 @@ Conventions (documented choices where the paper is silent):
   (acme/rlax convention); the KL terms are averaged over states;
 * the agent sees the process as continuing: at an episode end it bootstraps into the next
   episode's first observation (a truncation is not a termination; the observation carries
-  the episode progress). The Q-space thresholds are then ``limit (1 - gamma^T) / (1 - gamma)``
-  (``dual.q_space_threshold``, the references' formula with d = limit x T);
+  the episode progress). The Q-space thresholds are then ``limit / (1 - gamma)``, the mean
+  discounted cost value of a policy at the limit over the cost stream
+  (``dual.q_space_threshold`` with no horizon; the references' finite-horizon
+  ``limit (1 - gamma^T) / (1 - gamma)`` would hold the agent to (1 - gamma^T) x its limit,
+  0.86 at gamma = 0.97, T = 64);
+* each batch's cost constraint is read against the policy's smoothed cost level (an EMA of
+  the batches' mean_s E_pi_old[Q_c], ``cost_baseline_rate``), not against the batch mean
+  alone, whose state-to-state noise exceeds what q can change within the KL ball;
+* ``n_step`` > 1: TD targets over n consecutive steps of one environment's stream
+  (``replay.replay_sample_nstep``), bootstrapped gamma^n away (the authors use 2);
 * the discrete head's E-step is exact: every action of the K x r grid, weighted by pi_old.
 
 ``make_cvpo(config, env, mesh)`` returns the pure functions; ``make_train(config, env,
@@ -63,7 +71,7 @@ from meg_jax.rl.cvpo_losses import (  # re-exported: the public import paths sta
     polyak,
     update_alpha,
 )
-from meg_jax.rl.replay import ReplayBuffer, Transition, replay_add, replay_init, replay_sample
+from meg_jax.rl.replay import ReplayBuffer, Transition, replay_add, replay_init, replay_sample_nstep
 
 __all__ = [
     "CVPOState",
@@ -204,7 +212,6 @@ def make_cvpo(
     """
     _validate(config, env)
     num_envs = env_num_envs(env)
-    horizon = env_horizon(env)
     limits = env_limits(env)
     m = int(limits.shape[0])
     obs_dim = int(env.observation_size)
@@ -213,7 +220,7 @@ def make_cvpo(
     capacity_per_env = max(1, config.replay_capacity // num_envs)
     min_replay_steps = max(1, math.ceil(config.min_replay / num_envs))
     thresholds = dual_lib.q_space_threshold(
-        jnp.full((m,), 1.0 - config.cost_margin, jnp.float32), config.gamma, horizon
+        jnp.full((m,), 1.0 - config.cost_margin, jnp.float32), config.gamma, None
     )
 
     if discrete:
@@ -361,7 +368,10 @@ def make_cvpo(
         return jnp.concatenate([v_r[:, None], v_r[:, None], v_c], axis=-1)
 
     def critic_update(state: CVPOState, batch: Transition, nv: jax.Array):
-        y_r, y_c = critic_targets(batch.reward, batch.costs, batch.discount, jax.lax.stop_gradient(nv), config.gamma)
+        # n-step batches carry the discounted n-step sums; the bootstrap is gamma^n away
+        y_r, y_c = critic_targets(
+            batch.reward, batch.costs, batch.discount, jax.lax.stop_gradient(nv), config.gamma**config.n_step
+        )
         targets = jnp.concatenate([y_r[:, None], y_r[:, None], y_c], axis=-1)  # [B, H]
 
         def loss_fn(params):
@@ -461,7 +471,7 @@ def make_cvpo(
 
     def update(state: CVPOState, key: jax.Array):
         k_sample, k_particles = jax.random.split(key)
-        batch = constrain(replay_sample(state.replay, k_sample, config.batch_size))
+        batch = constrain(replay_sample_nstep(state.replay, k_sample, config.batch_size, config.n_step, config.gamma))
         # one evaluation of pi_old's actions at the next states serves the TD target and the
         # E-step (both score pi_old's actions with the target critics, which the critic step
         # below does not change); the E- and M-steps therefore fit the policy on the next states

@@ -79,27 +79,34 @@ class DualSolution:
     iterations: jax.Array
 
 
-def q_space_threshold(limit: jax.Array | float, gamma: float, horizon: int) -> jax.Array:
+def q_space_threshold(limit: jax.Array | float, gamma: float, horizon: Optional[int]) -> jax.Array:
     """Converts an episode-average cost limit into a threshold on discounted cost values.
 
     The references write c_hat = d (1 - gamma^T) / ((1 - gamma) T) for an episode-sum limit
-    d over T steps (cost spread evenly over a fixed horizon). meg-jax limits are per-request
-    averages, i.e. d = limit * T, so c_hat = limit (1 - gamma^T) / (1 - gamma); gamma = 0
-    gives c_hat = limit.
+    d over T steps (cost spread evenly over a fixed horizon, values counted from an episode's
+    start). meg-jax limits are per-request averages, i.e. d = limit * T, so
+    c_hat = limit (1 - gamma^T) / (1 - gamma); gamma = 0 gives c_hat = limit.
+
+    ``horizon=None`` is the continuing view of MEG-CVPO (an episode end bootstraps into the
+    next episode, so Q_c sums the cost stream past the episode): a policy whose average cost
+    is the limit has mean discounted cost value limit / (1 - gamma) over replay states, the
+    threshold then. The two differ by the factor 1 - gamma^T: nothing at gamma = 0.5, T = 32
+    (1 - 2e-10), 14 % at the authors' gamma = 0.97, T = 64, where the finite-horizon formula
+    would hold the continuing agent to 0.86 x its limit.
 
     Args:
       limit: [m] episode-average limit(s), in the critic's cost units.
       gamma: discount in [0, 1).
-      horizon: T, steps per episode (>= 1).
+      horizon: T, steps per episode (>= 1); None for the continuing view.
 
     Returns:
       [m] thresholds for mean_s E_q[Q_c].
     """
     if not 0.0 <= gamma < 1.0:
         raise ValueError(f"gamma must be in [0, 1), got {gamma}")
-    if horizon < 1:
+    if horizon is not None and horizon < 1:
         raise ValueError(f"horizon must be >= 1, got {horizon}")
-    factor = (1.0 - gamma**horizon) / (1.0 - gamma)
+    factor = (1.0 - (0.0 if horizon is None else gamma**horizon)) / (1.0 - gamma)
     return jnp.asarray(limit, jnp.float32) * factor
 
 
