@@ -421,8 +421,20 @@ def make_cvpo(
             q_r, q_c, log_prior, config.kl_epsilon, batch_thresholds, state.eta, state.lam,
             max_iters=config.dual_iters, tol=config.dual_tol, lam_max=config.lam_max,
         )
-        weights = jax.lax.stop_gradient(dual_lib.estep_weights(q_r, q_c, log_prior, sol.eta, sol.lam))
+        weights = dual_lib.estep_weights(q_r, q_c, log_prior, sol.eta, sol.lam)
+        infeasible = dual_lib.estep_infeasible(sol, batch_thresholds, config.lam_max)
+        if config.estep_fallback:
+            # no q in the KL ball meets the violated thresholds: take the least-cost q there
+            which = (sol.expected_costs > batch_thresholds).astype(jnp.float32)
+            weights = jax.lax.cond(
+                infeasible,
+                lambda: dual_lib.min_cost_estep(q_c, log_prior, config.kl_epsilon, which, sol.eta,
+                                                max_iters=config.dual_iters, tol=config.dual_tol)[0],
+                lambda: weights,
+            )
+        weights = jax.lax.stop_gradient(weights)
         diagnostics = {
+            "estep_infeasible": infeasible.astype(jnp.float32),
             "estep_lam_at_cap": dual_lib.lam_at_cap(sol.lam, config.lam_max),
             # > 0: q still exceeds a batch threshold at the solution (infeasible in the KL ball)
             "estep_violation": jnp.max((sol.expected_costs - batch_thresholds) / thresholds),

@@ -43,6 +43,8 @@ __all__ = [
     "solve_estep_dual",
     "q_space_threshold",
     "lam_at_cap",
+    "estep_infeasible",
+    "min_cost_estep",
     "ema_update",
     "PIDState",
     "pid_init",
@@ -124,6 +126,56 @@ def lam_at_cap(lam: jax.Array, lam_max: float | jax.Array) -> jax.Array:
       [...] float32 indicator.
     """
     return jnp.any(lam >= jnp.float32(lam_max) * (1.0 - 1e-6), axis=-1).astype(jnp.float32)
+
+
+def estep_infeasible(sol: "DualSolution", thresholds: jax.Array, lam_max: float, rtol: float = 1e-3) -> jax.Array:
+    """Whether the solved E-step could not meet a cost threshold within the KL ball.
+
+    When no q in the KL ball meets a threshold, the dual is unbounded below in that lam and
+    the solver stops on lam_max with the constraint still violated; a lam on its cap whose
+    constraint q meets (up to ``rtol`` x |threshold|) is a finite optimum the cap clipped.
+
+    Returns:
+      [] bool.
+    """
+    at_cap = sol.lam >= jnp.float32(lam_max) * (1.0 - 1e-6)
+    violated = sol.expected_costs > thresholds + rtol * jnp.abs(thresholds)
+    return jnp.any(at_cap & violated)
+
+
+def min_cost_estep(
+    q_costs: jax.Array,
+    log_prior: jax.Array,
+    epsilon: float | jax.Array,
+    which: jax.Array,
+    init_eta: jax.Array | float = 1.0,
+    *,
+    max_iters: int = 30,
+    tol: float = 2e-7,
+) -> tuple[jax.Array, DualSolution]:
+    """The feasible-region fallback of an infeasible E-step: the q in the KL ball of least cost.
+
+    Minimises mean_s E_q[which . Q_c] s.t. mean_s KL(q || p) <= eps, reward ignored (the
+    recovery step of constrained policy search when the constraint cannot be met within the
+    trust region, as in CPO's infeasible case). Solved as the E-step dual with "reward"
+    -which . Q_c and no cost constraint (``solve_estep_dual`` with m = 1 zero costs, lam = 0).
+
+    Args:
+      q_costs: [B, M, m] cost values (normalised: 1 = the limit, so a sum over constraints is meaningful).
+      log_prior: [B, M] log prior weights.
+      epsilon: KL bound.
+      which: [m] weights of the constraints to reduce (1 for the violated ones, 0 else).
+      init_eta: warm start of the temperature.
+
+    Returns:
+      (weights q [B, M], the solution of that dual: eta, kl, expected_reward = -cost).
+    """
+    cost = jnp.einsum("bkj,j->bk", q_costs, which.astype(q_costs.dtype))
+    zero = jnp.zeros(cost.shape + (1,), cost.dtype)
+    sol = solve_estep_dual(-cost, zero, log_prior, epsilon, jnp.zeros((1,), cost.dtype), init_eta,
+                           jnp.zeros((1,), cost.dtype), max_iters=max_iters, tol=tol)
+    weights = jax.nn.softmax(-cost / sol.eta + log_prior, axis=-1)
+    return weights, sol
 
 
 def ema_update(accumulator: jax.Array, x: jax.Array, rate: float, count: jax.Array) -> tuple[jax.Array, jax.Array]:
