@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from meg_jax.rl.cvpo_losses import critic_targets
 from meg_jax.rl.replay import (
     Transition,
     nstep_transition,
@@ -55,6 +56,11 @@ def test_nstep_transition_hand_case_across_the_wrap():
     np.testing.assert_array_equal(np.asarray(tr.obs)[:, 0], [12.0, 13.0, 2.0, 3.0])
     # costs of env 1 from step 2: 2 (3 + 0.5 * 4 + 0.25 * 5) = 12.5 and -6.25
     np.testing.assert_array_equal(np.asarray(tr.costs)[0], [12.5, -6.25])
+    # the 3-step TD target bootstraps gamma^3 = 0.125 away: with next values 8 (every head),
+    # y_r = 181.25 + 0.125 * 8 = 182.25, 183 + 1 = 184; terminated windows keep their sums
+    y_r, y_c = critic_targets(tr.reward, tr.costs, tr.discount, jnp.full((4, 4), 8.0), GAMMA**3)
+    np.testing.assert_array_equal(np.asarray(y_r), [182.25, 184.0, 5.0, 4.0])
+    np.testing.assert_array_equal(np.asarray(y_c)[0], [13.5, -5.25])
 
 
 def test_one_step_sampling_is_the_plain_sampler():

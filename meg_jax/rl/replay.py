@@ -160,5 +160,4 @@ def replay_sample_nstep(buffer: ReplayBuffer, key: jax.Array, batch_size: int, n
     k_env, k_time = jax.random.split(key)
     env_idx = jax.random.randint(k_env, (batch_size,), 0, buffer.num_envs)
     start = jax.random.randint(k_time, (batch_size,), 0, jnp.maximum(buffer.size - n + 1, 1))
-    start = jnp.minimum(start, jnp.maximum(buffer.size - n, 0))
     return nstep_transition(buffer, env_idx, start, n, gamma)
