@@ -88,7 +88,10 @@ class CVPOConfig:
     init_std: float = 0.5  # initial policy standard deviation (action units)
     min_std: float = 1e-3  # floor of the policy standard deviation
     eta_init: float = 1.0  # initial E-step temperature
-    lam_max: float = 100.0  # upper bound of each lambda (normalised costs; binds only when q cannot meet a threshold)
+    # upper bound of each lambda (normalised costs). The multiplier grows without bound as the
+    # batch threshold nears the least cost q can reach in the KL ball, which shrinks with the
+    # policy's spread: 100 clipped feasible E-steps late in training (docs/results.md)
+    lam_max: float = 1e4
     dual_iters: int = 30  # max projected Newton iterations of the E-step dual per update
     dual_tol: float = 2e-7  # relative decrease of the dual below which the solver stops
     cost_margin: float = 0.0  # thresholds use limit * (1 - cost_margin)

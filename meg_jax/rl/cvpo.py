@@ -397,6 +397,9 @@ def make_cvpo(
         policy's cost level smoothed over batches (EMA at ``cost_baseline_rate``). The batch
         mean alone is a noisy estimate of J (B states of random channels), noisier than what
         q can change within the KL ball, which pinned lam at 0 or lam_max batch by batch.
+        The dual is solved on the costs centred per state (Q_c - E_pi_old[Q_c | s], threshold
+        minus the batch mean: the same q and lam), so a large lam multiplies differences of
+        Q_c, not its level (float32 keeps the reward's differences at lam = lam_max).
 
         Returns (candidates, weights [B, M], solution, cost_baseline accumulator [m],
         diagnostics).
@@ -412,17 +415,20 @@ def make_cvpo(
         q = jax.lax.stop_gradient(q)
         q_r = jnp.minimum(q[..., 0], q[..., 1])
         q_c = q[..., REWARD_HEADS:]
-        prior_costs = jnp.mean(jnp.einsum("bk,bkj->bj", jnp.exp(log_prior), q_c), axis=0)  # [m]
+        state_costs = jnp.einsum("bk,bkj->bj", jnp.exp(log_prior), q_c)  # [B, m] E_pi_old[Q_c | s]
+        prior_costs = jnp.mean(state_costs, axis=0)  # [m]
         accumulator, baseline = dual_lib.ema_update(
             state.cost_baseline, prior_costs, config.cost_baseline_rate, state.updates + 1
         )
         batch_thresholds = thresholds + (prior_costs - baseline)
+        q_c = q_c - state_costs[:, None, :]  # centred per state; the threshold follows
         sol = dual_lib.solve_estep_dual(
-            q_r, q_c, log_prior, config.kl_epsilon, batch_thresholds, state.eta, state.lam,
+            q_r, q_c, log_prior, config.kl_epsilon, thresholds - baseline, state.eta, state.lam,
             max_iters=config.dual_iters, tol=config.dual_tol, lam_max=config.lam_max,
         )
         weights = dual_lib.estep_weights(q_r, q_c, log_prior, sol.eta, sol.lam)
-        infeasible = dual_lib.estep_infeasible(sol, batch_thresholds, config.lam_max)
+        sol = sol.replace(expected_costs=sol.expected_costs + prior_costs)  # back to Q_c's level
+        infeasible = dual_lib.estep_infeasible(sol, batch_thresholds, config.lam_max, rtol=1e-4)
         if config.estep_fallback:
             # no q in the KL ball meets the violated thresholds: take the least-cost q there
             which = (sol.expected_costs > batch_thresholds).astype(jnp.float32)
