@@ -203,3 +203,17 @@ def test_ema_update_is_bias_corrected():
     assert float(est) == pytest.approx(10.0 / 3.0, rel=1e-6)
     # rate 1: the newest value exactly (the per-batch baseline of cost_baseline_rate = 1)
     assert float(dual.ema_update(acc, jnp.float32(7.25), 1.0, 5)[1]) == 7.25
+
+
+def test_centring_costs_per_state_leaves_the_solution(solve):
+    # subtracting V(s) = E_p[Q_c | s] from every Q_c of state s and mean_s V(s) from the
+    # threshold shifts g by the constant lam . mean_s V(s) - lam . mean_s V(s) = 0 per lam:
+    # the same minimiser (float32 solves to a relative decrease of 2e-7: ~1e-3 agreement)
+    qr, qc, logp, c = _problem(2, 2, 1.0, feasible=True, uniform_prior=False)
+    v = np.einsum("bk,bkj->bj", np.exp(logp), qc)
+    a = solve(jnp.float32(qr), jnp.float32(qc), jnp.float32(logp), EPS, jnp.float32(c), 1.0, None)
+    b = solve(jnp.float32(qr), jnp.float32(qc - v[:, None, :]), jnp.float32(logp), EPS, jnp.float32(c - v.mean(0)),
+              1.0, None)
+    np.testing.assert_allclose(np.asarray(b.lam), np.asarray(a.lam), rtol=2e-3, atol=1e-4)
+    np.testing.assert_allclose(float(b.eta), float(a.eta), rtol=2e-3)
+    np.testing.assert_allclose(np.asarray(b.expected_costs) + v.mean(0), np.asarray(a.expected_costs), atol=1e-4)
