@@ -99,7 +99,7 @@ class CVPOConfig:
     # E-step cost baseline: the batch's cost constraint is read relative to its own cost under
     # pi_old, with the policy's cost level taken from an EMA of those batch costs at this rate
     # per update (bias-corrected); 1.0 = the batch's own estimate (no smoothing)
-    cost_baseline_rate: float = 0.01
+    cost_baseline_rate: float = 0.05
     estep_fallback: bool = True  # an E-step that cannot meet a threshold within the KL ball takes the least-cost q there
     n_step: int = 1  # TD targets over n consecutive steps (the authors use 2; 1 = one-step)
 
