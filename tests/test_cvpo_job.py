@@ -25,6 +25,22 @@ def _config(*extra: str):
     return config
 
 
+def test_estep_summary_counts_capped_and_infeasible_esteps():
+    # 4 E-steps: lam on the cap in 2 (one of them infeasible), prior costs of constraint 0 at
+    # 0.9, 1.1, 1.0, 1.0 x threshold (mean 1.0, population std sqrt(0.005))
+    flat = {
+        "estep_lam_at_cap": np.asarray([1.0, 0.0, 1.0, 0.0]),
+        "estep_infeasible": np.asarray([1.0, 0.0, 0.0, 0.0]),
+        "estep_prior_costs_over_threshold": np.asarray([[0.9, 1.0], [1.1, 1.0], [1.0, 1.0], [1.0, 1.0]]),
+        "estep_baseline_over_threshold": np.asarray([[1.0, 1.0]] * 3 + [[0.98, 0.97]]),
+    }
+    out = job.estep_summary(flat)
+    assert out["estep_lam_at_cap_frac"] == 0.5 and out["estep_infeasible_frac"] == 0.25
+    assert out["prior_cost_0_over_threshold"] == pytest.approx(1.0)
+    assert out["prior_cost_0_over_threshold_std"] == pytest.approx(np.sqrt(0.005))
+    assert out["baseline_cost_1_over_threshold"] == pytest.approx(0.97)
+
+
 def test_parse_args_applies_dotted_overrides(capsys):
     config = _config("--cvpo.batch_size=64", "--algo", "ppo_lag", "--seed", "3", "--env.preset", "sdxl-mobile")
     assert config.cvpo.batch_size == 64 and config.algo == "ppo_lag" and config.seed == 3
@@ -54,7 +70,13 @@ def test_killed_run_resumes_bit_identical(tmp_path):
     with open(tmp_path / "full" / "estep" / "metrics.jsonl") as f:
         records = [json.loads(line) for line in f]
     assert len(records) == int(full.state.updates)
-    assert {"eta", "lam_0", "lam_1", "estep_kl", "estep_cost_0_over_threshold"} <= set(records[0])
+    assert {"eta", "lam_0", "lam_1", "estep_kl", "estep_cost_0_over_threshold", "lam_at_cap", "infeasible"} <= set(records[0])
+    # and the iteration summaries carry the at-cap fraction, consistent with those records
+    with open(tmp_path / "full" / "metrics.jsonl") as f:
+        summaries = [json.loads(line) for line in f]
+    logged = [r for r in summaries if "estep_lam_at_cap_frac" in r]
+    assert logged and sum(r["estep_lam_at_cap_frac"] * r["updates_done"] for r in logged) == pytest.approx(
+        sum(r["lam_at_cap"] for r in records))
     # a rerun with another config is refused, naming the field
     rc = job.main(["--workdir", str(tmp_path / "full"), *TINY_ARGS, "--cvpo.batch_size=64", "--no_progress"])
     assert rc == job.EXIT_BAD_CONFIG

@@ -153,5 +153,67 @@ def test_q_space_threshold():
     # float32 geometric sums vs exact decimals: a few rounded ops, <= ~4 x 0.5 ulp (2.4e-7)
     np.testing.assert_allclose(dual.q_space_threshold(jnp.asarray([2.0]), 0.5, 3), [3.5], rtol=1e-6)
     np.testing.assert_allclose(dual.q_space_threshold(jnp.asarray([2.0, 1.0]), 0.0, 10), [2.0, 1.0], rtol=1e-6)
+    # continuing view (no horizon): limit / (1 - gamma) = 1 / 0.03; 3 rounded float32 ops
+    np.testing.assert_allclose(dual.q_space_threshold(jnp.asarray([1.0]), 0.97, None), [100.0 / 3.0], rtol=1e-6)
     with pytest.raises(ValueError, match="gamma"):
         dual.q_space_threshold(1.0, 1.0, 10)
+
+
+def test_lam_at_cap_flags_any_multiplier_on_its_bound():
+    lam = jnp.asarray([[100.0, 0.0], [99.9, 0.0], [0.0, 100.0], [3.0, 4.0]])
+    np.testing.assert_array_equal(np.asarray(dual.lam_at_cap(lam, 100.0)), [1.0, 0.0, 1.0, 0.0])
+
+
+def test_infeasible_batch_triggers_the_least_cost_fallback(solve):
+    # an infeasible batch: the solver ends on the cap with the constraints unmet
+    qr, qc, logp, c = _problem(5, 2, 1.0, feasible=False)
+    args = (jnp.float32(qr), jnp.float32(qc), jnp.float32(logp), EPS, jnp.float32(c))
+    sol = solve(*args, 1.0, None, lam_max=100.0)
+    assert float(dual.lam_at_cap(sol.lam, 100.0)) == 1.0
+    assert bool(dual.estep_infeasible(sol, jnp.float32(c), 100.0))
+    # the fallback is the least-cost tilt p exp(-t sum_j Q_c,j) with KL = EPS (bisection on t)
+    weights, fb = jax.jit(dual.min_cost_estep)(jnp.float32(qc), jnp.float32(logp), EPS, jnp.ones((2,)), sol.eta)
+    lo, hi = 0.0, 1e3
+    for _ in range(80):
+        mid = 0.5 * (lo + hi)
+        lo, hi = (mid, hi) if _tilted(qc, logp, mid)[1] < EPS else (lo, mid)
+    ref, _ = _tilted(qc, logp, lo)
+    # float32 solve of a smooth 1-D dual to a relative decrease of 2e-7: weights agree to ~1e-4
+    np.testing.assert_allclose(np.asarray(weights), ref, atol=2e-4)
+    assert float(fb.kl) == pytest.approx(EPS, rel=1e-2)
+    # no q in the ball costs less (up to the same float32 slack), the capped q included
+    cost = lambda w: float(np.mean(np.einsum("bm,bmj->b", w, qc)))  # noqa: E731
+    w_cap = np.asarray(dual.estep_weights(*(jnp.float32(a) for a in (qr, qc, logp)), sol.eta, sol.lam))
+    assert cost(np.asarray(weights)) <= cost(w_cap) + 1e-4
+
+
+def test_feasible_batch_does_not_trigger_the_fallback(solve):
+    qr, qc, logp, c = _problem(1, 2, 1.0, feasible=True)
+    sol = solve(jnp.float32(qr), jnp.float32(qc), jnp.float32(logp), EPS, jnp.float32(c), 1.0, None, lam_max=100.0)
+    assert not bool(dual.estep_infeasible(sol, jnp.float32(c), 100.0))
+    assert float(dual.lam_at_cap(sol.lam, 100.0)) == 0.0
+
+
+def test_ema_update_is_bias_corrected():
+    # rate 0.5: acc = 0.5 * 2 = 1 -> estimate 1 / (1 - 0.5) = 2; then acc = 0.5 + 0.5 * 4 = 2.5,
+    # estimate 2.5 / 0.75 = 10 / 3 (the weights 1/3, 2/3 of the two values)
+    acc, est = dual.ema_update(jnp.zeros(()), jnp.float32(2.0), 0.5, 1)
+    assert float(est) == pytest.approx(2.0, rel=1e-6)
+    acc, est = dual.ema_update(acc, jnp.float32(4.0), 0.5, 2)
+    assert float(est) == pytest.approx(10.0 / 3.0, rel=1e-6)
+    # rate 1: the newest value exactly (the per-batch baseline of cost_baseline_rate = 1)
+    assert float(dual.ema_update(acc, jnp.float32(7.25), 1.0, 5)[1]) == 7.25
+
+
+def test_centring_costs_per_state_leaves_the_solution(solve):
+    # subtracting V(s) = E_p[Q_c | s] from every Q_c of state s and mean_s V(s) from the
+    # threshold shifts g by the constant lam . mean_s V(s) - lam . mean_s V(s) = 0 per lam:
+    # the same minimiser (float32 solves to a relative decrease of 2e-7: ~1e-3 agreement)
+    qr, qc, logp, c = _problem(2, 2, 1.0, feasible=True, uniform_prior=False)
+    v = np.einsum("bk,bkj->bj", np.exp(logp), qc)
+    a = solve(jnp.float32(qr), jnp.float32(qc), jnp.float32(logp), EPS, jnp.float32(c), 1.0, None)
+    b = solve(jnp.float32(qr), jnp.float32(qc - v[:, None, :]), jnp.float32(logp), EPS, jnp.float32(c - v.mean(0)),
+              1.0, None)
+    np.testing.assert_allclose(np.asarray(b.lam), np.asarray(a.lam), rtol=2e-3, atol=1e-4)
+    np.testing.assert_allclose(float(b.eta), float(a.eta), rtol=2e-3)
+    np.testing.assert_allclose(np.asarray(b.expected_costs) + v.mean(0), np.asarray(a.expected_costs), atol=1e-4)

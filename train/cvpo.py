@@ -39,7 +39,7 @@ import numpy as np
 from meg_jax import config as config_lib
 from meg_jax.rl.config import ALGOS, RunConfig
 
-__all__ = ["main", "parse_args", "run", "TrainResult"]
+__all__ = ["main", "parse_args", "run", "TrainResult", "estep_summary"]
 
 EXIT_BAD_CONFIG = 2
 EXIT_NON_FINITE = 3
@@ -178,12 +178,18 @@ def _summarize(algo: str, metrics: dict, limits: np.ndarray) -> tuple[dict[str, 
             out["alpha_sigma"] = float(last["alpha_sigma"])
             for j in range(limits.shape[0]):
                 out[f"lam_{j}"] = float(last["lam"][j])
-            flat = {k: m[k].reshape((-1,) + m[k].shape[2:])[updated] for k in ("eta", "lam", "estep_kl", "estep_costs_over_threshold")}
+            keys = ("eta", "lam", "estep_kl", "estep_costs_over_threshold", "estep_lam_at_cap", "estep_infeasible", "estep_violation",
+                    "estep_prior_costs_over_threshold", "estep_baseline_over_threshold")
+            flat = {k: m[k].reshape((-1,) + m[k].shape[2:])[updated] for k in keys}
+            out.update(estep_summary(flat))
             for i in range(flat["eta"].shape[0]):
-                rec = {"eta": float(flat["eta"][i]), "estep_kl": float(flat["estep_kl"][i])}
+                rec = {"eta": float(flat["eta"][i]), "estep_kl": float(flat["estep_kl"][i]),
+                       "lam_at_cap": float(flat["estep_lam_at_cap"][i]),
+                       "infeasible": float(flat["estep_infeasible"][i]), "estep_violation": float(flat["estep_violation"][i])}
                 for j in range(limits.shape[0]):
                     rec[f"lam_{j}"] = float(flat["lam"][i][j])
                     rec[f"estep_cost_{j}_over_threshold"] = float(flat["estep_costs_over_threshold"][i][j])
+                    rec[f"prior_cost_{j}_over_threshold"] = float(flat["estep_prior_costs_over_threshold"][i][j])
                 per_update.append(rec)
     else:
         if "updated" in m:  # off-policy agents: averages over the updates that ran
@@ -199,6 +205,35 @@ def _summarize(algo: str, metrics: dict, limits: np.ndarray) -> tuple[dict[str, 
         for j in range(limits.shape[0]):
             out[f"lam_{j}"] = float(lam[j])
     return out, per_update
+
+
+def estep_summary(flat: dict[str, np.ndarray]) -> dict[str, float]:
+    """Statistics of the E-steps of one host iteration (only the updates that ran).
+
+    Args:
+      flat: per-update arrays, [U] or [U, m]: ``estep_lam_at_cap`` (1 when any lam sat on
+        ``cvpo.lam_max``), ``estep_infeasible`` (1 when a lam sat on its cap with its batch
+        threshold still unmet: no q in the KL ball meets it; ``dual.estep_infeasible``; the
+        fallback's trigger), ``estep_prior_costs_over_threshold`` (the
+        batch's mean_s E_pi_old[Q_c] / threshold) and ``estep_baseline_over_threshold`` (the
+        smoothed cost level the batch is read against).
+
+    Returns:
+      ``estep_lam_at_cap_frac`` (fraction of E-steps with any lam at its cap),
+      ``estep_infeasible_frac`` (fraction that could not meet a batch threshold within the
+      KL ball), and per constraint j the mean and the between-batch standard deviation of
+      ``prior_cost_j_over_threshold`` and the last ``baseline_cost_j_over_threshold``.
+    """
+    out = {
+        "estep_lam_at_cap_frac": float(np.mean(flat["estep_lam_at_cap"] > 0.5)),
+        "estep_infeasible_frac": float(np.mean(flat["estep_infeasible"] > 0.5)),
+    }
+    prior = np.asarray(flat["estep_prior_costs_over_threshold"])
+    for j in range(prior.shape[-1]):
+        out[f"prior_cost_{j}_over_threshold"] = float(prior[:, j].mean())
+        out[f"prior_cost_{j}_over_threshold_std"] = float(prior[:, j].std())
+        out[f"baseline_cost_{j}_over_threshold"] = float(np.asarray(flat["estep_baseline_over_threshold"])[-1, j])
+    return out
 
 
 def _postfix(summary: dict[str, float]) -> dict[str, str]:

@@ -52,6 +52,7 @@ __all__ = [
     "ENERGY_SCOPES",
     "PAPER_EPISODE_LENGTH",
     "PAPER_GAMMA",
+    "PAPER_N_STEP",
 ]
 
 SINGLE_COSTS = ("normalised_sum", "latency", "energy")
@@ -245,9 +246,10 @@ PRESETS: dict[str, MEGEnvConfig] = {
         artifact_path="checkpoints/calibration/sdxl-1024.npz",
         slot_s=2.0,  # SDXL-1024 requests take seconds; one request every 2 s
     ),
-    # The paper's environment (PaperSystem). T = 64 requests and gamma = 0.97 are the
-    # authors' episode length and discount: pass --env.episode_length 64 --cvpo.gamma 0.97
-    # (presets carry no agent settings; PAPER_EPISODE_LENGTH / PAPER_GAMMA below).
+    # The paper's environment (PaperSystem). T = 64 requests, gamma = 0.97 and 2-step returns
+    # are the authors' episode length, discount and TD targets: pass --env.episode_length 64
+    # --cvpo.gamma 0.97 --cvpo.n_step 2 (presets carry no agent settings; PAPER_EPISODE_LENGTH /
+    # PAPER_GAMMA / PAPER_N_STEP below).
     "paper": MEGEnvConfig(
         name="paper",
         artifact_path="checkpoints/calibration/sdxl-1024.npz",  # its quality tables and scheme file sizes
@@ -262,6 +264,7 @@ PRESETS: dict[str, MEGEnvConfig] = {
 
 PAPER_EPISODE_LENGTH = 64  # the authors' T
 PAPER_GAMMA = 0.97  # the authors' CVPO discount
+PAPER_N_STEP = 2  # the authors' n-step returns (FSRL's CVPO)
 
 
 def get_preset(name: str) -> MEGEnvConfig:

@@ -99,11 +99,20 @@ class CVPOConfig:
     init_std: float = 0.5  # initial policy standard deviation (action units)
     min_std: float = 1e-3  # floor of the policy standard deviation
     eta_init: float = 1.0  # initial E-step temperature
-    lam_max: float = 100.0  # upper bound of each lambda (normalised costs; binds only when q cannot meet a threshold)
+    # upper bound of each lambda (normalised costs). The multiplier grows without bound as the
+    # batch threshold nears the least cost q can reach in the KL ball, which shrinks with the
+    # policy's spread: 100 clipped feasible E-steps late in training (docs/results.md)
+    lam_max: float = 1e4
     dual_iters: int = 30  # max projected Newton iterations of the E-step dual per update
     dual_tol: float = 2e-7  # relative decrease of the dual below which the solver stops
     cost_margin: float = 0.0  # thresholds use limit * (1 - cost_margin)
     target_samples: int = 16  # next-state actions averaged in the critic target (continuous)
+    # E-step cost baseline: the batch's cost constraint is read relative to its own cost under
+    # pi_old, with the policy's cost level taken from an EMA of those batch costs at this rate
+    # per update (bias-corrected); 1.0 = the batch's own estimate (no smoothing)
+    cost_baseline_rate: float = 0.05
+    estep_fallback: bool = True  # an E-step that cannot meet a threshold within the KL ball takes the least-cost q there
+    n_step: int = 1  # TD targets over n consecutive steps (the authors use 2; 1 = one-step)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -32,8 +32,20 @@ Conventions (documented choices where the paper is silent):
   (acme/rlax convention); the KL terms are averaged over states;
 * the agent sees the process as continuing: at an episode end it bootstraps into the next
   episode's first observation (a truncation is not a termination; the observation carries
-  the episode progress). The Q-space thresholds are then ``limit (1 - gamma^T) / (1 - gamma)``
-  (``dual.q_space_threshold``, the references' formula with d = limit x T);
+  the episode progress). The Q-space thresholds are then ``limit / (1 - gamma)``, the mean
+  discounted cost value of a policy at the limit over the cost stream
+  (``dual.q_space_threshold`` with no horizon; the references' finite-horizon
+  ``limit (1 - gamma^T) / (1 - gamma)`` would hold the agent to (1 - gamma^T) x its limit,
+  0.86 at gamma = 0.97, T = 64);
+* each batch's cost constraint is read against the policy's smoothed cost level (an EMA of
+  the batches' mean_s E_pi_old[Q_c], ``cost_baseline_rate``), not against the batch mean
+  alone, whose state-to-state noise exceeds what q can change within the KL ball;
+* an E-step that cannot meet a batch threshold within the KL ball (lam ends on ``lam_max``
+  with the threshold unmet) takes the least-cost q in the ball instead (``estep_fallback``,
+  ``dual.min_cost_estep``); under a vmap over seeds ``lax.cond`` runs both branches, so
+  multi-seed runs pay that second solve every update;
+* ``n_step`` > 1: TD targets over n consecutive steps of one environment's stream
+  (``replay.replay_sample_nstep``), bootstrapped gamma^n away (the authors use 2);
 * the discrete head's E-step is exact: every action of the K x r grid, weighted by pi_old.
 
 ``make_cvpo(config, env, mesh)`` returns the pure functions; ``make_train(config, env,
@@ -63,7 +75,7 @@ from meg_jax.rl.cvpo_losses import (  # re-exported: the public import paths sta
     polyak,
     update_alpha,
 )
-from meg_jax.rl.replay import ReplayBuffer, Transition, replay_add, replay_init, replay_sample
+from meg_jax.rl.replay import ReplayBuffer, Transition, replay_add, replay_init, replay_sample_nstep
 
 __all__ = [
     "CVPOState",
@@ -114,6 +126,8 @@ class CVPOState:
       actor_opt, critic_opt: optax states.
       eta: [] E-step temperature (warm start of the next solve).
       lam: [m] E-step cost multipliers (normalised cost units).
+      cost_baseline: [m] EMA accumulator (not bias-corrected) of the batches' costs under
+        pi_old, mean_s E_pi_old[Q_c] (the E-step's cost baseline, ``cvpo.cost_baseline_rate``).
       alpha_mu, alpha_sigma: [] M-step KL multipliers.
       env_state: brax State of the N environments (leaves [N, ...], sharded).
       replay: ring buffer (leaves [N, capacity_per_env, ...], sharded).
@@ -130,6 +144,7 @@ class CVPOState:
     critic_opt: Any
     eta: jax.Array
     lam: jax.Array
+    cost_baseline: jax.Array
     alpha_mu: jax.Array
     alpha_sigma: jax.Array
     env_state: Any
@@ -201,7 +216,6 @@ def make_cvpo(
     """
     _validate(config, env)
     num_envs = env_num_envs(env)
-    horizon = env_horizon(env)
     limits = env_limits(env)
     m = int(limits.shape[0])
     obs_dim = int(env.observation_size)
@@ -210,7 +224,7 @@ def make_cvpo(
     capacity_per_env = max(1, config.replay_capacity // num_envs)
     min_replay_steps = max(1, math.ceil(config.min_replay / num_envs))
     thresholds = dual_lib.q_space_threshold(
-        jnp.full((m,), 1.0 - config.cost_margin, jnp.float32), config.gamma, horizon
+        jnp.full((m,), 1.0 - config.cost_margin, jnp.float32), config.gamma, None
     )
 
     if discrete:
@@ -281,6 +295,7 @@ def make_cvpo(
             critic_opt=critic_tx.init(critic),
             eta=jnp.asarray(config.eta_init, jnp.float32),
             lam=jnp.zeros((m,), jnp.float32),
+            cost_baseline=jnp.zeros((m,), jnp.float32),
             alpha_mu=jnp.zeros((), jnp.float32),
             alpha_sigma=jnp.zeros((), jnp.float32),
             env_state=env_state,
@@ -357,7 +372,10 @@ def make_cvpo(
         return jnp.concatenate([v_r[:, None], v_r[:, None], v_c], axis=-1)
 
     def critic_update(state: CVPOState, batch: Transition, nv: jax.Array):
-        y_r, y_c = critic_targets(batch.reward, batch.costs, batch.discount, jax.lax.stop_gradient(nv), config.gamma)
+        # n-step batches carry the discounted n-step sums; the bootstrap is gamma^n away
+        y_r, y_c = critic_targets(
+            batch.reward, batch.costs, batch.discount, jax.lax.stop_gradient(nv), config.gamma**config.n_step
+        )
         targets = jnp.concatenate([y_r[:, None], y_r[:, None], y_c], axis=-1)  # [B, H]
 
         def loss_fn(params):
@@ -376,7 +394,20 @@ def make_cvpo(
         return state.replace(critic=critic, critic_opt=opt), metrics
 
     def estep(state: CVPOState, candidates: Any, q: jax.Array):
-        """The E-step on the next states' particles: their prior under pi_old and the solved dual."""
+        """The E-step on the next states' particles: their prior under pi_old and the solved dual.
+
+        The cost constraint is read relative to the batch's own cost under pi_old: q may move
+        mean_s E_q[Q_c] by (threshold - J) from the batch's mean_s E_pi_old[Q_c], J the
+        policy's cost level smoothed over batches (EMA at ``cost_baseline_rate``). The batch
+        mean alone is a noisy estimate of J (B states of random channels), noisier than what
+        q can change within the KL ball, which pinned lam at 0 or lam_max batch by batch.
+        The dual is solved on the costs centred per state (Q_c - E_pi_old[Q_c | s], threshold
+        minus the batch mean: the same q and lam), so a large lam multiplies differences of
+        Q_c, not its level (float32 keeps the reward's differences at lam = lam_max).
+
+        Returns (candidates, weights [B, M], solution, cost_baseline accumulator [m],
+        diagnostics).
+        """
         if discrete:
             log_prior = jax.nn.log_softmax(candidates, axis=-1)
         else:
@@ -388,12 +419,39 @@ def make_cvpo(
         q = jax.lax.stop_gradient(q)
         q_r = jnp.minimum(q[..., 0], q[..., 1])
         q_c = q[..., REWARD_HEADS:]
+        state_costs = jnp.einsum("bk,bkj->bj", jnp.exp(log_prior), q_c)  # [B, m] E_pi_old[Q_c | s]
+        prior_costs = jnp.mean(state_costs, axis=0)  # [m]
+        accumulator, baseline = dual_lib.ema_update(
+            state.cost_baseline, prior_costs, config.cost_baseline_rate, state.updates + 1
+        )
+        batch_thresholds = thresholds + (prior_costs - baseline)
+        q_c = q_c - state_costs[:, None, :]  # centred per state; the threshold follows
         sol = dual_lib.solve_estep_dual(
-            q_r, q_c, log_prior, config.kl_epsilon, thresholds, state.eta, state.lam,
+            q_r, q_c, log_prior, config.kl_epsilon, thresholds - baseline, state.eta, state.lam,
             max_iters=config.dual_iters, tol=config.dual_tol, lam_max=config.lam_max,
         )
-        weights = jax.lax.stop_gradient(dual_lib.estep_weights(q_r, q_c, log_prior, sol.eta, sol.lam))
-        return candidates, weights, sol
+        weights = dual_lib.estep_weights(q_r, q_c, log_prior, sol.eta, sol.lam)
+        sol = sol.replace(expected_costs=sol.expected_costs + prior_costs)  # back to Q_c's level
+        infeasible = dual_lib.estep_infeasible(sol, batch_thresholds, config.lam_max, rtol=1e-4)
+        if config.estep_fallback:
+            # no q in the KL ball meets the violated thresholds: take the least-cost q there
+            which = (sol.expected_costs > batch_thresholds).astype(jnp.float32)
+            weights = jax.lax.cond(
+                infeasible,
+                lambda: dual_lib.min_cost_estep(q_c, log_prior, config.kl_epsilon, which, sol.eta,
+                                                max_iters=config.dual_iters, tol=config.dual_tol)[0],
+                lambda: weights,
+            )
+        weights = jax.lax.stop_gradient(weights)
+        diagnostics = {
+            "estep_infeasible": infeasible.astype(jnp.float32),
+            "estep_lam_at_cap": dual_lib.lam_at_cap(sol.lam, config.lam_max),
+            # > 0: q still exceeds a batch threshold at the solution (infeasible in the KL ball)
+            "estep_violation": jnp.max((sol.expected_costs - batch_thresholds) / thresholds),
+            "estep_prior_costs_over_threshold": prior_costs / thresholds,
+            "estep_baseline_over_threshold": baseline / thresholds,
+        }
+        return candidates, weights, sol, accumulator, diagnostics
 
     def mstep(state: CVPOState, obs: jax.Array, candidates: Any, weights: jax.Array):
         if discrete:
@@ -435,19 +493,20 @@ def make_cvpo(
 
     def update(state: CVPOState, key: jax.Array):
         k_sample, k_particles = jax.random.split(key)
-        batch = constrain(replay_sample(state.replay, k_sample, config.batch_size))
+        batch = constrain(replay_sample_nstep(state.replay, k_sample, config.batch_size, config.n_step, config.gamma))
         # one evaluation of pi_old's actions at the next states serves the TD target and the
         # E-step (both score pi_old's actions with the target critics, which the critic step
         # below does not change); the E- and M-steps therefore fit the policy on the next states
         particles, q_next = next_state_particles(state, batch.next_obs, k_particles)
         state, c_metrics = critic_update(state, batch, next_values(particles, q_next))
-        candidates, weights, sol = estep(state, particles, q_next)
+        candidates, weights, sol, cost_baseline, e_metrics = estep(state, particles, q_next)
         state, a_metrics = mstep(state, batch.next_obs, candidates, weights)
         state = state.replace(
             target_critic=polyak(state.target_critic, state.critic, config.tau),
             target_actor=polyak(state.target_actor, state.actor, config.tau),
             eta=sol.eta,
             lam=sol.lam,
+            cost_baseline=cost_baseline,
             updates=state.updates + 1,
         )
         if not discrete:
@@ -455,6 +514,7 @@ def make_cvpo(
         metrics = {
             **c_metrics,
             **a_metrics,
+            **e_metrics,
             "eta": sol.eta,
             "lam": sol.lam,
             "estep_kl": sol.kl,
@@ -522,6 +582,10 @@ def _validate(config: CVPOConfig, env: Any) -> None:
             problems.append(f"cvpo.{name} must be > 0, got {getattr(config, name)}")
     if not 0.0 <= config.cost_margin < 1.0:
         problems.append(f"cvpo.cost_margin must be in [0, 1), got {config.cost_margin}")
+    if not 0.0 < config.cost_baseline_rate <= 1.0:
+        problems.append(f"cvpo.cost_baseline_rate must be in (0, 1], got {config.cost_baseline_rate}")
+    if config.n_step < 1:
+        problems.append(f"cvpo.n_step must be >= 1, got {config.n_step}")
     if config.replay_capacity < env_num_envs(env):
         problems.append(
             f"cvpo.replay_capacity={config.replay_capacity} is below the {env_num_envs(env)} parallel "

@@ -42,6 +42,10 @@ __all__ = [
     "estep_weights",
     "solve_estep_dual",
     "q_space_threshold",
+    "lam_at_cap",
+    "estep_infeasible",
+    "min_cost_estep",
+    "ema_update",
     "PIDState",
     "pid_init",
     "pid_lagrange_update",
@@ -77,28 +81,121 @@ class DualSolution:
     iterations: jax.Array
 
 
-def q_space_threshold(limit: jax.Array | float, gamma: float, horizon: int) -> jax.Array:
+def q_space_threshold(limit: jax.Array | float, gamma: float, horizon: Optional[int]) -> jax.Array:
     """Converts an episode-average cost limit into a threshold on discounted cost values.
 
     The references write c_hat = d (1 - gamma^T) / ((1 - gamma) T) for an episode-sum limit
-    d over T steps (cost spread evenly over a fixed horizon). meg-jax limits are per-request
-    averages, i.e. d = limit * T, so c_hat = limit (1 - gamma^T) / (1 - gamma); gamma = 0
-    gives c_hat = limit.
+    d over T steps (cost spread evenly over a fixed horizon, values counted from an episode's
+    start). meg-jax limits are per-request averages, i.e. d = limit * T, so
+    c_hat = limit (1 - gamma^T) / (1 - gamma); gamma = 0 gives c_hat = limit.
+
+    ``horizon=None`` is the continuing view of MEG-CVPO (an episode end bootstraps into the
+    next episode, so Q_c sums the cost stream past the episode): a policy whose average cost
+    is the limit has mean discounted cost value limit / (1 - gamma) over replay states, the
+    threshold then. The two differ by the factor 1 - gamma^T: nothing at gamma = 0.5, T = 32
+    (1 - 2e-10), 14 % at the authors' gamma = 0.97, T = 64, where the finite-horizon formula
+    would hold the continuing agent to 0.86 x its limit.
 
     Args:
       limit: [m] episode-average limit(s), in the critic's cost units.
       gamma: discount in [0, 1).
-      horizon: T, steps per episode (>= 1).
+      horizon: T, steps per episode (>= 1); None for the continuing view.
 
     Returns:
       [m] thresholds for mean_s E_q[Q_c].
     """
     if not 0.0 <= gamma < 1.0:
         raise ValueError(f"gamma must be in [0, 1), got {gamma}")
-    if horizon < 1:
+    if horizon is not None and horizon < 1:
         raise ValueError(f"horizon must be >= 1, got {horizon}")
-    factor = (1.0 - gamma**horizon) / (1.0 - gamma)
+    factor = (1.0 - (0.0 if horizon is None else gamma**horizon)) / (1.0 - gamma)
     return jnp.asarray(limit, jnp.float32) * factor
+
+
+def lam_at_cap(lam: jax.Array, lam_max: float | jax.Array) -> jax.Array:
+    """1.0 where any multiplier sits on its upper bound, else 0.0.
+
+    The projected Newton solver clips lam to [0, lam_max] exactly, so "at the cap" is
+    ``lam >= lam_max`` up to float32 rounding of the bound (relative 1e-6).
+
+    Args:
+      lam: [..., m] multipliers.
+      lam_max: their common upper bound.
+
+    Returns:
+      [...] float32 indicator.
+    """
+    return jnp.any(lam >= jnp.float32(lam_max) * (1.0 - 1e-6), axis=-1).astype(jnp.float32)
+
+
+def estep_infeasible(sol: "DualSolution", thresholds: jax.Array, lam_max: float, rtol: float = 1e-3) -> jax.Array:
+    """Whether the solved E-step could not meet a cost threshold within the KL ball.
+
+    When no q in the KL ball meets a threshold, the dual is unbounded below in that lam and
+    the solver stops on lam_max with the constraint still violated; a lam on its cap whose
+    constraint q meets (up to ``rtol`` x |threshold|) is a finite optimum the cap clipped.
+
+    Returns:
+      [] bool.
+    """
+    at_cap = sol.lam >= jnp.float32(lam_max) * (1.0 - 1e-6)
+    violated = sol.expected_costs > thresholds + rtol * jnp.abs(thresholds)
+    return jnp.any(at_cap & violated)
+
+
+def min_cost_estep(
+    q_costs: jax.Array,
+    log_prior: jax.Array,
+    epsilon: float | jax.Array,
+    which: jax.Array,
+    init_eta: jax.Array | float = 1.0,
+    *,
+    max_iters: int = 30,
+    tol: float = 2e-7,
+) -> tuple[jax.Array, DualSolution]:
+    """The feasible-region fallback of an infeasible E-step: the q in the KL ball of least cost.
+
+    Minimises mean_s E_q[which . Q_c] s.t. mean_s KL(q || p) <= eps, reward ignored (the
+    recovery step of constrained policy search when the constraint cannot be met within the
+    trust region, as in CPO's infeasible case). Solved as the E-step dual with "reward"
+    -which . Q_c and no cost constraint (``solve_estep_dual`` with m = 1 zero costs, lam = 0).
+
+    Args:
+      q_costs: [B, M, m] cost values (normalised: 1 = the limit, so a sum over constraints is meaningful).
+      log_prior: [B, M] log prior weights.
+      epsilon: KL bound.
+      which: [m] weights of the constraints to reduce (1 for the violated ones, 0 else).
+      init_eta: warm start of the temperature.
+
+    Returns:
+      (weights q [B, M], the solution of that dual: eta, kl, expected_reward = -cost).
+    """
+    cost = jnp.einsum("bkj,j->bk", q_costs, which.astype(q_costs.dtype))
+    zero = jnp.zeros(cost.shape + (1,), cost.dtype)
+    sol = solve_estep_dual(-cost, zero, log_prior, epsilon, jnp.zeros((1,), cost.dtype), init_eta,
+                           jnp.zeros((1,), cost.dtype), max_iters=max_iters, tol=tol)
+    weights = jax.nn.softmax(-cost / sol.eta + log_prior, axis=-1)
+    return weights, sol
+
+
+def ema_update(accumulator: jax.Array, x: jax.Array, rate: float, count: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Bias-corrected exponential moving average (as Adam's moments).
+
+    acc <- (1 - rate) acc + rate x from acc = 0; the estimate after ``count`` values is
+    acc / (1 - (1 - rate)^count). With rate = 1 it is the newest x exactly.
+
+    Args:
+      accumulator: [...] the raw accumulator (zeros before the first value).
+      x: [...] the newest value.
+      rate: weight of the newest value, in (0, 1].
+      count: [] values seen including x (>= 1).
+
+    Returns:
+      (new accumulator, bias-corrected estimate), both [...].
+    """
+    accumulator = (1.0 - rate) * accumulator + rate * x
+    correction = 1.0 - (1.0 - rate) ** jnp.asarray(count, jnp.float32)
+    return accumulator, accumulator / correction
 
 
 def _advantage(q_reward: jax.Array, q_costs: jax.Array, lam: jax.Array) -> jax.Array:

@@ -14,7 +14,8 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
-__all__ = ["Transition", "ReplayBuffer", "replay_init", "replay_add", "replay_sample"]
+__all__ = ["Transition", "ReplayBuffer", "replay_init", "replay_add", "replay_sample", "nstep_transition",
+           "replay_sample_nstep"]
 
 
 @struct.dataclass
@@ -95,3 +96,68 @@ def replay_sample(buffer: ReplayBuffer, key: jax.Array, batch_size: int) -> Tran
     env_idx = jax.random.randint(k_env, (batch_size,), 0, buffer.num_envs)
     time_idx = jax.random.randint(k_time, (batch_size,), 0, jnp.maximum(buffer.size, 1))
     return jax.tree.map(lambda x: x[env_idx, time_idx], buffer.data)
+
+
+def nstep_transition(buffer: ReplayBuffer, env_idx: jax.Array, start: jax.Array, n: int, gamma: float) -> Transition:
+    """The n-step transitions that begin at logical time ``start`` of environment ``env_idx``.
+
+    Logical time 0 is the oldest stored step of each environment (the ring's order), so the
+    n steps ``start .. start + n - 1`` are consecutive in the environment's stream. With
+    d_k the stored discounts (1 to bootstrap, 0 at a termination):
+
+        reward   = sum_{k<n} gamma^k (prod_{i<k} d_i) r_k          (costs likewise)
+        discount = prod_{k<n} d_k,   next_obs = next_obs_{n-1},   obs, action = step 0's
+
+    so the TD target is ``reward + gamma^n * discount * V(next_obs)`` (``critic_targets``
+    with gamma^n). In the continuing view of the agents (an episode end bootstraps into the
+    next episode's first observation) the window may span an episode boundary.
+
+    Args:
+      buffer: the ring buffer.
+      env_idx: [B] int32 environments.
+      start: [B] int32 logical start times, in [0, size - n].
+      n: steps per transition (>= 1).
+      gamma: discount factor.
+
+    Returns:
+      a Transition with leaves [B, ...].
+    """
+    if n < 1:
+        raise ValueError(f"n must be >= 1, got {n}")
+    cap = buffer.capacity_per_env
+    oldest = jnp.where(buffer.size < cap, 0, buffer.pos)  # physical index of logical time 0
+    data = buffer.data
+
+    newest = jnp.maximum(buffer.size - 1, 0)
+
+    def at(k: int) -> Transition:
+        t = (oldest + jnp.minimum(start + k, newest)) % cap
+        return jax.tree.map(lambda x: x[env_idx, t], data)
+
+    first = at(0)
+    reward, costs, alive = first.reward, first.costs, first.discount
+    last = first
+    for k in range(1, n):
+        step = at(k)
+        scale = (gamma**k) * alive
+        reward = reward + scale * step.reward
+        costs = costs + scale[:, None] * step.costs
+        alive = alive * step.discount
+        last = step
+    return Transition(obs=first.obs, action=first.action, reward=reward, costs=costs, next_obs=last.next_obs,
+                      discount=alive)
+
+
+def replay_sample_nstep(buffer: ReplayBuffer, key: jax.Array, batch_size: int, n: int, gamma: float) -> Transition:
+    """Uniform sample of ``batch_size`` n-step transitions (``nstep_transition``), with replacement.
+
+    Start times are uniform over the stored steps that have n - 1 successors stored (a buffer
+    holding fewer than n steps yields windows that repeat its newest step; the agents sample
+    only after ``min_replay`` steps). ``n = 1`` is ``replay_sample`` (same draws, same batch).
+    """
+    if n == 1:
+        return replay_sample(buffer, key, batch_size)
+    k_env, k_time = jax.random.split(key)
+    env_idx = jax.random.randint(k_env, (batch_size,), 0, buffer.num_envs)
+    start = jax.random.randint(k_time, (batch_size,), 0, jnp.maximum(buffer.size - n + 1, 1))
+    return nstep_transition(buffer, env_idx, start, n, gamma)
