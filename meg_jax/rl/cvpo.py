@@ -63,6 +63,7 @@ import optax
 from flax import struct
 from jax.sharding import Mesh
 
+from meg_jax.rl import blocks
 from meg_jax.rl import dual as dual_lib
 from meg_jax.rl import networks
 from meg_jax.rl.config import CVPOConfig
@@ -238,15 +239,10 @@ def make_cvpo(
         actor_net = networks.GaussianPolicy(config.actor_hidden, action_dim, config.init_std, config.min_std)
         critic_net = networks.CriticEnsemble(config.critic_hidden, num_heads, config.critic_layer_norm)
 
-    actor_tx = optax.chain(optax.clip_by_global_norm(config.max_grad_norm), optax.adam(config.actor_lr))
-    critic_tx = optax.chain(optax.clip_by_global_norm(config.max_grad_norm), optax.adam(config.critic_lr))
+    actor_tx = blocks.clipped_adam(config.actor_lr, config.max_grad_norm)
+    critic_tx = blocks.clipped_adam(config.critic_lr, config.max_grad_norm)
 
-    def constrain(tree: Any) -> Any:
-        if mesh is None:
-            return tree
-        from meg_jax.parallel import constrain_batch
-
-        return constrain_batch(tree, mesh)
+    constrain = blocks.batch_constrainer(mesh)
 
     # ---------------------------------------------------------------- acting
     def act(actor_params: Any, obs: jax.Array, key: jax.Array, deterministic: bool = False) -> jax.Array:
@@ -525,15 +521,7 @@ def make_cvpo(
         }
         return state, metrics
 
-    def maybe_update(state: CVPOState, key: jax.Array):
-        ready = state.replay.size >= min_replay_steps
-
-        def skip(s, k):
-            shapes = jax.eval_shape(update, s, k)[1]
-            return s, jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), shapes)
-
-        state, metrics = jax.lax.cond(ready, update, skip, state, key)
-        return state, {**metrics, "updated": ready.astype(jnp.float32)}
+    maybe_update = blocks.update_when_ready(update, min_replay_steps)
 
     # ---------------------------------------------------------------- the block
     def train_step(state: CVPOState, key: jax.Array) -> tuple[CVPOState, dict[str, Any]]:
@@ -602,14 +590,4 @@ def make_train(config: CVPOConfig, env: Any, num_blocks: int) -> Callable[[jax.A
     ``train/cvpo.py`` uses, so a vmapped ``train`` over seeds reproduces the job's runs.
     """
     agent = make_cvpo(config, env)
-
-    def train(key: jax.Array):
-        k_init, k_run = jax.random.split(key)
-        state = agent.init(k_init)
-
-        def body(s, _):
-            return agent.train_step(s, jax.random.fold_in(k_run, s.block))
-
-        return jax.lax.scan(body, state, None, length=num_blocks)
-
-    return train
+    return blocks.scan_train(agent.init, agent.train_step, num_blocks)

@@ -29,11 +29,12 @@ import optax
 from flax import struct
 from jax.sharding import Mesh
 
+from meg_jax.rl import blocks
 from meg_jax.rl import dual as dual_lib
 from meg_jax.rl import networks
 from meg_jax.rl.config import DDPGConfig
 from meg_jax.rl.cvpo import env_limits
-from meg_jax.rl.offpolicy import OffPolicyAgent, example_transition, make_block, validate_offpolicy
+from meg_jax.rl.offpolicy import OffPolicyAgent, example_transition, make_block, regress_critics, validate_offpolicy
 from meg_jax.rl.replay import ReplayBuffer, Transition, replay_init, replay_sample
 
 __all__ = ["DDPGState", "make_ddpg", "make_train", "ddpg_targets", "ddpg_actor_objective"]
@@ -100,15 +101,10 @@ def make_ddpg(config: DDPGConfig, env: Any, mesh: Optional[Mesh] = None) -> OffP
     capacity_per_env = max(1, config.replay_capacity // num_envs)
     actor_net = networks.MLP(config.hidden, action_dim, out_scale=0.01)
     critic_net = networks.CriticEnsemble(config.hidden, 1 + m, config.critic_layer_norm)
-    actor_tx = optax.chain(optax.clip_by_global_norm(config.max_grad_norm), optax.adam(config.actor_lr))
-    critic_tx = optax.chain(optax.clip_by_global_norm(config.max_grad_norm), optax.adam(config.critic_lr))
+    actor_tx = blocks.clipped_adam(config.actor_lr, config.max_grad_norm)
+    critic_tx = blocks.clipped_adam(config.critic_lr, config.max_grad_norm)
 
-    def constrain(tree: Any) -> Any:
-        if mesh is None:
-            return tree
-        from meg_jax.parallel import constrain_batch
-
-        return constrain_batch(tree, mesh)
+    constrain = blocks.batch_constrainer(mesh)
 
     def policy(params: Any, obs: jax.Array) -> jax.Array:
         return jnp.tanh(actor_net.apply(params, obs))
@@ -140,13 +136,8 @@ def make_ddpg(config: DDPGConfig, env: Any, mesh: Optional[Mesh] = None) -> OffP
         next_q = critic_net.apply(state.target_critic, batch.next_obs, policy(state.target_actor, batch.next_obs))
         targets = jax.lax.stop_gradient(ddpg_targets(batch.reward, batch.costs, batch.discount, next_q, config.gamma))
 
-        def critic_loss(params):
-            per_head = jnp.mean((critic_net.apply(params, batch.obs, batch.action) - targets) ** 2, axis=0)
-            return jnp.sum(per_head), per_head
-
-        (c_loss, per_head), g_c = jax.value_and_grad(critic_loss, has_aux=True)(state.critic)
-        up_c, critic_opt = critic_tx.update(g_c, state.critic_opt, state.critic)
-        critic = optax.apply_updates(state.critic, up_c)
+        critic, critic_opt, c_loss, per_head = regress_critics(
+            critic_net, critic_tx, state.critic, state.critic_opt, batch, targets)
 
         def actor_loss(params):
             q = critic_net.apply(critic, batch.obs, policy(params, batch.obs))
@@ -170,13 +161,4 @@ def make_ddpg(config: DDPGConfig, env: Any, mesh: Optional[Mesh] = None) -> OffP
 def make_train(config: DDPGConfig, env: Any, num_blocks: int) -> Callable[[jax.Array], tuple[DDPGState, dict]]:
     """``train(key) -> (final state, stacked metrics)``, the key schedule of ``cvpo.make_train`` (vmappable)."""
     agent = make_ddpg(config, env)
-
-    def train(key: jax.Array):
-        k_init, k_run = jax.random.split(key)
-
-        def body(s, _):
-            return agent.train_step(s, jax.random.fold_in(k_run, s.block))
-
-        return jax.lax.scan(body, agent.init(k_init), None, length=num_blocks)
-
-    return train
+    return blocks.scan_train(agent.init, agent.train_step, num_blocks)

@@ -25,12 +25,15 @@ from typing import Any, Callable, NamedTuple, Protocol
 
 import jax
 import jax.numpy as jnp
+import optax
 
+from meg_jax.rl import blocks
 from meg_jax.rl import dual as dual_lib
 from meg_jax.rl.cvpo import EpisodeTracker
 from meg_jax.rl.replay import Transition, replay_add
 
-__all__ = ["OffPolicyAgent", "BlockSettings", "make_block", "validate_offpolicy", "example_transition"]
+__all__ = ["OffPolicyAgent", "BlockSettings", "make_block", "validate_offpolicy", "example_transition",
+           "regress_critics"]
 
 
 class OffPolicyAgent(NamedTuple):
@@ -82,6 +85,27 @@ def validate_offpolicy(config: Any, env: Any, name: str) -> None:
                         "parallel environments; it must hold at least one step of each")
     if problems:
         raise ValueError(f"invalid {name} config:\n  - " + "\n  - ".join(problems))
+
+
+def regress_critics(critic_net: Any, critic_tx: Any, params: Any, opt_state: Any, batch: Transition,
+                    targets: jax.Array) -> tuple[Any, Any, jax.Array, jax.Array]:
+    """One Adam step of every critic head onto its TD target (mean squared error per head, summed).
+
+    Args:
+      critic_net: the ``CriticEnsemble`` (heads: reward critic(s), then one per cost).
+      critic_tx, params, opt_state: its optimiser, parameters and optimiser state.
+      batch: transitions ([B] leaves); ``targets``: [B, heads], held fixed.
+
+    Returns:
+      ``(params, opt_state, loss, per_head_loss [heads])`` after the step.
+    """
+    def loss_fn(p):
+        per_head = jnp.mean((critic_net.apply(p, batch.obs, batch.action) - targets) ** 2, axis=0)
+        return jnp.sum(per_head), per_head
+
+    (loss, per_head), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+    updates, opt_state = critic_tx.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state, loss, per_head
 
 
 def example_transition(env_state: Any, action_dim: int) -> Transition:
@@ -145,15 +169,7 @@ def make_block(
                               env_steps=state.env_steps + num_envs)
         return (state, tracker, cost_sum + jnp.sum(costs, axis=0)), None
 
-    def maybe_update(state, key):
-        ready = state.replay.size >= min_replay_steps
-
-        def skip(s, k):
-            shapes = jax.eval_shape(update, s, k)[1]
-            return s, jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), shapes)
-
-        state, metrics = jax.lax.cond(ready, update, skip, state, key)
-        return state, {**metrics, "updated": ready.astype(jnp.float32)}
+    maybe_update = blocks.update_when_ready(update, min_replay_steps)
 
     def train_step(state, key):
         k_collect, k_update = jax.random.split(key)

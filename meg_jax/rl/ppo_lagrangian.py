@@ -28,6 +28,7 @@ import rlax
 from flax import struct
 from jax.sharding import Mesh
 
+from meg_jax.rl import blocks
 from meg_jax.rl import dual as dual_lib
 from meg_jax.rl import networks
 from meg_jax.rl.config import DUALS, PPOConfig
@@ -142,15 +143,10 @@ def make_ppo(config: PPOConfig, env: Any, mesh: Optional[Mesh] = None) -> PPOAge
         action_dim = int(env.action_size)
         actor_net = networks.GaussianPolicy(config.hidden, action_dim, config.init_std)
     critic_net = networks.ValueEnsemble(config.hidden, 1 + m)
-    tx = optax.chain(optax.clip_by_global_norm(config.max_grad_norm), optax.adam(config.lr))
+    tx = blocks.clipped_adam(config.lr, config.max_grad_norm)
     cost_target = 1.0 - config.cost_margin
 
-    def constrain(tree: Any) -> Any:
-        if mesh is None:
-            return tree
-        from meg_jax.parallel import constrain_batch
-
-        return constrain_batch(tree, mesh)
+    constrain = blocks.batch_constrainer(mesh)
 
     def dist(actor_params: Any, obs: jax.Array):
         return actor_net.apply(actor_params, obs)

@@ -31,11 +31,12 @@ import optax
 from flax import struct
 from jax.sharding import Mesh
 
+from meg_jax.rl import blocks
 from meg_jax.rl import dual as dual_lib
 from meg_jax.rl import networks
 from meg_jax.rl.config import SACConfig
 from meg_jax.rl.cvpo import env_limits
-from meg_jax.rl.offpolicy import OffPolicyAgent, example_transition, make_block, validate_offpolicy
+from meg_jax.rl.offpolicy import OffPolicyAgent, example_transition, make_block, regress_critics, validate_offpolicy
 from meg_jax.rl.replay import ReplayBuffer, Transition, replay_init, replay_sample
 
 __all__ = ["SACState", "make_sac", "make_train", "squashed_log_prob", "sac_targets"]
@@ -112,16 +113,11 @@ def make_sac(config: SACConfig, env: Any, mesh: Optional[Mesh] = None) -> OffPol
     target_entropy = -float(action_dim) if config.target_entropy is None else float(config.target_entropy)
     actor_net = networks.GaussianPolicy(config.hidden, action_dim, config.init_std)
     critic_net = networks.CriticEnsemble(config.hidden, REWARD_HEADS + m, config.critic_layer_norm)
-    actor_tx = optax.chain(optax.clip_by_global_norm(config.max_grad_norm), optax.adam(config.actor_lr))
-    critic_tx = optax.chain(optax.clip_by_global_norm(config.max_grad_norm), optax.adam(config.critic_lr))
+    actor_tx = blocks.clipped_adam(config.actor_lr, config.max_grad_norm)
+    critic_tx = blocks.clipped_adam(config.critic_lr, config.max_grad_norm)
     alpha_tx = optax.adam(config.alpha_lr)
 
-    def constrain(tree: Any) -> Any:
-        if mesh is None:
-            return tree
-        from meg_jax.parallel import constrain_batch
-
-        return constrain_batch(tree, mesh)
+    constrain = blocks.batch_constrainer(mesh)
 
     def sample(params: Any, obs: jax.Array, key: jax.Array) -> tuple[jax.Array, jax.Array]:
         """(a = tanh(u) [..., d], log pi(a|s) [...]), reparametrised."""
@@ -160,13 +156,8 @@ def make_sac(config: SACConfig, env: Any, mesh: Optional[Mesh] = None) -> OffPol
         targets = jax.lax.stop_gradient(
             sac_targets(batch.reward, batch.costs, batch.discount, next_q, next_logp, alpha, config.gamma))
 
-        def critic_loss(params):
-            per_head = jnp.mean((critic_net.apply(params, batch.obs, batch.action) - targets) ** 2, axis=0)
-            return jnp.sum(per_head), per_head
-
-        (c_loss, per_head), g_c = jax.value_and_grad(critic_loss, has_aux=True)(state.critic)
-        up_c, critic_opt = critic_tx.update(g_c, state.critic_opt, state.critic)
-        critic = optax.apply_updates(state.critic, up_c)
+        critic, critic_opt, c_loss, per_head = regress_critics(
+            critic_net, critic_tx, state.critic, state.critic_opt, batch, targets)
 
         def actor_loss(params):
             a, logp = sample(params, batch.obs, k_actor)
@@ -203,13 +194,4 @@ def make_sac(config: SACConfig, env: Any, mesh: Optional[Mesh] = None) -> OffPol
 def make_train(config: SACConfig, env: Any, num_blocks: int) -> Callable[[jax.Array], tuple[SACState, dict]]:
     """``train(key) -> (final state, stacked metrics)``, the key schedule of ``cvpo.make_train`` (vmappable)."""
     agent = make_sac(config, env)
-
-    def train(key: jax.Array):
-        k_init, k_run = jax.random.split(key)
-
-        def body(s, _):
-            return agent.train_step(s, jax.random.fold_in(k_run, s.block))
-
-        return jax.lax.scan(body, agent.init(k_init), None, length=num_blocks)
-
-    return train
+    return blocks.scan_train(agent.init, agent.train_step, num_blocks)

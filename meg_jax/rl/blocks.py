@@ -1,0 +1,71 @@
+"""Pieces every jitted trainer shares: optimiser, batch sharding, the gated update, the scan.
+
+MEG-CVPO, PPO-Lagrangian and the off-policy baselines (DDPG-/SAC-Lagrangian) build their train
+step from these, so a change to how a block gates its updates or how a run is scanned lands
+in all of them at once.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Optional
+
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import Mesh
+
+__all__ = ["clipped_adam", "batch_constrainer", "update_when_ready", "scan_train"]
+
+
+def clipped_adam(learning_rate: float, max_grad_norm: float) -> optax.GradientTransformation:
+    """Adam after global-norm gradient clipping (every RL optimiser of the project)."""
+    return optax.chain(optax.clip_by_global_norm(max_grad_norm), optax.adam(learning_rate))
+
+
+def batch_constrainer(mesh: Optional[Mesh]) -> Callable[[Any], Any]:
+    """``tree -> tree`` sharding the leading (batch) axis over ``mesh``'s data axis; identity without a mesh."""
+    if mesh is None:
+        return lambda tree: tree
+    from meg_jax.parallel import constrain_batch
+
+    return lambda tree: constrain_batch(tree, mesh)
+
+
+def update_when_ready(update: Callable[[Any, jax.Array], tuple[Any, dict]],
+                      min_replay_steps: int) -> Callable[[Any, jax.Array], tuple[Any, dict]]:
+    """``update`` once the replay holds ``min_replay_steps`` transitions, else a no-op.
+
+    Both branches return the same metric tree (zeros when skipped) plus ``"updated"`` (1.0 or
+    0.0), so the gate sits inside a scan without a host round trip.
+    """
+
+    def gated(state: Any, key: jax.Array) -> tuple[Any, dict]:
+        ready = state.replay.size >= min_replay_steps
+
+        def skip(s, k):
+            shapes = jax.eval_shape(update, s, k)[1]
+            return s, jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), shapes)
+
+        state, metrics = jax.lax.cond(ready, update, skip, state, key)
+        return state, {**metrics, "updated": ready.astype(jnp.float32)}
+
+    return gated
+
+
+def scan_train(init: Callable[[jax.Array], Any], train_step: Callable[[Any, jax.Array], tuple[Any, dict]],
+               num_blocks: int) -> Callable[[jax.Array], tuple[Any, dict]]:
+    """``train(key) -> (final state, stacked metrics)``: a whole run as one scan (vmappable over keys).
+
+    Block b uses key ``fold_in(key_run, b)`` (``key_init, key_run = split(key)``), the keys of
+    ``train/cvpo.py``'s host loop, so a vmapped ``train`` over seeds reproduces the job's runs.
+    """
+
+    def train(key: jax.Array):
+        k_init, k_run = jax.random.split(key)
+
+        def body(s, _):
+            return train_step(s, jax.random.fold_in(k_run, s.block))
+
+        return jax.lax.scan(body, init(k_init), None, length=num_blocks)
+
+    return train
