@@ -42,7 +42,8 @@ def test_summarise_hand_case():
 def test_conventional_schemes_priced_like_actions():
     art = synthetic_artifact()  # 1 MHz, receive power 1 W, analog link
     params = type("P", (), {"bandwidth_hz": 1e6, "snr_floor_db": -10.0, "reward_psnr_weight": 0.0,
-                            "psnr_scale_db": 40.0})()
+                            "psnr_scale_db": 40.0, "reward_offset": 0.0, "energy_scope": "ue",
+                            "system": "mobility"})()
     out = comparison.conventional_schemes(art, params, np.array([10.0, 30.0]), np.array([0, 1]))
     # on-device: nothing sent: latency 2.5 s, energy 1.5 J, whatever the SNR. Costs are priced in
     # float32 (meg.pricing), a sum of three terms: rtol 1e-6 ~ a few float32 ulps (eps 1.19e-7).

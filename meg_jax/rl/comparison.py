@@ -48,7 +48,7 @@ def conventional_schemes(artifact: Any, params: Any, snr_db: np.ndarray, task_cl
     Returns:
       scheme name -> {"quality", "latency_s", "energy_j"} arrays of the requests' shape.
     """
-    if getattr(params, "system", "mobility") == "paper":
+    if params.system == "paper":
         return paper_conventional_schemes(artifact, params, snr_db, task_class)
     snr = np.asarray(snr_db, np.float64)
     cls = np.asarray(task_class, np.int64)
@@ -57,7 +57,7 @@ def conventional_schemes(artifact: Any, params: Any, snr_db: np.ndarray, task_cl
     grid = np.asarray(artifact.snr_db, np.float64)
     w = float(params.reward_psnr_weight)
     scale = float(params.psnr_scale_db)
-    offset = float(getattr(params, "reward_offset", 0.0))  # params built before reward metrics: none
+    offset = float(params.reward_offset)
     out = {}
     for name, s in artifact.conventional_schemes.items():
         t_tx = np.asarray(pricing.artifact_air_time_s(s.payload, s.side_info_bits, bandwidth, snr, floor, s.link_mode),
@@ -65,7 +65,7 @@ def conventional_schemes(artifact: Any, params: Any, snr_db: np.ndarray, task_cl
         latency, energy = pricing.request_costs(s.es_compute_time_s, t_tx, s.ue_compute_time_s,
                                                 s.ue_compute_energy_j, artifact.ue_receive_power_w)
         energy = np.asarray(energy, np.float64)
-        if getattr(params, "energy_scope", "ue") == "system":  # as the env prices MEG: + ES compute + radiated energy
+        if params.energy_scope == "system":  # as the env prices MEG: + ES compute + radiated energy
             energy = (energy + float(params.es_power_w) * s.es_compute_time_s
                       + 10.0 ** (float(params.tx_power_dbm) / 10.0 - 3.0) * t_tx)
         out[name] = {"quality": _scheme_quality(s, grid, snr, cls, w, scale) + offset,
