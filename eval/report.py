@@ -18,6 +18,7 @@ nothing here touches JAX.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -63,8 +64,33 @@ def _fmt(x: Any, digits: int = 3) -> str:
     return f"{x:.{digits}g}"
 
 
-def _ms(x: Optional[float]) -> str:
-    return "–" if x is None else _fmt(1e3 * x)
+@dataclasses.dataclass(frozen=True)
+class Units:
+    """How a comparison's latencies and energies are printed: seconds/joules at a real model's
+    scale, milliseconds/millijoules at the tiny model's; ``energy`` names the energy scope."""
+
+    latency: str  # "s" or "ms"
+    latency_scale: float  # printed value = scale x seconds
+    energy_unit: str  # "J" or "mJ"
+    energy_scale: float  # printed value = scale x joules
+    energy: str  # "UE energy", "system energy" or "energy" (the paper's formula)
+
+    def lat(self, x: Optional[float]) -> str:
+        return "–" if x is None else _fmt(self.latency_scale * x)
+
+    def en(self, x: Optional[float]) -> str:
+        return "–" if x is None else _fmt(self.energy_scale * x)
+
+
+ENERGY_NAMES = {"ue": "UE energy", "system": "system energy", "paper": "energy"}
+
+
+def units_of(comparison: Mapping[str, Any]) -> Units:
+    """The :class:`Units` of a comparison: s / J where its limit is at least 1 s / 1 J, else ms / mJ."""
+    lat_limit, en_limit = (float(x) for x in comparison["limits"])
+    lat, lat_scale = ("s", 1.0) if lat_limit >= 1.0 else ("ms", 1e3)
+    en, en_scale = ("J", 1.0) if en_limit >= 1.0 else ("mJ", 1e3)
+    return Units(lat, lat_scale, en, en_scale, ENERGY_NAMES.get(str(comparison.get("energy_scope", "ue")), "energy"))
 
 
 def _pct(x: Optional[float]) -> str:
@@ -117,11 +143,14 @@ def summary_rows(comparison: Mapping[str, Any]) -> list[dict[str, Any]]:
 def format_summary_table(comparison: Mapping[str, Any]) -> str:
     """A plain-text table of :func:`summary_rows` for the terminal."""
     rows = summary_rows(comparison)
-    head = f"{'policy / scheme':44s} {'quality':>8s} {'latency ms':>11s} {'energy mJ':>10s} {'lat/lim':>8s} {'en/lim':>7s} {'feasible':>8s}"
+    u = units_of(comparison)
+    head = (f"{'policy / scheme':44s} {'quality':>8s} {'latency ' + u.latency:>11s} {'energy ' + u.energy_unit:>10s} "
+            f"{'lat/lim':>8s} {'en/lim':>7s} {'feasible':>8s}")
     lines = [head, "-" * len(head)]
     for r in rows:
         lines.append(
-            f"{r['name'][:44]:44s} {r['quality']:8.4f} {1e3 * r['latency_s']:11.4g} {1e3 * r['energy_j']:10.4g} "
+            f"{r['name'][:44]:44s} {r['quality']:8.4f} {u.latency_scale * r['latency_s']:11.4g} "
+            f"{u.energy_scale * r['energy_j']:10.4g} "
             f"{r['latency_over_limit']:8.3f} {r['energy_over_limit']:7.3f} {('yes' if r['feasible'] else 'no'):>8s}"
         )
     return "\n".join(lines)
@@ -131,29 +160,31 @@ def format_summary_table(comparison: Mapping[str, Any]) -> str:
 def _plot_schemes(comparison: Mapping[str, Any], path: str) -> None:
     fig, axes = _subplots(1, 3, figsize=(16, 4.8))
     ax = axes[0]
+    u = units_of(comparison)
+    ls = u.latency_scale
     fr = comparison["frontier"]
-    ax.plot(1e3 * np.asarray(fr["latency_s"]), fr["quality"], "-", color="0.5", lw=1.5,
+    ax.plot(ls * np.asarray(fr["latency_s"]), fr["quality"], "-", color="0.5", lw=1.5,
             label="MEG frontier (min latency, perfect CSI)")
     fixed = comparison["fixed"]
-    ax.scatter([1e3 * f["latency_s"] for f in fixed], [f["quality"] for f in fixed], s=10, color="0.75",
+    ax.scatter([ls * f["latency_s"] for f in fixed], [f["quality"] for f in fixed], s=10, color="0.75",
                label="fixed (K, r) policies", zorder=2)
     for name, s in comparison["schemes"].items():
-        ax.scatter([1e3 * s["latency_s"]], [s["quality"]], marker="s", s=60, color=_COLORS.get(name, "tab:brown"),
+        ax.scatter([ls * s["latency_s"]], [s["quality"]], marker="s", s=60, color=_COLORS.get(name, "tab:brown"),
                    label=s.get("label", name), zorder=3)
         m = s.get("meg_matched")
         if m is not None and m.get("reached", True):
-            ax.annotate("", xy=(1e3 * m["latency_s"], m["quality"]), xytext=(1e3 * s["latency_s"], s["quality"]),
+            ax.annotate("", xy=(ls * m["latency_s"], m["quality"]), xytext=(ls * s["latency_s"], s["quality"]),
                         arrowprops=dict(arrowstyle="->", color=_COLORS.get(name, "tab:brown"), lw=1))
     refs = comparison["references"]
     if "oracle" in refs:
         o = refs["oracle"]
-        ax.scatter([1e3 * o["latency_s"]], [o["quality"]], marker="*", s=120, color="black", label="oracle (at limits)", zorder=4)
+        ax.scatter([ls * o["latency_s"]], [o["quality"]], marker="*", s=120, color="black", label="oracle (at limits)", zorder=4)
     for name, s in comparison["learned"].items():
-        ax.scatter([1e3 * s["latency_s"]], [s["quality"]], marker="o", s=70, color=_COLORS.get(name, "tab:red"),
+        ax.scatter([ls * s["latency_s"]], [s["quality"]], marker="o", s=70, color=_COLORS.get(name, "tab:red"),
                    edgecolor="k", label=name, zorder=5)
-    ax.axvline(1e3 * comparison["limits"][0], color="tab:red", ls=":", lw=1, label="latency limit")
+    ax.axvline(ls * comparison["limits"][0], color="tab:red", ls=":", lw=1, label="latency limit")
     ax.set_xscale("log")
-    ax.set_xlabel("average latency per request (ms, log scale)")
+    ax.set_xlabel(f"average latency per request ({u.latency}, log scale)")
     ax.set_ylabel("average quality (attribute accuracy)")
     ax.set_title(f"(1) quality vs latency — {comparison['preset']}")
     ax.legend(fontsize=7, loc="lower right")
@@ -172,11 +203,12 @@ def _plot_schemes(comparison: Mapping[str, Any], path: str) -> None:
             names.append(f"MEG @ {name.replace('_', ' ')} quality"); lat.append(s["meg_matched"]["latency_s"])
             en.append(s["meg_matched"]["energy_j"]); colors.append("0.55")
     y = np.arange(len(names))
-    for ax, vals, unit, title, lim in ((axes[1], lat, "ms", "latency", comparison["limits"][0]),
-                                       (axes[2], en, "mJ", "UE energy", comparison["limits"][1])):
-        v = 1e3 * np.maximum(np.asarray(vals), 1e-12)
+    for ax, vals, unit, scale, title, lim in (
+            (axes[1], lat, u.latency, u.latency_scale, "latency", comparison["limits"][0]),
+            (axes[2], en, u.energy_unit, u.energy_scale, u.energy, comparison["limits"][1])):
+        v = scale * np.maximum(np.asarray(vals), 1e-12)
         ax.barh(y, v, color=colors)
-        ax.axvline(1e3 * lim, color="tab:red", ls=":", lw=1, label=f"{title} limit")
+        ax.axvline(scale * lim, color="tab:red", ls=":", lw=1, label=f"{title} limit")
         ax.set_yticks(y)
         ax.set_yticklabels(names, fontsize=7)
         ax.invert_yaxis()
@@ -223,25 +255,27 @@ def _finish_panels(fig: Any, axes: Any, path: str, xlabel: str, labels: Sequence
     fig.savefig(path, dpi=110)
 
 
-def _plot_sweep(sweep: Mapping[str, Any], path: str) -> None:
+def _plot_sweep(sweep: Mapping[str, Any], path: str, units: Optional[Units] = None) -> None:
+    u = units or Units("ms", 1e3, "mJ", 1e3, "UE energy")
+    ls = u.latency_scale
     rows = sweep["rows"]
-    x = 1e3 * np.asarray([r["latency_limit_s"] for r in rows])
+    x = ls * np.asarray([r["latency_limit_s"] for r in rows])
     fig, axes = _subplots(1, 2, figsize=(11, 4.2))
     axes[0].plot(x, [r["oracle"]["quality"] for r in rows], "k*-", label="oracle (perfect CSI)")
     bf = [r["best_fixed"]["quality"] if r.get("best_fixed") else np.nan for r in rows]
     axes[0].plot(x, bf, "s--", color="tab:gray", label="best fixed feasible (K, r)")
-    axes[1].plot(x, 1e3 * np.asarray([r["oracle"]["latency_s"] for r in rows]), "k*-", label="oracle")
-    axes[1].plot(x, 1e3 * np.asarray([r["best_fixed"]["latency_s"] if r.get("best_fixed") else np.nan for r in rows]),
+    axes[1].plot(x, ls * np.asarray([r["oracle"]["latency_s"] for r in rows]), "k*-", label="oracle")
+    axes[1].plot(x, ls * np.asarray([r["best_fixed"]["latency_s"] if r.get("best_fixed") else np.nan for r in rows]),
                  "s--", color="tab:gray", label="best fixed")
     if sweep.get("trained"):
         q = [r["cvpo"]["quality"] for r in rows]
         se = [r["cvpo"]["quality_se"] for r in rows]
         axes[0].errorbar(x, q, yerr=se, fmt="o-", color="tab:red", capsize=3, label="MEG-CVPO retrained per limit")
-        axes[1].plot(x, 1e3 * np.asarray([r["cvpo"]["latency_s"] for r in rows]), "o-", color="tab:red", label="MEG-CVPO")
+        axes[1].plot(x, ls * np.asarray([r["cvpo"]["latency_s"] for r in rows]), "o-", color="tab:red", label="MEG-CVPO")
     axes[1].plot(x, x, ":", color="tab:red", lw=1, label="= limit")
-    _finish_panels(fig, axes, path, "latency limit (ms per request, episode average)", [
+    _finish_panels(fig, axes, path, f"latency limit ({u.latency} per request, episode average)", [
         ("average quality (accuracy)", "(3) quality vs latency limit"),
-        ("achieved average latency (ms)", "(3) achieved latency vs limit")], legend_fontsize=8)
+        (f"achieved average latency ({u.latency})", "(3) achieved latency vs limit")], legend_fontsize=8)
 
 
 def _plot_behaviour(behaviour: Mapping[str, Mapping[str, Any]], path: str) -> None:
@@ -305,7 +339,7 @@ def save_image_grid(grid: np.ndarray, steps: Sequence[int], ratios: Sequence[flo
     fig.savefig(path, dpi=110)
 
 
-def _plot_robustness(robust: Mapping[str, Sequence[Mapping[str, Any]]], path: str) -> None:
+def _plot_robustness(robust: Mapping[str, Sequence[Mapping[str, Any]]], path: str, energy_name: str = "UE energy") -> None:
     fig, axes = _subplots(1, 3, figsize=(16, 4.4))
     first = next(iter(robust.values()))
     shifts = [r["shift"] for r in first]
@@ -321,7 +355,7 @@ def _plot_robustness(robust: Mapping[str, Sequence[Mapping[str, Any]]], path: st
         axes[2].bar(x + off, [v["energy_over_limit"] for v in vals], width, color=color, label=label)
     axes[0].set_ylabel("average quality (accuracy)")
     axes[1].set_ylabel("average latency / limit")
-    axes[2].set_ylabel("average UE energy / limit")
+    axes[2].set_ylabel(f"average {energy_name} / limit")
     axes[0].set_title("(6) quality under shifted channels")
     axes[1].set_title("(6) latency constraint")
     axes[2].set_title("(6) energy constraint")
@@ -345,15 +379,17 @@ def _md_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
 
 
 def _section_schemes(comp: Mapping[str, Any], fig: Optional[str]) -> list[str]:
+    u = units_of(comp)
     lines = [f"### Preset `{comp['preset']}`", "",
              f"{comp['episodes']} fresh episodes × {comp['episode_length']} requests; limits: latency "
-             f"{_ms(comp['limits'][0])} ms, UE energy {_ms(comp['limits'][1])} mJ per request (episode average).", ""]
+             f"{u.lat(comp['limits'][0])} {u.latency}, {u.energy} {u.en(comp['limits'][1])} {u.energy_unit} per "
+             "request (episode average).", ""]
     rows = []
     for r in summary_rows(comp):
-        rows.append([r["name"], _fmt(r["quality"], 4), _ms(r["latency_s"]), _ms(r["energy_j"]),
+        rows.append([r["name"], _fmt(r["quality"], 4), u.lat(r["latency_s"]), u.en(r["energy_j"]),
                      _fmt(r["latency_over_limit"]), _fmt(r["energy_over_limit"]), _fmt(r["feasible"])])
-    lines.append(_md_table(["policy / scheme", "quality", "latency (ms)", "UE energy (mJ)", "latency / limit",
-                            "energy / limit", "meets limits"], rows))
+    lines.append(_md_table(["policy / scheme", "quality", f"latency ({u.latency})", f"{u.energy} ({u.energy_unit})",
+                            "latency / limit", "energy / limit", "meets limits"], rows))
     tol = comp.get("quality_tolerance", 0.0)
     lines += ["", "**At matched quality** — the lowest-latency MEG (per-request (K, r) with perfect channel "
               f"knowledge, no energy limit) whose average quality is at least the conventional scheme's minus "
@@ -363,13 +399,13 @@ def _section_schemes(comp: Mapping[str, Any], fig: Optional[str]) -> list[str]:
     for name, s in comp["schemes"].items():
         m = s.get("meg_matched")
         if m is None:
-            rows.append([s.get("label", name), _fmt(s["quality"], 4), _ms(s["latency_s"]), "–", "–", "–", "–"])
+            rows.append([s.get("label", name), _fmt(s["quality"], 4), u.lat(s["latency_s"]), "–", "–", "–", "–"])
         else:
             mark = "" if m.get("reached", True) else " (MEG's maximum; not matched)"
-            rows.append([s.get("label", name), _fmt(s["quality"], 4), _ms(s["latency_s"]), _fmt(m["quality"], 4) + mark,
-                         _ms(m["latency_s"]), _pct(-m["latency_reduction"]), _pct(-m["energy_reduction"])])
-    lines.append(_md_table(["scheme", "its quality", "its latency (ms)", "MEG quality", "MEG latency (ms)",
-                            "latency change", "UE energy change"], rows))
+            rows.append([s.get("label", name), _fmt(s["quality"], 4), u.lat(s["latency_s"]), _fmt(m["quality"], 4) + mark,
+                         u.lat(m["latency_s"]), _pct(-m["latency_reduction"]), _pct(-m["energy_reduction"])])
+    lines.append(_md_table(["scheme", "its quality", f"its latency ({u.latency})", "MEG quality",
+                            f"MEG latency ({u.latency})", "latency change", f"{u.energy} change"], rows))
     if comp["learned"]:
         lines += ["", "**Learned policies against each scheme** (negative = lower than the scheme):", ""]
         rows = []
@@ -377,7 +413,7 @@ def _section_schemes(comp: Mapping[str, Any], fig: Optional[str]) -> list[str]:
             for sch, red in s["latency_reduction_vs"].items():
                 rows.append([name, comp["schemes"][sch].get("label", sch), _pct(-red),
                              _pct(-s["energy_reduction_vs"][sch]), _fmt(s["quality_minus"][sch], 3)])
-        lines.append(_md_table(["policy", "vs scheme", "latency change", "UE energy change", "quality difference"], rows))
+        lines.append(_md_table(["policy", "vs scheme", "latency change", f"{u.energy} change", "quality difference"], rows))
     if fig:
         lines += ["", f"![schemes]({fig})"]
     return lines + [""]
@@ -401,7 +437,8 @@ def write_report(results: Mapping[str, Any], out_dir: str, *, title: str = "MEG 
     L = [f"# {title}", ""] + list(preamble) + [""]
     L += ["Quality is the calibrated attribute accuracy of the generated image (fraction of the five prompt "
           "attributes an attribute classifier reads right); latency is ES compute + air time + UE compute per "
-          "request; UE energy is decode + reception. Constraints are on episode averages; a policy meets them "
+          "request; UE energy is decode + reception, system energy adds the ES's compute and radiated transmit "
+          "energy. Constraints are on episode averages; a policy meets them "
           f"if each average is ≤ {FEASIBILITY_TOLERANCE:g} × its limit (the oracle and the fixed (K, r) actions, "
           "chosen on these same requests, meet the limits exactly).", ""]
     if results.get("runs"):
@@ -409,7 +446,8 @@ def write_report(results: Mapping[str, Any], out_dir: str, *, title: str = "MEG 
                                   for r in results["runs"]), ""]
 
     # (1)
-    L += ["## 1. Latency and UE energy against conventional schemes", ""]
+    main_units = units_of(results["comparisons"][0]) if results.get("comparisons") else Units("ms", 1e3, "mJ", 1e3, "UE energy")
+    L += ["## 1. Latency and energy against conventional schemes", ""]
     for comp in results["comparisons"]:
         fig = f"schemes_{comp['preset']}.png"
         _plot_schemes(comp, os.path.join(out_dir, fig))
@@ -437,14 +475,14 @@ def write_report(results: Mapping[str, Any], out_dir: str, *, title: str = "MEG 
     L += ["## 3. Quality/cost trade-off over latency limits", ""]
     sweep = results.get("sweep")
     if sweep:
-        _plot_sweep(sweep, os.path.join(out_dir, "limit_sweep.png"))
+        _plot_sweep(sweep, os.path.join(out_dir, "limit_sweep.png"), main_units)
         L += [sweep.get("note", ""), ""]
-        header = ["latency limit (ms)", "oracle quality", "best fixed quality"]
+        header = [f"latency limit ({main_units.latency})", "oracle quality", "best fixed quality"]
         if sweep.get("trained"):
             header += ["MEG-CVPO quality", "MEG-CVPO latency / limit", "MEG-CVPO energy / limit", "meets limits"]
         rows = []
         for r in sweep["rows"]:
-            row = [_ms(r["latency_limit_s"]), _fmt(r["oracle"]["quality"], 4),
+            row = [main_units.lat(r["latency_limit_s"]), _fmt(r["oracle"]["quality"], 4),
                    _fmt(r["best_fixed"]["quality"], 4) if r.get("best_fixed") else "none feasible"]
             if sweep.get("trained"):
                 c = r["cvpo"]
@@ -479,9 +517,9 @@ def write_report(results: Mapping[str, Any], out_dir: str, *, title: str = "MEG 
             acc = sc.get("accuracy", [None] * len(cases))[j] if sc else None
             ps = sc.get("psnr_db", [None] * len(cases))[j] if sc else None
             rows.append([f"{c['snr_db']:.1f}", c["task"], str(c["steps"]), f"{c['merge_ratio']:.2f}",
-                         _ms(c["latency_s"]), _fmt(c["quality"], 3), _fmt(acc, 3), _fmt(ps, 3)])
+                         main_units.lat(c["latency_s"]), _fmt(c["quality"], 3), _fmt(acc, 3), _fmt(ps, 3)])
         L += [f"Policy: {results.get('image_policy', '–')}. Backbone: `{results.get('backbone', '–')}`.", "",
-              _md_table(["true SNR (dB)", "task", "K", "r", "env latency (ms)", "calibrated quality",
+              _md_table(["true SNR (dB)", "task", "K", "r", f"env latency ({main_units.latency})", "calibrated quality",
                          "this image's accuracy", "PSNR vs teacher (dB)"], rows), "", "![images](images.png)", ""]
         if results.get("grid_data") is not None:
             g = results["grid"]
@@ -495,7 +533,7 @@ def write_report(results: Mapping[str, Any], out_dir: str, *, title: str = "MEG 
     L += ["## 6. Robustness to a channel the policy never saw", ""]
     rob = results.get("robustness", {})
     if rob:
-        _plot_robustness(rob, os.path.join(out_dir, "robustness.png"))
+        _plot_robustness(rob, os.path.join(out_dir, "robustness.png"), main_units.energy)
         rows = []
         for name, rs in rob.items():
             for r in rs:

@@ -8,7 +8,14 @@ from __future__ import annotations
 import re
 
 SCHEME_HEADER = ["policy / scheme", "quality", "latency (ms)", "UE energy (mJ)", "latency / limit", "energy / limit",
-                 "meets limits"]
+                 "meets limits"]  # at the tiny preset's scale; s / J and "system energy" at a real model's
+_HEADER = re.compile(r"^latency \((ms|s)\)$"), re.compile(r"^(UE|system) energy \((mJ|J)\)$")
+_TO_MILLI = {"ms": 1.0, "s": 1e3, "mJ": 1.0, "J": 1e3}
+
+
+def _is_scheme_header(header: list[str]) -> bool:
+    return (len(header) == len(SCHEME_HEADER) and header[:2] == SCHEME_HEADER[:2] and header[4:] == SCHEME_HEADER[4:]
+            and bool(_HEADER[0].match(header[2])) and bool(_HEADER[1].match(header[3])))
 
 
 def section(report: str, number: int) -> str:
@@ -47,21 +54,28 @@ def scheme_table(report: str, preset: str = "tiny") -> dict[str, dict[str, objec
 
     Each row: ``quality``, ``latency_ms``, ``energy_mj``, ``latency_ratio``, ``energy_ratio``
     (floats) and ``meets`` (bool), plus ``limits`` = (latency ms, energy mJ) from the line above.
+    Tables in s / J are converted to ms / mJ; ``scope`` is the energy scope the table names
+    ("UE" or "system").
     """
     body = subsection(section(report, 1), f"Preset `{preset}`")
-    m = re.search(r"limits: latency ([0-9.e+-]+) ms, UE energy ([0-9.e+-]+) mJ", body)
+    m = re.search(r"limits: latency ([0-9.e+-]+) (ms|s), (UE|system) energy ([0-9.e+-]+) (mJ|J)", body)
     assert m, "section 1 does not state the limits"
-    limits = (float(m.group(1)), float(m.group(2)))
-    found = [(h, r) for h, r in tables(body) if h == SCHEME_HEADER]
-    assert found, f"no table with header {SCHEME_HEADER} in section 1 / {preset}"
+    limits = (float(m.group(1)) * _TO_MILLI[m.group(2)], float(m.group(4)) * _TO_MILLI[m.group(5)])
+    found = [(h, r) for h, r in tables(body) if _is_scheme_header(h)]
+    assert found, f"no table with header like {SCHEME_HEADER} in section 1 / {preset}"
+    header = found[0][0]
+    lat_scale = _TO_MILLI[_HEADER[0].match(header[2]).group(1)]
+    scope, en_unit = _HEADER[1].match(header[3]).groups()
+    assert scope == m.group(3), (header, m.group(0))
     out: dict[str, dict[str, object]] = {}
     for row in found[0][1]:
         assert len(row) == len(SCHEME_HEADER), row
         meets = row[6].replace("*", "").strip()
         assert meets in ("yes", "no"), row
         out[row[0]] = {
-            "quality": float(row[1]), "latency_ms": float(row[2]), "energy_mj": float(row[3]),
+            "quality": float(row[1]), "latency_ms": float(row[2]) * lat_scale, "energy_mj": float(row[3]) * _TO_MILLI[en_unit],
             "latency_ratio": float(row[4]), "energy_ratio": float(row[5]), "meets": meets == "yes", "limits": limits,
+            "scope": scope,
         }
     return out
 

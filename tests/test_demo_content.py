@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from _report_tables import row, scheme_table, section, tables
+from train.demo import COMPARISON_PRESETS, DEFAULT_PRESET
 
 FEASIBILITY_TOLERANCE = 1.02  # a policy meets a limit if its episode-average cost is <= 1.02 x the limit
 # The report prints 3-4 significant digits: each printed number is within 5e-4 relative of its
@@ -17,10 +18,17 @@ FEASIBILITY_TOLERANCE = 1.02  # a policy meets a limit if its episode-average co
 PRINT_RTOL = 5e-3
 
 
+def _main(metrics):
+    """The comparison of the trained preset (the demo's default, ``sd15-mobile``): the first one."""
+    comp = metrics["comparisons"][0]
+    assert comp["preset"] == DEFAULT_PRESET, [c["preset"] for c in metrics["comparisons"]]
+    return comp
+
+
 @pytest.fixture(scope="module")
 def table(demo_smoke_run):
     _, _, report, _ = demo_smoke_run
-    return scheme_table(report, "tiny")
+    return scheme_table(report, DEFAULT_PRESET)
 
 
 def test_every_row_parses_and_its_ratios_match_its_costs(table):
@@ -44,10 +52,12 @@ def test_every_row_parses_and_its_ratios_match_its_costs(table):
 
 def test_report_agrees_with_metrics_json(table, demo_smoke_run):
     _, _, _, metrics = demo_smoke_run
-    comp = next(c for c in metrics["comparisons"] if c["preset"] == "tiny")
+    comp = _main(metrics)
     lat_limit, en_limit = next(iter(table.values()))["limits"]
-    # limits: the shipped tiny artifact's (README: 0.0963 ms, 0.376 mJ), printed from the json's
-    np.testing.assert_allclose([lat_limit, en_limit], [0.0963, 0.376], rtol=PRINT_RTOL)
+    # limits: the shipped sd15-512 artifact's under system energy (README: 1.491 s, 11.34 J),
+    # printed from the json's; the table names the energy scope
+    np.testing.assert_allclose([lat_limit, en_limit], [1491.0, 11339.0], rtol=PRINT_RTOL)
+    assert comp["energy_scope"] == "system" and next(iter(table.values()))["scope"] == "system"
     np.testing.assert_allclose([lat_limit * 1e-3, en_limit * 1e-3], comp["limits"], rtol=PRINT_RTOL)
     pairs = [(row(table, "oracle"), comp["references"]["oracle"]), (row(table, "always max quality"),
              comp["references"]["max_quality"])]
@@ -62,7 +72,7 @@ def test_report_agrees_with_metrics_json(table, demo_smoke_run):
 
 def test_oracle_is_feasible_and_the_orderings_hold(table, demo_smoke_run):
     _, _, _, metrics = demo_smoke_run
-    comp = next(c for c in metrics["comparisons"] if c["preset"] == "tiny")
+    comp = _main(metrics)
     oracle, greedy = row(table, "oracle"), row(table, "always max quality")
     # the oracle's multipliers are fitted to meet the limits on these very episodes
     assert oracle["meets"] and max(oracle["latency_ratio"], oracle["energy_ratio"]) <= 1.0 + PRINT_RTOL
@@ -87,12 +97,29 @@ def test_oracle_is_feasible_and_the_orderings_hold(table, demo_smoke_run):
 
 def test_best_fixed_row_follows_the_feasibility_rule(table, demo_smoke_run):
     _, _, _, metrics = demo_smoke_run
-    comp = next(c for c in metrics["comparisons"] if c["preset"] == "tiny")
+    comp = _main(metrics)
     feasible = [f for f in comp["fixed"] if f["feasible"]]
     best = [k for k in table if k.startswith("best fixed")]
     assert bool(feasible) == bool(best), (len(feasible), best)
     if best:
         np.testing.assert_allclose(table[best[0]]["quality"], max(f["quality"] for f in feasible), rtol=5e-4)
+
+
+def test_the_other_presets_tables_are_there_with_their_own_units_and_scope(demo_smoke_run):
+    """The report adds the conventional schemes at the other presets' costs: the tiny model's own
+    scale in ms / mJ of UE energy, SDXL's in s / J."""
+    _, _, report, metrics = demo_smoke_run
+    assert [c["preset"] for c in metrics["comparisons"]] == [DEFAULT_PRESET] + [
+        p for p in COMPARISON_PRESETS if p != DEFAULT_PRESET]
+    tiny, sdxl = scheme_table(report, "tiny"), scheme_table(report, "sdxl-mobile")
+    assert next(iter(tiny.values()))["scope"] == "UE" and next(iter(sdxl.values()))["scope"] == "UE"
+    # the limits, converted from each table's printed units to ms / mJ, are the json's
+    for name, t in (("tiny", tiny), ("sdxl-mobile", sdxl)):
+        comp = next(c for c in metrics["comparisons"] if c["preset"] == name)
+        np.testing.assert_allclose(np.asarray(next(iter(t.values()))["limits"]) * 1e-3, comp["limits"],
+                                   rtol=PRINT_RTOL, err_msg=name)
+    # tiny costs are sub-millisecond, SDXL's seconds: the same (K, r) grid at two scales
+    assert row(tiny, "oracle")["latency_ms"] < 1.0 < 1e3 < row(sdxl, "oracle")["latency_ms"]
 
 
 def _number_or_none(cell: str):

@@ -241,6 +241,8 @@ def scheme_comparison(ro: Rollout, artifact: Any, params: Any,
         learned_out[name] = s
     return {
         "preset": preset,
+        # what the energy cost counts: "ue", "system", or "paper" (the authors' formula)
+        "energy_scope": "paper" if params.system == "paper" else str(params.energy_scope),
         "quality_tolerance": quality_tolerance,
         "episodes": ro.episodes,
         "episode_length": int(ro.snr_db.shape[1]),
