@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import jax
 import jax.numpy as jnp
 import pytest
@@ -56,3 +60,15 @@ def test_loops_count_per_iteration(shapes, grad, monkeypatch):
     # absent when unrolled). Each iteration does >= 2 * 16 * 64 * 64 = 1.3e5 FLOPs of
     # matmuls, so 1e-3 bounds that slack.
     assert loop_aware == pytest.approx(unrolled, rel=1e-3)
+
+
+def test_device_count_survives_a_bare_word_in_xla_flags():
+    # XLA stops reading XLA_FLAGS at a word without "--"; the README's one-core recipe has one.
+    code = ("import os; os.environ['XLA_FLAGS'] = '--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1'\n"
+            "from eval import plan_distill; plan_distill._set_devices(3)\n"
+            "import jax; print(jax.device_count())")
+    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120,
+                         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split()[-1] == "3"
