@@ -22,9 +22,10 @@ Reading the numbers:
   output buffers alias the input's and count once.
 * The FLOP count is XLA's ``HloCostAnalysis`` of the un-partitioned program, all devices
   together (2 per multiply-accumulate, elementwise ops 1, see ``meg_jax.backbone.flops``).
-  XLA counts a ``while`` loop's body once whatever its trip count, so the count is taken on
-  a second lowering (no compile) with every ``lax.scan`` unrolled: the K sampling passes
-  (and the microbatches) then each count.
+  XLA counts a ``while`` loop's body once whatever its trip count, so each ``scan`` of the
+  traced step (the K sampling passes, the microbatches, the chunked attention's query
+  chunks, and their transposes) adds its body's count ``length - 1`` more times
+  (:func:`loop_aware_flops`: each body lowered on its own, nothing compiled).
 * The CPU compiler's memory figures are what XLA:CPU's buffer assignment needs; a GPU/TPU
   compiler fuses differently (e.g. flash attention never materialises ``[B, H, N, N]``
   logits), so they are an upper-bound-style estimate, not a measurement on the accelerator.
@@ -66,7 +67,8 @@ class Args:
     grad_accum: int = 1  # microbatches per step
     peak_tflops: float = 989.0  # peak dense TFLOP/s per device for the step-time estimate (H100 SXM bf16: 989)
     mfu: float = 0.4  # model FLOP utilisation assumed for the step time
-    flops: bool = True  # count FLOPs on a second, unrolled lowering (--no_flops skips it)
+    flops: bool = True  # count FLOPs with each loop body per iteration (--no_flops skips it)
+    memory: bool = True  # compile for the memory analysis (--no_memory: trace and lower only, for the FLOPs)
     full_codegen: bool = False  # optimise the generated CPU code too (slower compile; same memory figures)
     json: Optional[str] = None  # also write the figures as JSON to this path
 
@@ -106,7 +108,9 @@ def _set_devices(n: int, fast_codegen_off: bool = False) -> None:
                                f"`python -m eval.plan_distill` as its own process to get {n}")
         return
     flags = [f for f in os.environ.get("XLA_FLAGS", "").split() if "force_host_platform_device_count" not in f]
-    flags.append(f"--xla_force_host_platform_device_count={n}")
+    # First: XLA stops reading XLA_FLAGS at a word that is not a --flag (e.g. a stray
+    # "intra_op_parallelism_threads=1"), and a device count after it would be dropped.
+    flags.insert(0, f"--xla_force_host_platform_device_count={n}")
     if not fast_codegen_off:
         # LLVM's optimisation of the CPU code is most of the compile time and changes nothing
         # the plan reads: buffer assignment (the memory analysis) is done on the optimised HLO
@@ -171,11 +175,12 @@ def _abstract_student(config: Any) -> tuple[Any, Any]:
     return unet, inputs
 
 
-def compile_step(config: Any, compile: bool = True) -> tuple[Any, Any, Any, float]:
-    """Lowers (and compiles) the student train step on abstract sharded shapes.
+def compile_step(config: Any, compile: bool = True) -> tuple[Any, Any, Any, Any, dict[str, float]]:
+    """Traces, lowers (and compiles) the student train step on abstract sharded shapes.
 
     Returns:
-      ``(compiled or None, lowered, (abstract state, its specs, mesh), seconds)``.
+      ``(compiled or None, lowered, traced, (abstract state, its specs, mesh), seconds)``,
+      ``seconds`` the wall time of each phase: ``trace_s``, ``lower_s``, ``compile_s``.
     """
     import jax
     import jax.numpy as jnp
@@ -194,27 +199,80 @@ def compile_step(config: Any, compile: bool = True) -> tuple[Any, Any, Any, floa
     key = jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=parallel.replicated_sharding(mesh))
     step = train.make_train_step(train.student_loss_fn(models, config, mesh), tx, config.student.ema_decay,
                                  mesh, config.parallel, config.compute.grad_accum_steps)
+    seconds: dict[str, float] = {}
     t0 = time.time()
-    lowered = step.lower(state_abs, inputs_abs, key)
-    compiled = lowered.compile() if compile else None
-    return compiled, lowered, (state, state_specs, mesh), time.time() - t0
+    traced = step.trace(state_abs, inputs_abs, key)
+    seconds["trace_s"] = time.time() - t0
+    log.info("traced in %.1f s (%d equations at the top level)", seconds["trace_s"], len(traced.jaxpr.eqns))
+    t0 = time.time()
+    lowered = traced.lower()
+    seconds["lower_s"] = time.time() - t0
+    log.info("lowered in %.1f s (StableHLO: %.1f MB of text)", seconds["lower_s"], len(lowered.as_text()) / 1e6)
+    compiled = None
+    if compile:
+        log.info("compiling (XLA:CPU; set TF_CPP_MIN_LOG_LEVEL=0 TF_CPP_VMODULE=hlo_pass_pipeline=1 "
+                 "to log each pass)")
+        t0 = time.time()
+        compiled = lowered.compile()
+        seconds["compile_s"] = time.time() - t0
+        log.info("compiled in %.1f s", seconds["compile_s"])
+    return compiled, lowered, traced, (state, state_specs, mesh), seconds
 
 
-def unrolled_flops(config: Any) -> float:
-    """FLOPs of the step lowered with every ``lax.scan`` unrolled (XLA counts a loop body once)."""
+def loop_aware_flops(jaxpr: Any, flops_as_counted: float) -> float:
+    """FLOPs of a traced program with every ``scan`` body counted ``length`` times.
+
+    XLA's cost analysis counts a ``while`` loop's body once whatever its trip count. Every
+    ``scan`` of the jaxpr (the K sampling passes, the microbatches, the query chunks of the
+    chunked attention, their transposes in the backward; at any depth, inside ``jit``,
+    ``checkpoint`` or another scan) adds what XLA missed: ``(length - 1)`` times its body's
+    XLA count plus ``length`` times the body's own correction, recursively. Each body is
+    lowered on its own (no compile), identical small bodies once, so the count costs about
+    one more lowering of the program instead of a lowering with every loop unrolled.
+
+    Args:
+      jaxpr: the program (``jax.extend.core.ClosedJaxpr``, e.g. ``jit(f).trace(...).jaxpr``).
+      flops_as_counted: XLA's count of the whole program as lowered (loops once).
+
+    Returns:
+      FLOPs with loops counted per iteration (XLA's conventions otherwise: 2 per
+      multiply-accumulate, 1 per elementwise output; the loop counters' own arithmetic is
+      counted once).
+    """
     import jax
+    from jax.extend import core as jcore
 
-    original = jax.lax.scan
+    body_flops: dict[Any, float] = {}
+    corrections: dict[int, float] = {}
 
-    def scan(f, init, xs=None, length=None, **kw):  # noqa: ANN001, ANN202 - lax.scan's signature
-        return original(f, init, xs, length, **{**kw, "unroll": True})
+    def key_of(closed: Any) -> Any:
+        # Identical small bodies (one query chunk of attention in every layer, pass and
+        # transpose) are lowered once; big ones are distinct objects anyway.
+        return str(closed.jaxpr) if len(closed.jaxpr.eqns) < 200 else id(closed.jaxpr)
 
-    jax.lax.scan = scan  # the sampler and the accumulation loop call jax.lax.scan at trace time
-    try:
-        _, lowered, _, _ = compile_step(config, compile=False)
-    finally:
-        jax.lax.scan = original
-    return _flops(lowered.cost_analysis())
+    def xla_count(closed: Any) -> float:
+        k = key_of(closed)
+        if k not in body_flops:
+            args = [jax.ShapeDtypeStruct(a.shape, a.dtype) for a in closed.in_avals]
+            body_flops[k] = _flops(jax.jit(jcore.jaxpr_as_fun(closed)).lower(*args).cost_analysis())
+        return body_flops[k]
+
+    def correction(open_jaxpr: Any) -> float:
+        if id(open_jaxpr) in corrections:
+            return corrections[id(open_jaxpr)]
+        total = 0.0
+        for eqn in open_jaxpr.eqns:
+            if eqn.primitive.name == "scan":
+                body, length = eqn.params["jaxpr"], eqn.params["length"]
+                total += (length - 1) * xla_count(body) + length * correction(body.jaxpr)
+            else:
+                if eqn.primitive.name == "while":
+                    log.warning("a while loop of unknown trip count is counted once in the FLOPs")
+                total += sum(correction(sub) for sub in jcore.jaxprs_in_params(eqn.params))
+        corrections[id(open_jaxpr)] = total
+        return total
+
+    return flops_as_counted + correction(jaxpr.jaxpr)
 
 
 def _flops(cost: Any) -> float:
@@ -230,12 +288,16 @@ def plan(args: Args, command: Optional[str] = None) -> dict[str, Any]:
       args: the parsed flags.
       command: the command line recorded with the figures (None: this process's ``sys.argv``).
     """
+    import jax
+
     from meg_jax import partition
 
+    if jax.device_count() != args.devices:
+        raise RuntimeError(f"--devices {args.devices} but JAX sees {jax.device_count()} devices; check XLA_FLAGS "
+                           f"({os.environ.get('XLA_FLAGS', '')!r}) and run `python -m eval.plan_distill` as its own process")
     config = distill_config(args)
-    log.info("compiling the %s student step on %d devices", args.model, args.devices)
-    compiled, lowered, (state, specs, mesh), seconds = compile_step(config)
-    mem = compiled.memory_analysis()
+    log.info("planning the %s student step on %d devices", args.model, args.devices)
+    compiled, lowered, traced, (state, specs, mesh), seconds = compile_step(config, compile=args.memory)
     if command is None:
         command = "python -m eval.plan_distill " + " ".join(sys.argv[1:])
     out: dict[str, Any] = {
@@ -244,19 +306,24 @@ def plan(args: Args, command: Optional[str] = None) -> dict[str, Any]:
         "batch_per_device": args.batch_per_device, "global_batch": config.student.batch_size,
         "steps": args.steps, "params": args.params, "bf16": args.bf16, "remat": args.remat,
         "rollout_remat": args.rollout_remat, "attention": args.attention, "grad_accum": args.grad_accum,
-        "arguments": mem.argument_size_in_bytes, "outputs": mem.output_size_in_bytes,
-        "aliased": mem.alias_size_in_bytes, "temporaries": mem.temp_size_in_bytes,
-        "generated_code": mem.generated_code_size_in_bytes,
         "state_per_device": partition.bytes_per_device(state, mesh, specs),
-        "compile_s": seconds,
+        "device_memory_gib": args.device_memory,
+        **seconds,
     }
-    out["peak"] = out["arguments"] + out["outputs"] - out["aliased"] + out["temporaries"]
-    out["fits"] = out["peak"] + out["generated_code"] <= args.device_memory * GIB
-    out["device_memory_gib"] = args.device_memory
+    if compiled is not None:
+        mem = compiled.memory_analysis()
+        out.update(arguments=mem.argument_size_in_bytes, outputs=mem.output_size_in_bytes,
+                   aliased=mem.alias_size_in_bytes, temporaries=mem.temp_size_in_bytes,
+                   generated_code=mem.generated_code_size_in_bytes)
+        out["peak"] = out["arguments"] + out["outputs"] - out["aliased"] + out["temporaries"]
+        out["fits"] = out["peak"] + out["generated_code"] <= args.device_memory * GIB
     out["flops_xla_as_counted"] = _flops(lowered.cost_analysis())
     if args.flops:
-        log.info("compiled in %.0f s; counting FLOPs on the unrolled lowering", seconds)
-        out["flops_per_step"] = unrolled_flops(config)
+        log.info("counting FLOPs with each loop body per iteration")
+        t0 = time.time()
+        out["flops_per_step"] = loop_aware_flops(traced.jaxpr, out["flops_xla_as_counted"])
+        out["flops_s"] = time.time() - t0
+        log.info("counted FLOPs in %.1f s", out["flops_s"])
         t = out["flops_per_step"] / (args.devices * args.peak_tflops * 1e12 * args.mfu)
         out["step_time_s"] = t
         out["peak_tflops"], out["mfu"] = args.peak_tflops, args.mfu
@@ -270,17 +337,25 @@ def _report(out: dict[str, Any]) -> str:
         f"{out['batch_per_device']}/device (global {out['global_batch']}), K = {out['steps']}, params "
         f"{out['params']}, {'bf16' if out['bf16'] else 'fp32'} compute, remat {out['remat']}, rollout remat "
         f"{out['rollout_remat']}, attention {out['attention']}, grad accum {out['grad_accum']}",
-        f"  per device (XLA memory analysis, compiled in {out['compile_s']:.0f} s):",
+        f"  traced in {out['trace_s']:.0f} s, lowered in {out['lower_s']:.0f} s"
+        + (f", compiled in {out['compile_s']:.0f} s" if "compile_s" in out else "")
+        + (f", FLOPs counted in {out['flops_s']:.0f} s" if "flops_s" in out else ""),
+    ]
+    if "peak" in out:
+        lines += [
+        "  per device (XLA:CPU memory analysis):",
         f"    arguments       {g(out['arguments'])}   (train state {g(out['state_per_device']).strip()})",
         f"    outputs         {g(out['outputs'])}   (aliased with donated arguments: {g(out['aliased']).strip()})",
         f"    temporaries     {g(out['temporaries'])}",
         f"    generated code  {g(out['generated_code'])}",
         f"    peak            {g(out['peak'])}   -> {'fits' if out['fits'] else 'does NOT fit'} in "
         f"{out['device_memory_gib']:g} GiB",
-    ]
+        ]
+    else:
+        lines.append(f"  per device: train state {g(out['state_per_device']).strip()} (not compiled: --no_memory)")
     if "flops_per_step" in out:
         lines.append(f"  FLOPs per step (all devices): {out['flops_per_step']:.4g} "
-                     f"(XLA counts {out['flops_xla_as_counted']:.4g} with the K-loop body once)")
+                     f"(XLA counts {out['flops_xla_as_counted']:.4g} with each loop body once)")
         lines.append(f"  step time at {out['peak_tflops']:g} TFLOP/s/device and MFU {out['mfu']:g}: "
                      f"{out['step_time_s']:.3g} s")
     return "\n".join(lines)
