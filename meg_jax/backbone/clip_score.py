@@ -49,7 +49,7 @@ from meg_jax.backbone import clip_vision
 __all__ = ["CLIPScorer", "load_clip_scorer", "clip_score", "CLIP_SCORE_SCALE"]
 
 CLIP_SCORE_SCALE = 100.0  # torchmetrics' w: the score is 100 x the clamped cosine
-_CHUNK = 64  # images per jitted vision call (the last chunk is padded: one compile per input size)
+DEFAULT_BATCH_SIZE = 64  # images per jitted vision call (the last chunk is padded: one compile per input size)
 
 
 def _unit(x: jax.Array) -> jax.Array:
@@ -61,13 +61,17 @@ class CLIPScorer:
     """A loaded CLIP model that scores images against prompts (module docstring).
 
     Build it with :func:`load_clip_scorer`. Attributes are the two towers' modules and
-    params, the preprocessing and the tokenizer.
+    params, the preprocessing, the tokenizer and ``batch_size``, the images per jitted
+    vision call (more are scored in chunks, the last padded).
     """
 
     def __init__(self, folder: str, text_module: clip_lib.CLIPTextTransformer, text_params: Any,
                  vision_module: clip_vision.CLIPVisionTransformer, vision_params: Any,
-                 preprocessor: clip_vision.CLIPImagePreprocessor, tokenizer: clip_lib.CLIPTokenizer):
-        self.folder = folder
+                 preprocessor: clip_vision.CLIPImagePreprocessor, tokenizer: clip_lib.CLIPTokenizer,
+                 batch_size: int = DEFAULT_BATCH_SIZE):
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"CLIPScorer: batch_size must be an integer >= 1, got {batch_size!r}")
+        self.folder, self.batch_size = folder, batch_size
         self.text_module, self.text_params = text_module, text_params
         self.vision_module, self.vision_params = vision_module, vision_params
         self.preprocessor, self.tokenizer = preprocessor, tokenizer
@@ -117,18 +121,17 @@ class CLIPScorer:
             raise ValueError(f"clip score: {np.shape(images)[0]} images but {len(prompts)} prompts (one per image)")
         return self.score_embeds(images, self.text_embeds(prompts))
 
-    @staticmethod
-    def _chunked(fn: Any, inputs: Any) -> jax.Array:
-        """``fn`` over the leading axis in chunks of ``_CHUNK`` (the last padded with its last row)."""
-        n = jax.tree.leaves(inputs)[0].shape[0]
-        if n <= _CHUNK:
+    def _chunked(self, fn: Any, inputs: Any) -> jax.Array:
+        """``fn`` over the leading axis in chunks of ``batch_size`` (the last padded with its last row)."""
+        n, size = jax.tree.leaves(inputs)[0].shape[0], self.batch_size
+        if n <= size:
             return fn(inputs)
         outs = []
-        for lo in range(0, n, _CHUNK):
-            part = jax.tree.map(lambda a: a[lo:lo + _CHUNK], inputs)
+        for lo in range(0, n, size):
+            part = jax.tree.map(lambda a: a[lo:lo + size], inputs)
             m = jax.tree.leaves(part)[0].shape[0]
-            if m < _CHUNK:
-                part = jax.tree.map(lambda a: jnp.concatenate([a, jnp.repeat(a[-1:], _CHUNK - m, 0)]), part)
+            if m < size:
+                part = jax.tree.map(lambda a: jnp.concatenate([a, jnp.repeat(a[-1:], size - m, 0)]), part)
             outs.append(fn(part)[:m])
         return jnp.concatenate(outs)
 
@@ -149,12 +152,14 @@ def _text_config_of(data: dict[str, Any], cfg_path: str) -> clip_lib.CLIPTextCon
     return dataclasses.replace(config, projection_dim=int(data.get("projection_dim", 512)))
 
 
-def load_clip_scorer(folder: str | os.PathLike, *, dtype: Any = jnp.float32) -> CLIPScorer:
+def load_clip_scorer(folder: str | os.PathLike, *, dtype: Any = jnp.float32,
+                     batch_size: int = DEFAULT_BATCH_SIZE) -> CLIPScorer:
     """Loads a transformers ``CLIPModel`` folder (module docstring) for scoring.
 
     Args:
       folder: the CLIP folder.
       dtype: params and computation dtype of both towers (float32, or bfloat16).
+      batch_size: images per jitted vision call.
 
     Returns:
       A :class:`CLIPScorer`.
@@ -199,6 +204,7 @@ def load_clip_scorer(folder: str | os.PathLike, *, dtype: Any = jnp.float32) -> 
         vision_params=vision_params,
         preprocessor=clip_vision.read_preprocessor(folder, vision_config.image_size),
         tokenizer=tokenizer,
+        batch_size=batch_size,
     )
 
 
