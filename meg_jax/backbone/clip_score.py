@@ -175,7 +175,8 @@ def load_clip_scorer(folder: str | os.PathLike, *, dtype: Any = jnp.float32,
 
     folder = os.fspath(folder)
     if not os.path.isdir(folder):
-        raise FileNotFoundError(f"{folder}: no such CLIP model folder (a transformers CLIPModel save_pretrained folder)")
+        raise FileNotFoundError(f"{folder}: no such CLIP model folder (a transformers CLIPModel "
+                                "save_pretrained folder)")
     cfg_path = os.path.join(folder, "config.json")
     data = config_lib.read_json_object(cfg_path, what="the CLIP model's config")
     vision_config = clip_vision.vision_config_of(data, cfg_path)  # refuses configs without a vision tower
