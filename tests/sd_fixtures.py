@@ -14,6 +14,8 @@ written with their ``save_pretrained``, so folders look exactly like the ones us
 * :func:`clip_text_config` / :func:`save_clip_text_encoder` — tiny random
   ``CLIPTextModel`` / ``CLIPTextModelWithProjection`` folders, with old (``eos_token_id=2``)
   or new (the real end-token id) configs, ``quick_gelu`` or ``gelu``, fp32/fp16/bf16 storage.
+* :func:`save_clip_model` — a tiny random ``CLIPModel`` folder (text + vision towers, the
+  tokenizer, optionally ``preprocessor_config.json``) for the CLIP score.
 """
 
 from __future__ import annotations
@@ -315,3 +317,52 @@ def save_tiny_sd_pipeline(path: str | os.PathLike, *, max_length: int = 16, seed
 
     shutil.rmtree(os.path.join(path, "_tokenizer"))
     return path
+
+
+def save_clip_model(
+    path: str | os.PathLike,
+    *,
+    seed: int = 0,
+    text_act: str = "gelu",
+    vision_act: str = "quick_gelu",
+    image_size: int = 32,
+    patch_size: int = 8,
+    projection_dim: int = 24,
+    image_mean: Sequence[float] | None = None,
+    image_std: Sequence[float] | None = None,
+) -> Any:
+    """Writes a tiny random transformers ``CLIPModel`` folder (a CLIP-score model) and returns it.
+
+    Text tower: :func:`clip_text_config` (width 32, 2 layers, the fixture vocabulary, new
+    ``eos_token_id``); vision tower: width 32, 2 layers, 4 heads, ``image_size`` /
+    ``patch_size`` (32 / 8: 16 patches + the class token); both projected to
+    ``projection_dim`` (!= 32, so a transposed projection fails). Weights perturbed by
+    N(0, 0.1²) as :func:`random_clip_text_model`. The folder also holds the tokenizer
+    (:func:`save_clip_tokenizer`) and, when ``image_mean`` / ``image_std`` are given, a
+    ``preprocessor_config.json`` (``CLIPImageProcessor`` at ``image_size`` with them).
+
+    Returns:
+      The float32 ``transformers.CLIPModel`` in eval mode.
+    """
+    import torch
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
+
+    path = os.fspath(path)
+    text = clip_text_config(hidden_act=text_act).to_dict()
+    vision = dict(image_size=image_size, patch_size=patch_size, hidden_size=32, intermediate_size=37,
+                  num_hidden_layers=2, num_attention_heads=4, hidden_act=vision_act)
+    config = CLIPConfig(text_config=text, vision_config=vision, projection_dim=projection_dim)
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = CLIPModel(config).eval()
+        gen = torch.Generator().manual_seed(seed + 1)
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(0.1 * torch.randn(p.shape, generator=gen))
+    model.save_pretrained(path)
+    save_clip_tokenizer(path)
+    if image_mean is not None or image_std is not None:
+        kwargs = {k: list(v) for k, v in (("image_mean", image_mean), ("image_std", image_std)) if v is not None}
+        CLIPImageProcessor(size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size},
+                           **kwargs).save_pretrained(path)
+    return model

@@ -188,3 +188,23 @@ def test_garbled_metadata_is_named(tmp_path):
     np.savez(path, **{"metadata.json": np.array('{"schema_version": 1, "task_cl')})
     with pytest.raises(ValueError, match=r"meta\.npz: its 'metadata.json' entry is not valid JSON"):
         art_mod.load(path)
+
+
+def test_optional_clip_score_table(tmp_path):
+    """``clip_score`` [K, R, S, C] round-trips, is validated, and artifacts without it still load."""
+    a = synthetic_artifact()
+    assert a.clip_score is None
+    a.save(tmp_path / "plain.npz")
+    assert CalibrationArtifact.load(tmp_path / "plain.npz").clip_score is None
+    table = np.linspace(0.0, 100.0, int(np.prod(a.shape))).reshape(a.shape)
+    b = dataclasses.replace(a, clip_score=table)
+    b.save(tmp_path / "clip.npz")
+    np.testing.assert_array_equal(CalibrationArtifact.load(tmp_path / "clip.npz").clip_score, table)
+    with pytest.raises(ValueError, match=r"clip_score must lie in \[0, 100\]"):
+        dataclasses.replace(a, clip_score=table + 1.0).validate()
+    with pytest.raises(ValueError, match=r"clip_score has shape \(4, 8, 11\), the grids say \(4, 8, 11, 4\)"):
+        dataclasses.replace(a, clip_score=table[..., 0]).validate()
+    nan = table.copy()
+    nan[0, 0, 0, 0] = np.nan
+    with pytest.raises(ValueError, match=r"clip_score must lie in \[0, 100\] \(and be finite\)"):
+        dataclasses.replace(a, clip_score=nan).validate()

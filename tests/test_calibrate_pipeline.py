@@ -5,7 +5,9 @@ weights, ``save_pretrained`` into a temp folder); the scheduler is its DDIM with
 overridden to ``trailing`` (K = 1 then starts at t = 999, as a few-step ES must). Quality is
 PSNR/MSE against the pipeline's own N_ref = 4-step image (4 steps, batch 2, no CFG: the program test_sd_pipeline compiles too,
 so the session's compile cache serves it). Then the environment trains on
-the artifact (a tiny CVPO run, the settings of conftest.TINY_CVPO_RUN).
+the artifact (a tiny CVPO run, the settings of conftest.TINY_CVPO_RUN). With ``--clip_model``
+(a tiny random ``CLIPModel`` folder, ``sd_fixtures.save_clip_model``) the same run also holds
+the CLIP score table.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import TINY_CVPO_RUN
+from sd_fixtures import save_clip_model
 from test_sd_pipeline import build
 
 from meg_jax.meg import artifact as artifact_lib
@@ -36,6 +39,56 @@ def calibrated(tmp_path_factory):
     out = str(tmp_path_factory.mktemp("calibration"))
     assert cli.main(["--pipeline", folder, "--out_dir", out, *ARGS]) == 0
     return folder, os.path.join(out, "sd-tiny.npz")
+
+
+@pytest.fixture(scope="module")
+def calibrated_clip(calibrated, tmp_path_factory):
+    """The same calibration with ``--clip_model`` (same shapes: the pipeline's programs are compiled)."""
+    from train import calibrate as cli
+
+    folder, _ = calibrated
+    clip = str(tmp_path_factory.mktemp("clip") / "clip-model")
+    save_clip_model(clip, seed=4)  # its cosines with the two built-in prompts are > 0 (measured ~0.2)
+    out = str(tmp_path_factory.mktemp("calibration-clip"))
+    assert cli.main(["--pipeline", folder, "--out_dir", out, "--clip_model", clip, *ARGS]) == 0
+    return clip, os.path.join(out, "sd-tiny.npz")
+
+
+def test_clip_score_table(calibrated, calibrated_clip):
+    clip, path = calibrated_clip
+    art = artifact_lib.load(path)  # validates the optional table (shape, finite, [0, 100])
+    assert art.clip_score is not None and art.clip_score.shape == art.psnr.shape == (2, 2, 2, 1)
+    assert np.all(np.isfinite(art.clip_score)) and np.all((art.clip_score >= 0) & (art.clip_score <= 100))
+    prov = art.provenance
+    assert prov["clip_model"] == os.path.abspath(clip) and prov["clip_model_hash"] == calibrate.checkpoint_hash(clip)
+    assert "CLIPScore" in prov["clip_score_definition"]
+    assert np.asarray(prov["clip_score_uncompressed"]).shape == (2, 1) and len(prov["clip_score_reference"]) == 1
+    # The CLIP score is measured beside PSNR, not instead: the other tables are the run without it.
+    plain = artifact_lib.load(calibrated[1])
+    assert plain.clip_score is None and "clip_model" not in plain.provenance
+    np.testing.assert_array_equal(art.psnr, plain.psnr)
+    # Not all zero (this random CLIP model's cosines with these prompts are positive): a table of
+    # clamped zeros would not show a wrong image path.
+    assert float(art.clip_score.max()) > 0.0
+    # The reference's score, recomputed here from its images: the calibration's noise (the second
+    # key of split(PRNGKey(seed), 3)), the 8-bit image in [0, 1], each image with its own prompt.
+    # Same jitted programs on the same inputs: 1e-4 of a score point covers the float32 mean.
+    from meg_jax.backbone.clip_score import load_clip_scorer
+    from meg_jax.meg import schemes
+
+    config = calibrate.CalibrationConfig(pipeline=calibrated[0], reference_steps=4, guidance_scale=1.0,
+                                         timestep_spacing="trailing")
+    gen = calibrate_pipeline.load_generator(config)
+    prompts = calibrate_pipeline.read_prompts(None, 2)
+    noise = jax.random.normal(jax.random.split(jax.random.PRNGKey(0), 3)[1], gen.latent_shape(2))
+    reference = gen.decode(gen.reference_latents(gen.encode(prompts), noise))
+    scores = np.asarray(load_clip_scorer(clip)((schemes.to_display(reference) + 1.0) / 2.0, prompts))
+    assert prov["clip_score_reference"][0] == pytest.approx(float(scores.mean()), abs=1e-4)
+    # K = 2 of the reference's 4 steps at 40 dB, r = 0 is 42 dB PSNR from it: nearly the same images,
+    # so nearly the same mean score (measured 32.01 vs 32.36), each image scored with its own prompt.
+    # The two prompts' scores differ by 10.9 points (26.9, 37.8): images scored against the wrong
+    # prompt would move the mean by ~5 points; 2 points is the bound.
+    assert abs(art.clip_score[1, 0, 1, 0] - scores.mean()) < 2.0
 
 
 def test_artifact_is_valid_and_names_the_pipeline(calibrated):
@@ -128,5 +181,16 @@ def test_prompts_file_and_bad_input(tmp_path):
         calibrate.CalibrationConfig(pipeline="x", reference_steps=0).validate()
     with pytest.raises(ValueError, match="prompts"):
         calibrate.CalibrationConfig(prompts=str(f)).validate()
+    with pytest.raises(ValueError, match="clip_model: the CLIP score is measured for --pipeline"):
+        calibrate.CalibrationConfig(clip_model=str(tmp_path)).validate()
+    # A CLIP folder without a vision tower fails before anything is measured, naming the file.
+    from sd_fixtures import save_clip_text_encoder
+
+    save_clip_text_encoder(tmp_path / "text_only")
+    config = calibrate.CalibrationConfig(pipeline=str(tmp_path / "unused"), clip_model=str(tmp_path / "text_only"),
+                                         out_dir=str(tmp_path / "out"))
+    with pytest.raises(ValueError, match=r"text_only/config.json: model_type='clip_text_model' has no CLIP vision"):
+        calibrate.run(config, command="test", progress=False, log=lambda _: None)
+    assert not os.path.exists(tmp_path / "out")
     with pytest.raises(TypeError, match="MEG generator"):
         generator.as_generator(object())

@@ -13,10 +13,13 @@ Examples::
     python -m train.calibrate --no_measure --grid_figure docs/images/meg_grid.png
     python -m train.calibrate --pipeline PATH --reference_steps 50 --steps 1 2 4 8 \
         --prompts prompts.txt --prompts_per_class 64 --cost_presets sd15-512   # a diffusers folder
+    python -m train.calibrate --pipeline PATH --clip_model CLIP_DIR ...       # + the CLIP score
 
 With ``--pipeline PATH`` (a diffusers SD 1.x/2.x, SDXL or LCM folder) quality is PSNR/MSE
 against the pipeline's own ``--reference_steps``-step image (``meg_jax.meg.calibrate_pipeline``)
-and the artifacts are ``<folder name>-<preset>.npz``.
+and the artifacts are ``<folder name>-<preset>.npz``. ``--clip_model CLIP_DIR`` (a transformers
+``CLIPModel`` folder with its tokenizer) also measures each cell's mean CLIP score into the
+artifact's optional ``clip_score`` table.
 
 Every field of ``meg_jax.meg.calibrate.CalibrationConfig`` is a flag (``--steps 1 2 4 8``,
 ``--snr_db -5 0 10``, ``--out_dir DIR``); ``--help`` lists them with their defaults.

@@ -49,6 +49,11 @@ pixel_accuracy             [K,R,S,C] f64     the analytic pixel reading's accura
                                              reading independent of the classifier
 prompt_pixel_accuracy      [K,R,S,C,P] f32   the same per prompt; its mean over P is
                                              ``pixel_accuracy``
+clip_score                 [K,R,S,C] f64     mean CLIP score in [0, 100] of the cell's images
+                                             vs their prompts (torchmetrics' definition,
+                                             :mod:`meg_jax.backbone.clip_score`); pipeline
+                                             calibrations given a CLIP model only. Not read by
+                                             the environment's reward
 =========================  ================  ===================================================
 
 Scalars / strings in ``metadata.json``: ``schema_version`` (int), ``task_classes`` (list of
@@ -112,6 +117,8 @@ _PROMPT_ARRAYS = {"prompt_accuracy": "accuracy", "prompt_psnr": "psnr", "prompt_
 # Tolerance of "the mean over prompts is the class table": the per-prompt tables are stored in
 # float32 (relative rounding 6e-8), the class tables in float64; a mean of float32 values is off
 # by at most their rounding, so 1e-6 of accuracy and 1e-4 dB of PSNR (values <= ~100 dB).
+# optional class tables [K, R, S, C] -> their value range
+_OPTIONAL_TABLES = {"pixel_accuracy": (0.0, 1.0), "clip_score": (0.0, 100.0)}
 _PROMPT_MEAN_ATOL = {"accuracy": 1e-6, "psnr": 1e-4, "pixel_accuracy": 1e-6}
 _COST_ARRAYS = {
     "es_compute_time_s": "K",
@@ -180,6 +187,7 @@ class CalibrationArtifact:
     prompt_psnr: np.ndarray | None = None  # [K, R, S, C, P] per-prompt PSNR (dB)
     pixel_accuracy: np.ndarray | None = None  # [K, R, S, C] the pixel reading's accuracy
     prompt_pixel_accuracy: np.ndarray | None = None  # [K, R, S, C, P] the same per prompt
+    clip_score: np.ndarray | None = None  # [K, R, S, C] mean CLIP score in [0, 100] (pipelines, --clip_model)
     schema_version: int = SCHEMA_VERSION
 
     def __post_init__(self) -> None:
@@ -188,8 +196,9 @@ class CalibrationArtifact:
         for name in _PROMPT_ARRAYS:
             if getattr(self, name) is not None:
                 set_(self, name, np.asarray(getattr(self, name), dtype=np.float32))
-        if self.pixel_accuracy is not None:
-            set_(self, "pixel_accuracy", np.asarray(self.pixel_accuracy, dtype=np.float64))
+        for name in _OPTIONAL_TABLES:
+            if getattr(self, name) is not None:
+                set_(self, name, np.asarray(getattr(self, name), dtype=np.float64))
         set_(self, "steps", np.asarray(self.steps))
         for name in ("merge_ratios", "snr_db", "accuracy", "psnr", *_COST_ARRAYS):
             set_(self, name, np.asarray(getattr(self, name), dtype=np.float64))
@@ -331,11 +340,14 @@ class CalibrationArtifact:
     def _prompt_problems(self, want: tuple[int, int, int, int]) -> list[str]:
         """Schema problems of the optional per-prompt and pixel-reading tables."""
         out: list[str] = []
-        if self.pixel_accuracy is not None:
-            if self.pixel_accuracy.shape != want:
-                out.append(f"pixel_accuracy has shape {self.pixel_accuracy.shape}, the grids say {want}")
-            elif not np.all((self.pixel_accuracy >= 0) & (self.pixel_accuracy <= 1)):
-                out.append("pixel_accuracy must lie in [0, 1] (and be finite)")
+        for name, (lo, hi) in _OPTIONAL_TABLES.items():
+            table = getattr(self, name)
+            if table is None:
+                continue
+            if table.shape != want:
+                out.append(f"{name} has shape {table.shape}, the grids say {want}")
+            elif not np.all((table >= lo) & (table <= hi)):
+                out.append(f"{name} must lie in [{lo:g}, {hi:g}] (and be finite)")
         present = {n: getattr(self, n) for n in _PROMPT_ARRAYS if getattr(self, n) is not None}
         if not present:
             return out
@@ -391,7 +403,7 @@ class CalibrationArtifact:
         }
         for name in _COST_ARRAYS:
             arrays[name] = getattr(self, name)
-        for name in (*_PROMPT_ARRAYS, "pixel_accuracy"):
+        for name in (*_PROMPT_ARRAYS, *_OPTIONAL_TABLES):
             if getattr(self, name) is not None:
                 arrays[name] = getattr(self, name)
         schemes_meta = {}
@@ -477,7 +489,7 @@ class CalibrationArtifact:
             provenance=meta["provenance"],
             conventional_schemes=schemes,
             # schema 1 is schema 2 without the optional tables: it loads as such (and says so)
-            **{k: contents[k] for k in (*_PROMPT_ARRAYS, "pixel_accuracy") if k in contents},
+            **{k: contents[k] for k in (*_PROMPT_ARRAYS, *_OPTIONAL_TABLES) if k in contents},
         )
         if version != SCHEMA_VERSION:
             artifact.provenance["loaded_schema_version"] = version

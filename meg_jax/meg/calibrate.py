@@ -7,7 +7,8 @@ preset (``meg_jax.meg.costs``), stored as one versioned
 
 A diffusers pipeline folder (``config.pipeline``, ``meg-jax calibrate --pipeline PATH``) is
 measured by ``meg_jax.meg.calibrate_pipeline`` instead: PSNR/MSE against the pipeline's own
-N_ref-step image, one task class, priced here the same way.
+N_ref-step image (and the CLIP score of the images vs their prompts when ``clip_model`` names
+a CLIP folder), one task class, priced here the same way.
 
 Measurement (:func:`measure`):
 
@@ -87,6 +88,7 @@ class CalibrationConfig:
     reference_steps: int = 50  # pipeline: N_ref, the reference's steps with the same scheduler
     guidance_scale: float = 7.5  # pipeline: CFG scale (LCM: the guidance embedding's w + 1)
     timestep_spacing: Optional[str] = None  # pipeline: override the scheduler's spacing (e.g. trailing); None: its own
+    clip_model: Optional[str] = None  # pipeline: a transformers CLIPModel folder; also measure the CLIP score per cell
 
     def validate(self) -> "CalibrationConfig":
         """Raises ``ValueError`` naming the field to change."""
@@ -116,6 +118,9 @@ class CalibrationConfig:
             problems.append(f"timestep_spacing must be leading, trailing or linspace, got {self.timestep_spacing!r}")
         if self.pipeline is None and self.prompts is not None:
             problems.append("prompts: a prompts file is for --pipeline (the tiny backbone draws its own prompts)")
+        if self.pipeline is None and self.clip_model is not None:
+            problems.append("clip_model: the CLIP score is measured for --pipeline (the tiny backbone is scored by "
+                            "its attribute classifier)")
         if problems:
             raise ValueError("invalid CalibrationConfig:\n  - " + "\n  - ".join(problems))
         return self
@@ -155,6 +160,9 @@ class QualityGrid:
     prompt_psnr: Optional[np.ndarray] = None  # [K, R, S, C, P] each prompt's PSNR (dB)
     pixel_accuracy: Optional[np.ndarray] = None  # [K, R, S, C] the analytic pixel reading's accuracy
     prompt_pixel_accuracy: Optional[np.ndarray] = None  # [K, R, S, C, P] the same per prompt
+    clip_score: Optional[np.ndarray] = None  # [K, R, S, C] mean CLIP score in [0, 100] (pipelines, clip_model)
+    reference_clip_score: Optional[np.ndarray] = None  # [C] the reference image's CLIP score
+    uncompressed_clip_score: Optional[np.ndarray] = None  # [S, C] the teacher latents over the link, r = 0
 
 
 def balanced_prompts(key: jax.Array, per_class: int, max_length: int = 16) -> tuple[jax.Array, Any]:
@@ -474,6 +482,7 @@ def build_artifact(
         prompt_psnr=grid.prompt_psnr,
         pixel_accuracy=grid.pixel_accuracy,
         prompt_pixel_accuracy=grid.prompt_pixel_accuracy,
+        clip_score=grid.clip_score,
         es_compute_time_s=np.asarray(es_time),
         payload=np.asarray(payload),
         side_info_bits=np.asarray(side),
@@ -575,11 +584,16 @@ def _run_pipeline(config: CalibrationConfig, *, command: str, progress: bool,
     """:func:`run` for ``config.pipeline`` (``meg_jax.meg.calibrate_pipeline``)."""
     from meg_jax.meg import calibrate_pipeline as cp
 
+    scorer = None
+    if config.clip_model is not None:  # loaded first: a bad CLIP folder fails before the long measurement
+        from meg_jax.backbone.clip_score import load_clip_scorer
+
+        scorer = load_clip_scorer(config.clip_model)
     gen = cp.load_generator(config)
     prompts = cp.read_prompts(config.prompts, config.prompts_per_class)
-    grid = cp.measure_generator(gen, config, prompts, progress=progress, log=log)
+    grid = cp.measure_generator(gen, config, prompts, progress=progress, log=log, scorer=scorer)
     log(f"measured {len(prompts)} prompts on {grid.psnr.size} cells in {grid.seconds:.0f} s")
-    prov = cp.provenance(gen, config, prompts, command, checkpoint_hash(config.pipeline))
+    prov = cp.provenance(gen, config, prompts, command, checkpoint_hash(config.pipeline), grid)
     paths = {}
     for name in config.cost_presets:
         path = os.path.join(config.out_dir, artifact_filename(config, name))

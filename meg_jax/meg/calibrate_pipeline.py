@@ -18,7 +18,14 @@ what differs is the model and the quality measure:
   image (averaged per cell): the same term the environment's ``psnr / psnr_scale_db`` mix
   uses at its default ``psnr_scale_db = 40``, so an environment trained on a pipeline
   artifact optimises PSNR against the full-step image whatever ``reward_psnr_weight`` is.
-  The provenance's ``accuracy_definition`` says so. CLIP score is not measured.
+  The provenance's ``accuracy_definition`` says so;
+* prompt adherence, when ``clip_model`` names a transformers ``CLIPModel`` folder
+  (``--clip_model DIR``): the **CLIP score** (``meg_jax.backbone.clip_score``: 100 x the
+  clamped cosine of the CLIP image and prompt embeddings, torchmetrics' definition) of every
+  8-bit image against its own prompt, averaged per cell into the artifact's optional
+  ``clip_score`` table [K, R, S, C]; the reference's and the uncompressed scheme's scores go
+  to the provenance (``clip_score_reference``, ``clip_score_uncompressed``), with the CLIP
+  folder (``clip_model``) and its hash. The environment's reward does not read it.
 
 The provenance names the pipeline: ``pipeline`` (path, ``model_index.json`` class,
 scheduler, N_ref, guidance) and ``backbone_checkpoint_hash`` = SHA-256 of every file of the
@@ -92,8 +99,14 @@ def _scores(images: jax.Array, reference: jax.Array) -> tuple[jax.Array, jax.Arr
     return jnp.minimum(psnr, PSNR_CAP_DB), mse
 
 
-def _score_over_snr(gen, latents, reference, snrs, key, merge_ratio, link):
-    """(PSNR [S, B], MSE [S, B]) of ``latents`` sent at every SNR (one link call, one decode)."""
+def _clip_scores(scorer: Any, images: jax.Array, text_embeds: jax.Array) -> jax.Array:
+    """CLIP scores [N] of [-1, 1] images [N, H, W, 3] (8-bit rounded) vs unit text embeddings [N, P]."""
+    return scorer.score_embeds((schemes.to_display(images) + 1.0) / 2.0, text_embeds)
+
+
+def _score_over_snr(gen, latents, reference, snrs, key, merge_ratio, link, scorer=None, text_embeds=None):
+    """PSNR [S, B], MSE [S, B] and CLIP score [S, B] (None without ``scorer``) of ``latents`` sent
+    at every SNR (one link call, one decode)."""
     from meg_jax.meg import calibrate
 
     received = calibrate._transmit_cells(latents, snrs, key, merge_ratio=merge_ratio, link=link)
@@ -101,7 +114,10 @@ def _score_over_snr(gen, latents, reference, snrs, key, merge_ratio, link):
     images = gen.decode(received.reshape((s * b,) + received.shape[2:]))
     ref = jnp.broadcast_to(reference, (s,) + reference.shape).reshape((s * b,) + reference.shape[1:])
     psnr, mse = _scores(images, ref)
-    return psnr.reshape(s, b), mse.reshape(s, b)
+    clip = None
+    if scorer is not None:  # images are SNR-major ([S * B]): the B prompts' embeddings repeat S times
+        clip = _clip_scores(scorer, images, jnp.tile(text_embeds, (s, 1))).reshape(s, b)
+    return psnr.reshape(s, b), mse.reshape(s, b), clip
 
 
 def measure_generator(
@@ -111,17 +127,21 @@ def measure_generator(
     *,
     progress: bool = True,
     log: Callable[[str], None] | None = None,
+    scorer: Any | None = None,
 ) -> Any:
-    """Measures PSNR/MSE on the (K, r, SNR) grid of ``config`` (module docstring).
+    """Measures PSNR/MSE (and the CLIP score) on the (K, r, SNR) grid of ``config`` (module docstring).
 
     Args:
       gen: the generator (a pipeline's, or any :class:`~meg_jax.meg.generator.Generator`).
       config: ``meg_jax.meg.calibrate.CalibrationConfig`` (grids, link, batch size, seed).
       prompts: N prompts.
+      scorer: a ``meg_jax.backbone.clip_score.CLIPScorer``: also score every image against
+        its prompt; None: no CLIP score.
 
     Returns:
       ``meg_jax.meg.calibrate.QualityGrid`` with one task class ``"all"``, ``accuracy`` the
-      PSNR-based score and ``mse`` set.
+      PSNR-based score and ``mse`` set; ``clip_score`` (and the reference's and uncompressed
+      scheme's) when ``scorer`` is given.
     """
     from meg_jax import run_log
     from meg_jax.meg.calibrate import QualityGrid
@@ -140,11 +160,13 @@ def measure_generator(
     for b, (lo, hi) in enumerate(batches):
         nz, key_b = noise[lo:hi], jax.random.fold_in(k_channel, b)
         cond = gen.encode(prompts[lo:hi])
+        text = None if scorer is None else scorer.text_embeds(prompts[lo:hi])
         ref_latents = gen.reference_latents(cond, nz)
         reference = gen.decode(ref_latents)
-        ref_scores.append(_scores(reference, reference))
+        ref_scores.append((*_scores(reference, reference),
+                           None if scorer is None else _clip_scores(scorer, reference, text)))
         bar.update(1)
-        unc_scores.append(_score_over_snr(gen, ref_latents, reference, snrs, key_b, 0.0, link))
+        unc_scores.append(_score_over_snr(gen, ref_latents, reference, snrs, key_b, 0.0, link, scorer, text))
         bar.update(1)
         per_k = []
         for k in config.steps:
@@ -152,7 +174,7 @@ def measure_generator(
             bar.update(1)
             per_r = []
             for r in config.merge_ratios:
-                per_r.append(_score_over_snr(gen, latents, reference, snrs, key_b, float(r), link))
+                per_r.append(_score_over_snr(gen, latents, reference, snrs, key_b, float(r), link, scorer, text))
                 bar.update(1)
             per_k.append(per_r)
         grid_scores.append(per_k)
@@ -165,6 +187,14 @@ def measure_generator(
     ref_psnr, unc_psnr = cat(ref_scores, 0), cat(unc_scores, 0)  # [N], [S, N]
     psnr, mse = (np.concatenate([np.asarray([[cell[i] for cell in row] for row in batch], np.float64)
                                  for batch in grid_scores], -1) for i in (0, 1))  # [K, R, S, N]
+    clip = {}
+    if scorer is not None:  # the means over the N images, [..., C=1]
+        clip = dict(
+            clip_score=np.concatenate([np.asarray([[cell[2] for cell in row] for row in batch], np.float64)
+                                       for batch in grid_scores], -1).mean(-1)[..., None],
+            reference_clip_score=cat(ref_scores, 2).mean(-1)[..., None],
+            uncompressed_clip_score=cat(unc_scores, 2).mean(-1)[..., None],
+        )
     score = lambda p: np.clip(p / PSNR_SCORE_SCALE_DB, 0.0, 1.0)  # noqa: E731
     mean = lambda a: a.mean(-1)[..., None]  # [..., N] -> [..., C=1]  # noqa: E731
     png_bits = np.concatenate(png)
@@ -187,14 +217,30 @@ def measure_generator(
         task_classes=("all",),
         seconds=time.time() - start,
         mse=mean(mse),
+        **clip,
     )
 
 
 def provenance(gen: generator_lib.PipelineGenerator, config: Any, prompts: Sequence[str], command: str,
-               pipeline_hash: str) -> dict[str, Any]:
-    """The artifact provenance of a pipeline calibration (names the pipeline; quality definitions)."""
+               pipeline_hash: str, grid: Any | None = None) -> dict[str, Any]:
+    """The artifact provenance of a pipeline calibration (names the pipeline and the CLIP model; definitions)."""
     desc = gen.describe()
+    clip = {}
+    if config.clip_model is not None:
+        from meg_jax.meg.calibrate import checkpoint_hash
+
+        clip = {
+            "clip_model": os.path.abspath(config.clip_model),
+            "clip_model_hash": checkpoint_hash(config.clip_model),
+            "clip_score_definition": ("100 x max(cos(CLIP image embedding, CLIP text embedding), 0) of the 8-bit "
+                                      "image vs its own prompt (torchmetrics' CLIPScore, clamped per image), "
+                                      "averaged over the cell's images; CLIP model at clip_model"),
+        }
+        if grid is not None and grid.clip_score is not None:
+            clip["clip_score_reference"] = grid.reference_clip_score.tolist()  # [C]
+            clip["clip_score_uncompressed"] = grid.uncompressed_clip_score.tolist()  # [S][C]
     return {
+        **clip,
         "backbone_checkpoint_hash": pipeline_hash,
         "backbone_checkpoint": os.path.abspath(config.pipeline),
         "backbone_preset": f"pipeline:{desc['class_name']}",
