@@ -182,12 +182,13 @@ def test_chunked_update_equals_the_unchunked_update(env):
     ref_state, ref = jax.jit(one.update_block)(state, key)
     got_state, got = jax.jit(chunked.update_block)(state, key)
     # the TD losses are means of 32 squared errors (rounding ~ 32 eps relative); the E-step
-    # dual sees Q values that differ by rounding (~1e-6 relative) and is solved to
-    # tol 2e-7 relative in g, so eta, lam and the KL agree to ~1e-4
-    for name, rtol in (("critic_loss", 1e-5), ("cost_critic_loss", 1e-5), ("eta", 1e-4), ("estep_kl", 1e-4),
-                       ("nll", 1e-4), ("kl_mean", 1e-3)):
+    # dual sees Q values that differ by rounding (~1e-6 relative) and stops once g improves
+    # by less than tol = 2e-7 relative: g is quadratic near its minimum, so eta, lam and the
+    # KL may differ by ~sqrt(tol) ~ 5e-4 relative (3e-4 seen at B = 1024 in eval.bench_cvpo's setup)
+    for name, rtol in (("critic_loss", 1e-5), ("cost_critic_loss", 1e-5), ("eta", 1e-3), ("estep_kl", 1e-3),
+                       ("nll", 1e-3), ("kl_mean", 1e-3)):
         np.testing.assert_allclose(got[name], ref[name], rtol=rtol, err_msg=name)
-    np.testing.assert_allclose(got["lam"], ref["lam"], rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(got["lam"], ref["lam"], rtol=1e-3, atol=1e-6)
     # Adam's first step moves each parameter by lr * g / (|g| + eps): the same for every
     # gradient entry above rounding, so the new critics agree to float32 rounding of O(1) params
     for g, r in zip(jax.tree.leaves(got_state.critic), jax.tree.leaves(ref_state.critic)):
