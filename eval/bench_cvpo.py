@@ -31,7 +31,7 @@ What is timed (one thread each: XLA single-threaded through ``XLA_FLAGS``, ``tor
 The torch and jax updates are timed in alternating rounds (machine load changes between
 rounds hit both alike); the table gives the median over rounds and the median of the
 per-round ratios. FLOPs per update come from XLA's cost analysis of the update as lowered
-(the particle evaluation in one chunk so no loop hides it; the E-step dual's and the
+(the particle evaluation and the critic step in one chunk each so no loop hides them; the E-step dual's and the
 backtracking's while loops count one iteration each), the peak from the best f32 matmul
 (jnp.dot, square, several sizes) measured in the same process, so the fraction of peak is a
 same-run ratio. A profile of the jitted update (top XLA ops) says where the time goes.
@@ -92,8 +92,8 @@ def jax_update(batch: int, updates: int, artifact: Any) -> dict[str, Any]:
         return metrics
 
     metrics = call()  # warm-up
-    # FLOPs: one update, the particle evaluation in one chunk (no lax.map loop)
-    one = cvpo.make_cvpo(_config(batch, 1), env, particle_rows_per_chunk=batch * M)
+    # FLOPs: one update, the particle evaluation and the critic step in one chunk each (no loop)
+    one = cvpo.make_cvpo(_config(batch, 1), env, particle_rows_per_chunk=batch * M, critic_rows_per_chunk=batch)
     cost = jax.jit(one.update_block).lower(box["state"], jax.random.PRNGKey(3)).cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     # the particle evaluation alone: the update's dominant dense work

@@ -141,6 +141,62 @@ def test_particle_evaluation_matches_the_critic_ensemble(layer_norm):
         np.testing.assert_allclose(got, ref, rtol=1e-5, atol=2e-5)
 
 
+def test_chunked_value_and_grad_matches_one_call():
+    # a loss that is a sum over rows: chunked (interleaved rows, scan) = one value_and_grad
+    # call up to float32 summation order; 24 rows in 4 chunks
+    from meg_jax.rl import blocks
+
+    key = jax.random.PRNGKey(0)
+    net = networks.CriticEnsemble((16, 16), 4, True)
+    params = net.init(key, jnp.zeros((1, 5)), jnp.zeros((1, 2)))
+    rows = (jax.random.normal(key, (24, 5)), jax.random.uniform(key, (24, 2)), jax.random.normal(key, (24, 4)))
+
+    def loss(p, r):
+        per_head = jnp.sum((net.apply(p, r[0], r[1]) - r[2]) ** 2, axis=0) / 24.0
+        return jnp.sum(per_head), per_head
+
+    ref = jax.jit(jax.value_and_grad(loss, has_aux=True))(params, rows)
+    assert blocks.num_row_chunks(24, 24) == 1 and blocks.num_row_chunks(24, 7) == 4
+    assert blocks.num_row_chunks(24, 5) == 6 and blocks.num_row_chunks(7, 2) == 7
+    got = jax.jit(lambda p, r: blocks.chunked_value_and_grad(loss, p, r, 4))(params, rows)
+    # sums of 24 O(1) terms in another order: rounding ~ 24 eps relative to the largest
+    for g, r in zip(jax.tree.leaves(got), jax.tree.leaves(ref)):
+        np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-6 * float(jnp.max(jnp.abs(r))))
+
+
+def test_chunked_update_equals_the_unchunked_update(env):
+    """One update with the critic step and the particle evaluation chunked (speed only) gives
+    the unchunked update's results: losses, E-step solution and the new parameters."""
+    config = dataclasses.replace(TINY, updates_per_block=1)
+    state = jax.jit(cvpo.make_cvpo(config, env).init)(jax.random.PRNGKey(0))
+    # a replay of random transitions (4 steps x 8 envs = min_replay), without compiling train_step
+    data = state.replay.data
+    keys = iter(jax.random.split(jax.random.PRNGKey(1), 8))
+    data = jax.tree.map(lambda x: jax.random.uniform(next(keys), x.shape, x.dtype, -1.0, 1.0), data)
+    data = data.replace(discount=jnp.ones_like(data.discount))
+    state = state.replace(replay=state.replay.replace(data=data, size=jnp.int32(4), pos=jnp.int32(4)))
+    b, k = config.batch_size, max(config.num_action_samples, config.target_samples)
+    one = cvpo.make_cvpo(config, env, particle_rows_per_chunk=b * k, critic_rows_per_chunk=b)
+    chunked = cvpo.make_cvpo(config, env, particle_rows_per_chunk=4 * k, critic_rows_per_chunk=8)  # 8 and 4 chunks
+    key = jax.random.PRNGKey(9)
+    ref_state, ref = jax.jit(one.update_block)(state, key)
+    got_state, got = jax.jit(chunked.update_block)(state, key)
+    # the TD losses are means of 32 squared errors (rounding ~ 32 eps relative); the E-step
+    # dual sees Q values that differ by rounding (~1e-6 relative) and stops once g improves
+    # by less than tol = 2e-7 relative: g is quadratic near its minimum, so eta, lam and the
+    # KL may differ by ~sqrt(tol) ~ 5e-4 relative (3e-4 seen at B = 1024 in eval.bench_cvpo's setup)
+    for name, rtol in (("critic_loss", 1e-5), ("cost_critic_loss", 1e-5), ("eta", 1e-3), ("estep_kl", 1e-3),
+                       ("nll", 1e-3), ("kl_mean", 1e-3)):
+        np.testing.assert_allclose(got[name], ref[name], rtol=rtol, err_msg=name)
+    np.testing.assert_allclose(got["lam"], ref["lam"], rtol=1e-3, atol=1e-6)
+    # Adam's first step moves each parameter by lr * g / (|g| + eps): the same for every
+    # gradient entry above rounding, so the new critics agree to float32 rounding of O(1) params
+    for g, r in zip(jax.tree.leaves(got_state.critic), jax.tree.leaves(ref_state.critic)):
+        np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-6)
+    for g, r in zip(jax.tree.leaves(got_state.actor), jax.tree.leaves(ref_state.actor)):
+        np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-6)
+
+
 def _backtrack_brute_force(kl_of, bounds):
     """The choice the M-step backtracking must make, from every fraction at once."""
     fractions = jnp.asarray(_BACKTRACK, jnp.float32)

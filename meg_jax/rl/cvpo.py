@@ -195,10 +195,12 @@ def env_num_envs(env: Any) -> int:
 
 # ----------------------------------------------------------------------------- the agent
 PARTICLE_ROWS_PER_CHUNK = 256  # (state, action) pairs per chunk of the particle evaluation
+CRITIC_ROWS_PER_CHUNK = 512  # batch rows per chunk of the critics' TD step (4 heads x 512 x 128 f32 = 1 MiB)
 
 
 def make_cvpo(
-    config: CVPOConfig, env: Any, mesh: Optional[Mesh] = None, *, particle_rows_per_chunk: int = PARTICLE_ROWS_PER_CHUNK
+    config: CVPOConfig, env: Any, mesh: Optional[Mesh] = None, *, particle_rows_per_chunk: int = PARTICLE_ROWS_PER_CHUNK,
+    critic_rows_per_chunk: int = CRITIC_ROWS_PER_CHUNK,
 ) -> CVPOAgent:
     """Binds CVPO to a batched environment.
 
@@ -211,6 +213,8 @@ def make_cvpo(
         how the state is placed, see ``meg_jax.rl.sharding``).
       particle_rows_per_chunk: chunk size of the next-state particle evaluation (speed only;
         ``eval/bench_cvpo.py`` sets it to B x K, one chunk, to count FLOPs without a loop).
+      critic_rows_per_chunk: batch rows per chunk of the critics' loss and gradient (speed
+        only, ``blocks.chunked_value_and_grad``; B or more: one unchunked call).
 
     Returns:
       the agent's pure functions.
@@ -243,6 +247,7 @@ def make_cvpo(
     critic_tx = blocks.clipped_adam(config.critic_lr, config.max_grad_norm)
 
     constrain = blocks.batch_constrainer(mesh)
+    critic_chunks = blocks.num_row_chunks(config.batch_size, critic_rows_per_chunk)
 
     # ---------------------------------------------------------------- acting
     def act(actor_params: Any, obs: jax.Array, key: jax.Array, deterministic: bool = False) -> jax.Array:
@@ -374,16 +379,22 @@ def make_cvpo(
         )
         targets = jnp.concatenate([y_r[:, None], y_r[:, None], y_c], axis=-1)  # [B, H]
 
-        def loss_fn(params):
+        def loss_fn(params, rows):
+            obs, action, target = rows
             if discrete:
-                q_all = critic_net.apply(params, batch.obs)  # [B, A, H]
-                q = jnp.take_along_axis(q_all, batch.action[:, None, None], axis=1)[:, 0]
+                q_all = critic_net.apply(params, obs)  # [rows, A, H]
+                q = jnp.take_along_axis(q_all, action[:, None, None], axis=1)[:, 0]
             else:
-                q = critic_net.apply(params, batch.obs, batch.action)  # [B, H]
-            per_head = jnp.mean((q - targets) ** 2, axis=0)  # [H]
+                q = critic_net.apply(params, obs, action)  # [rows, H]
+            if critic_chunks == 1:
+                per_head = jnp.mean((q - target) ** 2, axis=0)  # [H]
+            else:  # this chunk's share of the batch mean
+                per_head = jnp.sum((q - target) ** 2, axis=0) / config.batch_size
             return jnp.sum(per_head), per_head
 
-        (loss, per_head), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.critic)
+        (loss, per_head), grads = blocks.chunked_value_and_grad(
+            loss_fn, state.critic, (batch.obs, batch.action, targets), critic_chunks
+        )
         updates, opt = critic_tx.update(grads, state.critic_opt, state.critic)
         critic = optax.apply_updates(state.critic, updates)
         metrics = {"critic_loss": loss, "reward_critic_loss": per_head[0], "cost_critic_loss": per_head[REWARD_HEADS:]}
