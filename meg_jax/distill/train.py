@@ -435,6 +435,9 @@ def stage_inputs(stage: str, workdir: str, models: Models, config: DistillConfig
         if stage != "student":
             raise ValueError(f"stage {stage!r} does not run with a pipeline teacher (--pipeline.*): "
                              "only the student stage does")
+        if config.student.init_weights:
+            raise ValueError("--student.init_weights continues a procedural student from an exported backbone; "
+                             "with a pipeline teacher (--pipeline.*) the student starts from the pipeline's UNet")
         mesh = parallel.make_mesh(model=config.parallel.model_axis) if mesh is None else mesh
         inputs, params = student_inputs(workdir, models, config, mesh, progress=progress)
         return inputs, create_state(params, make_optimizer(config.student))
