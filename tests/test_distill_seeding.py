@@ -46,7 +46,11 @@ def exported(tmp_path_factory, config):
     workdir = str(tmp_path_factory.mktemp("fake_run"))
     b = config.backbone
     keys = iter(jax.random.split(jax.random.PRNGKey(0), 12))
-    stage_io.save_final(workdir, "classifier", {"classifier": init_classifier(config.classifier_model, next(keys))})
+    # The classifier's Module.init compiles for ~7 s: trace its shapes and fill them instead.
+    shapes = jax.eval_shape(lambda k: init_classifier(config.classifier_model, k), next(keys))
+    rng = np.random.default_rng(0)
+    classifier = jax.tree.map(lambda a: rng.standard_normal(a.shape).astype(a.dtype), shapes)
+    stage_io.save_final(workdir, "classifier", {"classifier": classifier})
     stage_io.save_final(workdir, "vae", {"vae": init_vae(b.vae, next(keys))})
     stage_io.save_final(workdir, "decoder", {"vae": init_vae(b.vae, next(keys))})
     for stage in ("teacher", "teacher_ft"):
