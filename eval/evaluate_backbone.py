@@ -2,6 +2,7 @@
 
     python -m eval.evaluate_backbone checkpoints/tiny [--num 512] [--out DIR]
     python -m eval.evaluate_backbone runs/tiny            # a finished work directory
+    python -m eval.evaluate_backbone runs/x --steps 1 4 --no_teacher_rows   # a quick probe
 
 Every row uses the same fresh prompts and the same initial noise (seed ``--seed``, never
 used in training). Columns: attribute accuracy of the generated images read by the
@@ -55,8 +56,12 @@ def load(path: str):
     return load_backbone(out)
 
 
-def evaluate(bb, num: int = 512, seed: int = 20261126, chunk: int = 128) -> tuple[list[dict], dict]:
+def evaluate(bb, num: int = 512, seed: int = 20261126, chunk: int = 128,
+             steps: Sequence[int] = STEP_COUNTS, teacher_rows: bool = True) -> tuple[list[dict], dict]:
     """Generates every row and scores it.
+
+    Rows: the teacher's guided DDIM-50 (the PSNR reference, always), the teacher's DDIM-K
+    (unless ``teacher_rows`` is False) and the student at K, for K in ``steps``.
 
     Returns:
       ``(rows, samples)``: one dict of metrics per row, and ``samples`` with the images
@@ -94,7 +99,8 @@ def evaluate(bb, num: int = 512, seed: int = 20261126, chunk: int = 128) -> tupl
         rate = num / (time.time() - t0)
         return np.concatenate([np.asarray(o) for o in out]), rate
 
-    specs = [("teacher", 50)] + [("teacher", k) for k in STEP_COUNTS] + [("student", k) for k in STEP_COUNTS]
+    specs = ([("teacher", 50)] + [("teacher", k) for k in steps if teacher_rows]
+             + [("student", k) for k in steps])
     images: dict[str, np.ndarray] = {}
     rows = []
     real_feats = np.asarray(score(real)[1])
@@ -249,6 +255,7 @@ def draw_grid(samples: dict, path: str, num_prompts: int = 6) -> None:
     import matplotlib.pyplot as plt
 
     cols = ["real", "teacher DDIM-50", "teacher DDIM-4"] + [f"student K={k}" for k in STEP_COUNTS]
+    cols = [c for c in cols if c == "real" or c in samples["images"]]  # rows left out by --steps
     fig, axes = plt.subplots(num_prompts, len(cols), figsize=(1.6 * len(cols), 1.75 * num_prompts))
     for i in range(num_prompts):
         for j, c in enumerate(cols):
@@ -284,6 +291,7 @@ def draw_disagreements(samples: dict, path: str, rows: Sequence[str] = ("student
     def word(names, i):
         return names[i] if i >= 0 else "-"
 
+    rows = [r for r in rows if r in samples["images"]]  # rows left out by --steps
     fig, axes = plt.subplots(len(rows), per_row, figsize=(1.45 * per_row, 1.9 * len(rows)), squeeze=False)
     truth = samples["truth"]
     for r, name in enumerate(rows):
@@ -321,13 +329,15 @@ class Args:
     num: int = 512  # prompts (>= 512 for the shipped table)
     seed: int = 20261126  # seed of prompts and noise
     out: Optional[str] = None  # where quality.md and distill_grid.png go (None: PATH)
+    steps: tuple[int, ...] = STEP_COUNTS  # the K of the teacher DDIM-K and student rows (teacher DDIM-50 always)
+    teacher_rows: bool = True  # the teacher DDIM-K rows (--no_teacher_rows: student rows only, quicker)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = config_lib.parse_cli(Args, sys.argv[1:] if argv is None else argv, prog="python -m eval.evaluate_backbone",
                                 description=__doc__.split("\n")[0])
     bb = load(args.path)
-    rows, samples = evaluate(bb, args.num, args.seed)
+    rows, samples = evaluate(bb, args.num, args.seed, steps=args.steps, teacher_rows=args.teacher_rows)
     table = quality_table(rows, args.num, samples["vae_psnr"],
                           (samples["vae_shape_small"], samples["vae_shape_large"]), samples["vae_pixel_shape"])
     print(table)

@@ -9,6 +9,13 @@ latent space and can be switched off (``--decoder None``).
     python -m train.distill --preset tiny --stage all --workdir runs/tiny --decoder None --teacher_ft None
     python -m train.distill --preset tiny --workdir runs/tiny --export checkpoints/tiny
 
+Continuing from a shipped backbone (``--init_from`` writes its weights as the finished stages
+before ``--stage``; ``--student.init_weights`` starts the student from the shipped student
+instead of the teacher; ``meg_jax.distill.seeding``)::
+
+    python -m train.distill --preset tiny --workdir runs/more --init_from checkpoints/tiny \
+        --stage student --student.init_weights checkpoints/tiny --student.steps 150
+
 Distilling a diffusers Stable Diffusion folder on image–caption data (only the student stage
 runs; ``--export`` then writes a diffusers pipeline folder of the student at K
 ``--export_steps``)::
@@ -57,6 +64,10 @@ class Args:
     # which stage to run; 'all' runs every stage the preset enables, in order (finished ones are
     # skipped; decoder and teacher_ft are optional refinements)
     stage: Literal["classifier", "vae", "decoder", "teacher", "teacher_ft", "student", "all", "none"] = "all"
+    # an exported backbone folder (e.g. checkpoints/tiny): first write its weights into the work
+    # directory as the finished stages before --stage (every enabled stage with --stage all or
+    # none), so training continues from a shipped checkpoint (meg_jax.distill.seeding)
+    init_from: Optional[str] = None
     export: Optional[str] = None  # after the stages, write the compact shipped form here (e.g. checkpoints/tiny)
     # with --pipeline.*: the K of the exported diffusers student (None: the largest student.step_counts)
     export_steps: Optional[int] = None
@@ -118,6 +129,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     start = time.time()
     try:
+        if args.init_from:
+            from meg_jax.distill import seeding
+
+            seeded = seeding.seed_workdir(args.workdir, args.init_from, config,
+                                          seeding.stages_to_seed(config, tuple(stages)))
+            log.info("seeded %s of %s from %s", seeded or "no stage (already seeded)", args.workdir, args.init_from)
         finished = train.run(config, tuple(stages), args.workdir, progress=args.progress)
         if args.export:
             train.export(args.workdir, args.export, config, args.export_steps)

@@ -237,9 +237,23 @@ class StudentStageConfig(StageConfig):
     target_steps: int = 50  # teacher DDIM steps of a target (trailing spacing, with CFG)
     target_chunk: int = 256  # triples generated per resumable chunk
     pixel_weight: float = 0.0  # weight of the decoded-pixel MSE (0: latents only)
+    # Weight of the decoded-pixel MSE over the target's shape (pixels off its background
+    # colour, widened by a ``mask_dilation`` max-pool) normalised by the mask's area, as in
+    # the decoder stage: a small shape's outline counts as much as a large one's (0: off).
+    shape_weight: float = 0.0
+    mask_dilation: int = 3  # odd window of the max-pool that widens the shape mask
+    # Start from these student weights instead of the teacher copy: an exported backbone
+    # folder (its student/unet.safetensors) or a .safetensors file ("": the teacher copy
+    # with the step conditioning zeroed). Continues distilling a shipped student.
+    init_weights: str = ""
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.mask_dilation < 1 or self.mask_dilation % 2 == 0:
+            raise ValueError(f"StudentStageConfig.mask_dilation must be odd and >= 1, got {self.mask_dilation}")
+        if self.shape_weight < 0 or self.pixel_weight < 0:
+            raise ValueError(f"StudentStageConfig: pixel_weight={self.pixel_weight} and shape_weight="
+                             f"{self.shape_weight} must be >= 0")
         if len(self.step_counts) != len(self.step_probs):
             raise ValueError(
                 f"StudentStageConfig: step_counts {self.step_counts} and step_probs "

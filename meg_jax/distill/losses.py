@@ -12,7 +12,10 @@ them with ``jax.value_and_grad``.
 * Student: ``step_embedding`` (sinusoid of the step size T/K, the UNet's ``timestep_cond``),
   ``student_sample`` (K trailing DDIM steps of the step-conditioned student) and
   ``rollout_loss`` (MSE between the student's K-step sample and the teacher's guided
-  50-step DDIM sample from the same noise and prompt, backpropagated through all K steps).
+  50-step DDIM sample from the same noise and prompt, backpropagated through all K steps),
+  optionally with pixel terms on the decoded sample: whole-image MSE and the MSE over the
+  target's shape normalised by its area (``border_background`` + ``foreground_mask`` +
+  ``masked_mse``, the decoder stage's shape term on a generated target).
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ __all__ = [
     "gaussian_kl",
     "foreground_mask",
     "masked_mse",
+    "border_background",
     "diffusion_target",
     "drop_context",
     "step_embedding",
@@ -67,19 +71,22 @@ def edge_loss(recon: jax.Array, target: jax.Array) -> jax.Array:
     return 0.5 * (jnp.mean(jnp.square(ry - ty)) + jnp.mean(jnp.square(rx - tx)))
 
 
-def foreground_mask(images: jax.Array, background: jax.Array, dilation: int = 1) -> jax.Array:
+def foreground_mask(images: jax.Array, background: jax.Array, dilation: int = 1,
+                    threshold: float = 1e-3) -> jax.Array:
     """Pixels that differ from the background colour, widened by a ``dilation`` max-pool.
 
     Args:
       images: ``[B, H, W, C]``.
       background: ``[B, C]`` background colour of each image.
       dilation: odd window of the max-pool (1: the exact mask).
+      threshold: a pixel is foreground when the sum over channels of ``|image - background|``
+        exceeds it (1e-3: exact renderings; larger for decoded, noisy images).
 
     Returns:
       ``[B, H, W, 1]`` float mask in {0, 1}.
     """
     diff = jnp.sum(jnp.abs(images - background[:, None, None, :]), axis=-1, keepdims=True)
-    mask = (diff > 1e-3).astype(jnp.float32)
+    mask = (diff > threshold).astype(jnp.float32)
     if dilation > 1:
         mask = jax.lax.reduce_window(mask, 0.0, jax.lax.max, (1, dilation, dilation, 1), (1, 1, 1, 1), "SAME")
     return mask
@@ -98,6 +105,23 @@ def masked_mse(recon: jax.Array, target: jax.Array, mask: jax.Array) -> jax.Arra
     err = jnp.sum(mask * jnp.square(recon - target), axis=(1, 2, 3))
     area = recon.shape[-1] * jnp.sum(mask, axis=(1, 2, 3))
     return jnp.mean(err / jnp.maximum(area, 1.0))
+
+
+def border_background(images: jax.Array, palette: jax.Array) -> jax.Array:
+    """Background colour of generated images: the palette colour nearest the mean of the
+    one-pixel border ring (a shape covers at most a corner of it).
+
+    Args:
+      images: ``[B, H, W, C]`` in [-1, 1].
+      palette: ``[P, C]`` the renderer's colours.
+
+    Returns:
+      ``[B, C]`` the nearest palette colour of each image's border mean.
+    """
+    ring = jnp.concatenate([images[:, 0], images[:, -1], images[:, 1:-1, 0], images[:, 1:-1, -1]], axis=1)
+    mean = jnp.mean(ring, axis=1)  # [B, C]
+    nearest = jnp.argmin(jnp.sum(jnp.square(mean[:, None, :] - palette[None]), axis=-1), axis=-1)
+    return palette[nearest]
 
 
 def gaussian_kl(mean: jax.Array, logvar: jax.Array) -> jax.Array:
@@ -288,6 +312,8 @@ def rollout_loss(
     decode_fn: Callable[[jax.Array], jax.Array] | None = None,
     target_pixels: jax.Array | None = None,
     pixel_weight: float = 0.0,
+    shape_mask: jax.Array | None = None,
+    shape_weight: float = 0.0,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Student distillation loss for one randomly chosen step count, one compiled program.
 
@@ -300,26 +326,34 @@ def rollout_loss(
       target: ``[B, h, w, c]`` the teacher's guided many-step sample from the same noise.
       step_index: scalar int32 index into ``step_counts``.
       step_counts: the static K values.
-      decode_fn: latents -> pixels (the frozen VAE decoder), for the pixel term.
-      target_pixels: ``[B, H, W, 3]`` decoded ``target`` (only with ``pixel_weight > 0``).
-      pixel_weight: weight of the pixel MSE.
+      decode_fn: latents -> pixels (the frozen VAE decoder), for the pixel terms.
+      target_pixels: ``[B, H, W, 3]`` decoded ``target`` (with ``pixel_weight`` or
+        ``shape_weight > 0``).
+      pixel_weight: weight of the whole-image pixel MSE.
+      shape_mask: ``[B, H, W, 1]`` the target's shape pixels (with ``shape_weight > 0``).
+      shape_weight: weight of the pixel MSE over ``shape_mask`` normalised by its area
+        (``masked_mse``).
 
     Returns:
-      ``(loss, metrics)`` with ``latent_mse`` and ``pixel_mse`` (0 when unused).
+      ``(loss, metrics)`` with ``latent_mse``, ``pixel_mse`` and ``shape_mse`` (0 when unused).
     """
+    zero = jnp.zeros((), jnp.float32)
 
-    def branch(k: int) -> Callable[[], tuple[jax.Array, jax.Array]]:
-        def run() -> tuple[jax.Array, jax.Array]:
+    def branch(k: int) -> Callable[[], tuple[jax.Array, jax.Array, jax.Array]]:
+        def run() -> tuple[jax.Array, jax.Array, jax.Array]:
             out = sample_fn(k)
             latent = jnp.mean(jnp.square(out - target))
-            if pixel_weight > 0.0:
-                pixel = jnp.mean(jnp.square(decode_fn(out) - target_pixels))
-            else:
-                pixel = jnp.zeros((), jnp.float32)
-            return latent, pixel
+            pixel, shape = zero, zero
+            if pixel_weight > 0.0 or shape_weight > 0.0:
+                pixels = decode_fn(out)
+                if pixel_weight > 0.0:
+                    pixel = jnp.mean(jnp.square(pixels - target_pixels))
+                if shape_weight > 0.0:
+                    shape = masked_mse(pixels, target_pixels, shape_mask)
+            return latent, pixel, shape
 
         return run
 
-    latent, pixel = jax.lax.switch(step_index, [branch(k) for k in step_counts])
-    loss = latent + pixel_weight * pixel
-    return loss, {"latent_mse": latent, "pixel_mse": pixel}
+    latent, pixel, shape = jax.lax.switch(step_index, [branch(k) for k in step_counts])
+    loss = latent + pixel_weight * pixel + shape_weight * shape
+    return loss, {"latent_mse": latent, "pixel_mse": pixel, "shape_mse": shape}

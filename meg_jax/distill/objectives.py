@@ -210,17 +210,29 @@ def teacher_loss_fn(models: Models, config: DistillConfig, mesh: jax.sharding.Me
     return loss_fn
 
 
+# A decoded target pixel is the shape's when its colour differs from the background by more
+# than this (sum of |difference| over RGB). Palette colours are cube corners of [-1, 1]^3,
+# so two of them differ by >= 2; the decoder's error is ~0.03 (35.8 dB reconstructions) and a
+# shape's soft edge falls between the two.
+SHAPE_THRESHOLD = 0.5
+
+
 def student_loss_fn(models: Models, config: DistillConfig, mesh: jax.sharding.Mesh) -> LossFn:
     """Rollout distillation loss; ``inputs`` holds the frozen text encoder, VAE, latent scale
     and the teacher targets ``{"noise", "tokens", "latents"}`` (``[N, ...]`` each).
 
     With ``compute.rollout_remat`` each of the K UNet passes is rematerialised in the
     backward pass (same loss and gradient; activation memory of one pass instead of K).
-    An SDXL-style UNet (``addition_embed_type="text_time"``) also reads the pooled prompt
+    ``student.shape_weight > 0`` adds the MSE of the decoded sample over the decoded target's
+    shape (pixels more than ``SHAPE_THRESHOLD`` off the border's palette colour, dilated by
+    ``student.mask_dilation``) normalised by its area. An SDXL-style UNet (``addition_embed_type="text_time"``) also reads the pooled prompt
     embedding ``targets["text_embeds"]`` ``[N, E]``; its ``time_ids`` are the square
     training resolution with no crop.
     """
     cfg = config.student
+    if cfg.shape_weight > 0 and config.pipeline is not None:
+        raise ValueError("student.shape_weight reads shapes on the procedural data's palette; it does not "
+                         "apply with a pipeline teacher (--pipeline.*): set --student.shape_weight 0")
     pred = models.prediction_type
     schedule = models.schedule
     dim = config.sampling.step_embedding_dim
@@ -233,6 +245,9 @@ def student_loss_fn(models: Models, config: DistillConfig, mesh: jax.sharding.Me
     # FSDP: each pass gathers the UNet's params (cast to the compute dtype first) at use.
     gather = functools.partial(partition.gather_for_compute, cfg=config.parallel, mesh=mesh)
     compute_dtype = jnp.dtype(config.compute.dtype)
+    from meg_jax.data.shapes import COLOR_RGB
+
+    palette = jnp.asarray(COLOR_RGB, jnp.float32)
 
     def prepare(params: Any) -> Any:
         return gather(params, dtype=None if compute_dtype == jnp.float32 else compute_dtype)
@@ -264,9 +279,15 @@ def student_loss_fn(models: Models, config: DistillConfig, mesh: jax.sharding.Me
         def decode(z: jax.Array) -> jax.Array:
             return models.vae.apply(inputs["vae"], z / inputs["latent_scale"], method="decode")
 
-        target_pixels = decode(batch["latents"]) if cfg.pixel_weight > 0 else None
+        target_pixels, mask = None, None
+        if cfg.pixel_weight > 0 or cfg.shape_weight > 0:
+            target_pixels = decode(batch["latents"])
+        if cfg.shape_weight > 0:  # the target's shape: pixels off its background colour
+            background = losses.border_background(target_pixels, palette)
+            mask = losses.foreground_mask(target_pixels, background, cfg.mask_dilation,
+                                          threshold=SHAPE_THRESHOLD)
         loss, metrics = losses.rollout_loss(sample_fn, batch["latents"], step_index, cfg.step_counts,
-                                            decode, target_pixels, cfg.pixel_weight)
+                                            decode, target_pixels, cfg.pixel_weight, mask, cfg.shape_weight)
         k = jnp.asarray(cfg.step_counts, jnp.int32)[step_index]
         return loss, {**metrics, "num_steps": k.astype(jnp.float32)}
 

@@ -145,3 +145,51 @@ def make_targets(workdir: str, models: Models, config: DistillConfig, teacher: M
     return _cached_chunks(folder, cfg.num_targets // cfg.target_chunk, chunk_fn,
                           jax.random.PRNGKey(cfg.seed + 1), ("noise", "tokens", "latents"),
                           "teacher targets", progress)
+
+
+def student_init(workdir: str, config: DistillConfig, template: Any) -> Any:
+    """The student's starting UNet params from ``student.init_weights`` (continue a student).
+
+    ``init_weights`` is an exported backbone folder (its ``student/unet.safetensors``) or a
+    ``.safetensors`` file. Where the weights came from (path, sha256, the component's stage
+    record) is written once to ``WORKDIR/student/init.json``, so the export can record it
+    even after the source folder is overwritten.
+
+    Args:
+      workdir: the work directory.
+      config: the job config.
+      template: the UNet params the student would start from (the teacher copy): the loaded
+        tree must have the same parameter names and shapes.
+
+    Raises:
+      FileNotFoundError: no such file (the message names it).
+      ValueError: a parameter missing, extra or of another shape (named, with the file).
+    """
+    from meg_jax.distill.seeding import file_sha256
+
+    path = config.student.init_weights
+    file = path if path.endswith(".safetensors") else os.path.join(path, "student", "unet.safetensors")
+    if not os.path.exists(file):
+        raise FileNotFoundError(f"--student.init_weights {path}: {file} not found (expected an exported backbone "
+                                "folder with student/unet.safetensors, or a .safetensors file)")
+    params = ckpt.load_params(file)
+    want = {k: v.shape for k, v in ckpt.flatten_params(template).items()}
+    got = {k: v.shape for k, v in ckpt.flatten_params(params).items()}
+    bad = sorted(set(want) ^ set(got)) or [k for k in sorted(want) if want[k] != got[k]]
+    if bad:
+        k = bad[0]
+        raise ValueError(f"--student.init_weights {path}: {file} does not fit the student UNet: parameter {k!r} "
+                         f"has shape {got.get(k, 'missing')}, the config needs {want.get(k, 'none')} "
+                         f"({len(bad)} parameter(s) differ)")
+    record_path = os.path.join(workdir, "student", "init.json")
+    if not os.path.exists(record_path):
+        meta_path = os.path.join(os.path.dirname(file), ckpt.CONFIG_FILE)
+        stage = None
+        if not path.endswith(".safetensors") and os.path.exists(meta_path):
+            stage = ckpt.read_json(meta_path, "the student's settings").get("stage")
+        os.makedirs(os.path.dirname(record_path), exist_ok=True)
+        with open(record_path, "w") as f:
+            json.dump({"path": path, "sha256": file_sha256(file), "stage": stage}, f, indent=2, sort_keys=True)
+            f.write("\n")
+    return params
+

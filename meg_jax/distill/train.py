@@ -50,7 +50,7 @@ from meg_jax import config as config_lib
 from meg_jax import parallel
 from meg_jax import partition
 from meg_jax import run_log
-from meg_jax.distill.config import OPTIONAL_STAGES, STAGES, DistillConfig, StageConfig
+from meg_jax.distill.config import OPTIONAL_STAGES, STAGES, DistillConfig, StageConfig, StudentStageConfig
 from meg_jax.partition import ParallelConfig
 from meg_jax.distill.objectives import (  # noqa: F401  (re-exported: the stage objectives)
     LossFn,
@@ -73,6 +73,7 @@ from meg_jax.distill.stage_io import (  # noqa: F401  (re-exported: what stages 
     make_targets,
     measure_latent_scale,
     save_final,
+    student_init,
 )
 
 __all__ = [
@@ -282,10 +283,17 @@ def init_stage_state(stage: str, models: Models, config: DistillConfig,
     return create_state(params, make_optimizer(cfg))
 
 
+_LATER_STUDENT_FIELDS = ("shape_weight", "mask_dilation", "init_weights")
+
+
 def stage_record(stage: str, config: DistillConfig) -> dict[str, Any]:
     """The settings a stage's checkpoints depend on (compared on resume)."""
     d = config_lib.to_dict(config)
     record: dict[str, Any] = {stage: d[stage], "data": d["data"]}
+    if stage == "student":  # fields added later: absent at their defaults, so older records stay valid
+        defaults = config_lib.to_dict(StudentStageConfig())
+        record[stage] = {k: v for k, v in d[stage].items()
+                         if k not in _LATER_STUDENT_FIELDS or v != defaults[k]}
     if stage == "classifier":
         record["classifier_model"] = d["classifier_model"]
     if stage in ("vae", "decoder", "teacher", "teacher_ft", "student"):
@@ -311,7 +319,7 @@ def stage_record(stage: str, config: DistillConfig) -> dict[str, Any]:
         record["sampling"] = d["sampling"]
         if d["teacher_ft"] is not None:  # absent when off, so records made before it stay valid
             record["teacher_ft"] = d["teacher_ft"]
-        if d["decoder"] is not None and d["student"]["pixel_weight"] > 0:
+        if d["decoder"] is not None and (d["student"]["pixel_weight"] > 0 or d["student"]["shape_weight"] > 0):
             record["decoder"] = d["decoder"]
         if config.pipeline is not None:  # absent otherwise, so records made before it stay valid
             from meg_jax.distill.pipeline_teacher import pipeline_record
@@ -427,6 +435,9 @@ def stage_inputs(stage: str, workdir: str, models: Models, config: DistillConfig
         if stage != "student":
             raise ValueError(f"stage {stage!r} does not run with a pipeline teacher (--pipeline.*): "
                              "only the student stage does")
+        if config.student.init_weights:
+            raise ValueError("--student.init_weights continues a procedural student from an exported backbone; "
+                             "with a pipeline teacher (--pipeline.*) the student starts from the pipeline's UNet")
         mesh = parallel.make_mesh(model=config.parallel.model_axis) if mesh is None else mesh
         inputs, params = student_inputs(workdir, models, config, mesh, progress=progress)
         return inputs, create_state(params, make_optimizer(config.student))
@@ -448,7 +459,10 @@ def stage_inputs(stage: str, workdir: str, models: Models, config: DistillConfig
     targets = make_targets(workdir, models, config, teacher, progress=progress)
     inputs = {"vae": vae, "latent_scale": jnp.float32(scale), "text_encoder": teacher["text_encoder"],
               "targets": {k: jnp.asarray(v) for k, v in targets.items()}}
-    return inputs, init_stage_state(stage, models, config, teacher_params=teacher)
+    state = init_stage_state(stage, models, config, teacher_params=teacher)
+    if config.student.init_weights:  # continue a student instead of starting from the teacher
+        state = create_state(student_init(workdir, config, state.params), make_optimizer(config.student))
+    return inputs, state
 
 
 _LOSS_FNS = {
@@ -564,6 +578,10 @@ def export(workdir: str, out: str, config: DistillConfig, steps: int | None = No
     ckpt.export_component(out, "vae", backbone.vae, vae, stage=stages_of("vae", "decoder"), latent_scale=scale)
     ckpt.export_component(out, "teacher", backbone.unet, teacher, stage=stages_of("teacher", "teacher_ft"),
                           text_encoder=config_lib.to_dict(backbone.text_encoder))
+    if config.student.init_weights:  # a continued student: what it started from and how it went on
+        init = os.path.join(workdir, "student", "init.json")
+        meta["student"] = {**meta["student"], "config": config_lib.to_dict(config.student),
+                           "continued_from": ckpt.read_json(init, "where the student started from")}
     ckpt.export_component(out, "student", backbone.unet, {"unet": student["unet"]}, stage=meta["student"])
     record = {
         "backbone": config_lib.to_dict(backbone),
