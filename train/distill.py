@@ -56,7 +56,8 @@ class Args:
     workdir: str  # run directory (checkpoints, metrics, config)
     # which stage to run; 'all' runs every stage the preset enables, in order (finished ones are
     # skipped; decoder and teacher_ft are optional refinements)
-    stage: Literal["classifier", "vae", "decoder", "teacher", "teacher_ft", "student", "all", "none"] = "all"
+    stage: Literal["classifier", "vae", "decoder", "teacher", "teacher_ft", "student", "ue_decoder", "all",
+                   "none"] = "all"
     export: Optional[str] = None  # after the stages, write the compact shipped form here (e.g. checkpoints/tiny)
     # with --pipeline.*: the K of the exported diffusers student (None: the largest student.step_counts)
     export_steps: Optional[int] = None
