@@ -27,6 +27,7 @@ import time
 from typing import Optional, Sequence
 
 import numpy as np
+import tyro
 
 from meg_jax import config as config_lib
 
@@ -37,7 +38,7 @@ __all__ = ["Args", "measure", "table", "plot", "main"]
 class Args:
     """Flags of ``python -m eval.ue_decoder``."""
 
-    path: str = "checkpoints/tiny"  # shipped backbone folder with a ue_decoder/ component
+    path: tyro.conf.Positional[str]  # shipped backbone folder with a ue_decoder/ component (checkpoints/tiny)
     num: int = 512  # prompts (a multiple of the 4 task classes)
     steps: int = 4  # K, the student's ES steps
     merge_ratio: float = 0.5  # r of the table (must be on the calibration's r grid)

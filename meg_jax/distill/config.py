@@ -292,6 +292,10 @@ class UEDecoderStageConfig(DecoderStageConfig):
     link_mode: Literal["analog", "digital"] = "analog"  # the link the decoder serves (meg_jax.meg.link)
     fading: Literal["awgn", "rayleigh"] = "awgn"  # analog channel
     bits: int = 8  # digital quantisation bits
+    # Weigh each sample's gradient by (batch-mean loss / its own loss): the gradient of the
+    # mean log-loss, so every sample's relative error counts alike (the loss value stays the
+    # mean). Off, the noisiest samples dominate and the decoder got worse at high SNR.
+    balance_samples: bool = True
 
     def __post_init__(self) -> None:
         super().__post_init__()

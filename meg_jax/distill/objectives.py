@@ -210,14 +210,29 @@ def ue_decoder_loss_fn(models: Models, config: DistillConfig, mesh: jax.sharding
         snr_db = jax.random.uniform(k_snr, (batch_size,), minval=low, maxval=high)
         received = pipeline.transmit_latents_per_sample(latents, ratio_index, ratios, link, snr_db, k_link)
         recon = models.vae.apply(vae, received / scale, method="decode")
-        rec = losses.reconstruction_loss(recon, images)
-        edge = losses.edge_loss(recon, images)
         mask = losses.foreground_mask(images, palette[attrs.background], cfg.mask_dilation)
-        shape = losses.masked_mse(recon, images, mask)
-        loss = rec + cfg.edge_weight * edge + cfg.shape_weight * shape
-        return loss, {"mse": rec, "edge": edge, "shape_mse": shape, "psnr": 10.0 * jnp.log10(4.0 / rec)}
+        # The decoder stage's terms per sample (each on a batch of one): [B] each.
+        rec, edge, shape = (_per_sample(fn, recon, images, *extra) for fn, extra in
+                            ((losses.reconstruction_loss, ()), (losses.edge_loss, ()), (losses.masked_mse, (mask,))))
+        per = rec + cfg.edge_weight * edge + cfg.shape_weight * shape  # [B]
+        mean = jnp.mean(per)
+        if cfg.balance_samples:
+            # Value: the mean loss; gradient: each sample's scaled by mean / its own loss (that of
+            # mean x mean(log loss_i)), so the low-SNR samples' large errors do not drown the
+            # few-percent merging errors of high-SNR ones.
+            loss = jnp.mean(jax.lax.stop_gradient(mean / per) * per)
+        else:
+            loss = mean
+        mse = jnp.mean(rec)
+        return loss, {"mse": mse, "edge": jnp.mean(edge), "shape_mse": jnp.mean(shape),
+                      "psnr": 10.0 * jnp.log10(4.0 / mse)}
 
     return loss_fn
+
+
+def _per_sample(fn: Callable[..., jax.Array], *arrays: jax.Array) -> jax.Array:
+    """``fn`` (a batch-mean loss) of each sample alone: ``[B]``."""
+    return jax.vmap(lambda *xs: fn(*(x[None] for x in xs)))(*arrays)
 
 
 def teacher_loss_fn(models: Models, config: DistillConfig, mesh: jax.sharding.Mesh,
