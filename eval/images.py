@@ -145,7 +145,7 @@ def image_grid(backbone: Any, steps: Sequence[int], ratios: Sequence[float], lin
 
 def _receive_impl(backbone, latents, snr_db, key, merge_ratio, link):
     received = pipeline.transmit_latents(latents, merge_ratio, link, jnp.broadcast_to(snr_db, latents.shape[:1]), key)
-    return pipeline.decode_latents(backbone, received)
+    return pipeline.ue_decode_latents(backbone, received)
 
 
 _receive_jit = jax.jit(_receive_impl, static_argnames=("merge_ratio", "link"))

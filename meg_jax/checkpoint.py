@@ -10,9 +10,10 @@ Two forms, for two readers:
   continued under other settings.
 * **Shipped backbone** (``export_component``, ``load_backbone``): what ``meg-jax demo``, the
   calibration and the notebooks load without the training harness. One folder per component
-  (``classifier``, ``vae``, ``teacher``, ``student``) with ``config.json`` and
-  ``*.safetensors`` files of float32 parameters (flattened with ``/``-joined keys), plus a
-  ``backbone.json`` at the top with the backbone and sampling settings::
+  (``classifier``, ``vae``, ``teacher``, ``student``, and optionally ``ue_decoder``, the
+  merging-aware decoder of the user's device) with ``config.json`` and ``*.safetensors``
+  files of float32 parameters (flattened with ``/``-joined keys), plus a ``backbone.json``
+  at the top with the backbone and sampling settings::
 
       from meg_jax.checkpoint import load_backbone
       bb = load_backbone("checkpoints/tiny")   # Backbone: configs + params of every part
@@ -50,10 +51,16 @@ __all__ = [
     "export_component",
     "load_backbone",
     "COMPONENTS",
+    "OPTIONAL_COMPONENTS",
+    "UE_DECODER_FILE",
 ]
 
 CONFIG_FILE = "config.json"
 COMPONENTS = ("classifier", "vae", "teacher", "student")
+# Loaded when present: the merging-aware UE decoder (the VAE's decoder groups, fine-tuned on
+# merged + channel-noised latents; ``meg_jax.distill.config.UEDecoderStageConfig``).
+OPTIONAL_COMPONENTS = ("ue_decoder",)
+UE_DECODER_FILE = "decoder.safetensors"  # in ue_decoder/: {"decoder": ..., "post_quant_conv": ...}
 
 
 class ConfigMismatchError(ValueError):
@@ -226,6 +233,9 @@ class Backbone:
       classifier_config: ``meg_jax.data.classifier.ClassifierConfig`` (static).
       sampling: ``meg_jax.distill.config.SamplingConfig``: prediction type, guidance scale,
         latent scale, step conditioning (static).
+      ue_decoder: the merging-aware UE decoder's params (the VAE's ``decoder`` and
+        ``post_quant_conv`` groups, used over ``vae``'s encoder groups), or ``None``: the UE
+        decodes with ``vae`` (``meg_jax.meg.pipeline.ue_decode_latents``).
     """
 
     classifier: Any
@@ -236,6 +246,7 @@ class Backbone:
     config: Any = struct.field(pytree_node=False)
     classifier_config: Any = struct.field(pytree_node=False)
     sampling: Any = struct.field(pytree_node=False)
+    ue_decoder: Any = None
 
 
 def flatten_params(params: Mapping[str, Any]) -> dict[str, np.ndarray]:
@@ -277,13 +288,13 @@ def export_component(directory: str | os.PathLike, name: str, config: Any,
 
     Args:
       directory: the backbone folder (e.g. ``checkpoints/tiny``).
-      name: one of ``COMPONENTS``.
+      name: one of ``COMPONENTS`` or ``OPTIONAL_COMPONENTS``.
       config: the component's config dataclass (stored under ``"config"``).
       params: part name -> nested param dict (e.g. ``{"unet": ..., "text_encoder": ...}``).
       **metadata: JSON-ready extras stored beside the config (steps, seeds, ...).
     """
-    if name not in COMPONENTS:
-        raise ValueError(f"component must be one of {COMPONENTS}, got {name!r}")
+    if name not in COMPONENTS + OPTIONAL_COMPONENTS:
+        raise ValueError(f"component must be one of {COMPONENTS + OPTIONAL_COMPONENTS}, got {name!r}")
     folder = os.path.join(os.fspath(directory), name)
     os.makedirs(folder, exist_ok=True)
     for part, p in params.items():
@@ -295,7 +306,7 @@ def export_component(directory: str | os.PathLike, name: str, config: Any,
         f.write("\n")
 
 
-def load_backbone(path: str | os.PathLike = "checkpoints/tiny") -> Backbone:
+def load_backbone(path: str | os.PathLike = "checkpoints/tiny", *, ue_decoder: bool = True) -> Backbone:
     """Loads the shipped backbone (classifier, VAE, text encoder, teacher, student) in one call.
 
     Needs nothing of the training harness: configs come from the JSON files, parameters
@@ -303,6 +314,9 @@ def load_backbone(path: str | os.PathLike = "checkpoints/tiny") -> Backbone:
 
     Args:
       path: the backbone folder written by ``python -m train.distill --export PATH``.
+      ue_decoder: load the merging-aware UE decoder when the folder has one
+        (``ue_decoder/``, written by ``python -m train.ue_decoder``); ``False`` leaves
+        ``Backbone.ue_decoder`` ``None`` (the UE decodes with the plain VAE decoder).
 
     Returns:
       ``Backbone`` with params as ``jax.Array`` pytrees and the configs as dataclasses.
@@ -334,13 +348,26 @@ def load_backbone(path: str | os.PathLike = "checkpoints/tiny") -> Backbone:
             configs[name] = config_lib.from_dict(cls, data)
         except (TypeError, ValueError) as e:
             raise CorruptCheckpointError(f"{file}: not a valid {cls.__name__}: {e}") from e
+    ue_params = None
+    ue_folder = os.path.join(path, "ue_decoder")
+    if ue_decoder and os.path.isdir(ue_folder):
+        read_json(os.path.join(ue_folder, CONFIG_FILE), "the UE decoder's settings", required=("config",))
+        ue_file = os.path.join(ue_folder, UE_DECODER_FILE)
+        ue_params = load_params(ue_file)
+        vae_params = load_params(os.path.join(path, "vae", "vae.safetensors"))
+        if "decoder" not in ue_params or not set(ue_params) <= set(vae_params.get("params", {})):
+            raise CorruptCheckpointError(f"{ue_file} holds the groups {sorted(ue_params)}; a UE decoder is the "
+                                         "VAE's decoder groups ('decoder', 'post_quant_conv')")
+    else:
+        vae_params = load_params(os.path.join(path, "vae", "vae.safetensors"))
     return Backbone(
         classifier=load_params(os.path.join(path, "classifier", "classifier.safetensors")),
-        vae=load_params(os.path.join(path, "vae", "vae.safetensors")),
+        vae=vae_params,
         text_encoder=load_params(os.path.join(path, "teacher", "text_encoder.safetensors")),
         teacher=load_params(os.path.join(path, "teacher", "unet.safetensors")),
         student=load_params(os.path.join(path, "student", "unet.safetensors")),
         config=configs["backbone"],
         classifier_config=configs["classifier"],
         sampling=configs["sampling"],
+        ue_decoder=ue_params,
     )

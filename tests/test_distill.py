@@ -1,7 +1,7 @@
 """Tests of meg_jax.distill: losses on hand-checked cases, samplers, one train step per stage,
 resume to identical parameters, config mismatch refused, NaN guard, the CLI.
 
-Compile time dominates on CPU, so the six stages of the ``test`` preset run once per module
+Compile time dominates on CPU, so the seven stages of the ``test`` preset run once per module
 (``stages`` fixture) and every other test reuses the compiled steps
 (``train.compiled_train_step`` caches them per process).
 """
@@ -157,7 +157,7 @@ def test_student_starts_as_teacher(test_config, models):
 
 @pytest.fixture(scope="module")
 def stages(tmp_path_factory, test_config):
-    """Runs all six stages of the test preset once (also compiles every step)."""
+    """Runs all seven stages of the test preset once (also compiles every step)."""
     workdir = str(tmp_path_factory.mktemp("distill"))
     finished = train.run(test_config, dconfig.STAGES, workdir, progress=False)
     return workdir, finished
@@ -230,8 +230,9 @@ def test_refinement_stages_keep_the_latent_space(stages, test_config):
 def test_refinement_stages_are_optional(stages, test_config, capsys):
     from train import distill as cli
 
-    off = dataclasses.replace(test_config, decoder=None, teacher_ft=None)
+    off = dataclasses.replace(test_config, decoder=None, teacher_ft=None, ue_decoder=None)
     assert train.enabled_stages(off) == ("classifier", "vae", "teacher", "student")
+    assert train.enabled_stages(dataclasses.replace(off, ue_decoder=test_config.ue_decoder))[-1] == "ue_decoder"
     assert train.teacher_stage(off) == "teacher" and train.vae_stage(off) == "vae"
     # Off, the student's record is the one made before the refinements existed.
     assert sorted(train.stage_record("student", off)) == ["backbone", "backbone.vae", "data", "sampling",
@@ -332,6 +333,14 @@ def test_export_and_load_backbone(stages, test_config, tmp_path):
             np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
     with open(os.path.join(out, "teacher", "config.json")) as f:
         assert sorted(json.load(f)["stage"]) == ["teacher", "teacher_ft"]
+    # The merging-aware UE decoder ships beside the VAE (its decoder groups only).
+    ue = train.load_final(workdir, "ue_decoder", ("decoder",))["decoder"]
+    assert sorted(bb.ue_decoder) == ["decoder", "post_quant_conv"]
+    for x, y in zip(jax.tree.leaves(bb.ue_decoder), jax.tree.leaves(ue)):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    with open(os.path.join(out, "ue_decoder", "config.json")) as f:
+        assert json.load(f)["init_from"] == {"stages": {"decoder": {"seed": 1, "steps": 4},
+                                                        "vae": {"seed": 0, "steps": 4}}}
     assert bb.config.prediction_type == "v_prediction"
     assert bb.config.latent_scaling_factor > 0
     tokens = jnp.ones((2, 16), jnp.int32)

@@ -128,7 +128,7 @@ def grid_figure(config: CalibrationConfig, path: str, snrs: Sequence[float], pro
     from meg_jax.meg import calibrate as cal
     from meg_jax.meg import schemes
 
-    bb = load_backbone(config.checkpoint)
+    bb = load_backbone(config.checkpoint, ue_decoder=config.ue_decoder)
     key = jax.random.PRNGKey(config.seed)
     k_prompts, k_noise, k_channel = jax.random.split(key, 3)
     tokens, attrs = cal.balanced_prompts(k_prompts, 1, bb.config.text_encoder.max_length)
@@ -147,7 +147,7 @@ def grid_figure(config: CalibrationConfig, path: str, snrs: Sequence[float], pro
             base = pi * (len(rs) + 1)
             for ri, r in enumerate(rs):
                 rec = cal._transmit(latents, float(r), link, jax.numpy.full((1,), snr), k_channel)
-                show(axes[ki, base + ri], cal._decode(bb, rec))
+                show(axes[ki, base + ri], cal._ue_decode(bb, rec))
                 if ki == 0:
                     axes[ki, base + ri].set_title(f"r={r:g}" + (f"\n{snr:g} dB" if ri == 0 else ""), fontsize=7)
             show(axes[ki, base + len(rs)], reference)

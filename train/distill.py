@@ -63,7 +63,8 @@ class Args:
     workdir: str  # run directory (checkpoints, metrics, config)
     # which stage to run; 'all' runs every stage the preset enables, in order (finished ones are
     # skipped; decoder and teacher_ft are optional refinements)
-    stage: Literal["classifier", "vae", "decoder", "teacher", "teacher_ft", "student", "all", "none"] = "all"
+    stage: Literal["classifier", "vae", "decoder", "teacher", "teacher_ft", "student", "ue_decoder", "all",
+                   "none"] = "all"
     # an exported backbone folder (e.g. checkpoints/tiny): first write its weights into the work
     # directory as the finished stages before --stage (every enabled stage with --stage all or
     # none), so training continues from a shipped checkpoint (meg_jax.distill.seeding)

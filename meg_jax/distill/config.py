@@ -5,7 +5,10 @@
 classifier, and the stages (classifier, VAE, decoder, teacher, teacher_ft, student) with
 their step counts, batch sizes, learning rates, EMA decays, checkpoint intervals and seeds.
 ``decoder`` and ``teacher_ft`` are optional refinements (``None`` skips them): both keep the
-VAE's latent space, so they change what the later stages start from, not what they read. Named presets:
+VAE's latent space, so they change what the later stages start from, not what they read.
+``ue_decoder`` (optional, last) is the merging-aware decoder of the user's device: the refined
+decoder fine-tuned on latents that went through the split pipeline's merge -> link -> unmerge
+path; it is shipped beside the VAE and changes nothing the other stages read. Named presets:
 ``tiny`` (the shipped checkpoints, sized for a 2-core CPU) and ``test`` (seconds per stage,
 for the tests). The command line only overrides fields (``--student.steps 100``).
 
@@ -34,6 +37,7 @@ __all__ = [
     "DecoderStageConfig",
     "TeacherFinetuneStageConfig",
     "StudentStageConfig",
+    "UEDecoderStageConfig",
     "SamplingConfig",
     "ComputeConfig",
     "PipelineConfig",
@@ -46,8 +50,8 @@ __all__ = [
     "PRESETS",
 ]
 
-STAGES = ("classifier", "vae", "decoder", "teacher", "teacher_ft", "student")
-OPTIONAL_STAGES = ("decoder", "teacher_ft")  # skipped when their config is None
+STAGES = ("classifier", "vae", "decoder", "teacher", "teacher_ft", "student", "ue_decoder")
+OPTIONAL_STAGES = ("decoder", "teacher_ft", "ue_decoder")  # skipped when their config is None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -269,6 +273,63 @@ class StudentStageConfig(StageConfig):
 
 
 @dataclasses.dataclass(frozen=True)
+class UEDecoderStageConfig(DecoderStageConfig):
+    """Merging-aware UE decoder: the refined decoder fine-tuned on merged, channel-noised latents.
+
+    The split pipeline (``meg_jax.meg.pipeline``) merges the ES latent's tokens with ratio r,
+    sends them over the link at some SNR and unmerges at the UE; a decoder trained only on
+    clean latents sees averaged tokens and channel noise it never met. Here every sample of
+    a fresh batch is encoded by the frozen encoder (posterior mean, scaled to the UNet's
+    units), sent through exactly that path (``pipeline.transmit_latents``) at its own r,
+    drawn uniformly from ``merge_ratios``, and its own SNR, drawn uniformly in dB over
+    ``snr_db_range``, and decoded; the target is the clean image, with the decoder stage's
+    loss (MSE + edge + shape-mask terms). One decoder serves every (r, SNR). The authors'
+    decoder is fine-tuned the same way (r ~ U[0, 1), feature-noise sigma ~ U[0.05, 0.32]).
+
+    The link fields must match the link the decoder will serve (the calibration's default:
+    analog AWGN); the bandwidth and powers do not change what arrives, so they are not here.
+    """
+
+    # 3000 steps at 3e-4 from the refined decoder: 1000 steps at 1e-4, 1500 and 3000 at 3e-4
+    # gained at every SNR (K = 4, r = 0.5), each more than the one before (docs/ue_decoder.md).
+    steps: int = 3000
+    batch_size: int = 16
+    learning_rate: float = 3e-4
+    warmup_steps: int = 50
+    ema_decay: float = 0.99
+    checkpoint_every: int = 250
+    log_every: int = 50
+    seed: int = 11
+    # r values a sample is drawn from (the calibration's grid = the env's action range): the
+    # number of merged tokens is static in the pipeline, so each r is one branch of the step.
+    merge_ratios: tuple[float, ...] = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7)
+    snr_db_range: tuple[float, float] = (-5.0, 30.0)  # receive SNR drawn uniformly in dB (calibration's grid ends)
+    link_mode: Literal["analog", "digital"] = "analog"  # the link the decoder serves (meg_jax.meg.link)
+    fading: Literal["awgn", "rayleigh"] = "awgn"  # analog channel
+    bits: int = 8  # digital quantisation bits
+    # Weigh each sample's gradient by (batch-mean loss / its own loss): the gradient of the
+    # mean log-loss, so every sample's relative error counts alike (the loss value stays the
+    # mean). Off, the noisiest samples dominate and the decoder got worse at high SNR.
+    balance_samples: bool = True
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        r = self.merge_ratios
+        if not r or list(r) != sorted(set(r)) or not 0.0 <= r[0] <= r[-1] <= 0.75:
+            raise ValueError(f"UEDecoderStageConfig.merge_ratios must be increasing values in [0, 0.75] "
+                             f"(2x2 ToMe cells), got {r}")
+        if len(self.snr_db_range) != 2 or not self.snr_db_range[0] <= self.snr_db_range[1]:
+            raise ValueError(f"UEDecoderStageConfig.snr_db_range must be (low, high) dB with low <= high, "
+                             f"got {self.snr_db_range}")
+
+    def link(self):  # -> meg_jax.meg.link.LinkConfig (imported here: the link module is heavier)
+        """The ``LinkConfig`` the latents are sent over (default bandwidth and powers)."""
+        from meg_jax.meg.link import LinkConfig
+
+        return LinkConfig(mode=self.link_mode, fading=self.fading, bits=self.bits)
+
+
+@dataclasses.dataclass(frozen=True)
 class SamplingConfig:
     """How the shipped teacher and student are sampled (stored in ``backbone.json``)."""
 
@@ -372,6 +433,7 @@ class DistillConfig:
     # Optional refinements (None: skipped; ``--decoder None`` turns one off).
     decoder: DecoderStageConfig | None = None
     teacher_ft: TeacherFinetuneStageConfig | None = None
+    ue_decoder: UEDecoderStageConfig | None = None  # merging-aware UE decoder (shipped beside the VAE)
     keep_checkpoints: int = 2  # orbax keeps the latest N steps per stage
     async_checkpointing: bool = True  # orbax saves in a background thread
     # Parameter layout on the mesh (replicated / fsdp, tensor-parallel axis); not part of
@@ -417,7 +479,7 @@ class DistillConfig:
 def _tiny() -> DistillConfig:
     backbone = dataclasses.replace(backbone_preset("tiny"), prediction_type="v_prediction")
     return DistillConfig(preset="tiny", backbone=backbone, decoder=DecoderStageConfig(),
-                         teacher_ft=TeacherFinetuneStageConfig())
+                         teacher_ft=TeacherFinetuneStageConfig(), ue_decoder=UEDecoderStageConfig())
 
 
 def _test() -> DistillConfig:
@@ -432,6 +494,8 @@ def _test() -> DistillConfig:
         teacher=TeacherStageConfig(**small, latent_scale_samples=16, num_latents=32, latent_chunk=16),
         decoder=DecoderStageConfig(**small),
         teacher_ft=TeacherFinetuneStageConfig(**small, num_latents=32, latent_chunk=16),
+        # Two r values: each is its own merge branch of the compiled step.
+        ue_decoder=UEDecoderStageConfig(**small, learning_rate=1e-3, merge_ratios=(0.0, 0.5)),
         # Two step counts, not four: each K is its own unrolled branch of the compiled student
         # step, and compilation is what a test pays for.
         student=StudentStageConfig(**small, num_targets=16, target_chunk=8, target_steps=4,

@@ -177,6 +177,64 @@ def decoder_loss_fn(models: Models, config: DistillConfig, mesh: jax.sharding.Me
     return loss_fn
 
 
+def ue_decoder_loss_fn(models: Models, config: DistillConfig, mesh: jax.sharding.Mesh) -> LossFn:
+    """Merging-aware UE decoder loss; ``params`` = the decoder groups,
+    ``inputs = {"encoder": ..., "latent_scale": scalar}``.
+
+    A fresh batch is encoded by the frozen encoder (posterior means times the latent scale:
+    the UNet's units, what the ES merges and sends); each sample draws its merge ratio
+    uniformly from ``merge_ratios`` and its SNR uniformly in dB over ``snr_db_range`` and goes
+    through the split pipeline's own merge -> link -> unmerge
+    (``meg_jax.meg.pipeline.transmit_latents_per_sample``); the decoded result is scored
+    against the clean image with the decoder stage's loss (MSE + edge + shape mask).
+    """
+    from meg_jax.data.shapes import COLOR_RGB
+    from meg_jax.meg import pipeline
+
+    cfg = config.ue_decoder
+    batch_size = micro_batch_size(cfg.batch_size, config, mesh, "ue_decoder")
+    palette = jnp.asarray(COLOR_RGB, jnp.float32)
+    link = cfg.link()
+    ratios = tuple(float(r) for r in cfg.merge_ratios)
+    low, high = (float(v) for v in cfg.snr_db_range)
+
+    def loss_fn(params: Any, inputs: Any, key: jax.Array) -> tuple[jax.Array, dict]:
+        k_data, k_ratio, k_snr, k_link = jax.random.split(key, 4)
+        images, _, attrs = sample_batch(k_data, batch_size, config.data)
+        images, attrs = parallel.constrain_batch((images, attrs), mesh)
+        vae = merge_vae(inputs["encoder"], params)
+        mean, _ = models.vae.apply(vae, images, method="encode")
+        scale = inputs["latent_scale"]
+        latents = jax.lax.stop_gradient(mean) * scale
+        ratio_index = jax.random.randint(k_ratio, (batch_size,), 0, len(ratios))
+        snr_db = jax.random.uniform(k_snr, (batch_size,), minval=low, maxval=high)
+        received = pipeline.transmit_latents_per_sample(latents, ratio_index, ratios, link, snr_db, k_link)
+        recon = models.vae.apply(vae, received / scale, method="decode")
+        mask = losses.foreground_mask(images, palette[attrs.background], cfg.mask_dilation)
+        # The decoder stage's terms per sample (each on a batch of one): [B] each.
+        rec, edge, shape = (_per_sample(fn, recon, images, *extra) for fn, extra in
+                            ((losses.reconstruction_loss, ()), (losses.edge_loss, ()), (losses.masked_mse, (mask,))))
+        per = rec + cfg.edge_weight * edge + cfg.shape_weight * shape  # [B]
+        mean = jnp.mean(per)
+        if cfg.balance_samples:
+            # Value: the mean loss; gradient: each sample's scaled by mean / its own loss (that of
+            # mean x mean(log loss_i)), so the low-SNR samples' large errors do not drown the
+            # few-percent merging errors of high-SNR ones.
+            loss = jnp.mean(jax.lax.stop_gradient(mean / per) * per)
+        else:
+            loss = mean
+        mse = jnp.mean(rec)
+        return loss, {"mse": mse, "edge": jnp.mean(edge), "shape_mse": jnp.mean(shape),
+                      "psnr": 10.0 * jnp.log10(4.0 / mse)}
+
+    return loss_fn
+
+
+def _per_sample(fn: Callable[..., jax.Array], *arrays: jax.Array) -> jax.Array:
+    """``fn`` (a batch-mean loss) of each sample alone: ``[B]``."""
+    return jax.vmap(lambda *xs: fn(*(x[None] for x in xs)))(*arrays)
+
+
 def teacher_loss_fn(models: Models, config: DistillConfig, mesh: jax.sharding.Mesh,
                     stage: str = "teacher") -> LossFn:
     """Teacher diffusion loss; ``inputs = {"latents": [N, h, w, c], "tokens": [N, L]}``.

@@ -33,7 +33,6 @@ import hashlib
 import json
 import os
 import shutil
-from typing import Any
 
 from meg_jax import checkpoint as ckpt
 from meg_jax import config as config_lib
@@ -49,6 +48,7 @@ STAGE_COMPONENTS: dict[str, tuple[str, tuple[str, ...]]] = {
     "teacher": ("teacher", ("unet", "text_encoder")),
     "teacher_ft": ("teacher", ("unet", "text_encoder")),
     "student": ("student", ("unet",)),
+    "ue_decoder": ("ue_decoder", ("decoder",)),
 }
 
 
@@ -177,6 +177,10 @@ def seed_workdir(workdir: str, source: str, config: DistillConfig, stages: tuple
     if config.pipeline is not None:
         raise ValueError("--init_from seeds the procedural stages from an exported backbone; it does not apply "
                          "with a pipeline teacher (--pipeline.*)")
+    # an export made before the merging-aware decoder existed has no ue_decoder/: that optional
+    # stage is then left to run (it trains from the seeded VAE) instead of refused
+    stages = tuple(s for s in stages
+                   if s != "ue_decoder" or os.path.exists(os.path.join(source, "ue_decoder", ckpt.CONFIG_FILE)))
     components = _check_source(source, config, stages)
     seeded = []
     for stage in stages:

@@ -1,6 +1,6 @@
 """Train states, jitted train steps and the host loop of the distillation stages.
 
-Each stage (classifier, VAE, decoder, teacher, teacher_ft, student) is one pure function
+Each stage (classifier, VAE, decoder, teacher, teacher_ft, student, ue_decoder) is one pure function
 ``train_step(state, inputs, key) -> (state, metrics)`` over a ``TrainState`` pytree (params,
 EMA params, optimizer state, step), jitted once with the state donated. Batches are
 generated on device from ``key`` (``meg_jax.data.sample_batch``) and sharded over the
@@ -11,8 +11,10 @@ same batches as an uninterrupted one and ends with identical parameters.
 
 ``train_stage`` is the host loop: progress bar, metrics (JSONL + TensorBoard), NaN guard,
 orbax checkpoints (keep N, async), resume, config check. ``run`` chains the stages of a
-``DistillConfig`` in a work directory (the optional ``decoder`` and ``teacher_ft`` stages run
-when their config is set); ``export`` writes the compact shipped form
+``DistillConfig`` in a work directory (the optional ``decoder``, ``teacher_ft`` and
+``ue_decoder`` stages run when their config is set); ``run_ue_decoder_from_backbone`` trains
+the ``ue_decoder`` stage from a shipped backbone folder instead of a work directory, and
+``export_ue_decoder`` writes its component; ``export`` writes the compact shipped form
 (``meg_jax.checkpoint.load_backbone`` reads it). With ``DistillConfig.pipeline`` set, only the
 student stage runs, its teacher a diffusers pipeline folder and its data images with captions
 (``meg_jax.distill.pipeline_teacher``), and ``export`` writes a diffusers pipeline folder. The stage objectives live in
@@ -59,6 +61,7 @@ from meg_jax.distill.objectives import (  # noqa: F401  (re-exported: the stage 
     classifier_loss_fn,
     decoder_loss_fn,
     merge_vae,
+    ue_decoder_loss_fn,
     split_vae,
     student_loss_fn,
     teacher_loss_fn,
@@ -87,6 +90,7 @@ __all__ = [
     "input_specs",
     "vae_loss_fn",
     "decoder_loss_fn",
+    "ue_decoder_loss_fn",
     "teacher_loss_fn",
     "student_loss_fn",
     "classifier_loss_fn",
@@ -100,6 +104,8 @@ __all__ = [
     "compiled_train_step",
     "run",
     "export",
+    "run_ue_decoder_from_backbone",
+    "export_ue_decoder",
     "load_final",
 ]
 
@@ -247,7 +253,8 @@ def init_stage_state(stage: str, models: Models, config: DistillConfig,
       teacher_params: for "student" and "teacher_ft": the teacher's ``{"unet",
         "text_encoder"}`` EMA params (the continuation starts from them; the student's UNet
         starts as a copy with the step projection zeroed).
-      vae_params: for "decoder": the VAE stage's params (its decoder groups are trained on).
+      vae_params: for "decoder": the VAE stage's params (its decoder groups are trained on);
+        for "ue_decoder": the refined VAE's (the decoder stage's, or a shipped backbone's).
     """
     cfg = getattr(config, stage)
     key = jax.random.PRNGKey(cfg.seed)
@@ -266,9 +273,9 @@ def init_stage_state(stage: str, models: Models, config: DistillConfig,
 
         k_unet, k_text = jax.random.split(key)
         params = {"unet": init_unet(b.unet, k_unet), "text_encoder": init_text_encoder(b.text_encoder, k_text)}
-    elif stage == "decoder":
+    elif stage in ("decoder", "ue_decoder"):
         if vae_params is None:
-            raise ValueError("the decoder stage needs the trained VAE's params")
+            raise ValueError(f"the {stage} stage needs the trained VAE's params")
         params = jax.tree.map(jnp.copy, split_vae(vae_params)[1])
     elif stage == "teacher_ft":
         if teacher_params is None:
@@ -296,10 +303,12 @@ def stage_record(stage: str, config: DistillConfig) -> dict[str, Any]:
                          if k not in _LATER_STUDENT_FIELDS or v != defaults[k]}
     if stage == "classifier":
         record["classifier_model"] = d["classifier_model"]
-    if stage in ("vae", "decoder", "teacher", "teacher_ft", "student"):
+    if stage in ("vae", "decoder", "teacher", "teacher_ft", "student", "ue_decoder"):
         record["backbone.vae"] = d["backbone"]["vae"]
-    if stage == "decoder":
+    if stage in ("decoder", "ue_decoder"):
         record["vae"] = d["vae"]
+    if stage == "ue_decoder" and d["decoder"] is not None:  # it starts from the refined decoder
+        record["decoder"] = d["decoder"]
     if stage in ("teacher", "teacher_ft", "student"):
         record["backbone"] = {k: v for k, v in d["backbone"].items() if k != "vae"}
         record["vae"] = d["vae"]
@@ -447,6 +456,10 @@ def stage_inputs(stage: str, workdir: str, models: Models, config: DistillConfig
     if stage == "decoder":
         return {"encoder": split_vae(vae)[0]}, init_stage_state(stage, models, config, vae_params=vae)
     scale = latent_scale(workdir, models, vae, config)
+    if stage == "ue_decoder":  # from the refined decoder, over the (unchanged) encoder
+        refined = load_final(workdir, vae_stage(config), ("vae",))["vae"]
+        inputs = {"encoder": split_vae(refined)[0], "latent_scale": jnp.float32(scale)}
+        return inputs, init_stage_state(stage, models, config, vae_params=refined)
     if stage in ("teacher", "teacher_ft"):
         # The decoder stage leaves the encoder as it was: both caches read the VAE stage's.
         cache = make_latent_cache(workdir, models, config, vae, scale, progress=progress, stage=stage)
@@ -472,6 +485,7 @@ _LOSS_FNS = {
     "teacher": teacher_loss_fn,
     "teacher_ft": functools.partial(teacher_loss_fn, stage="teacher_ft"),
     "student": student_loss_fn,
+    "ue_decoder": ue_decoder_loss_fn,
 }
 
 
@@ -483,6 +497,8 @@ def _final_parts(stage: str, state: TrainState, inputs: Any) -> dict[str, Any]:
         return {"vae": ema}
     if stage == "decoder":  # the whole VAE: frozen encoder + refined decoder
         return {"vae": merge_vae(jax.device_get(inputs["encoder"]), ema)}
+    if stage == "ue_decoder":  # only the decoder groups (shipped beside the VAE, whose encoder it uses)
+        return {"decoder": ema}
     if stage in ("teacher", "teacher_ft"):
         return {"unet": ema["unet"], "text_encoder": ema["text_encoder"]}
     return {"unet": ema}
@@ -583,6 +599,8 @@ def export(workdir: str, out: str, config: DistillConfig, steps: int | None = No
         meta["student"] = {**meta["student"], "config": config_lib.to_dict(config.student),
                            "continued_from": ckpt.read_json(init, "where the student started from")}
     ckpt.export_component(out, "student", backbone.unet, {"unet": student["unet"]}, stage=meta["student"])
+    if config.ue_decoder is not None and os.path.exists(os.path.join(_final_dir(workdir, "ue_decoder"), "DONE")):
+        export_ue_decoder(workdir, out, config, init_from={"stages": stages_of("vae", "decoder")})
     record = {
         "backbone": config_lib.to_dict(backbone),
         "sampling": config_lib.to_dict(config.sampling),
@@ -592,3 +610,95 @@ def export(workdir: str, out: str, config: DistillConfig, steps: int | None = No
     with open(os.path.join(out, "backbone.json"), "w") as f:
         json.dump(record, f, indent=2, sort_keys=True)
         f.write("\n")
+
+
+# --------------------------------------------------------------------------- UE decoder from a shipped backbone
+
+
+def _sha256(path: str) -> str:
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _ue_init_record(backbone_dir: str) -> dict[str, Any]:
+    """What a UE decoder trained from a shipped backbone starts from (its VAE file's sha256)."""
+    return {"vae_sha256": _sha256(os.path.join(backbone_dir, "vae", "vae.safetensors"))}
+
+
+def run_ue_decoder_from_backbone(config: DistillConfig, backbone_dir: str, workdir: str, *,
+                                 mesh: jax.sharding.Mesh | None = None, progress: bool = True,
+                                 stop_after: int | None = None) -> bool:
+    """Trains the ``ue_decoder`` stage from a shipped backbone's VAE (``load_backbone``).
+
+    The stage starts from the folder's (refined) decoder groups, keeps its encoder frozen
+    and uses its latent scale, so no work directory of the earlier stages is needed; the
+    checkpoints, metrics and final params go to ``workdir/ue_decoder`` as in :func:`run`
+    (resumable; the record adds the sha256 of the VAE file it started from, so a run is
+    never continued from another VAE).
+
+    Args:
+      config: the job config; ``config.ue_decoder`` must be set and ``config.backbone.vae``
+        must equal the folder's VAE architecture.
+      backbone_dir: a shipped backbone folder (e.g. ``checkpoints/tiny``).
+      workdir: where the stage's folder goes.
+      mesh, progress, stop_after: as in :func:`run`.
+
+    Returns:
+      True when the stage has finished (``workdir/ue_decoder/final/decoder.safetensors``).
+    """
+    if config.ue_decoder is None:
+        raise ValueError("config.ue_decoder is None: the ue_decoder stage is off (do not pass --ue_decoder None)")
+    bb = ckpt.load_backbone(backbone_dir, ue_decoder=False)
+    if bb.config.vae != config.backbone.vae:
+        diffs = config_lib.diff(config_lib.to_dict(bb.config.vae), config_lib.to_dict(config.backbone.vae))
+        raise ValueError(f"{backbone_dir}: its VAE architecture differs from the config's backbone.vae "
+                         f"({'; '.join(diffs)}); pick the --preset it was made with")
+    if os.path.exists(os.path.join(_final_dir(workdir, "ue_decoder"), "DONE")):
+        ckpt.check_config(os.path.join(workdir, "ue_decoder"), _ue_record(config, backbone_dir))
+        return True
+    mesh = parallel.make_mesh(model=config.parallel.model_axis) if mesh is None else mesh
+    models = build_models(config)
+    inputs = {"encoder": split_vae(bb.vae)[0], "latent_scale": jnp.float32(bb.config.latent_scaling_factor)}
+    state = init_stage_state("ue_decoder", models, config, vae_params=bb.vae)
+    step = compiled_train_step("ue_decoder", config, mesh)
+    state, done = train_stage("ue_decoder", workdir, _ue_record(config, backbone_dir), state, step, inputs,
+                              config.ue_decoder, mesh, keep=config.keep_checkpoints,
+                              async_save=config.async_checkpointing, progress=progress, stop_after=stop_after,
+                              parallel_config=config.parallel)
+    if done:
+        save_final(workdir, "ue_decoder", _final_parts("ue_decoder", state, inputs))
+        with open(os.path.join(_final_dir(workdir, "ue_decoder"), "DONE"), "w") as f:
+            f.write(f"{config.ue_decoder.steps}\n")
+    return done
+
+
+def _ue_record(config: DistillConfig, backbone_dir: str) -> dict[str, Any]:
+    d = config_lib.to_dict(config)
+    return {"ue_decoder": d["ue_decoder"], "data": d["data"], "backbone.vae": d["backbone"]["vae"],
+            "init_from": _ue_init_record(backbone_dir)}
+
+
+def export_ue_decoder(workdir: str, out: str, config: DistillConfig, *,
+                      init_from: Mapping[str, Any] | None = None) -> None:
+    """Writes ``out/ue_decoder/`` (config.json + ``decoder.safetensors``) from a finished stage.
+
+    Only that folder is written: every other component of ``out`` stays byte for byte as it
+    was. ``config.json`` records the VAE architecture (``config``), the stage's config
+    (``stage_config``: ratios, SNR range, link, optimisation), its ``steps`` and ``seed``
+    (``stage``) and what it started from (``init_from``).
+    """
+    cfg = config.ue_decoder
+    if cfg is None:
+        raise ValueError("config.ue_decoder is None: nothing to export")
+    params = load_final(workdir, "ue_decoder", ("decoder",))
+    if init_from is None:
+        record = ckpt.read_json(os.path.join(workdir, "ue_decoder", ckpt.CONFIG_FILE), "the ue_decoder stage's record")
+        init_from = record.get("init_from", {})
+    ckpt.export_component(out, "ue_decoder", config.backbone.vae, {"decoder": params["decoder"]},
+                          stage={"ue_decoder": {"steps": cfg.steps, "seed": cfg.seed}},
+                          stage_config=config_lib.to_dict(cfg), init_from=dict(init_from))

@@ -18,7 +18,9 @@ Measurement (:func:`measure`):
 * per K: the student's K-step latents, computed **once** and reused for every r and SNR
   (the ES part does not depend on them);
 * per (K, r), vmapped over the whole SNR grid: merge -> link (one fixed channel
-  key, so every SNR sees the same noise draw scaled differently) -> unmerge -> decode ->
+  key, so every SNR sees the same noise draw scaled differently) -> unmerge -> decode with
+  the UE's decoder (the merging-aware ``ue_decoder`` when the checkpoint has one and
+  ``ue_decoder`` is on; ``meg_jax.meg.pipeline.ue_decode_latents``) ->
   score with ``meg_jax.meg.schemes.score_images`` (8-bit image; attribute accuracy; PSNR vs
   the reference), averaged per task class; digital links run every SNR too;
 * the conventional schemes on the same prompts and noise: the reference itself (centralised
@@ -82,6 +84,9 @@ class CalibrationConfig:
     prompts_per_class: int = 128  # prompts per (K, r, SNR, task class) cell: 4 x 128 = 512 per (K, r, SNR)
     batch_size: int = 32  # prompts per jitted call (32 decodes fastest per image on this CPU)
     seed: int = 0  # prompts, noise and channel draws
+    # Decode what crossed the link with the checkpoint's merging-aware UE decoder (ue_decoder/)
+    # when it has one; --no_ue_decoder: the plain VAE decoder (the reference is always plain).
+    ue_decoder: bool = True
     # --- a diffusers pipeline instead of the tiny backbone (meg_jax.meg.calibrate_pipeline) ---
     pipeline: Optional[str] = None  # pipeline folder (load_pipeline); quality = PSNR/MSE vs its N_ref-step image
     prompts: Optional[str] = None  # pipeline prompts file, one a line (default: a built-in list); cycled to prompts_per_class
@@ -199,6 +204,8 @@ def _decode(backbone, latents):
     return pipeline.decode_latents(backbone, latents)
 
 
+_ue_decode = jax.jit(pipeline.ue_decode_latents)  # what crossed the link, as the UE decodes it
+_transmit = jax.jit(pipeline.transmit_latents, static_argnums=(1, 2))  # one (r, link) cell (figures)
 _student = jax.jit(pipeline.es_latents, static_argnums=(3,))
 
 
@@ -235,7 +242,7 @@ def _score_received(backbone: Any, received: jax.Array, attrs: Any,
       ``(accuracy [S, B], psnr [S, B], pixel_accuracy [S, B])``.
     """
     s, b = received.shape[:2]
-    images = pipeline.decode_latents(backbone, received.reshape((s * b,) + received.shape[2:]))
+    images = pipeline.ue_decode_latents(backbone, received.reshape((s * b,) + received.shape[2:]))
     tile = lambda a: jnp.broadcast_to(a, (s,) + a.shape).reshape((s * b,) + a.shape[1:])  # noqa: E731
     tiled = jax.tree.map(tile, attrs)
     q = schemes.score_images(backbone, images, tiled, tile(reference))
@@ -550,7 +557,7 @@ def run(
     if backbone is None:
         from meg_jax.checkpoint import load_backbone
 
-        backbone = load_backbone(config.checkpoint)
+        backbone = load_backbone(config.checkpoint, ue_decoder=config.ue_decoder)
         ckpt_hash = checkpoint_hash(config.checkpoint)
         backbone_preset = _backbone_preset_name(config.checkpoint)
         checkpoint = config.checkpoint
@@ -570,6 +577,8 @@ def run(
                 "backbone_preset": backbone_preset,
                 "command": command,
                 "quality_source": f"{backbone_preset} backbone at {checkpoint} ({ckpt_hash})",
+                "ue_decoder": ("merging-aware (ue_decoder/)" if getattr(backbone, "ue_decoder", None) is not None
+                               else "plain VAE decoder"),
             },
         )
         path = os.path.join(config.out_dir, artifact_filename(config, name))

@@ -12,7 +12,11 @@
    (``meg_jax.meg.link``); the merge map travels as error-free side information;
 4. **UE**: unmerge, divide by the latent scale, VAE decode, clip -> images in [-1, 1]
    (:func:`decode_latents` is ``meg_jax.distill.decode_latents``, the one decode convention
-   of the project, so calibration and backbone evaluation score the same images).
+   of the project, so calibration and backbone evaluation score the same images). The UE
+   decodes with the backbone's merging-aware decoder when it has one
+   (``Backbone.ue_decoder``, trained on latents that went through this very merge -> link ->
+   unmerge path: :func:`ue_decode_latents`); :func:`plain_decoder` drops it, and
+   ``generate(..., ue_decoder=False)`` decodes with the plain VAE decoder.
 
 ``generate`` also takes a diffusers pipeline (``meg_jax.backbone.load_pipeline``): the ES
 runs the pipeline's own scheduler for K steps, merging and the link are the same, and the UE
@@ -51,7 +55,10 @@ __all__ = [
     "teacher_latents",
     "merge_for_transmission",
     "transmit_latents",
+    "transmit_latents_per_sample",
     "decode_latents",
+    "ue_decode_latents",
+    "plain_decoder",
     "generate",
     "reference_images",
     "init_random_backbone",
@@ -162,12 +169,61 @@ def transmit_latents(
     return tome.unmerge(received, plan).reshape(b, h, w, c)
 
 
+def transmit_latents_per_sample(
+    latents: jax.Array,
+    ratio_index: jax.Array,
+    merge_ratios: Sequence[float],
+    link: LinkConfig,
+    snr_db: jax.Array | float,
+    key: jax.Array,
+) -> jax.Array:
+    """:func:`transmit_latents` with each sample's own merge ratio: ``[B, h, w, C]`` (traceable).
+
+    The number of merged tokens is static, so every ratio of ``merge_ratios`` is one call of
+    :func:`transmit_latents` on the whole batch (same ``snr_db`` and ``key``), and sample
+    ``b`` keeps the output of ratio ``merge_ratios[ratio_index[b]]``. Merge, link and unmerge
+    act on each sample alone, so sample ``b`` is exactly what the pipeline delivers for it at
+    its ratio with this key (what the UE decoder's training stage sends its latents through).
+
+    Args:
+      latents: ``[B, h, w, C]`` scaled latents.
+      ratio_index: ``[B]`` int, index into ``merge_ratios``.
+      merge_ratios: the ratios (static).
+      link: the link config (static).
+      snr_db: receive SNR in dB, scalar or ``[B]``.
+      key: the channel's PRNG key (shared by every ratio's call).
+    """
+    outs = jnp.stack([transmit_latents(latents, float(r), link, snr_db, key) for r in merge_ratios])  # [R, B, ...]
+    pick = jax.nn.one_hot(ratio_index, len(merge_ratios), dtype=jnp.bool_).T  # [R, B]
+    pick = pick.reshape(pick.shape + (1,) * (latents.ndim - 1))
+    # One True per sample: the sum adds exact zeros to the selected output.
+    return jnp.sum(jnp.where(pick, outs, 0.0), axis=0).astype(latents.dtype)
+
+
+def plain_decoder(backbone: Any) -> Any:
+    """``backbone`` without its merging-aware UE decoder (the UE then decodes with the VAE's)."""
+    return backbone.replace(ue_decoder=None) if getattr(backbone, "ue_decoder", None) is not None else backbone
+
+
+def ue_decode_latents(backbone: Any, latents: jax.Array) -> jax.Array:
+    """What the UE shows for received latents ``[B, h, w, C]``: images ``[B, H, W, 3]`` in [-1, 1].
+
+    :func:`decode_latents` (the project's one decode convention) with the backbone's
+    merging-aware decoder (``Backbone.ue_decoder``: the decoder groups, over the VAE's own
+    encoder groups) when it has one, else with the VAE's decoder.
+    """
+    ue = getattr(backbone, "ue_decoder", None)
+    if ue is None:
+        return decode_latents(backbone, latents)
+    return decode_latents(backbone.replace(vae={"params": {**backbone.vae["params"], **ue}}), latents)
+
+
 @functools.partial(jax.jit, static_argnames=("steps", "merge_ratio", "link"))
 def _generate_jit(backbone, tokens, noise, snr_db, key, *, steps, merge_ratio, link):
     context = encode_text(backbone, tokens)
     latents = es_latents(backbone, context, noise, steps)
     received = transmit_latents(latents, merge_ratio, link, snr_db, key)
-    return decode_latents(backbone, received)
+    return ue_decode_latents(backbone, received)
 
 
 _transmit_jit = jax.jit(transmit_latents, static_argnames=("merge_ratio", "link"))
@@ -184,6 +240,7 @@ def generate(
     snr_db: float | jax.Array = DEFAULT_SNR_DB,
     noise: jax.Array | None = None,
     cost: str | costs_lib.CostPreset = "tiny",
+    ue_decoder: bool = True,
 ) -> tuple[jax.Array, costs_lib.Costs]:
     """Generates images with K ES steps, merge ratio r, over ``link`` at ``snr_db``.
 
@@ -202,6 +259,8 @@ def generate(
       noise: ``[B, h, w, C]`` initial noise, to compare settings on the same noise.
       cost: cost preset (name or :class:`~meg_jax.meg.costs.CostPreset`) that prices the
         request; its latent grid need not be the model's (e.g. price ``sdxl-1024``).
+      ue_decoder: decode with the backbone's merging-aware UE decoder when it has one
+        (``False``: the plain VAE decoder, e.g. to measure the difference).
 
     Returns:
       ``(images [B, H, W, 3] in [-1, 1], costs)``; every ``Costs`` field is ``[B]``.
@@ -227,7 +286,8 @@ def generate(
         raise ValueError(f"noise must have shape {tuple(shape)}, got {tuple(noise.shape)}")
     snr = jnp.broadcast_to(jnp.asarray(snr_db, jnp.float32), (batch,))
     if is_backbone:
-        images = _generate_jit(gen.backbone, prompts_or_tokens, noise, snr, k_channel,
+        backbone = gen.backbone if ue_decoder else plain_decoder(gen.backbone)
+        images = _generate_jit(backbone, prompts_or_tokens, noise, snr, k_channel,
                                steps=steps, merge_ratio=float(merge_ratio), link=link)
     else:
         latents = gen.es_latents(gen.encode(prompts_or_tokens), noise, steps)

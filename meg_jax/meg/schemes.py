@@ -191,7 +191,7 @@ def centralised(
 
 @jax.jit
 def _decode_and_score(backbone, latents, attrs, reference):
-    images = pipeline.decode_latents(backbone, latents)
+    images = pipeline.ue_decode_latents(backbone, latents)  # what crossed the link: the UE's decoder
     return images, score_images(backbone, images, attrs, reference)
 
 
