@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 from meg_jax.distill import config as dconfig
-from meg_jax.distill import losses, seeding, stage_io, train
+from meg_jax.distill import losses, objectives, seeding, stage_io, train
 
 
 def _tree_files(folder: str) -> dict[str, str]:
@@ -57,6 +57,9 @@ def exported(tmp_path_factory, config):
         stage_io.save_final(workdir, stage, {"unet": init_unet(b.unet, next(keys)),
                                              "text_encoder": init_text_encoder(b.text_encoder, next(keys))})
     stage_io.save_final(workdir, "student", {"unet": init_unet(b.unet, next(keys))})
+    stage_io.save_final(workdir, "ue_decoder", {"decoder": objectives.split_vae(init_vae(b.vae, next(keys)))[1]})
+    with open(os.path.join(workdir, "ue_decoder", "final", "DONE"), "w") as f:  # export writes a finished one only
+        f.write("4\n")
     with open(os.path.join(workdir, "vae", "latent_scale.json"), "w") as f:
         json.dump({"latent_scale": 0.123456789}, f)  # as measured; seeding must carry it exactly
     out = str(tmp_path_factory.mktemp("export") / "backbone")
@@ -84,6 +87,15 @@ def test_seeded_workdir_exports_the_source_bit_for_bit(exported, config, tmp_pat
     shutil.copyfile(os.path.join(other, "teacher", "unet.safetensors"), os.path.join(other, "student", "unet.safetensors"))
     with pytest.raises(ValueError, match=r"already holds a finished 'student' stage"):
         seeding.seed_workdir(workdir, other, config, ("student",))
+
+
+def test_an_export_without_a_ue_decoder_leaves_that_stage_to_run(exported, config, tmp_path):
+    older = str(tmp_path / "older")  # exported before the merging-aware decoder existed
+    shutil.copytree(exported, older)
+    shutil.rmtree(os.path.join(older, "ue_decoder"))
+    workdir = str(tmp_path / "w")
+    assert seeding.seed_workdir(workdir, older, config, dconfig.STAGES) == list(dconfig.STAGES[:-1])
+    assert not os.path.exists(os.path.join(workdir, "ue_decoder"))
 
 
 def test_stages_to_seed_are_those_before_the_stage_run(config):
