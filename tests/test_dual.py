@@ -228,18 +228,6 @@ def test_thresholds_beyond_the_kl_ball_are_raised_so_lambda_stays_finite(solve, 
     raised, least_w, least = jax.jit(dual.reachable_thresholds, static_argnums=4)(
         jnp.float32(qc), jnp.float32(logp), EPS, jnp.float32(c), margin)
     raised, least = np.asarray(raised, np.float64), np.asarray(least, np.float64)
-    prior = np.mean(np.einsum("bk,bkj->bj", np.exp(logp), qc), 0)
-    # every threshold lay below the least cost, so each is raised to exactly the mixture's cost
-    # (float32 sums of O(1) costs: ~1e-6 relative)
-    assert np.all(c < least)
-    np.testing.assert_allclose(raised, (1 - margin) * least + margin * prior, rtol=1e-5)
-    # least is the least-cost q of the sum of the costs (the tilt with KL = EPS, as the fallback)
-    lo, hi = 0.0, 1e3
-    for _ in range(80):
-        mid = 0.5 * (lo + hi)
-        lo, hi = (mid, hi) if _tilted(qc, logp, mid)[1] < EPS else (lo, mid)
-    np.testing.assert_allclose(np.asarray(least_w), _tilted(qc, logp, lo)[0], atol=2e-4)
-
     sol = solve(jnp.float32(qr), jnp.float32(qc), jnp.float32(logp), EPS, jnp.float32(raised), 1.0, None,
                 lam_max=lam_max)
     lam = np.asarray(sol.lam)
@@ -255,6 +243,18 @@ def test_thresholds_beyond_the_kl_ball_are_raised_so_lambda_stays_finite(solve, 
     ref = _scipy_min(qr, qc, logp, raised)
     ours = _g_np(np.r_[float(sol.eta), np.asarray(sol.lam, np.float64)], qr, qc, logp, raised)
     assert abs(ours - ref.fun) <= 1e-4 * abs(ref.fun), (ours, ref.fun, sol, ref.x)
+
+    prior = np.mean(np.einsum("bk,bkj->bj", np.exp(logp), qc), 0)
+    # every threshold lay below the least cost, so each is raised to exactly the mixture's cost
+    # (float32 sums of O(1) costs: ~1e-6 relative)
+    assert np.all(c < least)
+    np.testing.assert_allclose(raised, (1 - margin) * least + margin * prior, rtol=1e-5)
+    # least is the least-cost q of the sum of the costs (the tilt with KL = EPS, as the fallback)
+    lo, hi = 0.0, 1e3
+    for _ in range(80):
+        mid = 0.5 * (lo + hi)
+        lo, hi = (mid, hi) if _tilted(qc, logp, mid)[1] < EPS else (lo, mid)
+    np.testing.assert_allclose(np.asarray(least_w), _tilted(qc, logp, lo)[0], atol=2e-4)
 
 
 def test_reachable_thresholds_leave_thresholds_the_ball_meets_with_room():
