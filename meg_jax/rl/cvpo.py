@@ -40,10 +40,16 @@ Conventions (documented choices where the paper is silent):
 * each batch's cost constraint is read against the policy's smoothed cost level (an EMA of
   the batches' mean_s E_pi_old[Q_c], ``cost_baseline_rate``), not against the batch mean
   alone, whose state-to-state noise exceeds what q can change within the KL ball;
-* an E-step that cannot meet a batch threshold within the KL ball (lam ends on ``lam_max``
-  with the threshold unmet) takes the least-cost q in the ball instead (``estep_fallback``,
-  ``dual.min_cost_estep``); under a vmap over seeds ``lax.cond`` runs both branches, so
-  multi-seed runs pay that second solve every update;
+* a batch threshold the KL ball cannot meet with room to spare is raised to the cost of the
+  mixture (1 - ``feasibility_margin``) q* + ``feasibility_margin`` pi_old, q* the least-cost q
+  in the ball (``dual.reachable_thresholds``): that mixture lies strictly inside the ball, so
+  the dual has a finite minimiser and lam no longer runs to ``lam_max`` (where the batch
+  threshold was beyond the ball, 5-7 % of the E-steps of a full ``tiny`` run). It costs a second
+  dual solve (the least-cost one) every update;
+* should lam still end on ``lam_max`` with its threshold unmet, the E-step takes the least-cost
+  q in the ball instead (``estep_fallback``, ``dual.min_cost_estep``; with
+  ``feasibility_margin`` = 0 under a vmap over seeds ``lax.cond`` runs both branches, so
+  multi-seed runs pay that second solve every update);
 * ``n_step`` > 1: TD targets over n consecutive steps of one environment's stream
   (``replay.replay_sample_nstep``), bootstrapped gamma^n away (the authors use 2);
 * the discrete head's E-step is exact: every action of the K x r grid, weighted by pi_old.
