@@ -217,3 +217,54 @@ def test_centring_costs_per_state_leaves_the_solution(solve):
     np.testing.assert_allclose(np.asarray(b.lam), np.asarray(a.lam), rtol=2e-3, atol=1e-4)
     np.testing.assert_allclose(float(b.eta), float(a.eta), rtol=2e-3)
     np.testing.assert_allclose(np.asarray(b.expected_costs) + v.mean(0), np.asarray(a.expected_costs), atol=1e-4)
+
+
+@pytest.mark.parametrize("m", [1, 2])
+def test_thresholds_beyond_the_kl_ball_are_raised_so_lambda_stays_finite(solve, m):
+    # the same infeasible batch that drives lam onto its cap: the raised thresholds leave a q
+    # strictly inside the ball, so the dual has a finite minimiser far below the cap
+    qr, qc, logp, c = _problem(5, m, 1.0, feasible=False)
+    margin, lam_max = 0.1, 1e4
+    raised, least_w, least = jax.jit(dual.reachable_thresholds, static_argnums=4)(
+        jnp.float32(qc), jnp.float32(logp), EPS, jnp.float32(c), margin)
+    raised, least = np.asarray(raised, np.float64), np.asarray(least, np.float64)
+    sol = solve(jnp.float32(qr), jnp.float32(qc), jnp.float32(logp), EPS, jnp.float32(raised), 1.0, None,
+                lam_max=lam_max)
+    lam = np.asarray(sol.lam)
+    # (3.8; 2.2 and 2.2 here; with the thresholds at the least cost itself, margin 0, lam is 77 and 39,
+    # bounded only by float32 rounding of the least cost)
+    assert float(dual.lam_at_cap(sol.lam, lam_max)) == 0.0 and np.all(lam < 10.0), lam
+    assert not bool(dual.estep_infeasible(sol, jnp.float32(raised), lam_max))
+    # q meets the raised thresholds inside the ball (float32 solution: 1e-3 of the cost spread)
+    spread = qc.std(axis=(0, 1))
+    assert np.all(np.asarray(sol.expected_costs) <= raised + 1e-3 * spread), (sol.expected_costs, raised)
+    assert float(sol.kl) <= EPS * (1 + 1e-3)
+    # and it is the scipy optimum of the raised problem (a finite one: L-BFGS-B inside the box)
+    ref = _scipy_min(qr, qc, logp, raised)
+    ours = _g_np(np.r_[float(sol.eta), np.asarray(sol.lam, np.float64)], qr, qc, logp, raised)
+    assert abs(ours - ref.fun) <= 1e-4 * abs(ref.fun), (ours, ref.fun, sol, ref.x)
+
+    prior = np.mean(np.einsum("bk,bkj->bj", np.exp(logp), qc), 0)
+    # every threshold lay below the least cost, so each is raised to exactly the mixture's cost
+    # (float32 sums of O(1) costs: ~1e-6 relative)
+    assert np.all(c < least)
+    np.testing.assert_allclose(raised, (1 - margin) * least + margin * prior, rtol=1e-5)
+    # least is the least-cost q of the sum of the costs (the tilt with KL = EPS, as the fallback)
+    lo, hi = 0.0, 1e3
+    for _ in range(80):
+        mid = 0.5 * (lo + hi)
+        lo, hi = (mid, hi) if _tilted(qc, logp, mid)[1] < EPS else (lo, mid)
+    np.testing.assert_allclose(np.asarray(least_w), _tilted(qc, logp, lo)[0], atol=2e-4)
+
+
+def test_reachable_thresholds_leave_thresholds_the_ball_meets_with_room():
+    # the feasible batch's thresholds are met at KL = EPS / 2, i.e. ~71 % of the cost reduction
+    # the ball allows (small tilts: reduction ~ sqrt(KL)), inside the 90 % a margin of 0.1 keeps;
+    # a threshold above the prior's cost (nothing to reduce) is never raised
+    qr, qc, logp, c = _problem(1, 2, 1.0, feasible=True)
+    fn = jax.jit(dual.reachable_thresholds, static_argnums=4)
+    raised = np.asarray(fn(jnp.float32(qc), jnp.float32(logp), EPS, jnp.float32(c), 0.1)[0])
+    np.testing.assert_array_equal(raised, np.float32(c))
+    high = np.mean(np.einsum("bk,bkj->bj", np.exp(logp), qc), 0) + 0.5
+    raised = np.asarray(fn(jnp.float32(qc), jnp.float32(logp), EPS, jnp.float32(high), 0.1)[0])
+    np.testing.assert_array_equal(raised, np.float32(high))

@@ -178,14 +178,16 @@ def _summarize(algo: str, metrics: dict, limits: np.ndarray) -> tuple[dict[str, 
             out["alpha_sigma"] = float(last["alpha_sigma"])
             for j in range(limits.shape[0]):
                 out[f"lam_{j}"] = float(last["lam"][j])
-            keys = ("eta", "lam", "estep_kl", "estep_costs_over_threshold", "estep_lam_at_cap", "estep_infeasible", "estep_violation",
+            keys = ("eta", "lam", "estep_kl", "estep_costs_over_threshold", "estep_lam_at_cap", "estep_infeasible", "estep_relaxed",
+                    "estep_violation",
                     "estep_prior_costs_over_threshold", "estep_baseline_over_threshold")
             flat = {k: m[k].reshape((-1,) + m[k].shape[2:])[updated] for k in keys}
             out.update(estep_summary(flat))
             for i in range(flat["eta"].shape[0]):
                 rec = {"eta": float(flat["eta"][i]), "estep_kl": float(flat["estep_kl"][i]),
                        "lam_at_cap": float(flat["estep_lam_at_cap"][i]),
-                       "infeasible": float(flat["estep_infeasible"][i]), "estep_violation": float(flat["estep_violation"][i])}
+                       "infeasible": float(flat["estep_infeasible"][i]), "relaxed": float(flat["estep_relaxed"][i]),
+                       "estep_violation": float(flat["estep_violation"][i])}
                 for j in range(limits.shape[0]):
                     rec[f"lam_{j}"] = float(flat["lam"][i][j])
                     rec[f"estep_cost_{j}_over_threshold"] = float(flat["estep_costs_over_threshold"][i][j])
@@ -214,20 +216,25 @@ def estep_summary(flat: dict[str, np.ndarray]) -> dict[str, float]:
       flat: per-update arrays, [U] or [U, m]: ``estep_lam_at_cap`` (1 when any lam sat on
         ``cvpo.lam_max``), ``estep_infeasible`` (1 when a lam sat on its cap with its batch
         threshold still unmet: no q in the KL ball meets it; ``dual.estep_infeasible``; the
-        fallback's trigger), ``estep_prior_costs_over_threshold`` (the
+        fallback's trigger), ``estep_relaxed`` (optional: 1 when a batch threshold was raised
+        to what the KL ball can meet, ``cvpo.feasibility_margin``),
+        ``estep_prior_costs_over_threshold`` (the
         batch's mean_s E_pi_old[Q_c] / threshold) and ``estep_baseline_over_threshold`` (the
         smoothed cost level the batch is read against).
 
     Returns:
       ``estep_lam_at_cap_frac`` (fraction of E-steps with any lam at its cap),
       ``estep_infeasible_frac`` (fraction that could not meet a batch threshold within the
-      KL ball), and per constraint j the mean and the between-batch standard deviation of
+      KL ball), ``estep_relaxed_frac`` (fraction whose threshold was raised; when logged),
+      and per constraint j the mean and the between-batch standard deviation of
       ``prior_cost_j_over_threshold`` and the last ``baseline_cost_j_over_threshold``.
     """
     out = {
         "estep_lam_at_cap_frac": float(np.mean(flat["estep_lam_at_cap"] > 0.5)),
         "estep_infeasible_frac": float(np.mean(flat["estep_infeasible"] > 0.5)),
     }
+    if "estep_relaxed" in flat:
+        out["estep_relaxed_frac"] = float(np.mean(flat["estep_relaxed"] > 0.5))
     prior = np.asarray(flat["estep_prior_costs_over_threshold"])
     for j in range(prior.shape[-1]):
         out[f"prior_cost_{j}_over_threshold"] = float(prior[:, j].mean())

@@ -111,6 +111,10 @@ class CVPOConfig:
     # pi_old, with the policy's cost level taken from an EMA of those batch costs at this rate
     # per update (bias-corrected); 1.0 = the batch's own estimate (no smoothing)
     cost_baseline_rate: float = 0.05
+    # a batch threshold the E-step's KL ball cannot meet with room to spare is raised to the cost of
+    # a q that gives up this fraction of the least cost reachable in the ball (dual.reachable_thresholds),
+    # so the dual stays feasible and lam finite; 0 = off (lam runs to lam_max on such batches)
+    feasibility_margin: float = 0.1
     estep_fallback: bool = True  # an E-step that cannot meet a threshold within the KL ball takes the least-cost q there
     n_step: int = 1  # TD targets over n consecutive steps (the authors use 2; 1 = one-step)
 

@@ -40,10 +40,16 @@ Conventions (documented choices where the paper is silent):
 * each batch's cost constraint is read against the policy's smoothed cost level (an EMA of
   the batches' mean_s E_pi_old[Q_c], ``cost_baseline_rate``), not against the batch mean
   alone, whose state-to-state noise exceeds what q can change within the KL ball;
-* an E-step that cannot meet a batch threshold within the KL ball (lam ends on ``lam_max``
-  with the threshold unmet) takes the least-cost q in the ball instead (``estep_fallback``,
-  ``dual.min_cost_estep``); under a vmap over seeds ``lax.cond`` runs both branches, so
-  multi-seed runs pay that second solve every update;
+* a batch threshold the KL ball cannot meet with room to spare is raised to the cost of the
+  mixture (1 - ``feasibility_margin``) q* + ``feasibility_margin`` pi_old, q* the least-cost q
+  in the ball (``dual.reachable_thresholds``): that mixture lies strictly inside the ball, so
+  the dual has a finite minimiser and lam no longer runs to ``lam_max`` (where the batch
+  threshold was beyond the ball, 5-7 % of the E-steps of a full ``tiny`` run). It costs a second
+  dual solve (the least-cost one) every update;
+* should lam still end on ``lam_max`` with its threshold unmet, the E-step takes the least-cost
+  q in the ball instead (``estep_fallback``, ``dual.min_cost_estep``; with
+  ``feasibility_margin`` = 0 under a vmap over seeds ``lax.cond`` runs both branches, so
+  multi-seed runs pay that second solve every update);
 * ``n_step`` > 1: TD targets over n consecutive steps of one environment's stream
   (``replay.replay_sample_nstep``), bootstrapped gamma^n away (the authors use 2);
 * the discrete head's E-step is exact: every action of the K x r grid, weighted by pi_old.
@@ -433,25 +439,41 @@ def make_cvpo(
         )
         batch_thresholds = thresholds + (prior_costs - baseline)
         q_c = q_c - state_costs[:, None, :]  # centred per state; the threshold follows
+        centred_thresholds = thresholds - baseline
+        if config.feasibility_margin > 0:
+            # thresholds beyond the KL ball (or at its edge) are raised to a cost a q strictly
+            # inside it meets, so the dual's minimiser is finite: lam no longer runs to lam_max
+            dual_thresholds, least_weights, _ = dual_lib.reachable_thresholds(
+                q_c, log_prior, config.kl_epsilon, centred_thresholds, config.feasibility_margin,
+                max_iters=config.dual_iters, tol=config.dual_tol,
+            )
+        else:
+            dual_thresholds = centred_thresholds
         sol = dual_lib.solve_estep_dual(
-            q_r, q_c, log_prior, config.kl_epsilon, thresholds - baseline, state.eta, state.lam,
+            q_r, q_c, log_prior, config.kl_epsilon, dual_thresholds, state.eta, state.lam,
             max_iters=config.dual_iters, tol=config.dual_tol, lam_max=config.lam_max,
         )
         weights = dual_lib.estep_weights(q_r, q_c, log_prior, sol.eta, sol.lam)
         sol = sol.replace(expected_costs=sol.expected_costs + prior_costs)  # back to Q_c's level
-        infeasible = dual_lib.estep_infeasible(sol, batch_thresholds, config.lam_max, rtol=1e-4)
+        solved_thresholds = dual_thresholds + prior_costs  # the batch thresholds the dual was asked to meet
+        infeasible = dual_lib.estep_infeasible(sol, solved_thresholds, config.lam_max, rtol=1e-4)
         if config.estep_fallback:
             # no q in the KL ball meets the violated thresholds: take the least-cost q there
-            which = (sol.expected_costs > batch_thresholds).astype(jnp.float32)
-            weights = jax.lax.cond(
-                infeasible,
-                lambda: dual_lib.min_cost_estep(q_c, log_prior, config.kl_epsilon, which, sol.eta,
-                                                max_iters=config.dual_iters, tol=config.dual_tol)[0],
-                lambda: weights,
-            )
+            if config.feasibility_margin > 0:
+                weights = jnp.where(infeasible, least_weights, weights)
+            else:
+                which = (sol.expected_costs > solved_thresholds).astype(jnp.float32)
+                weights = jax.lax.cond(
+                    infeasible,
+                    lambda: dual_lib.min_cost_estep(q_c, log_prior, config.kl_epsilon, which, sol.eta,
+                                                    max_iters=config.dual_iters, tol=config.dual_tol)[0],
+                    lambda: weights,
+                )
         weights = jax.lax.stop_gradient(weights)
         diagnostics = {
             "estep_infeasible": infeasible.astype(jnp.float32),
+            # the batch threshold was raised to what the KL ball can meet (feasibility_margin)
+            "estep_relaxed": jnp.any(dual_thresholds > centred_thresholds).astype(jnp.float32),
             "estep_lam_at_cap": dual_lib.lam_at_cap(sol.lam, config.lam_max),
             # > 0: q still exceeds a batch threshold at the solution (infeasible in the KL ball)
             "estep_violation": jnp.max((sol.expected_costs - batch_thresholds) / thresholds),
@@ -583,6 +605,8 @@ def _validate(config: CVPOConfig, env: Any) -> None:
         problems.append(f"cvpo.cost_margin must be in [0, 1), got {config.cost_margin}")
     if not 0.0 < config.cost_baseline_rate <= 1.0:
         problems.append(f"cvpo.cost_baseline_rate must be in (0, 1], got {config.cost_baseline_rate}")
+    if not 0.0 <= config.feasibility_margin < 1.0:
+        problems.append(f"cvpo.feasibility_margin must be in [0, 1), got {config.feasibility_margin}")
     if config.n_step < 1:
         problems.append(f"cvpo.n_step must be >= 1, got {config.n_step}")
     if config.replay_capacity < env_num_envs(env):

@@ -45,6 +45,7 @@ __all__ = [
     "lam_at_cap",
     "estep_infeasible",
     "min_cost_estep",
+    "reachable_thresholds",
     "ema_update",
     "PIDState",
     "pid_init",
@@ -176,6 +177,61 @@ def min_cost_estep(
                            jnp.zeros((1,), cost.dtype), max_iters=max_iters, tol=tol)
     weights = jax.nn.softmax(-cost / sol.eta + log_prior, axis=-1)
     return weights, sol
+
+
+def reachable_thresholds(
+    q_costs: jax.Array,
+    log_prior: jax.Array,
+    epsilon: float | jax.Array,
+    thresholds: jax.Array,
+    margin: float,
+    *,
+    max_iters: int = 30,
+    tol: float = 2e-7,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Raises the cost thresholds that the KL ball cannot meet with room to spare.
+
+    Let p be the prior, q* the least-cost q in the KL ball for the constraints whose threshold
+    lies below the prior's cost (``min_cost_estep`` with those in ``which``), c_p and c* their
+    costs mean_s E[Q_c]. The mixture (1 - margin) q* + margin p has costs
+    (1 - margin) c* + margin c_p and, KL being convex in q, KL <= (1 - margin) eps < eps. So
+    the thresholds
+
+        c_j' = max(c_j, (1 - margin) c*_j + margin c_p,j)
+
+    leave a q strictly inside the KL ball that meets every one of them (strictly, for the
+    mixtures with a slightly larger margin, wherever c*_j < c_p,j): Slater's condition holds,
+    and the E-step dual has a finite minimiser whatever the batch. A threshold the ball can
+    meet with that room is unchanged; one beyond it (or too close to its edge, where lam
+    grows without bound) is replaced by the cost of a q that gives up a fraction ``margin``
+    of the cost reduction the ball allows. The multiplier stays finite and q still trades
+    reward against cost, where the capped solution (lam = lam_max) was the least-cost q
+    distorted by the cap.
+
+    Args:
+      q_costs: [B, M, m] cost values (normalised: 1 = the limit, so a sum over constraints is
+        meaningful).
+      log_prior: [B, M] log prior weights.
+      epsilon: KL bound.
+      thresholds: [m] the thresholds c for mean_s E_q[Q_c].
+      margin: fraction in (0, 1) of the least-cost reduction held back.
+
+    Returns:
+      (thresholds c' [m], least-cost weights q* [B, M], their costs c* [m]).
+    """
+    prior_costs = jnp.mean(jnp.einsum("bk,bkj->bj", jnp.exp(log_prior), q_costs), axis=0)
+    which = (thresholds < prior_costs).astype(q_costs.dtype)
+    # warm start: a small tilt p exp(-c / eta) has KL ~ Var_p(c) / (2 eta^2), so KL = eps at
+    # eta ~ sqrt(mean_s Var_p(c | s) / (2 eps)) (c = which . Q_c)
+    cost = jnp.einsum("bkj,j->bk", q_costs, which)
+    prior = jnp.exp(log_prior)
+    mean = jnp.sum(prior * cost, axis=-1, keepdims=True)
+    var = jnp.mean(jnp.sum(prior * (cost - mean) ** 2, axis=-1))
+    init_eta = jnp.sqrt(var / (2.0 * epsilon)) + 1e-6
+    weights, _ = min_cost_estep(q_costs, log_prior, epsilon, which, init_eta, max_iters=max_iters, tol=tol)
+    least = jnp.mean(jnp.einsum("bk,bkj->bj", weights, q_costs), axis=0)
+    reachable = (1.0 - margin) * least + margin * prior_costs
+    return jnp.maximum(thresholds, reachable), weights, least
 
 
 def ema_update(accumulator: jax.Array, x: jax.Array, rate: float, count: jax.Array) -> tuple[jax.Array, jax.Array]:
