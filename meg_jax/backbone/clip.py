@@ -360,6 +360,70 @@ def _read_safetensors(path: str) -> dict[str, np.ndarray]:
         raise ValueError(f"{path} is not a readable safetensors file: {e}") from e
 
 
+def flax_path(key: str, *, embeddings: tuple[str, ...] = (), norms: tuple[str, ...] = ()) -> tuple[str, ...]:
+    """A transformers module key -> the Flax param path of meg-jax's CLIP towers.
+
+    ``encoder.layers.3.mlp.fc1.weight`` -> ``("encoder", "layers_3", "mlp", "fc1", "kernel")``:
+    numbered children join their list's name; a ``weight`` becomes ``embedding`` under a
+    module named in ``embeddings``, ``scale`` under one whose name starts with one of
+    ``norms``, else ``kernel``.
+    """
+    *mods, leaf = key.split(".")
+    out: list[str] = []
+    for m in mods:
+        if m.isdigit() and out:
+            out[-1] = f"{out[-1]}_{m}"
+        else:
+            out.append(m)
+    last = out[-1] if out else ""
+    if leaf == "weight":
+        leaf = "embedding" if last in embeddings else "scale" if last.startswith(norms) else "kernel"
+    return (*out, leaf)
+
+
+def fill_params(
+    expected: Mapping[tuple[str, ...], tuple[int, ...]],
+    entries: Any,
+    *,
+    dtype: Dtype,
+    source: str,
+    what: str,
+) -> dict[str, Any]:
+    """Flax params from ``(torch key, Flax path, array)`` entries, checked against ``expected``.
+
+    Linear kernels are transposed ([out, in] -> [in, out]) and conv kernels moved to HWIO
+    ([D, C, p, p] -> [p, p, C, D]); every expected path must be filled exactly once.
+
+    Args:
+      expected: flat Flax path -> shape of the module's params (``jax.eval_shape`` of its init).
+      entries: iterable of (torch key, Flax path, array: numpy, ml_dtypes or torch CPU tensor).
+      dtype: dtype of the returned params.
+      source: what the weights were read from, for error messages (a file or folder).
+      what: the module the weights must fit, for error messages.
+
+    Raises:
+      ValueError: unexpected, missing or wrongly shaped weights (named).
+    """
+    flat: dict[tuple[str, ...], np.ndarray] = {}
+    unexpected = []
+    for key, path, value in entries:
+        if path not in expected:
+            unexpected.append(key)
+            continue
+        arr = value.float().numpy() if hasattr(value, "numpy") and hasattr(value, "float") else np.asarray(value)
+        if path[-1] == "kernel":
+            arr = arr.transpose(2, 3, 1, 0) if arr.ndim == 4 else arr.T
+        if tuple(arr.shape) != expected[path]:
+            raise ValueError(f"{source}: {key} has shape {tuple(value.shape)}, which does not fit the config.json's "
+                             f"{what} (Flax {'/'.join(path)} needs {expected[path]})")
+        flat[path] = arr
+    missing = sorted("/".join(p) for p in expected if p not in flat)
+    if unexpected or missing:
+        raise ValueError(f"{source} does not fit a {what} with this config.json: unexpected weights "
+                         f"{sorted(unexpected)}, missing params {missing}")
+    return traverse_util.unflatten_dict({p: jnp.asarray(a, dtype=dtype) for p, a in flat.items()})
+
+
 def _torch_key_to_path(key: str) -> tuple[str, ...] | None:
     """transformers state-dict key -> Flax param path (None for the ``position_ids`` buffer).
 
@@ -371,20 +435,7 @@ def _torch_key_to_path(key: str) -> tuple[str, ...] | None:
         key = key[len("text_model."):]
     if key == "embeddings.position_ids":
         return None
-    *mods, leaf = key.split(".")
-    out: list[str] = []
-    for m in mods:
-        if m.isdigit() and out:
-            out[-1] = f"{out[-1]}_{m}"
-        else:
-            out.append(m)
-    if out and out[-1] in ("token_embedding", "position_embedding"):
-        leaf = "embedding" if leaf == "weight" else leaf
-    elif out and out[-1].startswith(("layer_norm", "final_layer_norm")):
-        leaf = "scale" if leaf == "weight" else leaf
-    else:
-        leaf = "kernel" if leaf == "weight" else leaf
-    return (*out, leaf)
+    return flax_path(key, embeddings=("token_embedding", "position_embedding"), norms=("layer_norm", "final_layer_norm"))
 
 
 def param_shapes(config: CLIPTextConfig) -> dict[tuple[str, ...], tuple[int, ...]]:
@@ -415,34 +466,10 @@ def params_from_state_dict(
     Raises:
       ValueError: missing, unexpected or wrongly shaped weights (named).
     """
-    expected = param_shapes(config)
-    flat: dict[tuple[str, ...], np.ndarray] = {}
-    unexpected = []
-    for key, value in state_dict.items():
-        path = _torch_key_to_path(key)
-        if path is None:
-            continue
-        if path not in expected:
-            unexpected.append(key)
-            continue
-        arr = np.asarray(value.float().numpy() if hasattr(value, "numpy") and hasattr(value, "float") else value)
-        if path[-1] == "kernel":
-            arr = arr.T
-        if tuple(arr.shape) != expected[path]:
-            raise ValueError(
-                f"{source}: {key} has shape {tuple(value.shape)}, config.json needs "
-                f"{expected[path][::-1] if path[-1] == 'kernel' else expected[path]}"
-            )
-        flat[path] = arr
-    missing = sorted("/".join(p) for p in expected if p not in flat)
-    if unexpected or missing:
-        what = "CLIPTextModelWithProjection" if config.with_projection else "CLIPTextModel"
-        raise ValueError(
-            f"{source} does not fit a {what} with this config.json: unexpected weights {sorted(unexpected)}, "
-            f"missing params {missing}"
-        )
-    params = {p: jnp.asarray(a, dtype=dtype) for p, a in flat.items()}
-    return traverse_util.unflatten_dict(params)
+    entries = ((key, path, value) for key, value in state_dict.items()
+               if (path := _torch_key_to_path(key)) is not None)
+    what = "CLIPTextModelWithProjection" if config.with_projection else "CLIPTextModel"
+    return fill_params(param_shapes(config), entries, dtype=dtype, source=source, what=what)
 
 
 def load_text_encoder(

@@ -47,7 +47,7 @@ import numpy as np
 from flax import struct, traverse_util
 
 from meg_jax import config as config_lib
-from meg_jax.backbone.clip import _IGNORED_KEYS, _Encoder
+from meg_jax.backbone.clip import _IGNORED_KEYS, _Encoder, fill_params, flax_path
 from meg_jax.backbone.layers import LayerNorm, Linear
 
 Dtype = Any
@@ -448,21 +448,7 @@ def _torch_key_to_path(key: str) -> tuple[str, ...] | None:
         return None
     if key == "embeddings.class_embedding":
         return ("embeddings", "class_embedding")
-    *mods, leaf = key.split(".")
-    out: list[str] = []
-    for m in mods:
-        if m.isdigit() and out:
-            out[-1] = f"{out[-1]}_{m}"
-        else:
-            out.append(m)
-    last = out[-1] if out else ""
-    if last == "position_embedding":
-        leaf = "embedding" if leaf == "weight" else leaf
-    elif last.startswith("layer_norm") or last in ("pre_layrnorm", "post_layernorm"):
-        leaf = "scale" if leaf == "weight" else leaf
-    else:
-        leaf = "kernel" if leaf == "weight" else leaf
-    return (*out, leaf)
+    return flax_path(key, embeddings=("position_embedding",), norms=("layer_norm", "pre_layrnorm", "post_layernorm"))
 
 
 def vision_param_shapes(config: CLIPVisionConfig) -> dict[tuple[str, ...], tuple[int, ...]]:
@@ -495,35 +481,18 @@ def vision_params_from_state_dict(
     Raises:
       ValueError: missing, unexpected or wrongly shaped vision weights (named).
     """
-    expected = vision_param_shapes(config)
-    flat: dict[tuple[str, ...], np.ndarray] = {}
-    unexpected = []
-    for key, value in state_dict.items():
-        if key.startswith("vision_model."):
-            path = _torch_key_to_path(key[len("vision_model."):])
-        elif key == "visual_projection.weight":
-            path = ("visual_projection", "kernel")
-        else:
-            continue
-        if path is None:
-            continue
-        if path not in expected:
-            unexpected.append(key)
-            continue
-        arr = np.asarray(value, np.float32)
-        if path[-1] == "kernel":
-            arr = arr.transpose(2, 3, 1, 0) if arr.ndim == 4 else arr.T  # conv [D,C,p,p] -> [p,p,C,D]; linear
-        if tuple(arr.shape) != expected[path]:
-            raise ValueError(f"{source}: {key} has shape {tuple(np.shape(value))}, which does not fit the "
-                             f"config.json's vision tower (Flax {'/'.join(path)} needs {expected[path]})")
-        flat[path] = arr
-    missing = sorted("/".join(p) for p in expected if p not in flat)
-    if unexpected or missing:
-        raise ValueError(
-            f"{source} does not fit a CLIP vision tower with this config.json: unexpected weights "
-            f"{sorted(unexpected)}, missing params {missing}"
-        )
-    return traverse_util.unflatten_dict({p: jnp.asarray(a, dtype=dtype) for p, a in flat.items()})
+    def entries():
+        for key, value in state_dict.items():
+            if key.startswith("vision_model."):
+                path = _torch_key_to_path(key[len("vision_model."):])
+            elif key == "visual_projection.weight":
+                path = ("visual_projection", "kernel")
+            else:
+                continue  # the text tower, logit_scale: the caller's
+            if path is not None:
+                yield key, path, np.asarray(value, np.float32)
+
+    return fill_params(vision_param_shapes(config), entries(), dtype=dtype, source=source, what="CLIP vision tower")
 
 
 def read_preprocessor(folder: str, image_size: int) -> CLIPImagePreprocessor:

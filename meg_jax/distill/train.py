@@ -615,19 +615,11 @@ def export(workdir: str, out: str, config: DistillConfig, steps: int | None = No
 # --------------------------------------------------------------------------- UE decoder from a shipped backbone
 
 
-def _sha256(path: str) -> str:
-    import hashlib
-
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def _ue_init_record(backbone_dir: str) -> dict[str, Any]:
     """What a UE decoder trained from a shipped backbone starts from (its VAE file's sha256)."""
-    return {"vae_sha256": _sha256(os.path.join(backbone_dir, "vae", "vae.safetensors"))}
+    from meg_jax.distill.seeding import file_sha256
+
+    return {"vae_sha256": file_sha256(os.path.join(backbone_dir, "vae", "vae.safetensors"))}
 
 
 def run_ue_decoder_from_backbone(config: DistillConfig, backbone_dir: str, workdir: str, *,
