@@ -44,7 +44,7 @@ import dataclasses
 import logging
 import sys
 import time
-from typing import Literal, Optional, Sequence
+from typing import Any, Callable, Literal, Optional, Sequence
 
 from meg_jax import config as config_lib
 from meg_jax.distill import config as distill_config
@@ -81,25 +81,37 @@ class Args:
     config: DistillFlags = distill_config.preset("tiny")
 
 
-def parse_args(argv: Sequence[str]) -> Args:
-    """Command line -> job flags with the resolved config (``--preset`` picks the defaults).
+def parse_with_preset(args_cls: type, argv: Sequence[str], prog: str, describe: Callable[[str], str]) -> Any:
+    """``argv`` -> ``args_cls`` flags whose ``config`` starts from ``--preset``'s DistillConfig.
+
+    ``describe(preset name)`` is the ``--help`` description. Shared by the distillation jobs.
 
     Raises:
       SystemExit: ``--help`` (0); an unknown preset or field, a malformed value (2, naming it).
     """
     argv = list(argv)
-    prog = "python -m train.distill"
     name = config_lib.flag_value(argv, "--preset") or "tiny"
     try:
         base = distill_config.preset(name)
     except ValueError as e:
         sys.stderr.write(f"{prog}: error: --preset: {e}\n")
         raise SystemExit(2) from e
-    description = ("Train the attribute classifier, VAE, teacher LDM and the step-conditioned student on "
-                   "procedural data, or (--pipeline.teacher FOLDER --pipeline.data DATA) distil a diffusers "
-                   "SD pipeline on image-caption data; resume; export. --preset picks the defaults "
-                   f"({' or '.join(sorted(distill_config.PRESETS))}; shown: {name}).")
-    return config_lib.parse_cli(Args, argv, prog=prog, description=description, config=base)
+    return config_lib.parse_cli(args_cls, argv, prog=prog, description=describe(name), config=base)
+
+
+def parse_args(argv: Sequence[str]) -> Args:
+    """Command line -> job flags with the resolved config (``--preset`` picks the defaults).
+
+    Raises:
+      SystemExit: ``--help`` (0); an unknown preset or field, a malformed value (2, naming it).
+    """
+    def describe(name: str) -> str:
+        return ("Train the attribute classifier, VAE, teacher LDM and the step-conditioned student on "
+                "procedural data, or (--pipeline.teacher FOLDER --pipeline.data DATA) distil a diffusers "
+                "SD pipeline on image-caption data; resume; export. --preset picks the defaults "
+                f"({' or '.join(sorted(distill_config.PRESETS))}; shown: {name}).")
+
+    return parse_with_preset(Args, argv, "python -m train.distill", describe)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -54,15 +54,9 @@ def parse_args(argv: Sequence[str]) -> Args:
     Raises:
       SystemExit: ``--help`` (0); an unknown preset or field, a malformed value (2, naming it).
     """
-    argv = list(argv)
-    prog = "python -m train.ue_decoder"
-    name = config_lib.flag_value(argv, "--preset") or "tiny"
-    try:
-        base = distill_config.preset(name)
-    except ValueError as e:
-        sys.stderr.write(f"{prog}: error: --preset: {e}\n")
-        raise SystemExit(2) from e
-    return config_lib.parse_cli(Args, argv, prog=prog, description=__doc__.split("\n\n")[0], config=base)
+    from train.distill import parse_with_preset
+
+    return parse_with_preset(Args, argv, "python -m train.ue_decoder", lambda _: __doc__.split("\n\n")[0])
 
 
 def main(argv: Sequence[str] | None = None) -> int:
