@@ -352,6 +352,8 @@ def multi_head_attention(
         weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
         return jnp.matmul(weights, vh)  # [B, H, nq, dv]
 
+    if implementation == "reference" and mask is None and _tile_on_cpu(b * num_heads * nq * nk):
+        return _tiled_attention(qh, kh, vh).transpose(0, 2, 1, 3).reshape(b, nq, -1)
     chunk = _query_chunk(nq)
     if implementation == "reference" or chunk == nq:
         out = attend(qh, mask)
@@ -369,6 +371,61 @@ def multi_head_attention(
 
 
 QUERY_CHUNK = 512  # queries per step of the "chunked" attention (logits [B, H, 512, Nk])
+# "reference" attention on the CPU backend: logits of more than CPU_TILE_ABOVE bytes in all are
+# computed one (batch, head) and at most CPU_TILE_BYTES of logits at a time (see _tiled_attention).
+CPU_TILE_ABOVE = 8 << 20
+CPU_TILE_BYTES = 8 << 20
+
+
+def _tile_on_cpu(num_logits: int) -> bool:
+    """Whether "reference" attention with ``num_logits`` float32 logits runs tiled (CPU backend only)."""
+    return 4 * num_logits > CPU_TILE_ABOVE and jax.default_backend() == "cpu"
+
+
+def _tiled_attention(qh: jax.Array, kh: jax.Array, vh: jax.Array) -> jax.Array:
+    """Softmax attention one (batch, head) and one block of queries at a time.
+
+    The reference's per-query-row maths (float32 logits, max-subtracted exponentials), with
+    the division by the row sum applied after the second matmul instead of before it (one
+    pass fewer over the logits; equal up to float rounding). On XLA:CPU the untiled form
+    writes the whole ``[B, H, Nq, Nk]`` float32 logits (512 MB for SD-1.5's 4096-token
+    self-attention) to memory and reads them back for each softmax pass and the second
+    matmul: memory-bound, 3-4x slower than PyTorch's fused SDPA kernel
+    (``eval/bench_blocks.py``). Here each step's logits (at most ``CPU_TILE_BYTES``) stay in
+    cache. The outer loop runs over (batch, head) so that a step's keys and values are that
+    head's contiguous ``[d, Nk]`` / ``[Nk, dv]`` slices, sliced once per head.
+
+    Args:
+      qh: [B, H, Nq, d] queries, pre-scaled.
+      kh: [B, H, d, Nk] keys, transposed.
+      vh: [B, H, Nk, dv] values.
+
+    Returns:
+      [B, H, Nq, dv] in vh's dtype.
+    """
+    b, h, nq, d = qh.shape
+    nk, dv = vh.shape[-2:]
+    n = -(-nq * nk * 4 // CPU_TILE_BYTES)  # query blocks per head
+    chunk = -(-nq // n)
+    n = -(-nq // chunk)
+    q = qh.reshape(b * h, nq, d)
+    if n * chunk != nq:  # pad the queries to whole blocks; padded rows are dropped below
+        q = jnp.pad(q, ((0, 0), (0, n * chunk - nq), (0, 0)))
+    q = q.reshape(b * h, n, chunk, d)
+
+    def per_head(args: tuple[jax.Array, jax.Array, jax.Array]) -> jax.Array:
+        qi, ki, vi = args  # [n, chunk, d], [d, Nk], [Nk, dv]
+
+        def block(qc: jax.Array) -> jax.Array:
+            logits = jnp.matmul(qc, ki, preferred_element_type=jnp.float32)  # [chunk, Nk]
+            e = jnp.exp(logits - logits.max(-1, keepdims=True))
+            out = jnp.matmul(e.astype(vi.dtype), vi, preferred_element_type=jnp.float32)  # [chunk, dv]
+            return (out / e.sum(-1, keepdims=True)).astype(vi.dtype)
+
+        return jax.lax.map(block, qi)  # [n, chunk, dv]
+
+    out = jax.lax.map(per_head, (q, kh.reshape(b * h, d, nk), vh.reshape(b * h, nk, dv)))
+    return out.reshape(b * h, n * chunk, dv)[:, :nq].reshape(b, h, nq, dv)
 
 
 def _query_chunk(nq: int) -> int:
