@@ -285,3 +285,14 @@ def test_parity_with_diffusers_cpu_tiled_attention(monkeypatch):
     assert calls, "the tiled path did not run"
     err = np.abs(out - case["ref"]).max()
     assert err < TOL, f"max abs error {err:.2e}"
+
+
+def test_parity_with_diffusers_plain_kernels():
+    """Without the CPU rewrites (convs as matmuls at these small sizes): lax.conv throughout."""
+    from meg_jax.backbone import layers
+
+    case = build_case("sd1x")
+    with layers.plain_kernels():
+        out = np.asarray(jax.jit(UNet(CONFIGS["sd1x"]).apply)(case["params"], **to_jax(case["inputs"])))
+    err = np.abs(out - case["ref"]).max()
+    assert err < TOL, f"max abs error {err:.2e}"

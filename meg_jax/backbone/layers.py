@@ -9,14 +9,16 @@ variance 1/(3·fan_in)) so that training from scratch behaves like diffusers'.
 
 from __future__ import annotations
 
+import contextlib
 import math
-from typing import Any
+from typing import Any, Iterator
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
+from flax.linen.dtypes import promote_dtype
 
 Dtype = Any
 
@@ -33,6 +35,7 @@ __all__ = [
     "Downsample2D",
     "Upsample2D",
     "multi_head_attention",
+    "plain_kernels",
     "Attention",
     "FeedForward",
 ]
@@ -89,22 +92,93 @@ def Conv2d(
     use_bias: bool = True,
     dtype: Dtype = jnp.float32,
     name: str | None = None,
-) -> nn.Conv:
-    """An NHWC conv with PyTorch's symmetric padding (default ``(k - 1) // 2``)."""
+) -> nn.Module:
+    """An NHWC conv with PyTorch's symmetric padding (default ``(k - 1) // 2``).
+
+    Parameters ``kernel`` [k, k, Cin, features] and ``bias`` as ``flax.linen.Conv``'s.
+    """
     if padding is None:
         padding = (kernel_size - 1) // 2
     if isinstance(padding, int):
         padding = ((padding, padding), (padding, padding))
-    return nn.Conv(
-        features,
-        (kernel_size, kernel_size),
-        strides=(stride, stride),
-        padding=padding,
-        use_bias=use_bias,
-        dtype=dtype,
-        kernel_init=torch_default_init,
-        name=name,
-    )
+    return _Conv2d(features, kernel_size, stride, padding, use_bias, dtype, name=name)
+
+
+# CPU backend: a conv producing at most MATMUL_CONV_MAX_PIXELS output pixels (batch included)
+# runs as one matmul over its im2col patches (see _Conv2d).
+MATMUL_CONV_MAX_PIXELS = 512
+_cpu_rewrites = [True]
+
+
+@contextlib.contextmanager
+def plain_kernels() -> Iterator[None]:
+    """Within this context, models trace without this module's CPU-only rewrites.
+
+    Those rewrites (tiled attention, convs as matmuls) compute the same values up to float
+    rounding, faster on XLA:CPU; ``flops`` counts FLOPs on the plain graph so that its numbers
+    do not depend on the backend (padding taps of an im2col matmul would count; a
+    ``lax.map``'s body would count once).
+    """
+    _cpu_rewrites.append(False)
+    try:
+        yield
+    finally:
+        _cpu_rewrites.pop()
+
+
+def _on_cpu() -> bool:
+    """Whether the CPU-only rewrites apply to what is being traced now."""
+    return _cpu_rewrites[-1] and jax.default_backend() == "cpu"
+
+
+class _Conv2d(nn.Module):
+    """``flax.linen.Conv`` (NHWC, HWIO kernel, square kernel and stride), same parameters.
+
+    On the CPU backend two forms XLA:CPU runs slowly are computed as matmuls instead (the
+    same sums of products, in another order: equal up to float rounding):
+    a 1x1 stride-1 unpadded conv is ``x @ kernel`` (2-3x faster than XLA's conv), and a conv
+    with at most ``MATMUL_CONV_MAX_PIXELS`` output pixels is one matmul of its im2col
+    patches ``[B*Ho*Wo, k*k*Cin]`` with the kernel ``[k*k*Cin, features]``: at SD-1.5's 16x16
+    and 8x8 levels (1280-2560 channels) that is ~2x faster than XLA:CPU's conv, which is tuned
+    for large maps (``eval/bench_blocks.py``); the patches there are at most a few tens of MB.
+    """
+
+    features: int
+    kernel_size: int
+    stride: int
+    padding: tuple[tuple[int, int], tuple[int, int]] | str
+    use_bias: bool = True
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """[B, H, W, Cin] -> [B, Ho, Wo, features]."""
+        k, s = self.kernel_size, self.stride
+        kernel = self.param("kernel", torch_default_init, (k, k, x.shape[-1], self.features))
+        bias = self.param("bias", nn.initializers.zeros, (self.features,)) if self.use_bias else None
+        x, kernel, bias = promote_dtype(x, kernel, bias, dtype=self.dtype)
+        pad = ((0, 0), (0, 0)) if self.padding == "VALID" else self.padding
+        if isinstance(pad, str):
+            raise ValueError(f"Conv2d padding must be an int, pairs or 'VALID', got {pad!r}")
+        b, h, w, c = x.shape
+        ho = (h + pad[0][0] + pad[0][1] - k) // s + 1
+        wo = (w + pad[1][0] + pad[1][1] - k) // s + 1
+        if _on_cpu() and k == 1 and s == 1 and pad == ((0, 0), (0, 0)):
+            y = jnp.dot(x.reshape(-1, c), kernel.reshape(c, -1)).reshape(b, h, w, -1)
+        elif _on_cpu() and b * ho * wo <= MATMUL_CONV_MAX_PIXELS:
+            xp = jnp.pad(x, ((0, 0), pad[0], pad[1], (0, 0)))
+            patches = [
+                jax.lax.slice(xp, (0, i, j, 0), (b, i + s * (ho - 1) + 1, j + s * (wo - 1) + 1, c), (1, s, s, 1))
+                for i in range(k)
+                for j in range(k)
+            ]  # tap (i, j) -> columns [(i*k + j)*Cin, ...): the order of kernel.reshape below
+            cols = jnp.concatenate(patches, axis=-1).reshape(b * ho * wo, k * k * c)
+            y = jnp.dot(cols, kernel.reshape(k * k * c, -1)).reshape(b, ho, wo, -1)
+        else:
+            y = jax.lax.conv_general_dilated(x, kernel, (s, s), pad, dimension_numbers=("NHWC", "HWIO", "NHWC"))
+        if bias is not None:
+            y = y + bias
+        return y
 
 
 def Linear(features: int, *, use_bias: bool = True, dtype: Dtype = jnp.float32, name: str | None = None) -> nn.Dense:
@@ -379,7 +453,7 @@ CPU_TILE_BYTES = 8 << 20
 
 def _tile_on_cpu(num_logits: int) -> bool:
     """Whether "reference" attention with ``num_logits`` float32 logits runs tiled (CPU backend only)."""
-    return 4 * num_logits > CPU_TILE_ABOVE and jax.default_backend() == "cpu"
+    return 4 * num_logits > CPU_TILE_ABOVE and _on_cpu()
 
 
 def _tiled_attention(qh: jax.Array, kh: jax.Array, vh: jax.Array) -> jax.Array:
