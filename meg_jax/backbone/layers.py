@@ -387,7 +387,8 @@ def multi_head_attention(
       num_heads: H; C and Cv must be divisible by H.
       mask: optional boolean, True = attend; broadcastable to [B, H, Nq, Nk].
       implementation: "reference" (the matmul-softmax-matmul below, parity-tested against
-        diffusers); "chunked": the same per query row, computed ``QUERY_CHUNK`` queries at a
+        diffusers; on the CPU backend, without a mask and with more than ``CPU_TILE_ABOVE``
+        bytes of logits, computed tile by tile in cache: ``_tiled_attention``); "chunked": the same per query row, computed ``QUERY_CHUNK`` queries at a
         time under ``jax.checkpoint`` (Rabe & Staats 2021), so the ``[B, H, Nq, Nk]`` logits
         never exist whole, forward or backward: memory-efficient attention on any backend;
         or ``jax.nn.dot_product_attention`` with "xla" (any backend) or "cudnn" (cuDNN's
