@@ -287,12 +287,20 @@ def test_parity_with_diffusers_cpu_tiled_attention(monkeypatch):
     assert err < TOL, f"max abs error {err:.2e}"
 
 
-def test_parity_with_diffusers_plain_kernels():
-    """Without the CPU rewrites (convs as matmuls at these small sizes): lax.conv throughout."""
+@pytest.mark.parametrize("mode", ["plain", "matmul_convs"])
+def test_parity_with_diffusers_conv_paths(mode, monkeypatch):
+    """Each conv form: lax.conv throughout ("plain": no CPU rewrites) and, on the CPU backend,
+    every 3x3 conv as an im2col matmul (these tiny maps have too few channels by default)."""
+    import contextlib
+
     from meg_jax.backbone import layers
 
+    if mode == "matmul_convs":
+        if jax.default_backend() != "cpu":
+            pytest.skip("the matmul convs are the CPU backend's")
+        monkeypatch.setattr(layers, "MATMUL_CONV_MIN_CHANNELS", 0)
     case = build_case("sd1x")
-    with layers.plain_kernels():
+    with layers.plain_kernels() if mode == "plain" else contextlib.nullcontext():
         out = np.asarray(jax.jit(UNet(CONFIGS["sd1x"]).apply)(case["params"], **to_jax(case["inputs"])))
     err = np.abs(out - case["ref"]).max()
     assert err < TOL, f"max abs error {err:.2e}"

@@ -105,8 +105,10 @@ def Conv2d(
 
 
 # CPU backend: a conv producing at most MATMUL_CONV_MAX_PIXELS output pixels (batch included)
-# runs as one matmul over its im2col patches (see _Conv2d).
+# from at least MATMUL_CONV_MIN_CHANNELS input channels runs as one matmul over its im2col
+# patches (see _Conv2d).
 MATMUL_CONV_MAX_PIXELS = 512
+MATMUL_CONV_MIN_CHANNELS = 512
 _cpu_rewrites = [True]
 
 
@@ -136,11 +138,14 @@ class _Conv2d(nn.Module):
 
     On the CPU backend two forms XLA:CPU runs slowly are computed as matmuls instead (the
     same sums of products, in another order: equal up to float rounding):
-    a 1x1 stride-1 unpadded conv is ``x @ kernel`` (2-3x faster than XLA's conv), and a conv
-    with at most ``MATMUL_CONV_MAX_PIXELS`` output pixels is one matmul of its im2col
-    patches ``[B*Ho*Wo, k*k*Cin]`` with the kernel ``[k*k*Cin, features]``: at SD-1.5's 16x16
-    and 8x8 levels (1280-2560 channels) that is ~2x faster than XLA:CPU's conv, which is tuned
-    for large maps (``eval/bench_blocks.py``); the patches there are at most a few tens of MB.
+    a 1x1 stride-1 unpadded conv is ``x @ kernel`` (1.2-3x faster than XLA's conv), and a conv
+    with at most ``MATMUL_CONV_MAX_PIXELS`` output pixels from at least
+    ``MATMUL_CONV_MIN_CHANNELS`` input channels is one matmul of its im2col patches
+    ``[B*Ho*Wo, k*k*Cin]`` with the kernel ``[k*k*Cin, features]``: at SD-1.5's 16x16 and 8x8
+    levels (1280-2560 channels) that is ~2x faster than XLA:CPU's conv, which is tuned for
+    large maps (``eval/bench_blocks.py``); the patches there are at most a few tens of MB.
+    With few channels (tiny models) the patch copy costs more than it saves (16x16x64,
+    batch 2: 218 us as a conv, 327 us as a matmul), so those stay convs.
     """
 
     features: int
@@ -165,7 +170,7 @@ class _Conv2d(nn.Module):
         wo = (w + pad[1][0] + pad[1][1] - k) // s + 1
         if _on_cpu() and k == 1 and s == 1 and pad == ((0, 0), (0, 0)):
             y = jnp.dot(x.reshape(-1, c), kernel.reshape(c, -1)).reshape(b, h, w, -1)
-        elif _on_cpu() and b * ho * wo <= MATMUL_CONV_MAX_PIXELS:
+        elif _on_cpu() and b * ho * wo <= MATMUL_CONV_MAX_PIXELS and c >= MATMUL_CONV_MIN_CHANNELS:
             xp = jnp.pad(x, ((0, 0), pad[0], pad[1], (0, 0)))
             patches = [
                 jax.lax.slice(xp, (0, i, j, 0), (b, i + s * (ho - 1) + 1, j + s * (wo - 1) + 1, c), (1, s, s, 1))
