@@ -151,7 +151,9 @@ def _blocks(attention: str) -> dict[str, Callable[[], tuple[Any, Any, Any, Any, 
     return {
         "resnet64": resnet(64, 320, 320),
         "resnet64_640to320": resnet(64, 640, 320),
+        "resnet64_960to320": resnet(64, 960, 320),
         "resnet32": resnet(32, 640, 640),
+        "resnet32_1920to640": resnet(32, 1920, 640),
         "resnet16": resnet(16, 1280, 1280),
         "resnet8": resnet(8, 1280, 1280),
         "transformer64": transformer(64, 320),
@@ -170,7 +172,9 @@ def _blocks(attention: str) -> dict[str, Callable[[], tuple[Any, Any, Any, Any, 
 BLOCKS = {
     "resnet64": "ResnetBlock2D 64x64, 320 -> 320 (down_blocks.0)",
     "resnet64_640to320": "ResnetBlock2D 64x64, 640 -> 320 (up_blocks.3, skip concatenated)",
+    "resnet64_960to320": "ResnetBlock2D 64x64, 960 -> 320 (up_blocks.3, skip concatenated)",
     "resnet32": "ResnetBlock2D 32x32, 640 -> 640 (down_blocks.1)",
+    "resnet32_1920to640": "ResnetBlock2D 32x32, 1920 -> 640 (up_blocks.2, skip concatenated)",
     "resnet16": "ResnetBlock2D 16x16, 1280 -> 1280 (down_blocks.2)",
     "resnet8": "ResnetBlock2D 8x8, 1280 -> 1280 (down_blocks.3, mid_block)",
     "transformer64": "Transformer2DModel 64x64x320: GroupNorm, proj_in, self-attn (4096 tokens), cross-attn, GEGLU FF",
@@ -198,7 +202,9 @@ Where meg-jax lost to diffusers on one CPU core, and what changed (`eval/bench_b
 - **3x3 convs on small maps** (16x16 and 8x8, 1280-2560 channels): XLA:CPU's conv (a YNNPACK
   fusion) is tuned for large maps and ran ~2x slower than one matmul over the im2col patches.
   `layers.Conv2d` on the CPU backend now computes convs with at most 512 output pixels (batch
-  included) that way, and 1x1 convs as a plain matmul (2-3x faster than XLA's conv).
+  included) and at least 512 input channels that way (with fewer channels, e.g. the tiny
+  pipeline's 64, the patch copy costs more than it saves), and 1x1 convs as a plain matmul
+  (1.2-3x faster than XLA's conv).
   `flops` traces models under `layers.plain_kernels()` so FLOP counts do not change.
 - **Still behind** (one core): the 3x3 convs at 64x64 and 32x32 with 640-1280 input channels
   (XLA's YNNPACK conv 94 ms vs PyTorch/oneDNN 71 ms at 64x64 640->320; 114 vs 78 ms at 32x32

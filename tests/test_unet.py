@@ -287,18 +287,23 @@ def test_parity_with_diffusers_cpu_tiled_attention(monkeypatch):
     assert err < TOL, f"max abs error {err:.2e}"
 
 
-@pytest.mark.parametrize("mode", ["plain", "matmul_convs"])
+@pytest.mark.parametrize("mode", ["plain", "matmul_convs", "split_convs"])
 def test_parity_with_diffusers_conv_paths(mode, monkeypatch):
     """Each conv form: lax.conv throughout ("plain": no CPU rewrites) and, on the CPU backend,
-    every 3x3 conv as an im2col matmul (these tiny maps have too few channels by default)."""
+    every 3x3 conv as an im2col matmul, or as a sum of convs over input-channel chunks of 3
+    (ragged: 8 channels -> 3 + 3 + 2); these tiny maps have too few channels for either by
+    default."""
     import contextlib
 
     from meg_jax.backbone import layers
 
+    if mode != "plain" and jax.default_backend() != "cpu":
+        pytest.skip("the matmul and split convs are the CPU backend's")
     if mode == "matmul_convs":
-        if jax.default_backend() != "cpu":
-            pytest.skip("the matmul convs are the CPU backend's")
         monkeypatch.setattr(layers, "MATMUL_CONV_MIN_CHANNELS", 0)
+    if mode == "split_convs":
+        monkeypatch.setattr(layers, "CONV_SPLIT_ABOVE", 0)
+        monkeypatch.setattr(layers, "CONV_SPLIT_CHANNELS", 3)
     case = build_case("sd1x")
     with layers.plain_kernels() if mode == "plain" else contextlib.nullcontext():
         out = np.asarray(jax.jit(UNet(CONFIGS["sd1x"]).apply)(case["params"], **to_jax(case["inputs"])))
