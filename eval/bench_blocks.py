@@ -206,11 +206,15 @@ Where meg-jax lost to diffusers on one CPU core, and what changed (`eval/bench_b
   pipeline's 64, the patch copy costs more than it saves), and 1x1 convs as a plain matmul
   (1.2-3x faster than XLA's conv).
   `flops` traces models under `layers.plain_kernels()` so FLOP counts do not change.
-- **Still behind** (one core): the 3x3 convs at 64x64 and 32x32 with 640-1280 input channels
-  (XLA's YNNPACK conv 94 ms vs PyTorch/oneDNN 71 ms at 64x64 640->320; 114 vs 78 ms at 32x32
-  1280->640; with `--xla_cpu_experimental_ynn_fusion_type=` XLA's Eigen conv matches PyTorch
-  there, but the attention matmuls then slow down, and a library should not set process-wide
-  XLA flags), and the 4096-token attention itself (~0.8x: its `[512, 40] x [40, 4096]` and
+- **Wide-input convs on large maps** (SD-1.5's up blocks concatenate a skip: 640-1920 input
+  channels at 64x64 and 32x32): XLA's YNNPACK conv is slower per FLOP there; on the CPU
+  backend `layers.Conv2d` sums convs over chunks of at most 320 input channels when there are
+  more than 512 (64x64 960->320 resnet: 249 -> 225 ms; 32x32 1920->640: 282 -> 258 ms).
+- **Still behind** (one core): those convs, even split (XLA's YNNPACK conv 94 ms vs
+  PyTorch/oneDNN 71 ms at 64x64 640->320; 114 vs 78 ms at 32x32 1280->640; with
+  `--xla_cpu_experimental_ynn_fusion_type=` XLA's Eigen conv matches PyTorch there, but the
+  attention matmuls then slow down, and a library should not set process-wide XLA flags), and
+  the 4096-token attention itself (~0.8x: its `[512, 40] x [40, 4096]` and
   `[512, 4096] x [4096, 40]` matmuls run at ~35 GFLOP/s, and the max-subtracted exponentials
   cost another third).
 - GroupNorm (1-3 ms), the time embedding and the cross-attention are not where the time goes.
