@@ -28,8 +28,8 @@ Run from the repository root::
     python -m eval.bench_pipeline --steps 4 --sd15_steps 2 --repeats 2 --sd15_repeats 1 --threads 1
     python -m eval.bench_pipeline --help              # every flag with its default
 
-``--threads`` sets ``XLA_FLAGS`` before JAX starts (unless ``XLA_FLAGS`` is already set), so run
-it as its own process. The table goes to stdout, progress to the log (stderr).
+``--threads N`` pins the process to N CPUs (the last N it may use) and sets ``XLA_FLAGS`` before
+JAX starts (unless ``XLA_FLAGS`` is already set), so run it as its own process. The table goes to stdout, progress to the log (stderr).
 """
 
 from __future__ import annotations
@@ -82,7 +82,17 @@ def parse_args(argv: Sequence[str]) -> Args:
 
 
 def _set_threads(threads: int) -> None:
-    """XLA:CPU's intra-op thread pool is fixed when JAX starts: set it first (unless the user did)."""
+    """Pins the process to ``threads`` CPUs and sets XLA's thread flags, before JAX starts.
+
+    The pinning is what makes the thread count true for meg-jax: XLA:CPU runs its YNNPACK
+    fusions on a thread pool of its own that ``XLA_FLAGS`` do not reach (measured with one
+    "thread": process CPU time ~1.8x wall time on 2 idle cores, so the unpinned meg-jax rows
+    used two cores against PyTorch's one whenever the machine had one free). PyTorch and
+    meg-jax then share the same ``threads`` CPUs.
+    """
+    cpus = sorted(os.sched_getaffinity(0))
+    if threads < len(cpus):
+        os.sched_setaffinity(0, set(cpus[-threads:]))
     if "XLA_FLAGS" in os.environ:
         return
     if "jax" in sys.modules:
@@ -335,7 +345,7 @@ Written by `eval/bench_pipeline.py` (rerun it rather than editing the numbers).
 - Date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC; wall time of the run {time.time() - t0:.0f} s
 - Machine: {cpu}, {os.cpu_count()} cores; {platform.platform()}; no accelerator (JAX devices: {jax.devices()})
 - Software: Python {platform.python_version()}, jax {jax.__version__}, torch {torch.__version__}
-- Threads: {args.threads} for each side (XLA_FLAGS=`{os.environ.get('XLA_FLAGS', '')}`, torch.set_num_threads({args.threads}))
+- Threads: {args.threads} for each side: the process pinned to CPUs {sorted(os.sched_getaffinity(0))} (XLA_FLAGS=`{os.environ.get('XLA_FLAGS', '')}`, torch.set_num_threads({args.threads}))
 - Load average (1/5/15 min) before: {load_before}; after: {load_after}. Load above the core count means other
   jobs shared the CPU: absolute times are then inflated; the tiny pipeline's round-robin timing keeps its ratios
   comparable, while the SD-1.5 rows are timed one after the other and their ratios carry any change of load.
@@ -345,6 +355,9 @@ Written by `eval/bench_pipeline.py` (rerun it rather than editing the numbers).
 {chr(10).join(notes)}
 
 {table}
+
+Where the SD-1.5 UNet's time goes, block by block against diffusers' modules on one core:
+`docs/bench_blocks.md` (`python -m eval.bench_blocks`).
 
 "compile s": the first call's time minus the steady median (meg-jax's jit compile plus first-run
 overhead; diffusers compiles nothing). "max abs diff": meg-jax fp32 (or bf16) vs diffusers on the same

@@ -16,6 +16,7 @@ import pytest
 # module -> argv the script requires (its required fields), a bad value, a value its own check
 # refuses, and the flag each of the two must name
 SCRIPTS = {
+    "eval.bench_blocks": ([], ["--repeats", "x"], "--repeats", ["--only", "resnet7"], "--only"),
     "eval.bench_backbone": ([], ["--tome_repeats", "x"], "--tome_repeats", ["--tome_side", "3"], "--tome_side"),
     "eval.bench_cvpo": ([], ["--batches", "x"], "--batches", ["--batches", "256", "0"], "--batches"),
     "eval.paper_system": ([], ["--episodes", "x"], "--episodes", ["--episodes", "1"], "--episodes"),

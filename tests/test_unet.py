@@ -239,3 +239,73 @@ def test_init_unet_matches_module_init_shapes_and_scales():
             assert np.all(value == (1.0 if path[-1] == "scale" else 0.0)), path
     again = init_unet(cfg, jax.random.key(0))
     assert all(np.array_equal(a, b) for a, b in zip(jax.tree_util.tree_leaves(params), jax.tree_util.tree_leaves(again)))
+
+
+def _count_tiled(monkeypatch, tile_bytes: int) -> list[int]:
+    """Forces ``layers``' CPU-tiled attention on every "reference" call; returns a call counter."""
+    from meg_jax.backbone import layers
+
+    calls = []
+    tiled = layers._tiled_attention
+    monkeypatch.setattr(layers, "CPU_TILE_ABOVE", 0)
+    monkeypatch.setattr(layers, "CPU_TILE_BYTES", tile_bytes)
+    monkeypatch.setattr(layers, "_tiled_attention", lambda *a: calls.append(1) or tiled(*a))
+    return calls
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="the tiled path is the CPU backend's")
+def test_cpu_tiled_attention_matches_untiled_and_torch(monkeypatch):
+    from meg_jax.backbone import layers
+
+    k = jax.random.split(jax.random.PRNGKey(0), 3)
+    q, kk, v = (jax.random.normal(k[i], s) for i, s in enumerate([(2, 50, 32), (2, 70, 32), (2, 70, 24)]))
+    ref = np.asarray(layers.multi_head_attention(q, kk, v, 4))  # 2*4*50*70 logits: untiled
+    # 600 logits per block: 50 queries of 70 keys -> 6 blocks of 9 queries, 4 of them padding.
+    calls = _count_tiled(monkeypatch, 4 * 600)
+    out = np.asarray(layers.multi_head_attention(q, kk, v, 4))
+    assert calls, "the tiled path did not run"
+    # Same float32 softmax per query row; only the matmul blocking and where the division by
+    # the row sum happens differ: rounding of O(1) values, ~1e-7.
+    np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-6)
+    to_t = lambda a, d: torch.from_numpy(np.array(a)).reshape(2, -1, 4, d).transpose(1, 2)  # noqa: E731
+    with torch.no_grad():
+        expect = torch.nn.functional.scaled_dot_product_attention(to_t(q, 8), to_t(kk, 8), to_t(v, 6))
+    np.testing.assert_allclose(out, expect.transpose(1, 2).reshape(2, 50, 24).numpy(), rtol=1e-5, atol=1e-6)
+    out16 = layers.multi_head_attention(q.astype(jnp.bfloat16), kk.astype(jnp.bfloat16), v.astype(jnp.bfloat16), 4)
+    assert out16.dtype == jnp.bfloat16
+    # bf16 inputs and weights (8-bit mantissa, relative rounding 2^-9) on O(1) outputs.
+    np.testing.assert_allclose(np.asarray(out16, np.float32), ref, atol=0.05)
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="the tiled path is the CPU backend's")
+def test_parity_with_diffusers_cpu_tiled_attention(monkeypatch):
+    case = build_case("sd1x")
+    calls = _count_tiled(monkeypatch, 4 * 64 * 24)  # 64-token self-attention in 3 blocks of 22 queries
+    out = np.asarray(jax.jit(UNet(CONFIGS["sd1x"]).apply)(case["params"], **to_jax(case["inputs"])))
+    assert calls, "the tiled path did not run"
+    err = np.abs(out - case["ref"]).max()
+    assert err < TOL, f"max abs error {err:.2e}"
+
+
+@pytest.mark.parametrize("mode", ["plain", "matmul_convs", "split_convs"])
+def test_parity_with_diffusers_conv_paths(mode, monkeypatch):
+    """Each conv form: lax.conv throughout ("plain": no CPU rewrites) and, on the CPU backend,
+    every 3x3 conv as an im2col matmul, or as a sum of convs over input-channel chunks of 3
+    (ragged: 8 channels -> 3 + 3 + 2); these tiny maps have too few channels for either by
+    default."""
+    import contextlib
+
+    from meg_jax.backbone import layers
+
+    if mode != "plain" and jax.default_backend() != "cpu":
+        pytest.skip("the matmul and split convs are the CPU backend's")
+    if mode == "matmul_convs":
+        monkeypatch.setattr(layers, "MATMUL_CONV_MIN_CHANNELS", 0)
+    if mode == "split_convs":
+        monkeypatch.setattr(layers, "CONV_SPLIT_ABOVE", 0)
+        monkeypatch.setattr(layers, "CONV_SPLIT_CHANNELS", 3)
+    case = build_case("sd1x")
+    with layers.plain_kernels() if mode == "plain" else contextlib.nullcontext():
+        out = np.asarray(jax.jit(UNet(CONFIGS["sd1x"]).apply)(case["params"], **to_jax(case["inputs"])))
+    err = np.abs(out - case["ref"]).max()
+    assert err < TOL, f"max abs error {err:.2e}"

@@ -5,7 +5,9 @@ Each count lowers one forward pass of the Flax module with ``jax.jit(f).lower(..
 ``jax.eval_shape(module.init, ...)``), and reads ``cost_analysis()["flops"]``. No parameter
 or activation is ever allocated and nothing is compiled (unless the lowering's analysis
 lacks a FLOP count, when the compiled one is read), so ``sd15`` and ``sdxl`` cost only the
-tracing time. Results are cached per (config, shape).
+tracing time. Models are traced under ``layers.plain_kernels()`` (without the CPU backend's
+rewrites: tiled attention, convs as im2col matmuls), so the counts are the same on every
+backend. Results are cached per (config, shape).
 
 What XLA counts (``HloCostAnalysis``), which decides how the numbers compare with published
 "MACs":
@@ -31,6 +33,7 @@ import jax
 import jax.numpy as jnp
 
 from meg_jax.backbone.config import BackboneConfig, TextEncoderConfig, UNetConfig, VAEConfig
+from meg_jax.backbone.layers import plain_kernels
 from meg_jax.backbone.text_encoder import TextEncoder
 from meg_jax.backbone.unet import UNet, example_inputs
 from meg_jax.backbone.vae import AutoencoderKL
@@ -67,7 +70,8 @@ def xla_flops(fn: Callable[..., Any], *args: Any) -> float:
     Raises:
       RuntimeError: the backend reports no FLOP count.
     """
-    lowered = jax.jit(fn).lower(*_abstract(args))
+    with plain_kernels():  # the same graph on every backend (no CPU-only rewrites)
+        lowered = jax.jit(fn).lower(*_abstract(args))
     flops = _read_flops(lowered.cost_analysis())
     if flops is None:  # some backends only analyse the compiled executable
         flops = _read_flops(lowered.compile().cost_analysis())

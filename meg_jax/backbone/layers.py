@@ -9,14 +9,16 @@ variance 1/(3·fan_in)) so that training from scratch behaves like diffusers'.
 
 from __future__ import annotations
 
+import contextlib
 import math
-from typing import Any
+from typing import Any, Iterator
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
+from flax.linen.dtypes import promote_dtype
 
 Dtype = Any
 
@@ -33,6 +35,7 @@ __all__ = [
     "Downsample2D",
     "Upsample2D",
     "multi_head_attention",
+    "plain_kernels",
     "Attention",
     "FeedForward",
 ]
@@ -89,22 +92,114 @@ def Conv2d(
     use_bias: bool = True,
     dtype: Dtype = jnp.float32,
     name: str | None = None,
-) -> nn.Conv:
-    """An NHWC conv with PyTorch's symmetric padding (default ``(k - 1) // 2``)."""
+) -> nn.Module:
+    """An NHWC conv with PyTorch's symmetric padding (default ``(k - 1) // 2``).
+
+    Parameters ``kernel`` [k, k, Cin, features] and ``bias`` as ``flax.linen.Conv``'s.
+    """
     if padding is None:
         padding = (kernel_size - 1) // 2
     if isinstance(padding, int):
         padding = ((padding, padding), (padding, padding))
-    return nn.Conv(
-        features,
-        (kernel_size, kernel_size),
-        strides=(stride, stride),
-        padding=padding,
-        use_bias=use_bias,
-        dtype=dtype,
-        kernel_init=torch_default_init,
-        name=name,
-    )
+    return _Conv2d(features, kernel_size, stride, padding, use_bias, dtype, name=name)
+
+
+# CPU backend: a conv producing at most MATMUL_CONV_MAX_PIXELS output pixels (batch included)
+# from at least MATMUL_CONV_MIN_CHANNELS input channels runs as one matmul over its im2col
+# patches (see _Conv2d).
+MATMUL_CONV_MAX_PIXELS = 512
+MATMUL_CONV_MIN_CHANNELS = 512
+# CPU backend, other convs: more than CONV_SPLIT_ABOVE input channels are convolved in chunks of
+# at most CONV_SPLIT_CHANNELS, the partial outputs summed (see _Conv2d).
+CONV_SPLIT_ABOVE = 512
+CONV_SPLIT_CHANNELS = 320
+_cpu_rewrites = [True]
+
+
+@contextlib.contextmanager
+def plain_kernels() -> Iterator[None]:
+    """Within this context, models trace without this module's CPU-only rewrites.
+
+    Those rewrites (tiled attention, convs as matmuls) compute the same values up to float
+    rounding, faster on XLA:CPU; ``flops`` counts FLOPs on the plain graph so that its numbers
+    do not depend on the backend (padding taps of an im2col matmul would count; a
+    ``lax.map``'s body would count once).
+    """
+    _cpu_rewrites.append(False)
+    try:
+        yield
+    finally:
+        _cpu_rewrites.pop()
+
+
+def _on_cpu() -> bool:
+    """Whether the CPU-only rewrites apply to what is being traced now."""
+    return _cpu_rewrites[-1] and jax.default_backend() == "cpu"
+
+
+def _conv(x: jax.Array, kernel: jax.Array, stride: int, pad: Any) -> jax.Array:
+    return jax.lax.conv_general_dilated(x, kernel, (stride, stride), pad, dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+
+class _Conv2d(nn.Module):
+    """``flax.linen.Conv`` (NHWC, HWIO kernel, square kernel and stride), same parameters.
+
+    On the CPU backend two forms XLA:CPU runs slowly are computed as matmuls instead (the
+    same sums of products, in another order: equal up to float rounding):
+    a 1x1 stride-1 unpadded conv is ``x @ kernel`` (1.2-3x faster than XLA's conv), and a conv
+    with at most ``MATMUL_CONV_MAX_PIXELS`` output pixels from at least
+    ``MATMUL_CONV_MIN_CHANNELS`` input channels is one matmul of its im2col patches
+    ``[B*Ho*Wo, k*k*Cin]`` with the kernel ``[k*k*Cin, features]``: at SD-1.5's 16x16 and 8x8
+    levels (1280-2560 channels) that is ~2x faster than XLA:CPU's conv, which is tuned for
+    large maps (``eval/bench_blocks.py``); the patches there are at most a few tens of MB.
+    With few channels (tiny models) the patch copy costs more than it saves (16x16x64,
+    batch 2: 218 us as a conv, 327 us as a matmul), so those stay convs. On larger maps a conv
+    with more than ``CONV_SPLIT_ABOVE`` input channels (SD-1.5's up blocks, whose input
+    concatenates a skip: 640-1920 channels) is the sum of convs over chunks of at most
+    ``CONV_SPLIT_CHANNELS`` input channels: XLA:CPU's conv is faster on those (64x64,
+    960 -> 320: 176 ms whole, 139 ms in three chunks; PyTorch 126 ms).
+    """
+
+    features: int
+    kernel_size: int
+    stride: int
+    padding: tuple[tuple[int, int], tuple[int, int]] | str
+    use_bias: bool = True
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """[B, H, W, Cin] -> [B, Ho, Wo, features]."""
+        k, s = self.kernel_size, self.stride
+        kernel = self.param("kernel", torch_default_init, (k, k, x.shape[-1], self.features))
+        bias = self.param("bias", nn.initializers.zeros, (self.features,)) if self.use_bias else None
+        x, kernel, bias = promote_dtype(x, kernel, bias, dtype=self.dtype)
+        pad = ((0, 0), (0, 0)) if self.padding == "VALID" else self.padding
+        if isinstance(pad, str):
+            raise ValueError(f"Conv2d padding must be an int, pairs or 'VALID', got {pad!r}")
+        b, h, w, c = x.shape
+        ho = (h + pad[0][0] + pad[0][1] - k) // s + 1
+        wo = (w + pad[1][0] + pad[1][1] - k) // s + 1
+        if _on_cpu() and k == 1 and s == 1 and pad == ((0, 0), (0, 0)):
+            y = jnp.dot(x.reshape(-1, c), kernel.reshape(c, -1)).reshape(b, h, w, -1)
+        elif _on_cpu() and b * ho * wo <= MATMUL_CONV_MAX_PIXELS and c >= MATMUL_CONV_MIN_CHANNELS:
+            xp = jnp.pad(x, ((0, 0), pad[0], pad[1], (0, 0)))
+            patches = [
+                jax.lax.slice(xp, (0, i, j, 0), (b, i + s * (ho - 1) + 1, j + s * (wo - 1) + 1, c), (1, s, s, 1))
+                for i in range(k)
+                for j in range(k)
+            ]  # tap (i, j) -> columns [(i*k + j)*Cin, ...): the order of kernel.reshape below
+            cols = jnp.concatenate(patches, axis=-1).reshape(b * ho * wo, k * k * c)
+            y = jnp.dot(cols, kernel.reshape(k * k * c, -1)).reshape(b, ho, wo, -1)
+        elif _on_cpu() and c > CONV_SPLIT_ABOVE:
+            n = -(-c // CONV_SPLIT_CHANNELS)
+            size = -(-c // n)
+            y = sum(_conv(x[..., i : i + size], kernel[:, :, i : i + size], s, pad) for i in range(0, c, size))
+        else:
+            y = _conv(x, kernel, s, pad)
+        if bias is not None:
+            y = y + bias
+        return y
 
 
 def Linear(features: int, *, use_bias: bool = True, dtype: Dtype = jnp.float32, name: str | None = None) -> nn.Dense:
@@ -313,7 +408,8 @@ def multi_head_attention(
       num_heads: H; C and Cv must be divisible by H.
       mask: optional boolean, True = attend; broadcastable to [B, H, Nq, Nk].
       implementation: "reference" (the matmul-softmax-matmul below, parity-tested against
-        diffusers); "chunked": the same per query row, computed ``QUERY_CHUNK`` queries at a
+        diffusers; on the CPU backend, without a mask and with more than ``CPU_TILE_ABOVE``
+        bytes of logits, computed tile by tile in cache: ``_tiled_attention``); "chunked": the same per query row, computed ``QUERY_CHUNK`` queries at a
         time under ``jax.checkpoint`` (Rabe & Staats 2021), so the ``[B, H, Nq, Nk]`` logits
         never exist whole, forward or backward: memory-efficient attention on any backend;
         or ``jax.nn.dot_product_attention`` with "xla" (any backend) or "cudnn" (cuDNN's
@@ -352,6 +448,8 @@ def multi_head_attention(
         weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
         return jnp.matmul(weights, vh)  # [B, H, nq, dv]
 
+    if implementation == "reference" and mask is None and _tile_on_cpu(b * num_heads * nq * nk):
+        return _tiled_attention(qh, kh, vh).transpose(0, 2, 1, 3).reshape(b, nq, -1)
     chunk = _query_chunk(nq)
     if implementation == "reference" or chunk == nq:
         out = attend(qh, mask)
@@ -369,6 +467,61 @@ def multi_head_attention(
 
 
 QUERY_CHUNK = 512  # queries per step of the "chunked" attention (logits [B, H, 512, Nk])
+# "reference" attention on the CPU backend: logits of more than CPU_TILE_ABOVE bytes in all are
+# computed one (batch, head) and at most CPU_TILE_BYTES of logits at a time (see _tiled_attention).
+CPU_TILE_ABOVE = 8 << 20
+CPU_TILE_BYTES = 8 << 20
+
+
+def _tile_on_cpu(num_logits: int) -> bool:
+    """Whether "reference" attention with ``num_logits`` float32 logits runs tiled (CPU backend only)."""
+    return 4 * num_logits > CPU_TILE_ABOVE and _on_cpu()
+
+
+def _tiled_attention(qh: jax.Array, kh: jax.Array, vh: jax.Array) -> jax.Array:
+    """Softmax attention one (batch, head) and one block of queries at a time.
+
+    The reference's per-query-row maths (float32 logits, max-subtracted exponentials), with
+    the division by the row sum applied after the second matmul instead of before it (one
+    pass fewer over the logits; equal up to float rounding). On XLA:CPU the untiled form
+    writes the whole ``[B, H, Nq, Nk]`` float32 logits (512 MB for SD-1.5's 4096-token
+    self-attention) to memory and reads them back for each softmax pass and the second
+    matmul: memory-bound, 3-4x slower than PyTorch's fused SDPA kernel
+    (``eval/bench_blocks.py``). Here each step's logits (at most ``CPU_TILE_BYTES``) stay in
+    cache. The outer loop runs over (batch, head) so that a step's keys and values are that
+    head's contiguous ``[d, Nk]`` / ``[Nk, dv]`` slices, sliced once per head.
+
+    Args:
+      qh: [B, H, Nq, d] queries, pre-scaled.
+      kh: [B, H, d, Nk] keys, transposed.
+      vh: [B, H, Nk, dv] values.
+
+    Returns:
+      [B, H, Nq, dv] in vh's dtype.
+    """
+    b, h, nq, d = qh.shape
+    nk, dv = vh.shape[-2:]
+    n = -(-nq * nk * 4 // CPU_TILE_BYTES)  # query blocks per head
+    chunk = -(-nq // n)
+    n = -(-nq // chunk)
+    q = qh.reshape(b * h, nq, d)
+    if n * chunk != nq:  # pad the queries to whole blocks; padded rows are dropped below
+        q = jnp.pad(q, ((0, 0), (0, n * chunk - nq), (0, 0)))
+    q = q.reshape(b * h, n, chunk, d)
+
+    def per_head(args: tuple[jax.Array, jax.Array, jax.Array]) -> jax.Array:
+        qi, ki, vi = args  # [n, chunk, d], [d, Nk], [Nk, dv]
+
+        def block(qc: jax.Array) -> jax.Array:
+            logits = jnp.matmul(qc, ki, preferred_element_type=jnp.float32)  # [chunk, Nk]
+            e = jnp.exp(logits - logits.max(-1, keepdims=True))
+            out = jnp.matmul(e.astype(vi.dtype), vi, preferred_element_type=jnp.float32)  # [chunk, dv]
+            return (out / e.sum(-1, keepdims=True)).astype(vi.dtype)
+
+        return jax.lax.map(block, qi)  # [n, chunk, dv]
+
+    out = jax.lax.map(per_head, (q, kh.reshape(b * h, d, nk), vh.reshape(b * h, nk, dv)))
+    return out.reshape(b * h, n * chunk, dv)[:, :nq].reshape(b, h, nq, dv)
 
 
 def _query_chunk(nq: int) -> int:
