@@ -186,6 +186,7 @@ def compile_step(config: Any, compile: bool = True) -> tuple[Any, Any, Any, Any,
     import jax.numpy as jnp
 
     from meg_jax import parallel, partition
+    from meg_jax.backbone import layers
     from meg_jax.distill import train
 
     mesh = parallel.make_mesh(model=config.parallel.model_axis)
@@ -201,7 +202,10 @@ def compile_step(config: Any, compile: bool = True) -> tuple[Any, Any, Any, Any,
                                  mesh, config.parallel, config.compute.grad_accum_steps)
     seconds: dict[str, float] = {}
     t0 = time.time()
-    traced = step.trace(state_abs, inputs_abs, key)
+    # the plan models an accelerator's step: trace without the CPU-only kernel rewrites (tiled
+    # attention, convs as matmuls) that would otherwise apply on these fake CPU devices
+    with layers.plain_kernels():
+        traced = step.trace(state_abs, inputs_abs, key)
     seconds["trace_s"] = time.time() - t0
     log.info("traced in %.1f s (%d equations at the top level)", seconds["trace_s"], len(traced.jaxpr.eqns))
     t0 = time.time()
