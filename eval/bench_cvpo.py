@@ -2,10 +2,14 @@
 against an FSRL-style PyTorch update timed in the same run.
 
     XLA_FLAGS="--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1" \\
-      python -m eval.bench_cvpo             # the table in docs/bench_cvpo.md
+      taskset -c 1 python -m eval.bench_cvpo    # the table in docs/bench_cvpo.md
     python -m eval.bench_cvpo --quick       # fewer rounds
 
-What is timed (one thread each: XLA single-threaded through ``XLA_FLAGS``, ``torch.set_num_threads(1)``):
+What is timed (one thread each: XLA single-threaded through ``XLA_FLAGS``, ``torch.set_num_threads(1)``,
+and the process pinned to one CPU with ``taskset``: XLA:CPU runs its YNNPACK fusions on a thread
+pool of its own that ``XLA_FLAGS`` do not reach, and PyTorch's oneDNN kernels used a second
+core too, so unpinned "one thread" rows each take a second core when the machine has one free;
+the footer prints the CPUs the process may use):
 
 * ``jax update``: ``agent.update_block`` of ``meg_jax.rl.cvpo`` (U gradient updates in one jitted
   call, ``lax.scan``, the train state donated; no environment step, no host transfer inside):
@@ -336,7 +340,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         ups, env_s = training_rate(artifact, 10)
         print(f"\njax training block (N=1024 envs, 4 updates per step, B=256): {ups:.1f} updates/s, {env_s:.0f} env steps/s")
     print(f"\njax {jax.__version__}, backend {jax.default_backend()}; load average (1 min) {load0[0]:.1f} before, "
-          f"{load1[0]:.1f} after; XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}")
+          f"{load1[0]:.1f} after; XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}; "
+          f"CPUs this process may use: {sorted(os.sched_getaffinity(0))} of {os.cpu_count()}")
     return 0
 
 
