@@ -66,6 +66,8 @@ def test_clip_score_table(calibrated, calibrated_clip):
     # The CLIP score is measured beside PSNR, not instead: the other tables are the run without it.
     plain = artifact_lib.load(calibrated[1])
     assert plain.clip_score is None and "clip_model" not in plain.provenance
+    # exact: PSNR comes from the same jitted programs (decode, _scores) on the same inputs in both
+    # runs; the CLIP score is a separate program called after them
     np.testing.assert_array_equal(art.psnr, plain.psnr)
     # Not all zero (this random CLIP model's cosines with these prompts are positive): a table of
     # clamped zeros would not show a wrong image path.

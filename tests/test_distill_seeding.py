@@ -58,8 +58,7 @@ def exported(tmp_path_factory, config):
                                              "text_encoder": init_text_encoder(b.text_encoder, next(keys))})
     stage_io.save_final(workdir, "student", {"unet": init_unet(b.unet, next(keys))})
     stage_io.save_final(workdir, "ue_decoder", {"decoder": objectives.split_vae(init_vae(b.vae, next(keys)))[1]})
-    with open(os.path.join(workdir, "ue_decoder", "final", "DONE"), "w") as f:  # export writes a finished one only
-        f.write("4\n")
+    stage_io.mark_done(workdir, "ue_decoder", 4)  # export writes a finished one only
     with open(os.path.join(workdir, "vae", "latent_scale.json"), "w") as f:
         json.dump({"latent_scale": 0.123456789}, f)  # as measured; seeding must carry it exactly
     out = str(tmp_path_factory.mktemp("export") / "backbone")

@@ -168,7 +168,7 @@ def seed_workdir(workdir: str, source: str, config: DistillConfig, stages: tuple
       ValueError: the export does not match ``config`` (names the file and the field), or a
         stage of ``workdir`` already holds other weights.
     """
-    from meg_jax.distill.stage_io import _final_dir
+    from meg_jax.distill.stage_io import _final_dir, mark_done, stage_done
     from meg_jax.distill.train import stage_record
 
     unknown = [s for s in stages if s not in STAGES]
@@ -190,12 +190,12 @@ def seed_workdir(workdir: str, source: str, config: DistillConfig, stages: tuple
         directory = os.path.join(workdir, stage)
         final = _final_dir(workdir, stage)
         marker = os.path.join(directory, "seeded.json")
-        if os.path.exists(os.path.join(final, "DONE")) or os.path.isdir(os.path.join(directory, "checkpoints")):
+        if stage_done(workdir, stage) or os.path.isdir(os.path.join(directory, "checkpoints")):
             previous = ckpt.read_json(marker, "where the stage was seeded from") if os.path.exists(marker) else {}
             if previous.get("sha256") == hashes:
                 ckpt.check_config(directory, stage_record(stage, config))
                 continue
-            raise ValueError(f"--init_from {source}: {directory} already holds a {'finished' if os.path.exists(os.path.join(final, 'DONE')) else 'started'} "
+            raise ValueError(f"--init_from {source}: {directory} already holds a {'finished' if stage_done(workdir, stage) else 'started'} "
                              f"'{stage}' stage with other weights; seed a new --workdir")
         ckpt.check_config(directory, stage_record(stage, config))
         os.makedirs(final, exist_ok=True)
@@ -208,7 +208,6 @@ def seed_workdir(workdir: str, source: str, config: DistillConfig, stages: tuple
             json.dump({"source": os.path.abspath(source), "component": name, "sha256": hashes,
                        "stage": components[name].get("stage")}, f, indent=2, sort_keys=True)
             f.write("\n")
-        with open(os.path.join(final, "DONE"), "w") as f:
-            f.write(f"{getattr(config, stage).steps}\n")
+        mark_done(workdir, stage, getattr(config, stage).steps)
         seeded.append(stage)
     return seeded

@@ -24,6 +24,17 @@ def _final_dir(workdir: str, stage: str) -> str:
     return os.path.join(workdir, stage, "final")
 
 
+def stage_done(workdir: str, stage: str) -> bool:
+    """Whether ``stage`` of ``workdir`` has finished (its ``final/DONE`` marker exists)."""
+    return os.path.exists(os.path.join(_final_dir(workdir, stage), "DONE"))
+
+
+def mark_done(workdir: str, stage: str, steps: int) -> None:
+    """Marks ``stage`` finished after ``steps`` steps (written last, after its final params)."""
+    with open(os.path.join(_final_dir(workdir, stage), "DONE"), "w") as f:
+        f.write(f"{steps}\n")
+
+
 def save_final(workdir: str, stage: str, params: Mapping[str, Any]) -> None:
     """Writes a finished stage's EMA params as safetensors (read by later stages and export)."""
     folder = _final_dir(workdir, stage)

@@ -69,13 +69,14 @@ from meg_jax.distill.objectives import (  # noqa: F401  (re-exported: the stage 
     zero_step_conditioning,
 )
 from meg_jax.distill.stage_io import (  # noqa: F401  (re-exported: what stages keep on disk)
-    _final_dir,
     latent_scale,
     load_final,
     make_latent_cache,
     make_targets,
+    mark_done,
     measure_latent_scale,
     save_final,
+    stage_done,
     student_init,
 )
 
@@ -538,7 +539,7 @@ def run(config: DistillConfig, stages: tuple[str, ...], workdir: str, *, mesh: j
     finished: dict[str, bool] = {}
     for stage in stages:
         cfg: StageConfig = getattr(config, stage)
-        if os.path.exists(os.path.join(_final_dir(workdir, stage), "DONE")):
+        if stage_done(workdir, stage):
             ckpt.check_config(os.path.join(workdir, stage), stage_record(stage, config))
             finished[stage] = True
             continue
@@ -551,8 +552,7 @@ def run(config: DistillConfig, stages: tuple[str, ...], workdir: str, *, mesh: j
         if not done:
             break
         save_final(workdir, stage, _final_parts(stage, state, inputs))
-        with open(os.path.join(_final_dir(workdir, stage), "DONE"), "w") as f:
-            f.write(f"{cfg.steps}\n")
+        mark_done(workdir, stage, cfg.steps)
     return finished
 
 
@@ -599,7 +599,7 @@ def export(workdir: str, out: str, config: DistillConfig, steps: int | None = No
         meta["student"] = {**meta["student"], "config": config_lib.to_dict(config.student),
                            "continued_from": ckpt.read_json(init, "where the student started from")}
     ckpt.export_component(out, "student", backbone.unet, {"unet": student["unet"]}, stage=meta["student"])
-    if config.ue_decoder is not None and os.path.exists(os.path.join(_final_dir(workdir, "ue_decoder"), "DONE")):
+    if config.ue_decoder is not None and stage_done(workdir, "ue_decoder"):
         export_ue_decoder(workdir, out, config, init_from={"stages": stages_of("vae", "decoder")})
     record = {
         "backbone": config_lib.to_dict(backbone),
@@ -650,7 +650,7 @@ def run_ue_decoder_from_backbone(config: DistillConfig, backbone_dir: str, workd
         diffs = config_lib.diff(config_lib.to_dict(bb.config.vae), config_lib.to_dict(config.backbone.vae))
         raise ValueError(f"{backbone_dir}: its VAE architecture differs from the config's backbone.vae "
                          f"({'; '.join(diffs)}); pick the --preset it was made with")
-    if os.path.exists(os.path.join(_final_dir(workdir, "ue_decoder"), "DONE")):
+    if stage_done(workdir, "ue_decoder"):
         ckpt.check_config(os.path.join(workdir, "ue_decoder"), _ue_record(config, backbone_dir))
         return True
     mesh = parallel.make_mesh(model=config.parallel.model_axis) if mesh is None else mesh
@@ -664,8 +664,7 @@ def run_ue_decoder_from_backbone(config: DistillConfig, backbone_dir: str, workd
                               parallel_config=config.parallel)
     if done:
         save_final(workdir, "ue_decoder", _final_parts("ue_decoder", state, inputs))
-        with open(os.path.join(_final_dir(workdir, "ue_decoder"), "DONE"), "w") as f:
-            f.write(f"{config.ue_decoder.steps}\n")
+        mark_done(workdir, "ue_decoder", config.ue_decoder.steps)
     return done
 
 
