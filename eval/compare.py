@@ -21,6 +21,11 @@ Columns (medians over seeds unless said otherwise):
   episodes; gap closed (observable): the same with the observable-information ceiling in place
   of the oracle, the table policy over (estimated-SNR bin, class) of
   ``eval.observable_oracle`` (it sees what the agents see, up to the SNR history);
+  gap closed (equal cost): the same with the oracle fitted at the seed's own mean costs
+  (``eval.observable_oracle.equal_cost_oracle``) in place of the oracle at the limits, so
+  quality bought with cost above a limit (allowed up to the feasibility tolerance) earns
+  nothing: the column that ranks agents where that tolerance is worth as much as the gap
+  (``paper``);
 * env steps: transitions collected per seed; wall time: the training job's wall clock
   (compilation included, evaluation excluded; all seeds together); updates/s: gradient
   updates of all seeds per second of that wall time (PPO: one Adam step per minibatch).
@@ -64,6 +69,7 @@ class Args:
     artifact: Optional[str] = None  # calibration artifact; None = the preset's, "synthetic" for tests
     episode_length: Optional[int] = None  # requests per episode; None = the preset's
     observable: bool = True  # also score the observable-information ceiling (eval.observable_oracle)
+    equal_cost: bool = True  # also score every seed against the oracle at its own mean costs
     fit_episodes: int = 4096  # episodes that fit the observable table policy
     bin_db: float = 0.5  # SNR-estimate bin width of the observable table policy (dB)
 
@@ -126,12 +132,14 @@ def _seed_evals(config: Any, workdir: str) -> list[dict]:
     out = []
     for s, d in zip(seeds, dirs):
         with open(os.path.join(d, train_job.eval_filename(config))) as f:
-            out.append(dict(seed=s, **json.load(f)["summary"]))
+            ev = json.load(f)
+        out.append(dict(seed=s, limits=ev["limits"], **ev["summary"]))
     return out
 
 
 def summarise_agent(algo: str, rows: list[dict], ceiling: Optional[dict[int, dict]], env_steps: float,
-                    train_seconds: float, updates: float) -> dict[str, Any]:
+                    train_seconds: float, updates: float,
+                    equal_cost: Optional[dict[int, float]] = None) -> dict[str, Any]:
     """One table row from the per-seed evaluation summaries (``eval.json``'s ``summary``).
 
     Args:
@@ -141,6 +149,7 @@ def summarise_agent(algo: str, rows: list[dict], ceiling: Optional[dict[int, dic
       ceiling: seed -> :func:`eval.observable_oracle.observable_ceiling` entry, or None.
       env_steps: transitions per seed; train_seconds: wall clock of training (all seeds);
       updates: gradient updates per seed.
+      equal_cost: seed -> the oracle's quality at this agent's mean costs on that seed, or None.
     """
     from meg_jax.rl.agents import LABELS
     from meg_jax.rl.evaluate import gap_closed
@@ -160,27 +169,32 @@ def summarise_agent(algo: str, rows: list[dict], ceiling: Optional[dict[int, dic
         obs = [gap_closed(r["quality"], r["fixed_quality"], ceiling[r["seed"]]["quality"]) for r in rows]
         row["gap_closed_observable"] = float(np.median(obs))
         row["per_seed_gap_closed_observable"] = [float(x) for x in obs]
+    if equal_cost is not None:
+        eq = [gap_closed(r["quality"], r["fixed_quality"], equal_cost[r["seed"]]) for r in rows]
+        row["gap_closed_equal_cost"] = float(np.median(eq))
+        row["per_seed_gap_closed_equal_cost"] = [float(x) for x in eq]
     return row
 
 
 def format_table(rows: list[dict], references: Optional[dict[str, Any]] = None) -> str:
     """Markdown table of :func:`summarise_agent` rows (plus the observable ceiling's row)."""
     head = ("| agent | quality | latency / limit | energy / limit | feasible seeds | gap closed (oracle) | "
-            "gap closed (observable) | env steps / seed | wall time (s) | updates/s |")
-    lines = [head, "|" + "---|" * 10]
+            "gap closed (observable) | gap closed (equal cost) | env steps / seed | wall time (s) | updates/s |")
+    lines = [head, "|" + "---|" * 11]
+    pct = lambda r, k: f"{100 * r[k]:.1f}%" if k in r else "—"  # noqa: E731
     for r in rows:
         n = len(r["seeds"])
-        obs = f"{100 * r['gap_closed_observable']:.1f}%" if "gap_closed_observable" in r else "—"
         lines.append(
             f"| {r['agent']} | {r['quality']:.4f} | {r['worst_costs_over_limit'][0]:.4f} | "
             f"{r['worst_costs_over_limit'][1]:.4f} | {r['feasible_seeds']}/{n} | {100 * r['gap_closed']:.1f}% | "
-            f"{obs} | {int(r['env_steps']):,} | {r['train_seconds']:.0f} | {r['updates_per_second']:.0f} |")
+            f"{pct(r, 'gap_closed_observable')} | {pct(r, 'gap_closed_equal_cost')} | {int(r['env_steps']):,} | "
+            f"{r['train_seconds']:.0f} | {r['updates_per_second']:.0f} |")
     if references and "observable" in references:
         o = references["observable"]
         lines.append(
             f"| table policy on (estimated SNR, class) (observable ceiling) | {o['quality']:.4f} | "
             f"{o['worst_latency_over_limit']:.4f} | {o['worst_energy_over_limit']:.4f} | "
-            f"{o['feasible_seeds']}/{o['seeds']} | {100 * o['gap_closed']:.1f}% | 100% | — | — | — |")
+            f"{o['feasible_seeds']}/{o['seeds']} | {100 * o['gap_closed']:.1f}% | 100% | — | — | — | — |")
     return "\n".join(lines)
 
 
@@ -215,7 +229,7 @@ def compare(args: Args) -> dict[str, Any]:
             "gap_closed": float(np.median([c["gap_closed"] for c in ceiling.values()])),
             "per_seed": {str(k): v for k, v in ceiling.items()},
         }
-    rows, per_seed = [], {}
+    rows, per_seed, stats = [], {}, {}
     for algo, config in configs.items():
         workdir = os.path.join(args.out, algo)
         result, seconds = _train(config, workdir)
@@ -225,9 +239,21 @@ def compare(args: Args) -> dict[str, Any]:
                 assert abs(r["fixed_quality"] - ceiling[r["seed"]]["fixed_quality"]) < 1e-4, (r, ceiling[r["seed"]])
         env_steps = float(np.asarray(result.state.env_steps).reshape(-1)[0])
         updates = float(np.asarray(agents.gradient_updates(config, result.state)).reshape(-1)[0])
-        rows.append(summarise_agent(algo, evals, ceiling, env_steps, seconds, updates))
+        stats[algo] = (env_steps, seconds, updates)
+        rows.append(summarise_agent(algo, evals, ceiling, *stats[algo]))
         per_seed[algo] = evals
         print(format_table(rows[-1:]).splitlines()[-1], flush=True)
+    if args.equal_cost:  # every agent's seeds against the oracle at their own costs, on the same tables
+        from eval.observable_oracle import equal_cost_oracle
+
+        by_seed = {algo: {r["seed"]: r for r in evals} for algo, evals in per_seed.items()}
+        seeds = sorted(next(iter(by_seed.values())))
+        costs = {s: [np.multiply(by_seed[a][s]["costs_over_limit"], by_seed[a][s]["limits"]) for a in by_seed]
+                 for s in seeds}
+        oracle_q = equal_cost_oracle(next(iter(configs.values())).env, costs, args.episodes)
+        rows = [summarise_agent(algo, per_seed[algo], ceiling, *stats[algo],
+                                equal_cost={s: oracle_q[s][i] for s in seeds})
+                for i, algo in enumerate(by_seed)]
     out = {"settings": dataclasses.asdict(args), "rows": rows, "per_seed": per_seed, "references": references}
     table = format_table(rows, references)
     with open(os.path.join(args.out, "compare.json"), "w") as f:

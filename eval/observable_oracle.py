@@ -37,7 +37,7 @@ costs.
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional, Sequence
+from typing import Mapping, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -91,18 +91,11 @@ def observable_ceiling(spec: EnvSpec, seeds: Sequence[int], episodes: int = 1024
     params = fit_env.params
     limits = np.asarray(params.limits, np.float64)
     num_classes = int(params.num_classes)
-
-    def tables(env, key):
-        collect = jax.jit(lambda k: oracle_lib.collect_env_requests(env, k, episode_length, estimate=True))
-        snr, cls, est = (np.asarray(x).reshape(-1) for x in collect(key))
-        q, c = oracle_lib.action_tables(params, jnp.asarray(snr), jnp.asarray(cls))
-        return snr, est, cls, np.asarray(q, np.float64), np.asarray(c, np.float64)
-
-    fit = tables(fit_env, jax.random.PRNGKey(123))
+    fit = _request_tables(fit_env, jax.random.PRNGKey(123), episode_length)
     eval_env = make_env(spec, num_envs=episodes, discrete=True)
     out = {}
     for seed in seeds:
-        test = tables(eval_env, jax.random.fold_in(jax.random.PRNGKey(seed), 10**6))
+        test = _request_tables(eval_env, _eval_key(seed), episode_length)
         orc = oracle_lib.fit_oracle(test[3], test[4], limits)
         fixed = oracle_lib.best_fixed_action(params, jnp.asarray(test[3]), jnp.asarray(test[4]), limits)
         q, ratio, _ = table_policy_scores(fit, test, limits, num_classes, bin_db)
@@ -111,6 +104,63 @@ def observable_ceiling(spec: EnvSpec, seeds: Sequence[int], episodes: int = 1024
             "fixed_quality": float(fixed.avg_quality), "oracle_quality": float(orc.avg_quality),
             "gap_closed": gap_closed(q, fixed.avg_quality, orc.avg_quality),
         }
+    return out
+
+
+def _eval_key(seed: int) -> jax.Array:
+    """``train.cvpo``'s evaluation key of ``seed``."""
+    return jax.random.fold_in(jax.random.PRNGKey(int(seed)), 10**6)
+
+
+def _request_tables(env, key: jax.Array, episode_length: int):
+    """(true SNR, estimated SNR, class, Q [E*T, A], C [E*T, A, m]) of ``env``'s episodes under ``key``."""
+    collect = jax.jit(lambda k: oracle_lib.collect_env_requests(env, k, episode_length, estimate=True))
+    snr, cls, est = (np.asarray(x).reshape(-1) for x in collect(key))
+    q, c = oracle_lib.action_tables(env.params, jnp.asarray(snr), jnp.asarray(cls))
+    return snr, est, cls, np.asarray(q, np.float64), np.asarray(c, np.float64)
+
+
+def equal_cost_oracle(spec: EnvSpec, costs_by_seed: Mapping[int, Sequence[Sequence[float]]],
+                      episodes: int = 1024) -> dict[int, list[float]]:
+    """The oracle's quality on each seed's evaluation episodes when it may spend a policy's own costs.
+
+    "Gap closed" measures a policy against the Lagrangian oracle at the limits. A policy that
+    spends more than a limit (up to the feasibility tolerance) buys quality the oracle was
+    denied; where that tolerance is worth as much as the fixed -> oracle gap (the ``paper``
+    preset) agents rank by their cost excess. Fitting the oracle with its limits set to the
+    policy's own mean costs compares both at equal cost: with perfect channel knowledge the
+    oracle's feasible set contains every policy's, so its quality there bounds the policy's
+    (up to the oracle's temperature, tau log A, and the evaluation's sampling noise).
+
+    Args:
+      spec: the environment the policies were evaluated on (a run's ``config.env``;
+        ``artifact="synthetic"`` is the made-up artifact, as ``train.cvpo`` reads it).
+      costs_by_seed: seed -> list of mean episode-average cost vectors [m] (s, J), one per policy.
+      episodes: evaluation episodes per seed (``train.cvpo``'s, key ``fold_in(PRNGKey(seed), 10**6)``,
+        as ``meg_jax.rl.baselines.evaluate_all`` draws them).
+
+    Returns:
+      seed -> the oracle's expected quality at each of the seed's cost vectors, in order.
+    """
+    from meg_jax.rl.baselines import request_tables
+
+    artifact = None
+    if spec.artifact == "synthetic":
+        from meg_jax.meg.artifact import synthetic_artifact
+
+        artifact = synthetic_artifact()
+    env = make_env(spec, num_envs=episodes, discrete=True, artifact=artifact)
+    out: dict[int, list[float]] = {}
+    for seed, cost_list in costs_by_seed.items():
+        q, c = request_tables(env, _eval_key(seed))  # the exact per-request tables the agents were scored on
+        q, c = q.reshape(-1, q.shape[-1]), c.reshape(-1, *c.shape[-2:])
+        qualities = []
+        for costs in cost_list:
+            costs = np.asarray(costs, np.float64)
+            if costs.shape != (c.shape[-1],) or not np.all(costs > 0):
+                raise ValueError(f"costs of seed {seed}: expected {c.shape[-1]} positive mean costs, got {costs}")
+            qualities.append(float(oracle_lib.fit_oracle(q, c, costs).avg_quality))
+        out[int(seed)] = qualities
     return out
 
 

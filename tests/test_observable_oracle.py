@@ -57,3 +57,34 @@ def test_cli_prints_the_table_with_replay(capsys, tmp_path):
     row = [line for line in out.splitlines() if line.startswith("| 0 |")][0].split("|")
     oracle_q, blind_q = float(row[6]), float(row[7])
     assert blind_q <= oracle_q + 5e-4 and blind_q < oracle_q
+
+
+def test_equal_cost_oracle_meets_the_limits_and_bounds_a_policy_at_its_own_costs():
+    # The oracle fitted at a policy's own mean costs: at the limits it is the harness's oracle;
+    # at "always max quality"'s costs it reaches that policy's quality (nothing beats max
+    # quality per request), and more cost never buys less quality.
+    import pytest
+
+    from meg_jax.rl.baselines import request_tables
+    from meg_jax.rl.config import EnvSpec
+    from meg_jax.rl.evaluate import make_env
+
+    spec = EnvSpec(preset="tiny", artifact="synthetic", episode_length=8)
+    episodes = 64
+    env = make_env(spec, num_envs=episodes, discrete=True, artifact=synthetic_artifact())
+    q, c = request_tables(env, oo._eval_key(3))
+    q, c = q.reshape(-1, q.shape[-1]), c.reshape(-1, *c.shape[-2:])
+    limits = np.asarray(env.params.limits, np.float64)
+    best = np.argmax(q, axis=-1)
+    maxq_quality = float(np.take_along_axis(q, best[:, None], -1).mean())
+    maxq_costs = np.take_along_axis(c, best[:, None, None], 1)[:, 0].mean(0)
+    assert np.any(maxq_costs > limits)  # a limit binds: max quality is infeasible here
+    at = oo.equal_cost_oracle(spec, {3: [limits, 1.01 * limits, maxq_costs]}, episodes)[3]
+    # Same tables, same solver: the oracle at the limits (its temperature tau = 1e-4 and
+    # Newton tolerance 1e-5 on the cost ratios leave ~1e-4 of quality).
+    np.testing.assert_allclose(at[0], O.fit_oracle(q, c, limits).avg_quality, atol=1e-4)
+    assert at[1] > at[0]  # a binding limit relaxed by 1 % buys quality
+    # tau log A (1e-4 x log 32 = 3.5e-4) bounds how far the Boltzmann oracle falls short
+    np.testing.assert_allclose(at[2], maxq_quality, atol=5e-4)
+    with pytest.raises(ValueError, match="costs of seed 3"):
+        oo.equal_cost_oracle(spec, {3: [np.array([0.1, -1.0])]}, episodes)
