@@ -287,12 +287,12 @@ def test_parity_with_diffusers_cpu_tiled_attention(monkeypatch):
     assert err < TOL, f"max abs error {err:.2e}"
 
 
-@pytest.mark.parametrize("mode", ["plain", "matmul_convs", "split_convs"])
+@pytest.mark.parametrize("mode", ["plain", "matmul_convs", "split_convs", "eigen_convs"])
 def test_parity_with_diffusers_conv_paths(mode, monkeypatch):
     """Each conv form: lax.conv throughout ("plain": no CPU rewrites) and, on the CPU backend,
-    every 3x3 conv as an im2col matmul, or as a sum of convs over input-channel chunks of 3
-    (ragged: 8 channels -> 3 + 3 + 2); these tiny maps have too few channels for either by
-    default."""
+    every 3x3 conv as an im2col matmul, as a sum of convs over input-channel chunks of 3
+    (ragged: 8 channels -> 3 + 3 + 2), or every stride-1 3x3 conv with one output row more
+    (the Eigen conv); these tiny maps have too few channels for any by default."""
     import contextlib
 
     from meg_jax.backbone import layers
@@ -304,8 +304,37 @@ def test_parity_with_diffusers_conv_paths(mode, monkeypatch):
     if mode == "split_convs":
         monkeypatch.setattr(layers, "CONV_SPLIT_ABOVE", 0)
         monkeypatch.setattr(layers, "CONV_SPLIT_CHANNELS", 3)
+    if mode == "eigen_convs":
+        monkeypatch.setattr(layers, "EIGEN_CONV_MIN_CHANNELS", 0)
     case = build_case("sd1x")
     with layers.plain_kernels() if mode == "plain" else contextlib.nullcontext():
         out = np.asarray(jax.jit(UNet(CONFIGS["sd1x"]).apply)(case["params"], **to_jax(case["inputs"])))
     err = np.abs(out - case["ref"]).max()
     assert err < TOL, f"max abs error {err:.2e}"
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="the Eigen-conv path is the CPU backend's")
+@pytest.mark.parametrize("padding", [1, "VALID", ((0, 2), (2, 1)), ((2, 2), (0, 1))])
+def test_cpu_eigen_conv_matches_lax_conv(padding):
+    """At the default EIGEN_CONV_MIN_CHANNELS (256 in and out), a stride-1 3x3 float32 conv
+    computes one extra output row and drops it: the same outputs as lax.conv, for symmetric,
+    VALID and asymmetric padding (the last: 7 output rows from 5 already, no extra row)."""
+    from meg_jax.backbone import layers
+
+    c = layers.EIGEN_CONV_MIN_CHANNELS
+    x = jax.random.normal(jax.random.PRNGKey(0), (2, 5, 6, c))
+    conv = layers.Conv2d(c, 3, padding=padding)
+    params = conv.init(jax.random.PRNGKey(1), x)
+    out = np.asarray(jax.jit(conv.apply)(params, x))
+    with layers.plain_kernels():
+        ref = np.asarray(jax.jit(conv.apply)(params, x))
+    pad = ((1, 1), (1, 1)) if padding == 1 else padding
+    expect = jax.lax.conv_general_dilated(x, params["params"]["kernel"], (1, 1), pad,
+                                          dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    assert out.shape == ref.shape == expect.shape
+    # Sums of 9*256 products of N(0,1) inputs and U(+-1/48) weights (outputs ~N(0, 1/3)), in
+    # another order (Eigen's GEMM blocking vs YNNPACK's): float32 rounding ~sqrt(2304)*6e-8
+    # relative to the terms' magnitude, ~1e-6 here; 1e-5 leaves margin and still catches a
+    # shifted or dropped row (O(1) differences).
+    np.testing.assert_allclose(out, ref, atol=1e-5, rtol=0)
+    np.testing.assert_allclose(out, np.asarray(expect), atol=1e-5, rtol=0)
