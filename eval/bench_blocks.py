@@ -164,6 +164,8 @@ def _blocks(attention: str) -> dict[str, Callable[[], tuple[Any, Any, Any, Any, 
         "crossattn64": attn(64, 320, True),
         "selfattn32": attn(32, 640, False),
         "down64": down(64, 320),
+        "down32": down(32, 640),
+        "down16": down(16, 1280),
         "up32": up(32, 640),
         "temb": temb,
     }
@@ -185,6 +187,8 @@ BLOCKS = {
     "crossattn64": "Attention alone, cross, 4096 queries x 77 keys (768 wide)",
     "selfattn32": "Attention alone, self, 1024 tokens x 640, 8 heads",
     "down64": "Downsample2D 64x64x320 -> 32x32 (stride-2 3x3 conv)",
+    "down32": "Downsample2D 32x32x640 -> 16x16 (down_blocks.1)",
+    "down16": "Downsample2D 16x16x1280 -> 8x8 (down_blocks.2)",
     "up32": "Upsample2D 32x32x640 -> 64x64 (nearest x2, 3x3 conv)",
     "temb": "TimestepEmbedding 320 -> 1280",
 }

@@ -314,22 +314,24 @@ def test_parity_with_diffusers_conv_paths(mode, monkeypatch):
 
 
 @pytest.mark.skipif(jax.default_backend() != "cpu", reason="the Eigen-conv path is the CPU backend's")
+@pytest.mark.parametrize("stride", [1, 2])
 @pytest.mark.parametrize("padding", [1, "VALID", ((0, 2), (2, 1)), ((2, 2), (0, 1))])
-def test_cpu_eigen_conv_matches_lax_conv(padding):
-    """At the default EIGEN_CONV_MIN_CHANNELS (256 in and out), a stride-1 3x3 float32 conv
-    computes one extra output row and drops it: the same outputs as lax.conv, for symmetric,
-    VALID and asymmetric padding (the last: 7 output rows from 5 already, no extra row)."""
+def test_cpu_eigen_conv_matches_lax_conv(padding, stride):
+    """At the default EIGEN_CONV_MIN_CHANNELS (256 in and out), a 3x3 float32 conv in its
+    Eigen form (stride 1: one extra output row, dropped; stride 2: dilated input) gives
+    lax.conv's outputs, for symmetric, VALID and asymmetric padding (the last, stride 1: 7
+    output rows from 5 already, no extra row), on odd and even map sizes."""
     from meg_jax.backbone import layers
 
     c = layers.EIGEN_CONV_MIN_CHANNELS
     x = jax.random.normal(jax.random.PRNGKey(0), (2, 5, 6, c))
-    conv = layers.Conv2d(c, 3, padding=padding)
+    conv = layers.Conv2d(c, 3, stride=stride, padding=padding)
     params = conv.init(jax.random.PRNGKey(1), x)
     out = np.asarray(jax.jit(conv.apply)(params, x))
     with layers.plain_kernels():
         ref = np.asarray(jax.jit(conv.apply)(params, x))
     pad = ((1, 1), (1, 1)) if padding == 1 else padding
-    expect = jax.lax.conv_general_dilated(x, params["params"]["kernel"], (1, 1), pad,
+    expect = jax.lax.conv_general_dilated(x, params["params"]["kernel"], (stride, stride), pad,
                                           dimension_numbers=("NHWC", "HWIO", "NHWC"))
     assert out.shape == ref.shape == expect.shape
     # Sums of 9*256 products of N(0,1) inputs and U(+-1/48) weights (outputs ~N(0, 1/3)), in

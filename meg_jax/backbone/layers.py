@@ -113,9 +113,9 @@ MATMUL_CONV_MIN_CHANNELS = 512
 # at most CONV_SPLIT_CHANNELS, the partial outputs summed (see _Conv2d).
 CONV_SPLIT_ABOVE = 512
 CONV_SPLIT_CHANNELS = 320
-# CPU backend, float32: a stride-1 conv with at least EIGEN_CONV_MIN_CHANNELS input and output
-# channels computes one output row more than its input has, which XLA:CPU's YNNPACK fusion
-# declines, so that XLA's Eigen conv runs it (see _Conv2d).
+# CPU backend, float32: a k > 1 conv with at least EIGEN_CONV_MIN_CHANNELS input and output
+# channels is written in a form XLA:CPU's YNNPACK fusion declines (stride 1: one output row more
+# than the input has; stride > 1: a dilated input), so that XLA's Eigen conv runs it (see _Conv2d).
 EIGEN_CONV_MIN_CHANNELS = 256
 _cpu_rewrites = [True]
 
@@ -163,18 +163,21 @@ class _Conv2d(nn.Module):
     ``CONV_SPLIT_CHANNELS`` input channels: XLA:CPU's conv is faster on those (64x64,
     960 -> 320: 176 ms whole, 139 ms in three chunks; PyTorch 126 ms).
 
-    Before both of those, a float32 stride-1 ``k > 1`` conv with at least
-    ``EIGEN_CONV_MIN_CHANNELS`` input and output channels (every 3x3 conv of SD-1.5's UNet
-    but ``conv_in``/``conv_out``) is padded one row further at the bottom so that it computes
-    one output row more than its input has; that row is dropped. XLA:CPU's YNNPACK fusion
-    declines convs whose output is taller than their input, so XLA's Eigen conv runs it:
-    one core, against XLA's YNNPACK conv, 64x64 320 -> 320 1.16x as fast, 32x32
-    1280 -> 640 1.53x, 16x16 1280 -> 1280 2.1x, 8x8 1280 -> 1280 3.7x (and 1.2-1.6x the
-    im2col matmul above), where the extra row costs 1/H more FLOPs. The values are the
-    same sums of products (equal up to float rounding); if a later XLA stops declining,
-    this is the plain conv plus one row. With few channels (SD's ``conv_out``, 320 -> 4:
-    2.2 ms YNNPACK, 5.0 ms Eigen) or in bfloat16 (YNNPACK takes no bf16 convs) it stays a
-    plain conv.
+    Before both of those, a float32 ``k > 1`` conv with at least ``EIGEN_CONV_MIN_CHANNELS``
+    input and output channels (every 3x3 conv of SD-1.5's UNet but ``conv_in``/``conv_out``)
+    is written in a form XLA:CPU's YNNPACK fusion declines, so that XLA's Eigen conv runs
+    it, which is faster on one core. Stride 1: padded one row further at the bottom, so
+    that it computes one output row more than its input has (YNNPACK declines taller
+    outputs); that row is dropped. Against XLA's YNNPACK conv: 64x64 320 -> 320 1.16x as
+    fast, 32x32 1280 -> 640 1.53x, 16x16 1280 -> 1280 2.1x, 8x8 1280 -> 1280 3.7x (and
+    1.2-1.6x the im2col matmul above); the extra row costs 1/H more FLOPs. Stride s > 1:
+    the input dilated by s (zeros between pixels; YNNPACK declines input dilation), kernel
+    taps s apart and windows s*s apart, padding times s -- the same taps of the same pixels
+    (SD-1.5's downsamplers: 64x64x320 1.3x, 32x32x640 1.4x the im2col matmul, 16x16x1280
+    2.3x). The values are the same sums of products (equal up to float rounding); if a
+    later XLA stopped declining these forms, they would run as YNNPACK convs again. With few
+    channels (SD's ``conv_out``, 320 -> 4: 2.2 ms YNNPACK, 5.0 ms Eigen) or in bfloat16
+    (YNNPACK takes no bf16 convs) a conv keeps its plain form.
     """
 
     features: int
@@ -199,10 +202,14 @@ class _Conv2d(nn.Module):
         wo = (w + pad[1][0] + pad[1][1] - k) // s + 1
         if _on_cpu() and k == 1 and s == 1 and pad == ((0, 0), (0, 0)):
             y = jnp.dot(x.reshape(-1, c), kernel.reshape(c, -1)).reshape(b, h, w, -1)
-        elif (_on_cpu() and k > 1 and s == 1 and x.dtype == jnp.float32
-              and min(c, self.features) >= EIGEN_CONV_MIN_CHANNELS):
-            extra = max(h + 1 - ho, 0)  # output rows then h + 1 > h: YNNPACK declines, Eigen runs it
-            y = _conv(x, kernel, s, ((pad[0][0], pad[0][1] + extra), pad[1]))[:, :ho]
+        elif _on_cpu() and k > 1 and x.dtype == jnp.float32 and min(c, self.features) >= EIGEN_CONV_MIN_CHANNELS:
+            if s == 1:
+                extra = max(h + 1 - ho, 0)  # output rows then h + 1 > h: YNNPACK declines, Eigen runs it
+                y = _conv(x, kernel, s, ((pad[0][0], pad[0][1] + extra), pad[1]))[:, :ho]
+            else:  # input dilated by s (YNNPACK declines), taps s apart, windows s*s apart: the same taps
+                y = jax.lax.conv_general_dilated(
+                    x, kernel, (s * s, s * s), [(s * lo, s * hi) for lo, hi in pad], lhs_dilation=(s, s),
+                    rhs_dilation=(s, s), dimension_numbers=("NHWC", "HWIO", "NHWC"))
         elif _on_cpu() and b * ho * wo <= MATMUL_CONV_MAX_PIXELS and c >= MATMUL_CONV_MIN_CHANNELS:
             xp = jnp.pad(x, ((0, 0), pad[0], pad[1], (0, 0)))
             patches = [
