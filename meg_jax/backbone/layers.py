@@ -519,6 +519,15 @@ def _tiled_attention(qh: jax.Array, kh: jax.Array, vh: jax.Array) -> jax.Array:
     cache. The outer loop runs over (batch, head) so that a step's keys and values are that
     head's contiguous ``[d, Nk]`` / ``[Nk, dv]`` slices, sliced once per head.
 
+    Two more passes over the logits are saved (SD-1.5's 4096-token self-attention, head
+    width 40, one core: 0.80x -> 0.84x PyTorch's SDPA): the exponentials are taken as
+    ``exp2(x * log2(e))`` (the same values; XLA:CPU computes exp2 in its own loop fusion
+    rather than in the YNNPACK fusion of the first matmul, and faster), and when
+    ``dv`` is not a multiple of 16 (the float32 vector width of AVX-512) the values get a
+    column of ones and zero columns up to the next multiple, so that the second matmul
+    yields each row's sum of exponentials in the otherwise wasted vector lanes instead of a
+    separate reduction over the logits.
+
     Args:
       qh: [B, H, Nq, d] queries, pre-scaled.
       kh: [B, H, d, Nk] keys, transposed.
@@ -536,19 +545,25 @@ def _tiled_attention(qh: jax.Array, kh: jax.Array, vh: jax.Array) -> jax.Array:
     if n * chunk != nq:  # pad the queries to whole blocks; padded rows are dropped below
         q = jnp.pad(q, ((0, 0), (0, n * chunk - nq), (0, 0)))
     q = q.reshape(b * h, n, chunk, d)
+    v = vh.reshape(b * h, nk, dv)
+    sum_column = dv % 16 != 0
+    if sum_column:  # [values, 1, 0...]: width the next multiple of 16
+        width = -(-(dv + 1) // 16) * 16
+        v = jnp.concatenate([v, jnp.ones((b * h, nk, 1), v.dtype), jnp.zeros((b * h, nk, width - dv - 1), v.dtype)], -1)
 
     def per_head(args: tuple[jax.Array, jax.Array, jax.Array]) -> jax.Array:
-        qi, ki, vi = args  # [n, chunk, d], [d, Nk], [Nk, dv]
+        qi, ki, vi = args  # [n, chunk, d], [d, Nk], [Nk, dv (+ sum and pad columns)]
 
         def block(qc: jax.Array) -> jax.Array:
             logits = jnp.matmul(qc, ki, preferred_element_type=jnp.float32)  # [chunk, Nk]
-            e = jnp.exp(logits - logits.max(-1, keepdims=True))
-            out = jnp.matmul(e.astype(vi.dtype), vi, preferred_element_type=jnp.float32)  # [chunk, dv]
-            return (out / e.sum(-1, keepdims=True)).astype(vi.dtype)
+            e = jnp.exp2((logits - logits.max(-1, keepdims=True)) * math.log2(math.e))  # exp(x) = exp2(x log2 e)
+            out = jnp.matmul(e.astype(vi.dtype), vi, preferred_element_type=jnp.float32)  # [chunk, width]
+            total = out[:, dv : dv + 1] if sum_column else e.sum(-1, keepdims=True)
+            return (out[:, :dv] / total).astype(vi.dtype)
 
         return jax.lax.map(block, qi)  # [n, chunk, dv]
 
-    out = jax.lax.map(per_head, (q, kh.reshape(b * h, d, nk), vh.reshape(b * h, nk, dv)))
+    out = jax.lax.map(per_head, (q, kh.reshape(b * h, d, nk), v))
     return out.reshape(b * h, n * chunk, dv)[:, :nq].reshape(b, h, nq, dv)
 
 
