@@ -164,6 +164,8 @@ def _blocks(attention: str) -> dict[str, Callable[[], tuple[Any, Any, Any, Any, 
         "crossattn64": attn(64, 320, True),
         "selfattn32": attn(32, 640, False),
         "down64": down(64, 320),
+        "down32": down(32, 640),
+        "down16": down(16, 1280),
         "up32": up(32, 640),
         "temb": temb,
     }
@@ -185,6 +187,8 @@ BLOCKS = {
     "crossattn64": "Attention alone, cross, 4096 queries x 77 keys (768 wide)",
     "selfattn32": "Attention alone, self, 1024 tokens x 640, 8 heads",
     "down64": "Downsample2D 64x64x320 -> 32x32 (stride-2 3x3 conv)",
+    "down32": "Downsample2D 32x32x640 -> 16x16 (down_blocks.1)",
+    "down16": "Downsample2D 16x16x1280 -> 8x8 (down_blocks.2)",
     "up32": "Upsample2D 32x32x640 -> 64x64 (nearest x2, 3x3 conv)",
     "temb": "TimestepEmbedding 320 -> 1280",
 }
@@ -210,13 +214,33 @@ Where meg-jax lost to diffusers on one CPU core, and what changed (`eval/bench_b
   channels at 64x64 and 32x32): XLA's YNNPACK conv is slower per FLOP there; on the CPU
   backend `layers.Conv2d` sums convs over chunks of at most 320 input channels when there are
   more than 512 (64x64 960->320 resnet: 249 -> 225 ms; 32x32 1920->640: 282 -> 258 ms).
-- **Still behind** (one core): those convs, even split (XLA's YNNPACK conv 94 ms vs
-  PyTorch/oneDNN 71 ms at 64x64 640->320; 114 vs 78 ms at 32x32 1280->640; with
-  `--xla_cpu_experimental_ynn_fusion_type=` XLA's Eigen conv matches PyTorch there, but the
-  attention matmuls then slow down, and a library should not set process-wide XLA flags), and
-  the 4096-token attention itself (~0.8x: its `[512, 40] x [40, 4096]` and
-  `[512, 4096] x [4096, 40]` matmuls run at ~35 GFLOP/s, and the max-subtracted exponentials
-  cost another third).
+- **XLA's Eigen conv instead of its YNNPACK conv** (issue 14): with YNNPACK, XLA:CPU ran
+  3x3 convs with hundreds of channels at 0.6-0.85x PyTorch/oneDNN on one core, split or
+  not. Its Eigen conv is faster there, and XLA hands a conv to YNNPACK only in forms
+  YNNPACK takes: `layers.Conv2d` (CPU backend, float32, at least 256 input and output
+  channels) computes a stride-1 conv with one output row more than its input has (dropped)
+  and a strided conv with a dilated input (taps s apart, windows s*s apart), both declined
+  by YNNPACK. Per conv (one core, CPU time, vs XLA's YNNPACK conv): 64x64 320 -> 320
+  1.16x as fast, 32x32 1280 -> 640 1.5x, 16x16 1280 -> 1280 2.1x, 8x8 3.7x; the im2col and
+  channel-split forms above now run only where this one does not (bf16, few channels).
+  A/B on this script (`--cpu 0`, load 1.3-1.8 on 2 cores, torch / meg-jax before -> after):
+  resnet64 0.92 -> 1.06, resnet64_960to320 0.85 -> 0.93, resnet32 0.78 -> 0.98,
+  resnet32_1920to640 0.79 -> 1.02, resnet8 1.74 -> 2.74, up32 0.83 -> 1.08, down64
+  0.73 -> 0.99, down32 1.03 -> 1.41, down16 2.10 -> 3.55. Tried and dropped: a 3x3 conv as 9
+  shifted matmuls over the flattened padded map, or as an im2col matmul chunked by rows of
+  taps (0.5-0.7x PyTorch at 64x64 and 32x32: XLA's matmul peaks at ~185 GFLOP/s on one
+  core, below oneDNN's direct conv at ~215, and the slice/concatenate copies run at a few
+  GB/s).
+- **The 4096-token attention** (heads 40 wide): the tiled form now takes `exp2(x log2 e)`
+  (XLA's own loop fusion, faster than YNNPACK's exp fused into the first matmul) and, for
+  value widths off AVX-512's 16 lanes, gets each row's sum of exponentials from a ones
+  column of the second matmul (values padded 40 -> 48) rather than a pass over the logits:
+  selfattn64 0.80 -> 0.84 (A/B, `--cpu 0 --repeats 7`, twice each). **Still behind** there:
+  the two matmuls alone take ~145 ms of meg-jax's ~225 ms against PyTorch's whole SDPA
+  ~190 ms (XLA's `[512, 40] x [40, 4096]` 1.1 ms, PyTorch 0.9; `[512, 4096] x [4096, 40]`
+  1.2 vs 1.0 ms); padding the head width to 48 or 64 made the first matmul slower, and a
+  row max from a subset of keys was slower. Generally XLA's float32 matmuls run at
+  ~0.85x PyTorch's on this CPU (4096x320x2560: 140 vs 163 GFLOP/s).
 - GroupNorm (1-3 ms), the time embedding and the cross-attention are not where the time goes.
 - Measuring: XLA:CPU runs its YNNPACK fusions on a thread pool of its own that
   `XLA_FLAGS="--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"` does not

@@ -254,23 +254,27 @@ def _count_tiled(monkeypatch, tile_bytes: int) -> list[int]:
 
 
 @pytest.mark.skipif(jax.default_backend() != "cpu", reason="the tiled path is the CPU backend's")
-def test_cpu_tiled_attention_matches_untiled_and_torch(monkeypatch):
+@pytest.mark.parametrize("dv", [6, 16])
+def test_cpu_tiled_attention_matches_untiled_and_torch(dv, monkeypatch):
+    """Value width 6: the row sums come out of the second matmul (a ones column, padded to 16);
+    16: a separate sum."""
     from meg_jax.backbone import layers
 
     k = jax.random.split(jax.random.PRNGKey(0), 3)
-    q, kk, v = (jax.random.normal(k[i], s) for i, s in enumerate([(2, 50, 32), (2, 70, 32), (2, 70, 24)]))
+    q, kk, v = (jax.random.normal(k[i], s) for i, s in enumerate([(2, 50, 32), (2, 70, 32), (2, 70, 4 * dv)]))
     ref = np.asarray(layers.multi_head_attention(q, kk, v, 4))  # 2*4*50*70 logits: untiled
     # 600 logits per block: 50 queries of 70 keys -> 6 blocks of 9 queries, 4 of them padding.
     calls = _count_tiled(monkeypatch, 4 * 600)
     out = np.asarray(layers.multi_head_attention(q, kk, v, 4))
     assert calls, "the tiled path did not run"
-    # Same float32 softmax per query row; only the matmul blocking and where the division by
-    # the row sum happens differ: rounding of O(1) values, ~1e-7.
+    # Same float32 softmax per query row; the matmul blocking, where the division by the row
+    # sum happens and exp(x) as exp2(x * log2 e) (argument rounding ~|x| 2^-24, x within ~-20
+    # where weights count: relative ~1e-6 on the weights) differ: rounding of O(1) values.
     np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-6)
     to_t = lambda a, d: torch.from_numpy(np.array(a)).reshape(2, -1, 4, d).transpose(1, 2)  # noqa: E731
     with torch.no_grad():
-        expect = torch.nn.functional.scaled_dot_product_attention(to_t(q, 8), to_t(kk, 8), to_t(v, 6))
-    np.testing.assert_allclose(out, expect.transpose(1, 2).reshape(2, 50, 24).numpy(), rtol=1e-5, atol=1e-6)
+        expect = torch.nn.functional.scaled_dot_product_attention(to_t(q, 8), to_t(kk, 8), to_t(v, dv))
+    np.testing.assert_allclose(out, expect.transpose(1, 2).reshape(2, 50, 4 * dv).numpy(), rtol=1e-5, atol=1e-6)
     out16 = layers.multi_head_attention(q.astype(jnp.bfloat16), kk.astype(jnp.bfloat16), v.astype(jnp.bfloat16), 4)
     assert out16.dtype == jnp.bfloat16
     # bf16 inputs and weights (8-bit mantissa, relative rounding 2^-9) on O(1) outputs.
@@ -287,12 +291,12 @@ def test_parity_with_diffusers_cpu_tiled_attention(monkeypatch):
     assert err < TOL, f"max abs error {err:.2e}"
 
 
-@pytest.mark.parametrize("mode", ["plain", "matmul_convs", "split_convs"])
+@pytest.mark.parametrize("mode", ["plain", "matmul_convs", "split_convs", "eigen_convs"])
 def test_parity_with_diffusers_conv_paths(mode, monkeypatch):
     """Each conv form: lax.conv throughout ("plain": no CPU rewrites) and, on the CPU backend,
-    every 3x3 conv as an im2col matmul, or as a sum of convs over input-channel chunks of 3
-    (ragged: 8 channels -> 3 + 3 + 2); these tiny maps have too few channels for either by
-    default."""
+    every 3x3 conv as an im2col matmul, as a sum of convs over input-channel chunks of 3
+    (ragged: 8 channels -> 3 + 3 + 2), or every stride-1 3x3 conv with one output row more
+    (the Eigen conv); these tiny maps have too few channels for any by default."""
     import contextlib
 
     from meg_jax.backbone import layers
@@ -304,8 +308,39 @@ def test_parity_with_diffusers_conv_paths(mode, monkeypatch):
     if mode == "split_convs":
         monkeypatch.setattr(layers, "CONV_SPLIT_ABOVE", 0)
         monkeypatch.setattr(layers, "CONV_SPLIT_CHANNELS", 3)
+    if mode == "eigen_convs":
+        monkeypatch.setattr(layers, "EIGEN_CONV_MIN_CHANNELS", 0)
     case = build_case("sd1x")
     with layers.plain_kernels() if mode == "plain" else contextlib.nullcontext():
         out = np.asarray(jax.jit(UNet(CONFIGS["sd1x"]).apply)(case["params"], **to_jax(case["inputs"])))
     err = np.abs(out - case["ref"]).max()
     assert err < TOL, f"max abs error {err:.2e}"
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="the Eigen-conv path is the CPU backend's")
+@pytest.mark.parametrize("stride", [1, 2])
+@pytest.mark.parametrize("padding", [1, "VALID", ((0, 2), (2, 1)), ((2, 2), (0, 1))])
+def test_cpu_eigen_conv_matches_lax_conv(padding, stride):
+    """At the default EIGEN_CONV_MIN_CHANNELS (256 in and out), a 3x3 float32 conv in its
+    Eigen form (stride 1: one extra output row, dropped; stride 2: dilated input) gives
+    lax.conv's outputs, for symmetric, VALID and asymmetric padding (the last, stride 1: 7
+    output rows from 5 already, no extra row), on odd and even map sizes."""
+    from meg_jax.backbone import layers
+
+    c = layers.EIGEN_CONV_MIN_CHANNELS
+    x = jax.random.normal(jax.random.PRNGKey(0), (2, 5, 6, c))
+    conv = layers.Conv2d(c, 3, stride=stride, padding=padding)
+    params = conv.init(jax.random.PRNGKey(1), x)
+    out = np.asarray(jax.jit(conv.apply)(params, x))
+    with layers.plain_kernels():
+        ref = np.asarray(jax.jit(conv.apply)(params, x))
+    pad = ((1, 1), (1, 1)) if padding == 1 else padding
+    expect = jax.lax.conv_general_dilated(x, params["params"]["kernel"], (stride, stride), pad,
+                                          dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    assert out.shape == ref.shape == expect.shape
+    # Sums of 9*256 products of N(0,1) inputs and U(+-1/48) weights (outputs ~N(0, 1/3)), in
+    # another order (Eigen's GEMM blocking vs YNNPACK's): float32 rounding ~sqrt(2304)*6e-8
+    # relative to the terms' magnitude, ~1e-6 here; 1e-5 leaves margin and still catches a
+    # shifted or dropped row (O(1) differences).
+    np.testing.assert_allclose(out, ref, atol=1e-5, rtol=0)
+    np.testing.assert_allclose(out, np.asarray(expect), atol=1e-5, rtol=0)
