@@ -344,3 +344,25 @@ def test_cpu_eigen_conv_matches_lax_conv(padding, stride):
     # shifted or dropped row (O(1) differences).
     np.testing.assert_allclose(out, ref, atol=1e-5, rtol=0)
     np.testing.assert_allclose(out, np.asarray(expect), atol=1e-5, rtol=0)
+
+
+def test_cpu_eigen_conv_form_is_still_declined_by_ynnpack():
+    """A canary for the speed of the Eigen form (not its values): it is fast only because
+    XLA:CPU's YNNPACK fusion declines it (jax 0.10: taller outputs, dilated inputs). If a
+    later XLA takes these forms, this fails, and ``layers.EIGEN_CONV_MIN_CHANNELS``'s rule
+    should be re-measured with ``python -m eval.bench_blocks``. The plain conv is checked to
+    be a YNNPACK fusion, so the test can tell which rule changed."""
+    if jax.default_backend() != "cpu":
+        pytest.skip("the Eigen form is a CPU-backend rewrite")
+    from meg_jax.backbone import layers
+
+    c = layers.EIGEN_CONV_MIN_CHANNELS
+    x = jax.ShapeDtypeStruct((1, 8, 8, c), jnp.float32)
+    for stride in (1, 2):
+        conv = layers.Conv2d(c, 3, stride=stride)
+        params = jax.eval_shape(conv.init, jax.random.PRNGKey(0), x)
+        fast = jax.jit(conv.apply).lower(params, x).compile().as_text()
+        with layers.plain_kernels():
+            plain = jax.jit(conv.apply).lower(params, x).compile().as_text()
+        assert "__ynn_fusion" in plain, f"stride {stride}: XLA no longer runs the plain conv in YNNPACK"
+        assert "__ynn_fusion" not in fast, f"stride {stride}: XLA now runs the Eigen form in YNNPACK too"
