@@ -136,8 +136,10 @@ def test_particle_evaluation_matches_the_critic_ensemble(layer_norm):
     for rows in (15, 1000):
         got = networks.critic_ensemble_particles(params, obs, actions, layer_norm, rows_per_chunk=rows)
         assert got.shape == (b, m, 4)
-        # float32, different summation order: each value sums ~20-term products of O(1)
-        # numbers through two layers; rounding ~ 20 eps |terms| ~ 1e-5 at most
+        # float32, different summation order (and the LayerNorm variances as expanded sums of
+        # squares, not E[x^2] - E[x]^2): each value sums ~20-term products of O(1) numbers
+        # through two layers; rounding ~ 20 eps |terms| ~ 1e-5 at most. Dropping any term of
+        # the expanded variances moves Q by > 0.05
         np.testing.assert_allclose(got, ref, rtol=1e-5, atol=2e-5)
 
 
