@@ -117,6 +117,35 @@ def test_gaussian_mstep_keeps_kl_within_limits():
     assert float(jnp.mean(net.apply(p, obs)[0] - mean_old)) > 0
 
 
+def test_gaussian_mstep_loss_equals_the_per_action_likelihoods():
+    # the loss is computed from per-state moments of the actions about mean_old; it must equal
+    # the weighted sum over the M actions of log N(a; mu, sigma_old) + log N(a; mu_old, sigma),
+    # value and gradient in (mu, sigma)
+    keys = jax.random.split(jax.random.PRNGKey(7), 6)
+    b, m, d = 32, 16, 2
+    mean_old = jax.random.normal(keys[0], (b, d))
+    std_old = 0.2 + jax.random.uniform(keys[1], (b, d))
+    mean = mean_old + 0.3 * jax.random.normal(keys[2], (b, d))
+    std = std_old * jnp.exp(0.2 * jax.random.normal(keys[3], (b, d)))
+    actions = mean_old[:, None] + std_old[:, None] * jax.random.normal(keys[4], (b, m, d))
+    # rows that do not sum to 1 (E-step weights do): the identity must not lean on it
+    weights = jax.nn.softmax(3.0 * jax.random.normal(keys[5], (b, m)), axis=-1) * jnp.linspace(0.5, 1.5, b)[:, None]
+
+    def direct(mu, sigma):
+        logp_mu = networks.gaussian_log_prob(actions, mu[:, None], std_old[:, None])
+        logp_sigma = networks.gaussian_log_prob(actions, mean_old[:, None], sigma[:, None])
+        return -jnp.mean(jnp.sum(weights * (logp_mu + logp_sigma), axis=-1))
+
+    def moments(mu, sigma):
+        return cvpo.gaussian_mstep_loss(mu, sigma, mean_old, std_old, actions, weights, 0.0, 0.0)[1]["nll"]
+
+    # float32: sums of 16 weighted O(1..10) terms in another order (and a square expanded about
+    # mean_old): rounding ~ 16 eps x 10 relative ~ 2e-5; the gradients are O(0.01..1)
+    np.testing.assert_allclose(moments(mean, std), direct(mean, std), rtol=2e-5)
+    for g, r in zip(jax.grad(moments, (0, 1))(mean, std), jax.grad(direct, (0, 1))(mean, std)):
+        np.testing.assert_allclose(g, r, rtol=1e-4, atol=1e-6)
+
+
 @pytest.mark.parametrize("layer_norm", [True, False])
 def test_particle_evaluation_matches_the_critic_ensemble(layer_norm):
     # critic_ensemble_particles is CriticEnsemble.apply at every (state, action) pair,
@@ -136,8 +165,10 @@ def test_particle_evaluation_matches_the_critic_ensemble(layer_norm):
     for rows in (15, 1000):
         got = networks.critic_ensemble_particles(params, obs, actions, layer_norm, rows_per_chunk=rows)
         assert got.shape == (b, m, 4)
-        # float32, different summation order: each value sums ~20-term products of O(1)
-        # numbers through two layers; rounding ~ 20 eps |terms| ~ 1e-5 at most
+        # float32, different summation order (and the LayerNorm variances as expanded sums of
+        # squares, not E[x^2] - E[x]^2): each value sums ~20-term products of O(1) numbers
+        # through two layers; rounding ~ 20 eps |terms| ~ 1e-5 at most. Dropping any term of
+        # the expanded variances moves Q by > 0.05
         np.testing.assert_allclose(got, ref, rtol=1e-5, atol=2e-5)
 
 

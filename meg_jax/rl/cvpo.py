@@ -522,17 +522,26 @@ def make_cvpo(
 
     def update(state: CVPOState, key: jax.Array):
         k_sample, k_particles = jax.random.split(key)
-        batch = constrain(replay_sample_nstep(state.replay, k_sample, config.batch_size, config.n_step, config.gamma))
+        # the named scopes only label the profile's ops by phase (eval/bench_cvpo.py)
+        with jax.named_scope("sample"):
+            batch = constrain(replay_sample_nstep(state.replay, k_sample, config.batch_size, config.n_step, config.gamma))
         # one evaluation of pi_old's actions at the next states serves the TD target and the
         # E-step (both score pi_old's actions with the target critics, which the critic step
         # below does not change); the E- and M-steps therefore fit the policy on the next states
-        particles, q_next = next_state_particles(state, batch.next_obs, k_particles)
-        state, c_metrics = critic_update(state, batch, next_values(particles, q_next))
-        candidates, weights, sol, cost_baseline, e_metrics = estep(state, particles, q_next)
-        state, a_metrics = mstep(state, batch.next_obs, candidates, weights)
+        with jax.named_scope("particles"):
+            particles, q_next = next_state_particles(state, batch.next_obs, k_particles)
+        with jax.named_scope("critic_td"):
+            state, c_metrics = critic_update(state, batch, next_values(particles, q_next))
+        with jax.named_scope("estep"):
+            candidates, weights, sol, cost_baseline, e_metrics = estep(state, particles, q_next)
+        with jax.named_scope("mstep"):
+            state, a_metrics = mstep(state, batch.next_obs, candidates, weights)
+        with jax.named_scope("polyak"):
+            target_critic = polyak(state.target_critic, state.critic, config.tau)
+            target_actor = polyak(state.target_actor, state.actor, config.tau)
         state = state.replace(
-            target_critic=polyak(state.target_critic, state.critic, config.tau),
-            target_actor=polyak(state.target_actor, state.actor, config.tau),
+            target_critic=target_critic,
+            target_actor=target_actor,
             eta=sol.eta,
             lam=sol.lam,
             cost_baseline=cost_baseline,

@@ -76,10 +76,25 @@ def gaussian_mstep_loss(
 
     Returns:
       loss and {"nll", "kl_mean", "kl_std"}; kl_* are mean_s C_mu, C_Sigma.
+
+    The weighted log-likelihoods are computed from per-state moments of the actions about
+    mean_old (constants of the fit, which differentiates through mean and std only), expanding
+    sum_k w_k (a_k - mu)^2 = D2 - 2 (mu - mu_old) D1 + W (mu - mu_old)^2 with
+    W = sum_k w_k, D1 = sum_k w_k (a_k - mu_old), D2 = sum_k w_k (a_k - mu_old)^2: the same
+    loss as summing log N(a_k; mu, sigma_old) over the M actions (up to float32 rounding),
+    but the fitted policy's value and gradient only touch [B, d] arrays, not [B, M, d] ones.
     """
-    logp_mu = networks.gaussian_log_prob(actions, mean[:, None], std_old[:, None])
-    logp_sigma = networks.gaussian_log_prob(actions, mean_old[:, None], std[:, None])
-    nll = -jnp.mean(jnp.sum(weights * (logp_mu + logp_sigma), axis=-1))
+    total = jnp.sum(weights, axis=-1)[:, None]  # [B, 1] W (1 for a softmax row)
+    dev = actions - mean_old[:, None]  # [B, M, d]
+    d1 = jnp.einsum("bk,bkd->bd", weights, dev)  # [B, d]
+    d2 = jnp.einsum("bk,bkd->bd", weights, dev * dev)  # [B, d]
+    shift = mean - mean_old  # [B, d]
+    log_norm = 0.5 * jnp.log(2.0 * jnp.pi)
+    # sum_k w_k log N(a_k; mu, sigma_old) and sum_k w_k log N(a_k; mu_old, sigma), per state
+    logp_mu = jnp.sum(-0.5 * (d2 - 2.0 * shift * d1 + total * shift * shift) / (std_old * std_old)
+                      - total * (jnp.log(std_old) + log_norm), axis=-1)
+    logp_sigma = jnp.sum(-0.5 * d2 / (std * std) - total * (jnp.log(std) + log_norm), axis=-1)
+    nll = -jnp.mean(logp_mu + logp_sigma)
     kl_mean = jnp.mean(networks.gaussian_kl_mean(mean_old, mean, std_old))
     kl_std = jnp.mean(networks.gaussian_kl_std(std_old, std))
     loss = nll + jax.lax.stop_gradient(alpha_mu) * kl_mean + jax.lax.stop_gradient(alpha_sigma) * kl_std

@@ -147,11 +147,7 @@ class ValueEnsemble(nn.Module):
         return heads(obs)[..., 0, :]
 
 
-def _layer_norm(x: jax.Array, scale: jax.Array, bias: jax.Array, eps: float = 1e-6) -> jax.Array:
-    """flax ``nn.LayerNorm()`` over the last axis (its fast variance E[x^2] - E[x]^2)."""
-    mean = jnp.mean(x, axis=-1, keepdims=True)
-    var = jnp.maximum(jnp.mean(x * x, axis=-1, keepdims=True) - mean * mean, 0.0)
-    return (x - mean) * (jax.lax.rsqrt(var + eps) * scale) + bias
+_LN_EPS = 1e-6  # flax nn.LayerNorm's default epsilon
 
 
 def critic_ensemble_particles(
@@ -166,6 +162,20 @@ def critic_ensemble_particles(
     a time (``lax.map``; the number of states per chunk is the largest divisor of B not above
     ``rows_per_chunk / M``) so that each chunk's activations ([heads, chunk x M, width]) stay in cache
     instead of streaming [heads, B x M, width] tensors through memory between the layers.
+
+    With LayerNorm, every Dense that feeds one has its kernel and bias centred over the
+    output features (``W - mean_out W``, ``b - mean(b)``, once per call): its outputs are then
+    ``x - mean(x)`` exactly (LayerNorm's centring is linear), so each LayerNorm needs only the
+    mean square of its (centred) input, and that statistic is computed without a pass over an
+    activation of its own: for the first layer from per-state pieces,
+    ``|h_o + a W|^2 = |h_o|^2 + 2 a . (W h_o) + a^T (W W^T) a`` (h_o the state's share, a the
+    action); for a hidden layer ``|y + b|^2 = |y|^2 + 2 y . b + |b|^2`` on the GEMM's output y,
+    so ``y + b`` is never written out (the LayerNorm-and-ReLU pass adds b itself). Per chunk
+    that leaves the GEMMs, one LayerNorm-and-ReLU pass per layer and two reductions, where the
+    module's order of operations took nine elementwise passes. Same maths as the module; the
+    variance is a sum of squares expanded as above instead of flax's E[x^2] - E[x]^2 (equal in
+    exact arithmetic, both lose relative precision only when the variance is small against
+    the squared terms).
 
     Args:
       params: ``CriticEnsemble`` parameters ({"params": {"VmapMLP_0": {"Dense_i", "LayerNorm_i"}}},
@@ -182,29 +192,51 @@ def critic_ensemble_particles(
     p = params["params"]["VmapMLP_0"]
     num_dense = sum(1 for name in p if name.startswith("Dense_"))
     obs_dim = obs.shape[-1]
-    w0 = p["Dense_0"]["kernel"]  # [H, obs_dim + action_dim, width]
+    kernels = [p[f"Dense_{i}"]["kernel"] for i in range(num_dense)]  # [H, in, out]
+    biases = [p[f"Dense_{i}"]["bias"] for i in range(num_dense)]  # [H, out]
+    if layer_norm:  # centred hidden Dense layers: their outputs are x - mean(x) (see above)
+        for i in range(num_dense - 1):
+            kernels[i] = kernels[i] - jnp.mean(kernels[i], axis=-1, keepdims=True)
+            biases[i] = biases[i] - jnp.mean(biases[i], axis=-1, keepdims=True)
+    w0 = kernels[0]  # [H, obs_dim + action_dim, width]
+    width = w0.shape[-1]
     # the state's share of the first layer, once per state: [B, H, width]
-    h_obs = jnp.einsum("bi,hiw->bhw", obs, w0[:, :obs_dim]) + p["Dense_0"]["bias"]
+    h_obs = jnp.einsum("bi,hiw->bhw", obs, w0[:, :obs_dim]) + biases[0]
     w0_act = w0[:, obs_dim:]  # [H, action_dim, width]
+    gram = jnp.einsum("hjw,hkw->hjk", w0_act, w0_act)  # [H, da, da] W W^T of the action's share
+
+    def layer_norm_relu(x: jax.Array, i: int, sum_sq: jax.Array) -> jax.Array:
+        # LayerNorm_i of a centred x (mean 0 over the features) with sum_w x^2 given, then the ReLU
+        ln = p[f"LayerNorm_{i}"]
+        # (clipped at 0 as flax clips its variance: the expanded sums may round below it)
+        inv_std = jax.lax.rsqrt(jnp.maximum(sum_sq[..., None], 0.0) / width + _LN_EPS)
+        return nn.relu(x * (inv_std * ln["scale"][:, None]) + ln["bias"][:, None])
 
     def chunk(args: tuple[jax.Array, jax.Array]) -> jax.Array:
         h_o, a = args  # [c, H, w], [c, M, da]
         c, m = a.shape[0], a.shape[1]
-        # the action's share as broadcast multiply-adds (action_dim is tiny): fuses with the add
-        # and the LayerNorm statistics instead of running as a separate small-K matmul
+        # the action's share as broadcast multiply-adds (action_dim is tiny): fuses with the
+        # LayerNorm instead of running as a separate small-K matmul
         h = jnp.swapaxes(h_o, 0, 1)[:, :, None]  # [H, c, 1, w]
         for j in range(a.shape[-1]):
             h = h + a[None, :, :, j, None] * w0_act[:, None, None, j, :]  # [H, c, M, w]
         h = h.reshape(h.shape[0], c * m, h.shape[-1])
-        for i in range(num_dense - 1):
-            if i > 0:
-                h = jnp.einsum("hrw,hwv->hrv", h, p[f"Dense_{i}"]["kernel"]) + p[f"Dense_{i}"]["bias"][:, None]
-            if layer_norm:
-                ln = p[f"LayerNorm_{i}"]
-                h = _layer_norm(h, ln["scale"][:, None], ln["bias"][:, None])
+        if layer_norm:  # |h_o + a W|^2 from per-state pieces: [c, M, H] -> [H, c M]
+            sum_sq = (jnp.sum(h_o * h_o, axis=-1)[:, None]
+                      + 2.0 * jnp.einsum("cmj,chj->cmh", a, jnp.einsum("chw,hjw->chj", h_o, w0_act))
+                      + jnp.einsum("cmj,hjk,cmk->cmh", a, gram, a))
+            h = layer_norm_relu(h, 0, jnp.transpose(sum_sq, (2, 0, 1)).reshape(h.shape[:2]))
+        else:
             h = nn.relu(h)
-        last = p[f"Dense_{num_dense - 1}"]
-        q = jnp.einsum("hrw,hw->hr", h, last["kernel"][..., 0]) + last["bias"]  # [H, c M]
+        for i in range(1, num_dense - 1):
+            y = jnp.einsum("hrw,hwv->hrv", h, kernels[i])
+            if layer_norm:  # |y + b|^2 = |y|^2 + 2 y . b + |b|^2: y + b is not written out
+                sum_sq = (jnp.sum(y * y, axis=-1) + 2.0 * jnp.einsum("hrw,hw->hr", y, biases[i])
+                          + jnp.sum(biases[i] * biases[i], axis=-1)[:, None])
+                h = layer_norm_relu(y + biases[i][:, None], i, sum_sq)
+            else:
+                h = nn.relu(y + biases[i][:, None])
+        q = jnp.einsum("hrw,hw->hr", h, kernels[-1][..., 0]) + biases[-1]  # [H, c M]
         return jnp.transpose(q.reshape(q.shape[0], c, m), (1, 2, 0))  # [c, M, H]
 
     b = obs.shape[0]
@@ -212,7 +244,7 @@ def critic_ensemble_particles(
         return chunk((h_obs, actions))
     per_chunk = max(1, min(rows_per_chunk // actions.shape[1], b))
     c = max(d for d in range(1, per_chunk + 1) if b % d == 0)  # states per chunk, chunks of equal size
-    q = jax.lax.map(chunk, (h_obs.reshape((b // c, c) + h_obs.shape[1:]), actions.reshape((b // c, c) + actions.shape[1:])))
+    q = jax.lax.map(chunk, jax.tree.map(lambda x: x.reshape((b // c, c) + x.shape[1:]), (h_obs, actions)))
     return q.reshape((b,) + q.shape[2:])
 
 
