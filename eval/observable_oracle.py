@@ -133,8 +133,7 @@ def equal_cost_oracle(spec: EnvSpec, costs_by_seed: Mapping[int, Sequence[Sequen
     (up to the oracle's temperature, tau log A, and the evaluation's sampling noise).
 
     Args:
-      spec: the environment the policies were evaluated on (a run's ``config.env``;
-        ``artifact="synthetic"`` is the made-up artifact, as ``train.cvpo`` reads it).
+      spec: the environment the policies were evaluated on (a run's ``config.env``).
       costs_by_seed: seed -> list of mean episode-average cost vectors [m] (s, J), one per policy.
       episodes: evaluation episodes per seed (``train.cvpo``'s, key ``fold_in(PRNGKey(seed), 10**6)``,
         as ``meg_jax.rl.baselines.evaluate_all`` draws them).
@@ -144,12 +143,7 @@ def equal_cost_oracle(spec: EnvSpec, costs_by_seed: Mapping[int, Sequence[Sequen
     """
     from meg_jax.rl.baselines import request_tables
 
-    artifact = None
-    if spec.artifact == "synthetic":
-        from meg_jax.meg.artifact import synthetic_artifact
-
-        artifact = synthetic_artifact()
-    env = make_env(spec, num_envs=episodes, discrete=True, artifact=artifact)
+    env = make_env(spec, num_envs=episodes, discrete=True)
     out: dict[int, list[float]] = {}
     for seed, cost_list in costs_by_seed.items():
         q, c = request_tables(env, _eval_key(seed))  # the exact per-request tables the agents were scored on

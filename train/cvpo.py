@@ -99,19 +99,12 @@ def parse_args(argv: Sequence[str]) -> tuple[Args, RunConfig]:
 
 # ----------------------------------------------------------------------------- helpers
 def _make_envs(config: RunConfig):
-    """(training env, its discreteness, artifact object or None)."""
+    """(training env, its discreteness); ``--env.artifact synthetic`` is resolved by ``make_env``."""
+    from meg_jax.rl.agents import is_discrete
     from meg_jax.rl.evaluate import make_env
 
-    artifact = None
-    if config.env.artifact == "synthetic":
-        from meg_jax.meg.artifact import synthetic_artifact
-
-        artifact = synthetic_artifact()
-    from meg_jax.rl.agents import is_discrete
-
     discrete = is_discrete(config)
-    env = make_env(config.env, discrete=discrete, artifact=artifact)
-    return env, discrete, artifact
+    return make_env(config.env, discrete=discrete), discrete
 
 
 def _local(tree: Any) -> Any:
@@ -287,7 +280,7 @@ def run(
     from meg_jax.parallel import check_batch_size
     from meg_jax.rl.sharding import jit_sharded, make_mesh
 
-    env, discrete, artifact = _make_envs(config)  # refuses unknown presets / infeasible limits
+    env, discrete = _make_envs(config)  # refuses unknown presets / infeasible limits
     limits = np.asarray(env.params.limits, np.float64)
     is_main = jax.process_index() == 0
     os.makedirs(workdir, exist_ok=True)
@@ -298,7 +291,7 @@ def run(
     evaluate = evaluate and config.eval.num_episodes > 0
 
     if config.algo in baselines.BASELINES:
-        evaluation = _evaluate(config, None, None, artifact) if evaluate else None
+        evaluation = _evaluate(config, None, None) if evaluate else None
         if evaluate and is_main:
             _write_json(os.path.join(workdir, eval_filename(config)), evaluation)
         return TrainResult(config, None, 0, evaluation)
@@ -390,7 +383,7 @@ def run(
         evals = []
         for i, seed in enumerate(seeds):
             params = jax.tree.map(lambda x, i=i: x[i], actors) if vmapped else actors
-            ev = _evaluate(dataclasses.replace(config, seed=seed, num_seeds=1), agent, params, artifact)
+            ev = _evaluate(dataclasses.replace(config, seed=seed, num_seeds=1), agent, params)
             evals.append(ev)
             if is_main:
                 _write_json(os.path.join(seed_dirs[i], eval_filename(config)), ev)
@@ -426,11 +419,11 @@ def _combine(evals: list[dict], seeds: list[int]) -> dict:
     }
 
 
-def _evaluate(config: RunConfig, agent: Any, actor_params: Any, artifact: Any) -> dict:
+def _evaluate(config: RunConfig, agent: Any, actor_params: Any) -> dict:
     """The policy (if any) and every baseline on the same fresh episodes."""
     from meg_jax.rl import baselines
 
-    return baselines.evaluate_all(config, agent, actor_params, artifact)
+    return baselines.evaluate_all(config, agent, actor_params)
 
 
 def _write_json(path: str, obj: Any) -> None:

@@ -219,12 +219,12 @@ def reachable_thresholds(
     Returns:
       (thresholds c' [m], least-cost weights q* [B, M], their costs c* [m]).
     """
-    prior_costs = jnp.mean(jnp.einsum("bk,bkj->bj", jnp.exp(log_prior), q_costs), axis=0)
+    prior = jnp.exp(log_prior)
+    prior_costs = jnp.mean(jnp.einsum("bk,bkj->bj", prior, q_costs), axis=0)
     which = (thresholds < prior_costs).astype(q_costs.dtype)
     # warm start: a small tilt p exp(-c / eta) has KL ~ Var_p(c) / (2 eta^2), so KL = eps at
     # eta ~ sqrt(mean_s Var_p(c | s) / (2 eps)) (c = which . Q_c)
     cost = jnp.einsum("bkj,j->bk", q_costs, which)
-    prior = jnp.exp(log_prior)
     mean = jnp.sum(prior * cost, axis=-1, keepdims=True)
     var = jnp.mean(jnp.sum(prior * (cost - mean) ** 2, axis=-1))
     init_eta = jnp.sqrt(var / (2.0 * epsilon)) + 1e-6

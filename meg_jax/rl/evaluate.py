@@ -140,13 +140,19 @@ def make_env(spec: EnvSpec, num_envs: Optional[int] = None, discrete: bool = Fal
       spec: preset, episode length, artifact and limits.
       num_envs: overrides ``spec.num_envs`` (evaluation uses one slot per episode).
       discrete: the discrete K x r action head.
-      artifact: a ``CalibrationArtifact`` object that takes precedence over ``spec.artifact``.
+      artifact: a ``CalibrationArtifact`` object that takes precedence over ``spec.artifact``;
+        without one, ``spec.artifact == "synthetic"`` is ``meg_jax.meg.artifact.synthetic_artifact()``
+        (deterministic: every caller gets the same tables).
 
     Raises:
       ValueError: unknown preset, or limits that no policy can meet (the reason is named).
     """
     import meg_jax.env as menv
 
+    if artifact is None and spec.artifact == "synthetic":
+        from meg_jax.meg.artifact import synthetic_artifact
+
+        artifact = synthetic_artifact()
     overrides = {}
     if spec.limits is not None:
         overrides["limits"] = tuple(float(x) for x in spec.limits)
