@@ -141,8 +141,10 @@ def _on_cpu() -> bool:
     return _cpu_rewrites[-1] and jax.default_backend() == "cpu"
 
 
-def _conv(x: jax.Array, kernel: jax.Array, stride: int, pad: Any) -> jax.Array:
-    return jax.lax.conv_general_dilated(x, kernel, (stride, stride), pad, dimension_numbers=("NHWC", "HWIO", "NHWC"))
+def _conv(x: jax.Array, kernel: jax.Array, stride: int, pad: Any, dilation: int = 1) -> jax.Array:
+    """NHWC x HWIO conv; ``dilation`` dilates both the input and the kernel by that factor."""
+    return jax.lax.conv_general_dilated(x, kernel, (stride, stride), pad, lhs_dilation=(dilation, dilation),
+                                        rhs_dilation=(dilation, dilation), dimension_numbers=("NHWC", "HWIO", "NHWC"))
 
 
 class _Conv2d(nn.Module):
@@ -207,9 +209,7 @@ class _Conv2d(nn.Module):
                 extra = max(h + 1 - ho, 0)  # output rows then h + 1 > h: YNNPACK declines, Eigen runs it
                 y = _conv(x, kernel, s, ((pad[0][0], pad[0][1] + extra), pad[1]))[:, :ho]
             else:  # input dilated by s (YNNPACK declines), taps s apart, windows s*s apart: the same taps
-                y = jax.lax.conv_general_dilated(
-                    x, kernel, (s * s, s * s), [(s * lo, s * hi) for lo, hi in pad], lhs_dilation=(s, s),
-                    rhs_dilation=(s, s), dimension_numbers=("NHWC", "HWIO", "NHWC"))
+                y = _conv(x, kernel, s * s, [(s * lo, s * hi) for lo, hi in pad], dilation=s)
         elif _on_cpu() and b * ho * wo <= MATMUL_CONV_MAX_PIXELS and c >= MATMUL_CONV_MIN_CHANNELS:
             xp = jnp.pad(x, ((0, 0), pad[0], pad[1], (0, 0)))
             patches = [
