@@ -39,6 +39,10 @@ per-round ratios. FLOPs per update come from XLA's cost analysis of the update a
 backtracking's while loops count one iteration each), the peak from the best f32 matmul
 (jnp.dot, square, several sizes) measured in the same process, so the fraction of peak is a
 same-run ratio. A profile of the jitted update (top XLA ops) says where the time goes.
+A last table bounds the ratio a faster jax update could reach in this run: the update's FLOPs at
+100 % of the measured peak against PyTorch's measured rate, and the jax fraction of peak a 4x
+ratio would need; PyTorch's own GEMM FLOPs per update (``torch.utils.flop_counter``) over its
+rate give its fraction of its own one-thread ``torch.mm`` peak.
 """
 
 from __future__ import annotations
@@ -248,6 +252,34 @@ def torch_update(batch: int, target_samples: int, obs_dim: int = 13, act_dim: in
     return update
 
 
+def torch_update_flops(batch: int, target_samples: int) -> float:
+    """Matmul FLOPs of one FSRL-style update (forward and backward), counted by PyTorch's
+    ``FlopCounterMode`` (it counts the GEMMs only: the elementwise work is not in it)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    update = torch_update(batch, target_samples)
+    counter = FlopCounterMode(display=False)
+    with counter:
+        update()
+    return float(counter.get_total_flops())
+
+
+def torch_matmul_peak(sizes: tuple[int, ...] = (512, 1024, 2048), reps: int = 5) -> float:
+    """Best f32 GFLOP/s of a square ``torch.mm`` on one thread (PyTorch's own peak, this process)."""
+    import torch
+
+    torch.set_num_threads(1)
+    best = 0.0
+    for n in sizes:
+        a, b = torch.randn(n, n), torch.randn(n, n)
+        torch.mm(a, b)
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            torch.mm(a, b)
+            best = max(best, 2 * n**3 / (time.perf_counter() - t0) / 1e9)
+    return best
+
+
 # ------------------------------------------------------------------------------ the run
 def _timed(fn: Callable[[], Any], n: int) -> float:
     t0 = time.perf_counter()
@@ -276,6 +308,7 @@ def bench_batch(batch: int, rounds: int, artifact: Any, profile: bool) -> dict[s
         "ratio_torch1": statistics.median(j / t for j, t in zip(rates["jax"], rates["torch1"])),
         "flops": jx["flops"], "particle_flops": jx["particle_flops"], "compile_s": jx["compile_s"],
         "dual_iterations": jx["dual_iterations"], "profile": [],
+        "torch_flops": torch_update_flops(batch, M),
     }
     if profile:
         from eval.bench_backbone import _xla_profile
@@ -311,8 +344,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     artifact = synthetic_artifact()
     load0 = os.getloadavg()
     peak = matmul_peak()
+    torch_peak = torch_matmul_peak()
     results = [bench_batch(b, rounds, artifact, profile=True) for b in args.batches]
     peak = max(peak, matmul_peak())  # measured again after the rows; the better of the two
+    torch_peak = max(torch_peak, torch_matmul_peak())
     load1 = os.getloadavg()
 
     print(f"| row | B | M | nets | updates/s (median of {rounds} rounds) | jax / this row (median per-round ratio) |")
@@ -330,6 +365,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         p_achieved = r["particle_flops"] * r["median"]["particles"] / 1e9
         print(f"| {r['batch']} | {r['flops'] / 1e9:.3f} | {achieved:.1f} | {achieved / peak:.1%} | "
               f"{r['particle_flops'] / 1e9:.3f} | {p_achieved:.1f} | {p_achieved / peak:.1%} | {r['dual_iterations']:.1f} | {r['compile_s']:.0f} |")
+    print(f"\nWhat bounds the ratio: meg-jax at 100 % of the jax peak against PyTorch as measured "
+          f"(torch.mm peak, 1 thread: {torch_peak:.1f} GFLOP/s; torch FLOPs are its GEMMs, FlopCounterMode)\n")
+    print("| B | jax GFLOP / update | jax updates/s at 100 % of peak | largest jax / torch possible | "
+          "jax fraction of peak a 4x ratio needs | torch GEMM GFLOP / update | torch GEMM GFLOP/s | its fraction of torch.mm peak |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for r in results:
+        bound = peak * 1e9 / r["flops"]
+        t_rate = r["median"]["torch"]
+        t_achieved = r["torch_flops"] * t_rate / 1e9
+        print(f"| {r['batch']} | {r['flops'] / 1e9:.3f} | {bound:.2f} | {bound / t_rate:.2f}x | "
+              f"{4 * t_rate * r['flops'] / 1e9 / peak:.1%} | {r['torch_flops'] / 1e9:.3f} | {t_achieved:.1f} | {t_achieved / torch_peak:.1%} |")
     for r in results:
         if r["profile"]:
             print(f"\nXLA profile of the update, B = {r['batch']} (ms per update, share of the op time, source op)\n")

@@ -2,6 +2,7 @@
 
     python -m eval.compare --preset tiny --seeds 5 --out runs/compare-tiny
     python -m eval.compare --preset tiny --seeds 5 --offpolicy_env_steps 32768 --onpolicy_env_steps 131072
+    python -m eval.compare --preset paper --agents cvpo --gamma 0.97 --set cvpo.n_step=2   # the authors' settings
 
 Each agent of ``--agents`` (default: MEG-CVPO, PPO-Lagrangian, PID-Lagrangian PPO,
 DDPG-Lagrangian, SAC-Lagrangian) is trained by the training job itself
@@ -66,6 +67,10 @@ class Args:
     episodes: int = 1024  # evaluation episodes per seed
     cvpo_discrete: bool = True  # MEG-CVPO with its categorical head (docs/results.md's headline)
     hidden: tuple[int, ...] = (64, 64)  # hidden widths of every agent's networks
+    gamma: Optional[float] = None  # discount of every agent; None = each agent's default (0.5)
+    # further settings of the agents' RunConfig, as SECTION.FIELD=VALUE (scalars), applied to the
+    # agents that have that section, e.g. --set cvpo.n_step=2 cvpo.critic_lr=3e-4
+    set: tuple[str, ...] = ()
     artifact: Optional[str] = None  # calibration artifact; None = the preset's, "synthetic" for tests
     episode_length: Optional[int] = None  # requests per episode; None = the preset's
     observable: bool = True  # also score the observable-information ceiling (eval.observable_oracle)
@@ -82,22 +87,57 @@ def agent_run_config(args: Args, algo: str) -> Any:
     if algo not in agents.LEARNED:
         raise ValueError(f"--agents: {algo!r} is not a learned agent; choose from {list(agents.LEARNED)}")
     base = RunConfig()
+    gamma = {} if args.gamma is None else {"gamma": args.gamma}
     config = dataclasses.replace(
         base, algo=algo, seed=0, num_seeds=args.seeds,
         env=EnvSpec(preset=args.preset, num_envs=args.num_envs, artifact=args.artifact,
                     episode_length=args.episode_length),
         eval=EvalConfig(num_episodes=args.episodes),
         cvpo=dataclasses.replace(base.cvpo, discrete=args.cvpo_discrete, actor_hidden=args.hidden,
-                                 critic_hidden=args.hidden),
-        ppo=dataclasses.replace(base.ppo, hidden=args.hidden),
-        ddpg=dataclasses.replace(base.ddpg, hidden=args.hidden),
-        sac=dataclasses.replace(base.sac, hidden=args.hidden),
+                                 critic_hidden=args.hidden, **gamma),
+        ppo=dataclasses.replace(base.ppo, hidden=args.hidden, **gamma),
+        ddpg=dataclasses.replace(base.ddpg, hidden=args.hidden, **gamma),
+        sac=dataclasses.replace(base.sac, hidden=args.hidden, **gamma),
         total_env_steps=args.onpolicy_env_steps if algo in ON_POLICY else args.offpolicy_env_steps,
     )
+    config = apply_overrides(config, args.set)
     per_block = agents.env_steps_per_block(config)
     blocks = max(1, -(-config.total_env_steps // per_block))
     blocks_per_log = max(1, -(-blocks // max(1, args.log_iterations)))
     return dataclasses.replace(config, blocks_per_log=blocks_per_log, checkpoint_every_logs=1)
+
+
+def apply_overrides(config: Any, overrides: Sequence[str]) -> Any:
+    """``config`` with each ``SECTION.FIELD=VALUE`` of ``--set`` applied (bool, int, float or str
+    fields, parsed as the field's current type); a bad entry raises ValueError naming it."""
+    for item in overrides:
+        path, eq, text = item.partition("=")
+        names = path.split(".")
+        if not eq or len(names) != 2 or not all(names):
+            raise ValueError(f"--set {item!r}: expected SECTION.FIELD=VALUE, e.g. cvpo.n_step=2")
+        section, field = names
+        if section not in {f.name for f in dataclasses.fields(config)} or not dataclasses.is_dataclass(getattr(config, section)):
+            raise ValueError(f"--set {item!r}: {section!r} is not a section of the run config")
+        sub = getattr(config, section)
+        if field not in {f.name for f in dataclasses.fields(sub)}:
+            raise ValueError(f"--set {item!r}: {section} has no field {field!r}")
+        current = getattr(sub, field)
+        try:
+            if isinstance(current, bool):
+                if text.lower() not in ("true", "false", "1", "0"):
+                    raise ValueError(text)
+                value: Any = text.lower() in ("true", "1")
+            elif isinstance(current, (int, float, str)):
+                value = type(current)(text)
+            else:
+                raise TypeError
+        except ValueError:
+            raise ValueError(f"--set {item!r}: {text!r} is not a {type(current).__name__}") from None
+        except TypeError:
+            raise ValueError(f"--set {item!r}: {section}.{field} is a {type(current).__name__}; "
+                             "only bool, int, float and str fields can be set here") from None
+        config = dataclasses.replace(config, **{section: dataclasses.replace(sub, **{field: value})})
+    return config
 
 
 def _train(config: Any, workdir: str) -> tuple[Any, float]:

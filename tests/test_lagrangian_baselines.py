@@ -219,3 +219,20 @@ def test_compare_rows_and_table():
     assert "| SAC-Lagrangian | 0.5900 | 1.0300 | 0.9500 | 1/2 | 45.0% | 55.0% | 35.0% | 1,024 | 4 | 50 |" in table
     with pytest.raises(ValueError, match="not a learned agent"):
         compare.agent_run_config(compare.Args(), "oracle")
+
+
+def test_compare_gamma_and_set_reach_the_agents_and_bad_entries_name_themselves():
+    from eval import compare
+
+    args = compare.Args(preset="paper", gamma=0.97, set=("cvpo.n_step=2", "cvpo.critic_lr=3e-4", "cvpo.discrete=false"))
+    cvpo_cfg = compare.agent_run_config(args, "cvpo")
+    assert (cvpo_cfg.cvpo.n_step, cvpo_cfg.cvpo.critic_lr, cvpo_cfg.cvpo.discrete) == (2, 3e-4, False)
+    ppo_cfg = compare.agent_run_config(args, "ppo_lag")
+    assert cvpo_cfg.cvpo.gamma == ppo_cfg.ppo.gamma == ppo_cfg.ddpg.gamma == ppo_cfg.sac.gamma == 0.97
+    assert compare.agent_run_config(compare.Args(), "cvpo").cvpo.gamma == 0.5  # None keeps the default
+    for bad, msg in [("cvpo.nstep=2", "no field 'nstep'"), ("cvpo.n_step=two", "'two' is not a int"),
+                     ("nets.n_step=1", "'nets' is not a section"), ("cvpo.actor_hidden=3", "only bool, int"),
+                     ("n_step=2", "SECTION.FIELD=VALUE"), ("cvpo.discrete=maybe", "not a bool")]:
+        with pytest.raises(ValueError, match=bad.split("=")[0].replace(".", r"\.")) as e:
+            compare.agent_run_config(compare.Args(set=(bad,)), "cvpo")
+        assert msg in str(e.value)
