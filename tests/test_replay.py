@@ -13,6 +13,7 @@ from meg_jax.rl.replay import (
     nstep_transition,
     replay_add,
     replay_init,
+    replay_mean_reward,
     replay_sample,
     replay_sample_nstep,
 )
@@ -61,6 +62,15 @@ def test_nstep_transition_hand_case_across_the_wrap():
     y_r, y_c = critic_targets(tr.reward, tr.costs, tr.discount, jnp.full((4, 4), 8.0), GAMMA**3)
     np.testing.assert_array_equal(np.asarray(y_r), [182.25, 184.0, 5.0, 4.0])
     np.testing.assert_array_equal(np.asarray(y_c)[0], [13.5, -5.25])
+
+
+def test_mean_reward_counts_only_the_written_slots():
+    # rewards are small integers: every sum below is exact in float32
+    assert float(replay_mean_reward(_buffer(steps=0))) == 0.0  # empty: no division by zero
+    # 3 writes into 4 slots (slot 3 still zero): env 0 rewards 1, 2, 3; env 1 101, 102, 103
+    assert float(replay_mean_reward(_buffer(steps=3))) == (1 + 2 + 3 + 101 + 102 + 103) / 6
+    # 6 writes, wrapped: the ring holds steps 2..5, rewards 3..6 and 103..106
+    assert float(replay_mean_reward(_buffer(steps=6))) == (3 + 4 + 5 + 6 + 103 + 104 + 105 + 106) / 8
 
 
 def test_one_step_sampling_is_the_plain_sampler():

@@ -117,6 +117,10 @@ class CVPOConfig:
     feasibility_margin: float = 0.1
     estep_fallback: bool = True  # an E-step that cannot meet a threshold within the KL ball takes the least-cost q there
     n_step: int = 1  # TD targets over n consecutive steps (the authors use 2; 1 = one-step)
+    # the reward critics learn Q minus a constant: the TD targets' rewards are taken relative to
+    # the replay's mean reward (every update), so the critics need not carry a large offset
+    # (paper: reward ~6.9, Q ~ 6.9 / (1 - gamma)); the E- and M-steps are unchanged by it
+    center_reward: bool = False
 
 
 @dataclasses.dataclass(frozen=True)

@@ -52,6 +52,8 @@ Conventions (documented choices where the paper is silent):
   multi-seed runs pay that second solve every update);
 * ``n_step`` > 1: TD targets over n consecutive steps of one environment's stream
   (``replay.replay_sample_nstep``), bootstrapped gamma^n away (the authors use 2);
+* ``center_reward``: the reward critics' TD targets take rewards relative to the replay's mean
+  reward, so they learn Q less a constant (per state the same for every action);
 * the discrete head's E-step is exact: every action of the K x r grid, weighted by pi_old.
 
 ``make_cvpo(config, env, mesh)`` returns the pure functions; ``make_train(config, env,
@@ -82,7 +84,7 @@ from meg_jax.rl.cvpo_losses import (  # re-exported: the public import paths sta
     polyak,
     update_alpha,
 )
-from meg_jax.rl.replay import ReplayBuffer, Transition, replay_add, replay_init, replay_sample_nstep
+from meg_jax.rl.replay import ReplayBuffer, Transition, replay_add, replay_init, replay_mean_reward, replay_sample_nstep
 
 __all__ = [
     "CVPOState",
@@ -379,9 +381,16 @@ def make_cvpo(
         return jnp.concatenate([v_r[:, None], v_r[:, None], v_c], axis=-1)
 
     def critic_update(state: CVPOState, batch: Transition, nv: jax.Array):
+        reward = batch.reward
+        if config.center_reward:
+            # rewards relative to the replay's mean: the critics learn Q - mean / (1 - gamma), a
+            # shift common to every action of a state (the E-step's softmax and the M-step do not
+            # see it); an n-step sum holds sum_k gamma^k of them
+            steps = sum(config.gamma**k for k in range(config.n_step))
+            reward = reward - steps * jax.lax.stop_gradient(replay_mean_reward(state.replay))
         # n-step batches carry the discounted n-step sums; the bootstrap is gamma^n away
         y_r, y_c = critic_targets(
-            batch.reward, batch.costs, batch.discount, jax.lax.stop_gradient(nv), config.gamma**config.n_step
+            reward, batch.costs, batch.discount, jax.lax.stop_gradient(nv), config.gamma**config.n_step
         )
         targets = jnp.concatenate([y_r[:, None], y_r[:, None], y_c], axis=-1)  # [B, H]
 

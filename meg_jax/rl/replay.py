@@ -15,7 +15,7 @@ import jax.numpy as jnp
 from flax import struct
 
 __all__ = ["Transition", "ReplayBuffer", "replay_init", "replay_add", "replay_sample", "nstep_transition",
-           "replay_sample_nstep"]
+           "replay_sample_nstep", "replay_mean_reward"]
 
 
 @struct.dataclass
@@ -161,3 +161,11 @@ def replay_sample_nstep(buffer: ReplayBuffer, key: jax.Array, batch_size: int, n
     env_idx = jax.random.randint(k_env, (batch_size,), 0, buffer.num_envs)
     start = jax.random.randint(k_time, (batch_size,), 0, jnp.maximum(buffer.size - n + 1, 1))
     return nstep_transition(buffer, env_idx, start, n, gamma)
+
+
+def replay_mean_reward(buffer: ReplayBuffer) -> jax.Array:
+    """[] mean reward over the filled part of the buffer (0 while it is empty)."""
+    filled = jnp.arange(buffer.capacity_per_env) < buffer.size  # [cap]: time slots written so far
+    reward = buffer.data.reward  # [num_envs, cap]
+    total = jnp.sum(jnp.where(filled[None, :], reward, 0.0))
+    return total / jnp.maximum(buffer.size * buffer.num_envs, 1).astype(reward.dtype)
