@@ -32,7 +32,8 @@ Columns (medians over seeds unless said otherwise):
   updates of all seeds per second of that wall time (PPO: one Adam step per minibatch).
 
 Writes ``OUT/compare.json`` (per-seed rows and the settings) and ``OUT/compare.md`` (the
-table), and prints the table.
+table), and prints the table; ``--deterministic`` re-scores finished agents with their mean /
+argmax action (no retraining) into ``OUT/compare-deterministic.{json,md}``.
 """
 
 from __future__ import annotations
@@ -65,6 +66,7 @@ class Args:
     onpolicy_env_steps: int = 524_288  # transitions per seed of the PPO variants
     log_iterations: int = 8  # host iterations (log lines, checkpoints) per training run
     episodes: int = 1024  # evaluation episodes per seed
+    deterministic: bool = False  # score every agent's mean / argmax action instead of sampling it
     cvpo_discrete: bool = True  # MEG-CVPO with its categorical head (docs/results.md's headline)
     hidden: tuple[int, ...] = (64, 64)  # hidden widths of every agent's networks
     gamma: Optional[float] = None  # discount of every agent; None = each agent's default (0.5)
@@ -92,7 +94,7 @@ def agent_run_config(args: Args, algo: str) -> Any:
         base, algo=algo, seed=0, num_seeds=args.seeds,
         env=EnvSpec(preset=args.preset, num_envs=args.num_envs, artifact=args.artifact,
                     episode_length=args.episode_length),
-        eval=EvalConfig(num_episodes=args.episodes),
+        eval=EvalConfig(num_episodes=args.episodes, deterministic=args.deterministic),
         cvpo=dataclasses.replace(base.cvpo, discrete=args.cvpo_discrete, actor_hidden=args.hidden,
                                  critic_hidden=args.hidden, **gamma),
         ppo=dataclasses.replace(base.ppo, hidden=args.hidden, **gamma),
@@ -296,9 +298,10 @@ def compare(args: Args) -> dict[str, Any]:
                 for i, algo in enumerate(by_seed)]
     out = {"settings": dataclasses.asdict(args), "rows": rows, "per_seed": per_seed, "references": references}
     table = format_table(rows, references)
-    with open(os.path.join(args.out, "compare.json"), "w") as f:
+    stem = "compare-deterministic" if args.deterministic else "compare"  # a re-score keeps the sampled table
+    with open(os.path.join(args.out, f"{stem}.json"), "w") as f:
         json.dump(out, f, indent=2, sort_keys=True)
-    with open(os.path.join(args.out, "compare.md"), "w") as f:
+    with open(os.path.join(args.out, f"{stem}.md"), "w") as f:
         f.write(table + "\n")
     return out
 
