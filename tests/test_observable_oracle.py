@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from eval import observable_oracle as oo
 from meg_jax.env import oracle as O
@@ -63,7 +64,6 @@ def test_equal_cost_oracle_meets_the_limits_and_bounds_a_policy_at_its_own_costs
     # The oracle fitted at a policy's own mean costs: at the limits it is the harness's oracle;
     # at "always max quality"'s costs it reaches that policy's quality (nothing beats max
     # quality per request), and more cost never buys less quality.
-    import pytest
 
     from meg_jax.rl.baselines import request_tables
     from meg_jax.rl.config import EnvSpec
@@ -88,3 +88,26 @@ def test_equal_cost_oracle_meets_the_limits_and_bounds_a_policy_at_its_own_costs
     np.testing.assert_allclose(at[2], maxq_quality, atol=5e-4)
     with pytest.raises(ValueError, match="costs of seed 3"):
         oo.equal_cost_oracle(spec, {3: [np.array([0.1, -1.0])]}, episodes)
+
+
+def test_equal_cost_oracle_on_paper_where_both_costs_fall_with_merging():
+    # A real case that returned NaN: `paper`'s latency and energy both fall with merging, so
+    # across actions they move together and the dual's Hessian is singular to float32 rounding
+    # (det / trace^2 ~ 1e-8). These are seed 4's evaluation episodes and the mean costs of a
+    # MEG-CVPO policy on them (eval.compare --preset paper --gamma 0); the fit must end finite
+    # with the binding (energy) limit met, its quality between the best fixed action's at those
+    # costs and "always max quality"'s.
+    from meg_jax.rl.baselines import request_tables
+    from meg_jax.rl.config import EnvSpec
+    from meg_jax.rl.evaluate import make_env
+
+    spec, episodes, costs = EnvSpec(preset="paper"), 1024, np.asarray([2.86572517, 1.80239978])
+    env = make_env(spec, num_envs=episodes, discrete=True)
+    q, c = request_tables(env, oo._eval_key(4))
+    q, c = q.reshape(-1, q.shape[-1]), c.reshape(-1, *c.shape[-2:])
+    sol = O.fit_oracle(q, c, costs)
+    assert np.all(np.isfinite(sol.lambdas)) and np.isfinite(sol.avg_quality), sol
+    assert np.max(sol.avg_costs / costs) == pytest.approx(1.0, abs=1e-3)  # Newton tol 1e-5, tau 1e-4
+    mean_q, mean_c = np.asarray(q, np.float64).mean(0), np.asarray(c, np.float64).mean(0)
+    fixed = np.max(np.where(np.all(mean_c <= costs, axis=1), mean_q, -np.inf))
+    assert fixed < sol.avg_quality <= np.asarray(q, np.float64).max(axis=1).mean()

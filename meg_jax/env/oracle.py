@@ -220,10 +220,16 @@ def _newton_at_temperature(lam: Array, tau: Array, quality: Array, c0: Array, c1
         blocked, proj = projected(lam_, grad)
         free = (~blocked).astype(jnp.float32)
         both = free[:, None] * free[None, :]
-        # Newton system on the free block; a blocked coordinate gets the row d_i = 0.
-        system = both * (hess + 1e-9 * eye) + (1.0 - free)[:, None] * eye
+        # Newton system on the free block; a blocked coordinate gets the row d_i = 0. The
+        # damping is relative to the Hessian's scale: where the two costs move together across
+        # actions (paper: latency and energy both fall with merging) the Hessian is singular to
+        # float32 rounding (det / trace^2 ~ 1e-8 seen), and a fixed 1e-9 left a solve whose
+        # direction was rounding noise or non-finite
+        damping = 1e-6 * jnp.trace(hess) + 1e-9
+        system = both * (hess + damping * eye) + (1.0 - free)[:, None] * eye
         direction = -jnp.linalg.solve(system, free * grad)
-        direction = jnp.where(grad @ direction >= 0.0, -proj, direction)  # not a descent direction
+        descent = jnp.all(jnp.isfinite(direction)) & (grad @ direction < 0.0)
+        direction = jnp.where(descent, direction, -proj)  # otherwise the projected gradient
 
         def search_cond(s):
             step, cand, grad_c, _, n = s
