@@ -70,8 +70,8 @@ class Args:
     cvpo_discrete: bool = True  # MEG-CVPO with its categorical head (docs/results.md's headline)
     hidden: tuple[int, ...] = (64, 64)  # hidden widths of every agent's networks
     gamma: Optional[float] = None  # discount of every agent; None = each agent's default (0.5)
-    # further settings of the agents' RunConfig, as SECTION.FIELD=VALUE (scalars), applied to the
-    # agents that have that section, e.g. --set cvpo.n_step=2 cvpo.critic_lr=3e-4
+    # further settings of every agent's RunConfig as dotted FIELD=VALUE (JSON values), applied last,
+    # e.g. --set cvpo.n_step=2 cvpo.critic_lr=3e-4 (meg_jax.config.apply_overrides)
     set: tuple[str, ...] = ()
     artifact: Optional[str] = None  # calibration artifact; None = the preset's, "synthetic" for tests
     episode_length: Optional[int] = None  # requests per episode; None = the preset's
@@ -83,6 +83,7 @@ class Args:
 
 def agent_run_config(args: Args, algo: str) -> Any:
     """The ``RunConfig`` of one agent's training run."""
+    from meg_jax import config as config_lib
     from meg_jax.rl import agents
     from meg_jax.rl.config import EnvSpec, EvalConfig, RunConfig
 
@@ -102,44 +103,14 @@ def agent_run_config(args: Args, algo: str) -> Any:
         sac=dataclasses.replace(base.sac, hidden=args.hidden, **gamma),
         total_env_steps=args.onpolicy_env_steps if algo in ON_POLICY else args.offpolicy_env_steps,
     )
-    config = apply_overrides(config, args.set)
+    try:  # the config module's dotted overrides: typed, nested, unknown fields listed
+        config = config_lib.apply_overrides(config, args.set)
+    except ValueError as e:
+        raise ValueError(f"--set: {e}") from None
     per_block = agents.env_steps_per_block(config)
     blocks = max(1, -(-config.total_env_steps // per_block))
     blocks_per_log = max(1, -(-blocks // max(1, args.log_iterations)))
     return dataclasses.replace(config, blocks_per_log=blocks_per_log, checkpoint_every_logs=1)
-
-
-def apply_overrides(config: Any, overrides: Sequence[str]) -> Any:
-    """``config`` with each ``SECTION.FIELD=VALUE`` of ``--set`` applied (bool, int, float or str
-    fields, parsed as the field's current type); a bad entry raises ValueError naming it."""
-    for item in overrides:
-        path, eq, text = item.partition("=")
-        names = path.split(".")
-        if not eq or len(names) != 2 or not all(names):
-            raise ValueError(f"--set {item!r}: expected SECTION.FIELD=VALUE, e.g. cvpo.n_step=2")
-        section, field = names
-        if section not in {f.name for f in dataclasses.fields(config)} or not dataclasses.is_dataclass(getattr(config, section)):
-            raise ValueError(f"--set {item!r}: {section!r} is not a section of the run config")
-        sub = getattr(config, section)
-        if field not in {f.name for f in dataclasses.fields(sub)}:
-            raise ValueError(f"--set {item!r}: {section} has no field {field!r}")
-        current = getattr(sub, field)
-        try:
-            if isinstance(current, bool):
-                if text.lower() not in ("true", "false", "1", "0"):
-                    raise ValueError(text)
-                value: Any = text.lower() in ("true", "1")
-            elif isinstance(current, (int, float, str)):
-                value = type(current)(text)
-            else:
-                raise TypeError
-        except ValueError:
-            raise ValueError(f"--set {item!r}: {text!r} is not a {type(current).__name__}") from None
-        except TypeError:
-            raise ValueError(f"--set {item!r}: {section}.{field} is a {type(current).__name__}; "
-                             "only bool, int, float and str fields can be set here") from None
-        config = dataclasses.replace(config, **{section: dataclasses.replace(sub, **{field: value})})
-    return config
 
 
 def _train(config: Any, workdir: str) -> tuple[Any, float]:
