@@ -38,10 +38,9 @@ per-round ratios. FLOPs per update come from XLA's cost analysis of the update a
 (the particle evaluation and the critic step in one chunk each so no loop hides them; the E-step dual's and the
 backtracking's while loops count one iteration each), the peak from the best f32 matmul
 (jnp.dot, square, several sizes) measured in the same process, so the fraction of peak is a
-same-run ratio. A profile of the jitted update (top XLA ops) says where the time goes.
-The peak is the larger of
-``jnp.dot``'s and one-thread ``torch.mm``'s (on some machines PyTorch's GEMM is the faster). A
-last table bounds the ratio a faster jax update could reach in this run: the update's FLOPs at
+same-run ratio; the peak is the larger of ``jnp.dot``'s and one-thread ``torch.mm``'s (on
+some machines PyTorch's GEMM is the faster). A profile of the jitted update (top XLA ops) says
+where the time goes. A last table bounds the ratio a faster jax update could reach in this run: the update's FLOPs at
 100 % of the peak against PyTorch's measured rate, and the jax fraction of peak a 4x ratio
 would need; PyTorch's own GEMM FLOPs per update (``torch.utils.flop_counter``) times its rate
 give its fraction of the peak.
@@ -128,19 +127,29 @@ def _particle_eval(batch: int) -> tuple[float, Callable[[], Any]]:
     return float(flops["flops"]), lambda: jax.block_until_ready(fn(params, obs, acts))
 
 
-def matmul_peak(sizes: tuple[int, ...] = (512, 1024, 2048), reps: int = 5) -> float:
-    """Best f32 GFLOP/s of a square jnp.dot (the machine's measured matmul peak for this process)."""
+def _best_gflops(mm: Callable[[int], Callable[[], Any]], sizes: tuple[int, ...], reps: int) -> float:
+    """Best GFLOP/s of a square n x n matmul over ``sizes``; ``mm(n)`` returns a blocking call."""
     best = 0.0
     for n in sizes:
-        a = jax.random.normal(jax.random.PRNGKey(0), (n, n), jnp.float32)
-        b = jax.random.normal(jax.random.PRNGKey(1), (n, n), jnp.float32)
-        f = jax.jit(jnp.dot)
-        jax.block_until_ready(f(a, b))
+        call = mm(n)
+        call()  # warm-up (compilation for jax)
         for _ in range(reps):
             t0 = time.perf_counter()
-            jax.block_until_ready(f(a, b))
+            call()
             best = max(best, 2 * n**3 / (time.perf_counter() - t0) / 1e9)
     return best
+
+
+def matmul_peak(sizes: tuple[int, ...] = (512, 1024, 2048), reps: int = 5) -> float:
+    """Best f32 GFLOP/s of a square jnp.dot (the machine's measured matmul peak for this process)."""
+    f = jax.jit(jnp.dot)
+
+    def mm(n: int) -> Callable[[], Any]:
+        a = jax.random.normal(jax.random.PRNGKey(0), (n, n), jnp.float32)
+        b = jax.random.normal(jax.random.PRNGKey(1), (n, n), jnp.float32)
+        return lambda: jax.block_until_ready(f(a, b))
+
+    return _best_gflops(mm, sizes, reps)
 
 
 def training_rate(artifact: Any, repeats: int) -> tuple[float, float]:
@@ -254,12 +263,11 @@ def torch_update(batch: int, target_samples: int, obs_dim: int = 13, act_dim: in
     return update
 
 
-def torch_update_flops(batch: int, target_samples: int) -> float:
-    """Matmul FLOPs of one FSRL-style update (forward and backward), counted by PyTorch's
-    ``FlopCounterMode`` (it counts the GEMMs only: the elementwise work is not in it)."""
+def torch_update_flops(update: Callable[[], None]) -> float:
+    """Matmul FLOPs of one call of an FSRL-style ``update`` (forward and backward), counted by
+    PyTorch's ``FlopCounterMode`` (it counts the GEMMs only: the elementwise work is not in it)."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    update = torch_update(batch, target_samples)
     counter = FlopCounterMode(display=False)
     with counter:
         update()
@@ -271,15 +279,12 @@ def torch_matmul_peak(sizes: tuple[int, ...] = (512, 1024, 2048), reps: int = 5)
     import torch
 
     torch.set_num_threads(1)
-    best = 0.0
-    for n in sizes:
+
+    def mm(n: int) -> Callable[[], Any]:
         a, b = torch.randn(n, n), torch.randn(n, n)
-        torch.mm(a, b)
-        for _ in range(reps):
-            t0 = time.perf_counter()
-            torch.mm(a, b)
-            best = max(best, 2 * n**3 / (time.perf_counter() - t0) / 1e9)
-    return best
+        return lambda: torch.mm(a, b)
+
+    return _best_gflops(mm, sizes, reps)
 
 
 # ------------------------------------------------------------------------------ the run
@@ -310,7 +315,7 @@ def bench_batch(batch: int, rounds: int, artifact: Any, profile: bool) -> dict[s
         "ratio_torch1": statistics.median(j / t for j, t in zip(rates["jax"], rates["torch1"])),
         "flops": jx["flops"], "particle_flops": jx["particle_flops"], "compile_s": jx["compile_s"],
         "dual_iterations": jx["dual_iterations"], "profile": [],
-        "torch_flops": torch_update_flops(batch, M),
+        "torch_flops": torch_update_flops(t_full),  # after the timed rounds: one more update, counted
     }
     if profile:
         from eval.bench_backbone import _xla_profile
