@@ -54,6 +54,8 @@ Conventions (documented choices where the paper is silent):
   (``replay.replay_sample_nstep``), bootstrapped gamma^n away (the authors use 2);
 * ``center_reward``: the reward critics' TD targets take rewards relative to the replay's mean
   reward, so they learn Q less a constant (per state the same for every action);
+* ``reward_twins``: the twin reward critics combine by their min (default) or their mean, in
+  the TD target and the E-step alike;
 * the discrete head's E-step is exact: every action of the K x r grid, weighted by pi_old.
 
 ``make_cvpo(config, env, mesh)`` returns the pure functions; ``make_train(config, env,
@@ -365,17 +367,22 @@ def make_cvpo(
         )
         return (a, mean_old, std_old), q
 
+    def twin_reward(q: jax.Array) -> jax.Array:
+        """[...] the twin reward heads of q [..., H] combined (``cvpo.reward_twins``)."""
+        if config.reward_twins == "mean":
+            return 0.5 * (q[..., 0] + q[..., 1])
+        return jnp.minimum(q[..., 0], q[..., 1])
+
     def next_values(candidates: Any, q: jax.Array) -> jax.Array:
         """[B, H] next-state values for the TD targets (packed as heads, see critic_targets)."""
         if discrete:
             probs = jax.nn.softmax(candidates, axis=-1)  # [B, A]
-            q_min = jnp.minimum(q[..., 0], q[..., 1])
-            v_r = jnp.sum(probs * q_min, axis=-1)
+            v_r = jnp.sum(probs * twin_reward(q), axis=-1)
             v_c = jnp.einsum("ba,bah->bh", probs, q[..., REWARD_HEADS:])
         else:
             q = q[:, : config.target_samples]
-            # min of the twins per sampled action, then the mean over actions
-            v_r = jnp.mean(jnp.minimum(q[..., 0], q[..., 1]), axis=1)
+            # the twins combined per sampled action, then the mean over actions
+            v_r = jnp.mean(twin_reward(q), axis=1)
             v_c = jnp.mean(q[..., REWARD_HEADS:], axis=1)
         # pack as heads so critic_targets' min is the identity on (v_r, v_r)
         return jnp.concatenate([v_r[:, None], v_r[:, None], v_c], axis=-1)
@@ -439,7 +446,7 @@ def make_cvpo(
             q = q[:, :m_samples]
             log_prior = jnp.full(q.shape[:2], -math.log(m_samples), jnp.float32)
         q = jax.lax.stop_gradient(q)
-        q_r = jnp.minimum(q[..., 0], q[..., 1])
+        q_r = twin_reward(q)
         q_c = q[..., REWARD_HEADS:]
         state_costs = jnp.einsum("bk,bkj->bj", jnp.exp(log_prior), q_c)  # [B, m] E_pi_old[Q_c | s]
         prior_costs = jnp.mean(state_costs, axis=0)  # [m]
@@ -625,6 +632,8 @@ def _validate(config: CVPOConfig, env: Any) -> None:
         problems.append(f"cvpo.cost_baseline_rate must be in (0, 1], got {config.cost_baseline_rate}")
     if not 0.0 <= config.feasibility_margin < 1.0:
         problems.append(f"cvpo.feasibility_margin must be in [0, 1), got {config.feasibility_margin}")
+    if config.reward_twins not in ("min", "mean"):
+        problems.append(f"cvpo.reward_twins must be 'min' or 'mean', got {config.reward_twins!r}")
     if config.n_step < 1:
         problems.append(f"cvpo.n_step must be >= 1, got {config.n_step}")
     if config.replay_capacity < env_num_envs(env):
