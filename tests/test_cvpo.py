@@ -228,38 +228,41 @@ def test_chunked_update_equals_the_unchunked_update(env):
         np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-6)
 
 
-def test_reward_twins_mean_and_min_differ_by_the_twins_gap_and_bad_values_are_refused(env):
-    """With the second reward head equal to the first plus a constant c, the twins' min is the
-    first head and their mean is it plus c / 2: the E-step's weights are the same (a constant
-    per state does not move the softmax), its expected reward moves by exactly c / 2, and the
-    reward critics' TD targets by gamma c / 2."""
-    config = dataclasses.replace(TINY, updates_per_block=1)
+@pytest.mark.parametrize("offsets", [(0.0, 0.5), (0.0, 0.5, -0.5)], ids=["twins", "three"])
+def test_reward_critics_min_and_mean_differ_by_their_offsets_and_bad_values_are_refused(env, offsets):
+    """With reward head j equal to head 0 plus a constant offsets[j], their min is head 0 plus
+    min(offsets) and their mean head 0 plus mean(offsets): the E-step's weights are the same (a
+    constant per state does not move the softmax), its expected reward moves by exactly the
+    difference, and the reward critics' TD targets by gamma times it."""
+    config = dataclasses.replace(TINY, updates_per_block=1, reward_critics=len(offsets))
     state = jax.jit(cvpo.make_cvpo(config, env).init)(jax.random.PRNGKey(0))
     data = state.replay.data
     keys = iter(jax.random.split(jax.random.PRNGKey(1), 8))
     data = jax.tree.map(lambda x: jax.random.uniform(next(keys), x.shape, x.dtype, -1.0, 1.0), data)
     data = data.replace(discount=jnp.ones_like(data.discount))
     state = state.replace(replay=state.replay.replace(data=data, size=jnp.int32(4), pos=jnp.int32(4)))
-    c = 0.5
     heads = state.target_critic["params"]["VmapMLP_0"]
     last = max(name for name in heads if name.startswith("Dense_"))
-    twin = jax.tree.map(lambda x: x.at[1].set(x[0]), heads)  # head 1 := head 0 ...
-    twin[last]["bias"] = twin[last]["bias"].at[1].add(c)  # ... + c
-    state = state.replace(target_critic={"params": {"VmapMLP_0": twin}})
+    shifted = jax.tree.map(lambda x: x.at[1:len(offsets)].set(x[0]), heads)  # reward heads := head 0 ...
+    shifted[last]["bias"] = shifted[last]["bias"].at[: len(offsets), 0].add(jnp.asarray(offsets))  # ... + offset
+    state = state.replace(target_critic={"params": {"VmapMLP_0": shifted}})
     key = jax.random.PRNGKey(9)
     out = {}
     for how in ("min", "mean"):
         agent = cvpo.make_cvpo(dataclasses.replace(config, reward_twins=how), env)
         out[how] = jax.jit(agent.update_block)(state, key)[1]
+    gap = float(np.mean(offsets) - np.min(offsets))
     # Q_r ~ 0.1 after init: float32 rounding of the sums over M = 8 actions is ~1e-7
-    np.testing.assert_allclose(out["mean"]["estep_reward"] - out["min"]["estep_reward"], c / 2, atol=1e-5)
+    np.testing.assert_allclose(out["mean"]["estep_reward"] - out["min"]["estep_reward"], gap, atol=1e-5)
     for name in ("eta", "estep_kl", "nll", "kl_mean"):  # same weights up to the dual's tolerance
         np.testing.assert_allclose(out["mean"][name], out["min"][name], rtol=1e-3, err_msg=name)
-    # the reward heads regress on targets gamma c / 2 higher: their loss differs, the costs' does not
+    # the reward heads regress on targets gamma x gap higher: their loss differs, the costs' does not
     assert abs(float(out["mean"]["reward_critic_loss"][0] - out["min"]["reward_critic_loss"][0])) > 1e-3
     np.testing.assert_allclose(out["mean"]["cost_critic_loss"], out["min"]["cost_critic_loss"], rtol=1e-5)
-    with pytest.raises(ValueError, match="cvpo.reward_twins"):
-        cvpo.make_cvpo(dataclasses.replace(config, reward_twins="max"), env)
+    assert out["min"]["cost_critic_loss"].shape == (1, 2)  # the cost heads follow the reward heads
+    for field, bad in (("reward_twins", "max"), ("reward_critics", 0)):
+        with pytest.raises(ValueError, match=f"cvpo.{field}"):
+            cvpo.make_cvpo(dataclasses.replace(config, **{field: bad}), env)
 
 
 def _backtrack_brute_force(kl_of, bounds):

@@ -126,6 +126,9 @@ class CVPOConfig:
     # which is largest for the actions the policy rarely takes, so it holds the policy to the
     # actions it already takes when rewards are noisy and the action values near-tied
     reward_twins: str = "min"
+    # reward critics (independently initialised heads): their min (or mean, ``reward_twins``) is
+    # the reward value of the TD target and the E-step; 2 = the twins of clipped double Q
+    reward_critics: int = 2
 
 
 @dataclasses.dataclass(frozen=True)

@@ -78,7 +78,6 @@ from meg_jax.rl import dual as dual_lib
 from meg_jax.rl import networks
 from meg_jax.rl.config import CVPOConfig
 from meg_jax.rl.cvpo_losses import (  # re-exported: the public import paths stay
-    REWARD_HEADS,
     backtrack_to_kl_bounds,
     categorical_mstep_loss,
     critic_targets,
@@ -133,7 +132,7 @@ class CVPOState:
 
     Attributes:
       actor, target_actor: policy parameters; the target actor is pi_old.
-      critic, target_critic: CriticEnsemble parameters, heads [r1, r2, c_1..c_m].
+      critic, target_critic: CriticEnsemble parameters, heads [r_1..r_R, c_1..c_m] (R = ``reward_critics``).
       actor_opt, critic_opt: optax states.
       eta: [] E-step temperature (warm start of the next solve).
       lam: [m] E-step cost multipliers (normalised cost units).
@@ -235,7 +234,8 @@ def make_cvpo(
     m = int(limits.shape[0])
     obs_dim = int(env.observation_size)
     discrete = config.discrete
-    num_heads = REWARD_HEADS + m
+    num_reward = config.reward_critics
+    num_heads = num_reward + m
     capacity_per_env = max(1, config.replay_capacity // num_envs)
     min_replay_steps = max(1, math.ceil(config.min_replay / num_envs))
     thresholds = dual_lib.q_space_threshold(
@@ -370,20 +370,20 @@ def make_cvpo(
     def twin_reward(q: jax.Array) -> jax.Array:
         """[...] the twin reward heads of q [..., H] combined (``cvpo.reward_twins``)."""
         if config.reward_twins == "mean":
-            return 0.5 * (q[..., 0] + q[..., 1])
-        return jnp.minimum(q[..., 0], q[..., 1])
+            return jnp.mean(q[..., :num_reward], axis=-1)
+        return jnp.min(q[..., :num_reward], axis=-1)
 
     def next_values(candidates: Any, q: jax.Array) -> jax.Array:
         """[B, H] next-state values for the TD targets (packed as heads, see critic_targets)."""
         if discrete:
             probs = jax.nn.softmax(candidates, axis=-1)  # [B, A]
             v_r = jnp.sum(probs * twin_reward(q), axis=-1)
-            v_c = jnp.einsum("ba,bah->bh", probs, q[..., REWARD_HEADS:])
+            v_c = jnp.einsum("ba,bah->bh", probs, q[..., num_reward:])
         else:
             q = q[:, : config.target_samples]
             # the twins combined per sampled action, then the mean over actions
             v_r = jnp.mean(twin_reward(q), axis=1)
-            v_c = jnp.mean(q[..., REWARD_HEADS:], axis=1)
+            v_c = jnp.mean(q[..., num_reward:], axis=1)
         # pack as heads so critic_targets' min is the identity on (v_r, v_r)
         return jnp.concatenate([v_r[:, None], v_r[:, None], v_c], axis=-1)
 
@@ -399,7 +399,7 @@ def make_cvpo(
         y_r, y_c = critic_targets(
             reward, batch.costs, batch.discount, jax.lax.stop_gradient(nv), config.gamma**config.n_step
         )
-        targets = jnp.concatenate([y_r[:, None], y_r[:, None], y_c], axis=-1)  # [B, H]
+        targets = jnp.concatenate([jnp.repeat(y_r[:, None], num_reward, axis=-1), y_c], axis=-1)  # [B, H]
 
         def loss_fn(params, rows):
             obs, action, target = rows
@@ -419,7 +419,7 @@ def make_cvpo(
         )
         updates, opt = critic_tx.update(grads, state.critic_opt, state.critic)
         critic = optax.apply_updates(state.critic, updates)
-        metrics = {"critic_loss": loss, "reward_critic_loss": per_head[0], "cost_critic_loss": per_head[REWARD_HEADS:]}
+        metrics = {"critic_loss": loss, "reward_critic_loss": per_head[0], "cost_critic_loss": per_head[num_reward:]}
         return state.replace(critic=critic, critic_opt=opt), metrics
 
     def estep(state: CVPOState, candidates: Any, q: jax.Array):
@@ -447,7 +447,7 @@ def make_cvpo(
             log_prior = jnp.full(q.shape[:2], -math.log(m_samples), jnp.float32)
         q = jax.lax.stop_gradient(q)
         q_r = twin_reward(q)
-        q_c = q[..., REWARD_HEADS:]
+        q_c = q[..., num_reward:]
         state_costs = jnp.einsum("bk,bkj->bj", jnp.exp(log_prior), q_c)  # [B, m] E_pi_old[Q_c | s]
         prior_costs = jnp.mean(state_costs, axis=0)  # [m]
         accumulator, baseline = dual_lib.ema_update(
@@ -632,6 +632,8 @@ def _validate(config: CVPOConfig, env: Any) -> None:
         problems.append(f"cvpo.cost_baseline_rate must be in (0, 1], got {config.cost_baseline_rate}")
     if not 0.0 <= config.feasibility_margin < 1.0:
         problems.append(f"cvpo.feasibility_margin must be in [0, 1), got {config.feasibility_margin}")
+    if config.reward_critics < 1:
+        problems.append(f"cvpo.reward_critics must be >= 1, got {config.reward_critics}")
     if config.reward_twins not in ("min", "mean"):
         problems.append(f"cvpo.reward_twins must be 'min' or 'mean', got {config.reward_twins!r}")
     if config.n_step < 1:
