@@ -117,6 +117,23 @@ def _without(cfg: dict, names: tuple[str, ...]) -> dict:
     return {k: v for k, v in cfg.items() if k not in names}
 
 
+def _with_defaults(stored: dict, config: Any) -> dict:
+    """``stored`` with the fields it lacks filled in from ``config``'s dataclass defaults.
+
+    A config written before a field existed was made with that field's default (a field is
+    added with the default that keeps the old behaviour), so a run from an older version
+    still resumes and re-scores. A stored config the dataclass cannot read (a field since
+    removed, a value of another type) is compared as stored, so the mismatch is named.
+    """
+    if isinstance(config, dict):
+        return stored
+    try:
+        full = config_lib.from_dict(type(config), stored)
+    except (TypeError, ValueError):
+        return stored
+    return json.loads(json.dumps(config_lib.to_dict(full)))
+
+
 def check_config(directory: str | os.PathLike, config: Any, ignore: tuple[str, ...] = ()) -> None:
     """Writes ``config`` as ``<directory>/config.json``, or refuses a different stored one.
 
@@ -127,6 +144,8 @@ def check_config(directory: str | os.PathLike, config: Any, ignore: tuple[str, .
       ignore: top-level fields that do not change the checkpoint's contents (e.g. how a
         finished run is scored): they may differ; the stored file is then updated to the
         requested values, so it always describes the last run.
+        A field the stored config lacks (written before the field existed) counts as its
+        default.
 
     Raises:
       ConfigMismatchError: the directory holds a config that differs; the message names
@@ -139,7 +158,7 @@ def check_config(directory: str | os.PathLike, config: Any, ignore: tuple[str, .
     requested = json.loads(json.dumps(requested))  # tuples -> lists, as stored
     if os.path.exists(path):
         stored = read_json(path, "the config this directory's checkpoints were made with")
-        blocking = config_lib.diff(_without(stored, ignore), _without(requested, ignore))
+        blocking = config_lib.diff(_without(_with_defaults(stored, config), ignore), _without(requested, ignore))
         if blocking:
             raise ConfigMismatchError(
                 f"checkpoint directory {directory} was made with another config; differing "

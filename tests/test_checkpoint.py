@@ -54,6 +54,22 @@ def test_check_config_ignored_fields_may_differ_and_are_updated(tmp_path):
     assert "inner.lr" in str(e.value) and "name:" not in str(e.value).split("requested):")[1]
 
 
+def test_check_config_reads_a_field_the_stored_config_lacks_as_its_default(tmp_path):
+    """A run written before a config field existed resumes (and is re-scored) under the new
+    version: the missing field counts as its default; a non-default value is still refused,
+    and a stored field the dataclass no longer has is named."""
+    stored = {"name": "a", "inner": {"lr": 1e-3}}  # written before inner.steps existed
+    (tmp_path / "config.json").write_text(json.dumps(stored))
+    ckpt.check_config(tmp_path, _Cfg())  # steps = 10, the default: accepted
+    assert json.loads((tmp_path / "config.json").read_text())["inner"]["steps"] == 10  # now complete
+    (tmp_path / "config.json").write_text(json.dumps(stored))
+    with pytest.raises(ckpt.ConfigMismatchError, match=r"inner\.steps: 10 != 20"):
+        ckpt.check_config(tmp_path, _Cfg(inner=_Inner(steps=20)))
+    (tmp_path / "config.json").write_text(json.dumps({**stored, "removed": 1}))
+    with pytest.raises(ckpt.ConfigMismatchError, match=r"removed: 1 != '<missing>'"):
+        ckpt.check_config(tmp_path, _Cfg())
+
+
 def test_restore_or_init_round_trip(tmp_path):
     state = {"step": jnp.int32(0), "w": jnp.arange(6.0).reshape(2, 3), "opt": (jnp.zeros(2), jnp.ones(()))}
     mgr = ckpt.make_manager(tmp_path, max_to_keep=2)
