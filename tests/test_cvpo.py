@@ -195,17 +195,22 @@ def test_chunked_value_and_grad_matches_one_call():
         np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-6 * float(jnp.max(jnp.abs(r))))
 
 
-def test_chunked_update_equals_the_unchunked_update(env):
-    """One update with the critic step and the particle evaluation chunked (speed only) gives
-    the unchunked update's results: losses, E-step solution and the new parameters."""
-    config = dataclasses.replace(TINY, updates_per_block=1)
+def _state_with_random_replay(config, env):
+    """A fresh CVPO state whose replay holds random transitions (4 steps x 8 envs = min_replay),
+    so updates run without compiling train_step."""
     state = jax.jit(cvpo.make_cvpo(config, env).init)(jax.random.PRNGKey(0))
-    # a replay of random transitions (4 steps x 8 envs = min_replay), without compiling train_step
     data = state.replay.data
     keys = iter(jax.random.split(jax.random.PRNGKey(1), 8))
     data = jax.tree.map(lambda x: jax.random.uniform(next(keys), x.shape, x.dtype, -1.0, 1.0), data)
     data = data.replace(discount=jnp.ones_like(data.discount))
-    state = state.replace(replay=state.replay.replace(data=data, size=jnp.int32(4), pos=jnp.int32(4)))
+    return state.replace(replay=state.replay.replace(data=data, size=jnp.int32(4), pos=jnp.int32(4)))
+
+
+def test_chunked_update_equals_the_unchunked_update(env):
+    """One update with the critic step and the particle evaluation chunked (speed only) gives
+    the unchunked update's results: losses, E-step solution and the new parameters."""
+    config = dataclasses.replace(TINY, updates_per_block=1)
+    state = _state_with_random_replay(config, env)
     b, k = config.batch_size, max(config.num_action_samples, config.target_samples)
     one = cvpo.make_cvpo(config, env, particle_rows_per_chunk=b * k, critic_rows_per_chunk=b)
     chunked = cvpo.make_cvpo(config, env, particle_rows_per_chunk=4 * k, critic_rows_per_chunk=8)  # 8 and 4 chunks
@@ -235,12 +240,7 @@ def test_reward_critics_min_and_mean_differ_by_their_offsets_and_bad_values_are_
     constant per state does not move the softmax), its expected reward moves by exactly the
     difference, and the reward critics' TD targets by gamma times it."""
     config = dataclasses.replace(TINY, updates_per_block=1, reward_critics=len(offsets))
-    state = jax.jit(cvpo.make_cvpo(config, env).init)(jax.random.PRNGKey(0))
-    data = state.replay.data
-    keys = iter(jax.random.split(jax.random.PRNGKey(1), 8))
-    data = jax.tree.map(lambda x: jax.random.uniform(next(keys), x.shape, x.dtype, -1.0, 1.0), data)
-    data = data.replace(discount=jnp.ones_like(data.discount))
-    state = state.replace(replay=state.replay.replace(data=data, size=jnp.int32(4), pos=jnp.int32(4)))
+    state = _state_with_random_replay(config, env)
     heads = state.target_critic["params"]["VmapMLP_0"]
     last = max(name for name in heads if name.startswith("Dense_"))
     shifted = jax.tree.map(lambda x: x.at[1:len(offsets)].set(x[0]), heads)  # reward heads := head 0 ...
