@@ -249,7 +249,7 @@ def test_reward_critics_min_and_mean_differ_by_their_offsets_and_bad_values_are_
     key = jax.random.PRNGKey(9)
     out = {}
     for how in ("min", "mean"):
-        agent = cvpo.make_cvpo(dataclasses.replace(config, reward_twins=how), env)
+        agent = cvpo.make_cvpo(dataclasses.replace(config, reward_combine=how), env)
         out[how] = jax.jit(agent.update_block)(state, key)[1]
     gap = float(np.mean(offsets) - np.min(offsets))
     # Q_r ~ 0.1 after init: float32 rounding of the sums over M = 8 actions is ~1e-7
@@ -260,7 +260,7 @@ def test_reward_critics_min_and_mean_differ_by_their_offsets_and_bad_values_are_
     assert abs(float(out["mean"]["reward_critic_loss"][0] - out["min"]["reward_critic_loss"][0])) > 1e-3
     np.testing.assert_allclose(out["mean"]["cost_critic_loss"], out["min"]["cost_critic_loss"], rtol=1e-5)
     assert out["min"]["cost_critic_loss"].shape == (1, 2)  # the cost heads follow the reward heads
-    for field, bad in (("reward_twins", "max"), ("reward_critics", 0)):
+    for field, bad in (("reward_combine", "max"), ("reward_critics", 0)):
         with pytest.raises(ValueError, match=f"cvpo.{field}"):
             cvpo.make_cvpo(dataclasses.replace(config, **{field: bad}), env)
 

@@ -121,14 +121,12 @@ class CVPOConfig:
     # the replay's mean reward (every update), so the critics need not carry a large offset
     # (paper: reward ~6.9, Q ~ 6.9 / (1 - gamma)); the E- and M-steps are unchanged by it
     center_reward: bool = False
-    # how the twin reward critics combine, in the TD target and the E-step: "min" (clipped double
-    # Q, Fujimoto et al. 2018) or "mean". The min is biased low by about the twins' disagreement,
-    # which is largest for the actions the policy rarely takes, so it holds the policy to the
-    # actions it already takes when rewards are noisy and the action values near-tied
-    reward_twins: str = "min"
-    # reward critics (independently initialised heads): their min (or mean, ``reward_twins``) is
-    # the reward value of the TD target and the E-step; 2 = the twins of clipped double Q
+    # reward critics (independently initialised heads); 2 = the twins of clipped double Q
     reward_critics: int = 2
+    # how the reward critics combine into the reward value of the TD target and the E-step:
+    # "min" (clipped double Q, Fujimoto et al. 2018) or "mean". The min is biased low by about the
+    # critics' disagreement, largest for the actions the policy rarely takes
+    reward_combine: str = "min"
 
 
 @dataclasses.dataclass(frozen=True)

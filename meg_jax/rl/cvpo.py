@@ -11,7 +11,7 @@ with one constraint per cost (latency, UE energy). One ``train_step(state, key)`
    * next-state particles, computed once per update: K = max(M, ``target_samples``)
      actions per next state s' from pi_old (the target actor), scored by every target critic
      head in one batched, cache-chunked evaluation (``networks.critic_ensemble_particles``);
-   * critics: twin reward Q (min in every backup) and one cost Q per constraint, TD targets
+   * critics: reward Q critics (twins by default; their min in every backup) and one cost Q per constraint, TD targets
      averaging the first ``target_samples`` particles of each s';
    * E-step on the same next states and their first M particles (the TD target and the
      E-step both score pi_old's actions with the target critics, so one evaluation serves
@@ -54,8 +54,8 @@ Conventions (documented choices where the paper is silent):
   (``replay.replay_sample_nstep``), bootstrapped gamma^n away (the authors use 2);
 * ``center_reward``: the reward critics' TD targets take rewards relative to the replay's mean
   reward, so they learn Q less a constant (per state the same for every action);
-* ``reward_twins``: the twin reward critics combine by their min (default) or their mean, in
-  the TD target and the E-step alike;
+* ``reward_critics`` reward critics (2, the twins, by default) combine by their min (default)
+  or their mean (``reward_combine``), in the TD target and the E-step alike;
 * the discrete head's E-step is exact: every action of the K x r grid, weighted by pi_old.
 
 ``make_cvpo(config, env, mesh)`` returns the pure functions; ``make_train(config, env,
@@ -367,9 +367,9 @@ def make_cvpo(
         )
         return (a, mean_old, std_old), q
 
-    def twin_reward(q: jax.Array) -> jax.Array:
-        """[...] the twin reward heads of q [..., H] combined (``cvpo.reward_twins``)."""
-        if config.reward_twins == "mean":
+    def combined_reward(q: jax.Array) -> jax.Array:
+        """[...] the reward heads of q [..., H] combined (``cvpo.reward_combine``)."""
+        if config.reward_combine == "mean":
             return jnp.mean(q[..., :num_reward], axis=-1)
         return jnp.min(q[..., :num_reward], axis=-1)
 
@@ -377,12 +377,12 @@ def make_cvpo(
         """[B, H] next-state values for the TD targets (packed as heads, see critic_targets)."""
         if discrete:
             probs = jax.nn.softmax(candidates, axis=-1)  # [B, A]
-            v_r = jnp.sum(probs * twin_reward(q), axis=-1)
+            v_r = jnp.sum(probs * combined_reward(q), axis=-1)
             v_c = jnp.einsum("ba,bah->bh", probs, q[..., num_reward:])
         else:
             q = q[:, : config.target_samples]
-            # the twins combined per sampled action, then the mean over actions
-            v_r = jnp.mean(twin_reward(q), axis=1)
+            # the reward heads combined per sampled action, then the mean over actions
+            v_r = jnp.mean(combined_reward(q), axis=1)
             v_c = jnp.mean(q[..., num_reward:], axis=1)
         # pack as heads so critic_targets' min is the identity on (v_r, v_r)
         return jnp.concatenate([v_r[:, None], v_r[:, None], v_c], axis=-1)
@@ -446,7 +446,7 @@ def make_cvpo(
             q = q[:, :m_samples]
             log_prior = jnp.full(q.shape[:2], -math.log(m_samples), jnp.float32)
         q = jax.lax.stop_gradient(q)
-        q_r = twin_reward(q)
+        q_r = combined_reward(q)
         q_c = q[..., num_reward:]
         state_costs = jnp.einsum("bk,bkj->bj", jnp.exp(log_prior), q_c)  # [B, m] E_pi_old[Q_c | s]
         prior_costs = jnp.mean(state_costs, axis=0)  # [m]
@@ -634,8 +634,8 @@ def _validate(config: CVPOConfig, env: Any) -> None:
         problems.append(f"cvpo.feasibility_margin must be in [0, 1), got {config.feasibility_margin}")
     if config.reward_critics < 1:
         problems.append(f"cvpo.reward_critics must be >= 1, got {config.reward_critics}")
-    if config.reward_twins not in ("min", "mean"):
-        problems.append(f"cvpo.reward_twins must be 'min' or 'mean', got {config.reward_twins!r}")
+    if config.reward_combine not in ("min", "mean"):
+        problems.append(f"cvpo.reward_combine must be 'min' or 'mean', got {config.reward_combine!r}")
     if config.n_step < 1:
         problems.append(f"cvpo.n_step must be >= 1, got {config.n_step}")
     if config.replay_capacity < env_num_envs(env):
