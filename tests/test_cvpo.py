@@ -252,8 +252,11 @@ def test_reward_critics_min_and_mean_differ_by_their_offsets_and_bad_values_are_
         agent = cvpo.make_cvpo(dataclasses.replace(config, reward_combine=how), env)
         out[how] = jax.jit(agent.update_block)(state, key)[1]
     gap = float(np.mean(offsets) - np.min(offsets))
-    # Q_r ~ 0.1 after init: float32 rounding of the sums over M = 8 actions is ~1e-7
-    np.testing.assert_allclose(out["mean"]["estep_reward"] - out["min"]["estep_reward"], gap, atol=1e-5)
+    # the two duals see Q_r shifted by a constant, so they stop at eta equal up to their tolerance
+    # (rtol 1e-3, asserted below; 5e-5 seen); E_q[Q_r] moves with eta by Var_q(Q_r) / eta * d(eta) / eta,
+    # about 0.01 / 0.6 * 1e-3 = 1.6e-5 here (Q_r's spread over the 8 actions ~0.1 after init):
+    # hence 5e-5 against a shift of 0.25-0.5 (seen: 1e-6)
+    np.testing.assert_allclose(out["mean"]["estep_reward"] - out["min"]["estep_reward"], gap, atol=5e-5)
     for name in ("eta", "estep_kl", "nll", "kl_mean"):  # same weights up to the dual's tolerance
         np.testing.assert_allclose(out["mean"][name], out["min"][name], rtol=1e-3, err_msg=name)
     # the reward heads regress on targets gamma x gap higher: their loss differs, the costs' does not
