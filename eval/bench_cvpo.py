@@ -4,6 +4,7 @@ against an FSRL-style PyTorch update timed in the same run.
     XLA_FLAGS="--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1" \\
       taskset -c 1 python -m eval.bench_cvpo    # the table in docs/bench_cvpo.md
     python -m eval.bench_cvpo --quick       # fewer rounds
+    python -m eval.bench_cvpo --device gpu  # jax on its GPU backend, the PyTorch update on CUDA
 
 What is timed (one thread each: XLA single-threaded through ``XLA_FLAGS``, ``torch.set_num_threads(1)``,
 and the process pinned to one CPU with ``taskset``: XLA:CPU runs its YNNPACK fusions on a thread
@@ -30,7 +31,15 @@ the footer prints the CPUs the process may use):
 * ``torch update (FSRL's 1-sample target)``: the same with FSRL's own TD target, a single
   next action per state: less work than meg-jax's 16-sample target, so a stricter baseline.
 * ``jax training block``: env steps/s while training (N = 1024 environments, 4 updates per
-  vectorised step), the old headline row.
+  vectorised step), the old headline row (``--device gpu``: at every batch size of the run).
+
+``--device gpu`` times the same rows on a GPU: jax on its default backend (which must be a GPU),
+the PyTorch update on ``cuda`` (each call ends in ``torch.cuda.synchronize()``, as jax's in
+``block_until_ready``), the peaks over larger squares; no XLA op profile (its reader parses
+XLA:CPU's threads). Both run full f32 matmuls: PyTorch's default, and jax with
+``jax_default_matmul_precision="highest"`` (XLA:GPU's default precision would use TF32).
+On a GPU the particle evaluation and the critic step run unchunked
+(``cvpo.default_rows_per_chunk``).
 
 The torch and jax updates are timed in alternating rounds (machine load changes between
 rounds hit both alike); the table gives the median over rounds and the median of the
@@ -103,13 +112,21 @@ def jax_update(batch: int, updates: int, artifact: Any) -> dict[str, Any]:
     metrics = call()  # warm-up
     # FLOPs: one update, the particle evaluation and the critic step in one chunk each (no loop)
     one = cvpo.make_cvpo(_config(batch, 1), env, particle_rows_per_chunk=batch * M, critic_rows_per_chunk=batch)
-    cost = jax.jit(one.update_block).lower(box["state"], jax.random.PRNGKey(3)).cost_analysis()
-    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    cost = _cost(jax.jit(one.update_block).lower(box["state"], jax.random.PRNGKey(3)))
     # the particle evaluation alone: the update's dominant dense work
     q_flops, q_call = _particle_eval(batch)
     return {"call": call, "lower": lambda: step.lower(box["state"], jax.random.PRNGKey(2)), "compile_s": compile_s,
             "flops": float(cost["flops"]), "updates": updates, "dual_iterations": float(np.mean(metrics["dual_iterations"])),
             "particle_flops": q_flops, "particle_call": q_call}
+
+
+def _cost(lowered: Any) -> dict[str, float]:
+    """XLA's cost analysis of a lowered computation: of the HLO as lowered where the backend
+    gives one (XLA:CPU), else of the compiled module (XLA:GPU gives none before compiling)."""
+    cost = lowered.cost_analysis()
+    if cost is None:
+        cost = lowered.compile().cost_analysis()
+    return cost[0] if isinstance(cost, (list, tuple)) else cost
 
 
 def _particle_eval(batch: int) -> tuple[float, Callable[[], Any]]:
@@ -119,10 +136,10 @@ def _particle_eval(batch: int) -> tuple[float, Callable[[], Any]]:
     params = net.init(k, jnp.zeros((1, 13)), jnp.zeros((1, 2)))
     obs = jax.random.normal(k, (batch, 13))
     acts = jax.random.uniform(k, (batch, M, 2), minval=-1.0, maxval=1.0)
-    flops = jax.jit(lambda p, o, a: networks.critic_ensemble_particles(p, o, a, True, batch * M)).lower(
-        params, obs, acts).cost_analysis()
-    flops = flops[0] if isinstance(flops, (list, tuple)) else flops
-    fn = jax.jit(lambda p, o, a: networks.critic_ensemble_particles(p, o, a, True, cvpo.PARTICLE_ROWS_PER_CHUNK))
+    flops = _cost(jax.jit(lambda p, o, a: networks.critic_ensemble_particles(p, o, a, True, batch * M)).lower(
+        params, obs, acts))
+    fn = jax.jit(lambda p, o, a: networks.critic_ensemble_particles(
+        p, o, a, True, cvpo.default_rows_per_chunk(cvpo.PARTICLE_ROWS_PER_CHUNK)))
     jax.block_until_ready(fn(params, obs, acts))
     return float(flops["flops"]), lambda: jax.block_until_ready(fn(params, obs, acts))
 
@@ -152,10 +169,10 @@ def matmul_peak(sizes: tuple[int, ...] = (512, 1024, 2048), reps: int = 5) -> fl
     return _best_gflops(mm, sizes, reps)
 
 
-def training_rate(artifact: Any, repeats: int) -> tuple[float, float]:
+def training_rate(artifact: Any, repeats: int, batch: int = 256) -> tuple[float, float]:
     """(updates/s, env steps/s) of the training block with N = 1024 envs, 4 updates per step."""
     env = _env(artifact, 1024)
-    config = _config(256, 4)
+    config = _config(batch, 4)
     agent = cvpo.make_cvpo(config, env)
     state = jax.jit(agent.init)(jax.random.PRNGKey(0))
     step = jax.jit(agent.train_step, donate_argnums=0)
@@ -171,13 +188,16 @@ def training_rate(artifact: Any, repeats: int) -> tuple[float, float]:
 
 
 # ------------------------------------------------------------------------------ torch
-def torch_update(batch: int, target_samples: int, obs_dim: int = 13, act_dim: int = 2, costs: int = 2) -> Callable[[], None]:
-    """One FSRL CVPO update (see the module docstring), as a closure."""
+def torch_update(batch: int, target_samples: int, obs_dim: int = 13, act_dim: int = 2, costs: int = 2,
+                 device: str = "cpu") -> Callable[[], None]:
+    """One FSRL CVPO update (see the module docstring), as a closure; ``device`` "cpu" (one
+    thread) or "cuda" (the call waits for the GPU)."""
     import torch
     from torch import nn
 
     torch.set_num_threads(1)
     torch.manual_seed(0)
+    torch.set_default_device(device)  # the modules, tensors and samples below
 
     def mlp(i: int, o: int) -> nn.Module:
         return nn.Sequential(nn.Linear(i, HIDDEN), nn.ReLU(), nn.Linear(HIDDEN, HIDDEN), nn.ReLU(), nn.Linear(HIDDEN, o))
@@ -257,10 +277,17 @@ def torch_update(batch: int, target_samples: int, obs_dim: int = 13, act_dim: in
             for t, s in zip(list(target_actor.parameters()) + list(target_critics.parameters()),
                             list(actor.parameters()) + list(critics.parameters())):
                 t.mul_(0.95).add_(0.05 * s)
+        if device != "cpu":
+            torch.cuda.synchronize()
+
+    def on_device() -> None:  # the update's own tensors (randn, rand, ...) on ``device`` too
+        with torch.device(device):
+            update()
 
     for _ in range(3):
-        update()
-    return update
+        on_device()
+    torch.set_default_device("cpu")
+    return on_device
 
 
 def torch_update_flops(update: Callable[[], None]) -> float:
@@ -274,15 +301,17 @@ def torch_update_flops(update: Callable[[], None]) -> float:
     return float(counter.get_total_flops())
 
 
-def torch_matmul_peak(sizes: tuple[int, ...] = (512, 1024, 2048), reps: int = 5) -> float:
+def torch_matmul_peak(sizes: tuple[int, ...] = (512, 1024, 2048), reps: int = 5, device: str = "cpu") -> float:
     """Best f32 GFLOP/s of a square ``torch.mm`` on one thread (PyTorch's own peak, this process)."""
     import torch
 
     torch.set_num_threads(1)
 
     def mm(n: int) -> Callable[[], Any]:
-        a, b = torch.randn(n, n), torch.randn(n, n)
-        return lambda: torch.mm(a, b)
+        a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
+        if device == "cpu":
+            return lambda: torch.mm(a, b)
+        return lambda: (torch.mm(a, b), torch.cuda.synchronize())
 
     return _best_gflops(mm, sizes, reps)
 
@@ -295,13 +324,14 @@ def _timed(fn: Callable[[], Any], n: int) -> float:
     return (time.perf_counter() - t0) / n
 
 
-def bench_batch(batch: int, rounds: int, artifact: Any, profile: bool) -> dict[str, Any]:
+def bench_batch(batch: int, rounds: int, artifact: Any, profile: bool, device: str = "cpu") -> dict[str, Any]:
     """Alternating rounds of torch (both targets) and jax at one batch size; medians."""
-    updates = 50 if batch <= 512 else 4
-    torch_n = 20 if batch <= 512 else 2
+    gpu = device == "gpu"
+    updates = 50 if batch <= 512 or gpu else 4
+    torch_n = 20 if batch <= 512 or gpu else 2
     jx = jax_update(batch, updates, artifact)
-    t_full = torch_update(batch, M)
-    t_one = torch_update(batch, 1)
+    t_full = torch_update(batch, M, device="cuda" if gpu else "cpu")
+    t_one = torch_update(batch, 1, device="cuda" if gpu else "cpu")
     rates: dict[str, list[float]] = {"jax": [], "torch": [], "torch1": [], "particles": []}
     for _ in range(rounds):
         rates["torch"].append(1.0 / _timed(t_full, torch_n))
@@ -331,6 +361,7 @@ class Args:
 
     quick: bool = False  # 3 rounds instead of 7, no training row
     batches: tuple[int, ...] = (256, 4096)  # batch sizes B
+    device: str = "cpu"  # "cpu" (one thread each) or "gpu" (jax's GPU backend, PyTorch on cuda)
 
 
 def parse_args(argv: Sequence[str]) -> Args:
@@ -342,31 +373,44 @@ def parse_args(argv: Sequence[str]) -> Args:
     if not args.batches or min(args.batches) < 1:
         sys.stderr.write(f"{prog}: error: --batches must be >= 1, got {list(args.batches)}\n")
         raise SystemExit(2)
+    if args.device not in ("cpu", "gpu"):
+        sys.stderr.write(f"{prog}: error: --device must be 'cpu' or 'gpu', got {args.device!r}\n")
+        raise SystemExit(2)
+    if args.device == "gpu" and jax.default_backend() != "gpu":
+        sys.stderr.write(f"{prog}: error: --device gpu but jax's default backend is {jax.default_backend()!r} "
+                         "(install jax with its CUDA plugin, or leave --device at cpu)\n")
+        raise SystemExit(2)
     return args
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     rounds = 3 if args.quick else 7
+    gpu = args.device == "gpu"
+    if gpu:  # full f32 dots, as PyTorch's default (XLA:GPU's default precision would take TF32)
+        jax.config.update("jax_default_matmul_precision", "highest")
+    where = "GPU" if gpu else "1 thread"
+    sizes = (2048, 4096, 8192) if gpu else (512, 1024, 2048)
     artifact = synthetic_artifact()
     load0 = os.getloadavg()
-    peak = matmul_peak()
-    torch_peak = torch_matmul_peak()
-    results = [bench_batch(b, rounds, artifact, profile=True) for b in args.batches]
-    peak = max(peak, matmul_peak())  # measured again after the rows; the better of the two
-    torch_peak = max(torch_peak, torch_matmul_peak())
+    peak = matmul_peak(sizes)
+    torch_peak = torch_matmul_peak(sizes, device="cuda" if gpu else "cpu")
+    results = [bench_batch(b, rounds, artifact, profile=not gpu, device=args.device) for b in args.batches]
+    peak = max(peak, matmul_peak(sizes))  # measured again after the rows; the better of the two
+    torch_peak = max(torch_peak, torch_matmul_peak(sizes, device="cuda" if gpu else "cpu"))
     load1 = os.getloadavg()
 
     print(f"| row | B | M | nets | updates/s (median of {rounds} rounds) | jax / this row (median per-round ratio) |")
     print("|---|---:|---:|---|---:|---:|")
     for r in results:
         md = r["median"]
-        print(f"| torch update (FSRL-style, 16-sample target, 1 thread) | {r['batch']} | {M} | 128x128 | {md['torch']:.2f} | {r['ratio_torch']:.2f}x |")
-        print(f"| torch update (FSRL's 1-sample target, 1 thread) | {r['batch']} | {M} | 128x128 | {md['torch1']:.2f} | {r['ratio_torch1']:.2f}x |")
-        print(f"| **jax update (meg-jax, 1 thread)** | {r['batch']} | {M} | 128x128 | **{md['jax']:.2f}** | - |")
+        print(f"| torch update (FSRL-style, 16-sample target, {where}) | {r['batch']} | {M} | 128x128 | {md['torch']:.2f} | {r['ratio_torch']:.2f}x |")
+        print(f"| torch update (FSRL's 1-sample target, {where}) | {r['batch']} | {M} | 128x128 | {md['torch1']:.2f} | {r['ratio_torch1']:.2f}x |")
+        print(f"| **jax update (meg-jax, {where})** | {r['batch']} | {M} | 128x128 | **{md['jax']:.2f}** | - |")
     jax_peak, peak = peak, max(peak, torch_peak)  # the machine's peak: the faster library's
-    print(f"\nmeasured f32 matmul peak (1 thread, best of 512/1024/2048): jnp.dot {jax_peak:.1f}, torch.mm "
-          f"{torch_peak:.1f} GFLOP/s; fractions below are of the larger, {peak:.1f}")
+    precision = " (both full f32: jax_default_matmul_precision='highest', PyTorch's TF32 off)" if gpu else ""
+    print(f"\nmeasured f32 matmul peak ({where}, best of {'/'.join(map(str, sizes))}){precision}: jnp.dot "
+          f"{jax_peak:.1f}, torch.mm {torch_peak:.1f} GFLOP/s; fractions below are of the larger, {peak:.1f}")
     print("\n| B | GFLOP per update (XLA) | achieved GFLOP/s | fraction of peak | particle eval GFLOP | its GFLOP/s | its fraction | dual iterations | compile s |")
     print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in results:
@@ -392,8 +436,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             for name, ms, share, src in r["profile"]:
                 print(f"| {name} | {ms:.3f} | {share:.1%} | `{src}` |")
     if not args.quick:
-        ups, env_s = training_rate(artifact, 10)
-        print(f"\njax training block (N=1024 envs, 4 updates per step, B=256): {ups:.1f} updates/s, {env_s:.0f} env steps/s")
+        print()
+        for b in args.batches if gpu else (256,):
+            ups, env_s = training_rate(artifact, 10, b)
+            print(f"jax training block (N=1024 envs, 4 updates per step, B={b}, {where}): {ups:.1f} updates/s, "
+                  f"{env_s:.0f} env steps/s")
     print(f"\njax {jax.__version__}, backend {jax.default_backend()}; load average (1 min) {load0[0]:.1f} before, "
           f"{load1[0]:.1f} after; XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}; "
           f"CPUs this process may use: {sorted(os.sched_getaffinity(0))} of {os.cpu_count()}")

@@ -95,3 +95,18 @@ def test_flags_reach_the_scripts():
                                     "--grad_accum", "2", "--batch_per_device", "4", "--params", "fsdp"])
     assert plan.rollout_remat and not plan.flops and plan.grad_accum == 2 and plan.params == "fsdp"
     assert plan_distill.distill_config(plan).student.batch_size == 32  # 4 per device x 8 data-axis devices
+
+
+def test_bench_cvpo_device_is_checked_before_any_work(capsys):
+    """``--device`` other than cpu/gpu, and gpu where jax has no GPU backend, exit 2 naming it."""
+    import jax
+
+    from eval import bench_cvpo
+
+    assert bench_cvpo.parse_args(["--device", "cpu"]).device == "cpu"
+    bad = [["--device", "tpu"]] + ([["--device", "gpu"]] if jax.default_backend() != "gpu" else [])
+    for argv in bad:
+        with pytest.raises(SystemExit) as e:
+            bench_cvpo.parse_args(argv)
+        assert e.value.code == 2
+        assert "--device" in capsys.readouterr().err

@@ -370,3 +370,11 @@ def test_discrete_head_learns_with_exact_estep(artifact):
     # feasible at the harness's 2 % tolerance; 3 standard errors (paired episodes) above fixed
     assert result.feasible, result
     assert result.quality > fixed.avg_quality + 3 * result.quality_se, (result, fixed.avg_quality)
+
+
+def test_rows_per_chunk_default_to_one_call_off_the_cpu():
+    """XLA:CPU keeps its cache-sized chunks; a GPU or TPU evaluates every row in one call."""
+    assert cvpo.default_rows_per_chunk(256, "cpu") == 256
+    for backend in ("gpu", "tpu"):
+        assert cvpo.default_rows_per_chunk(256, backend) >= 1 << 20
+    assert cvpo.default_rows_per_chunk(512) == (512 if jax.default_backend() == "cpu" else cvpo.UNCHUNKED)

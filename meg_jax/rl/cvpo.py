@@ -203,13 +203,21 @@ def env_num_envs(env: Any) -> int:
 
 
 # ----------------------------------------------------------------------------- the agent
+# XLA:CPU: chunks that keep a layer's activations in cache (measured in eval/bench_cvpo.py)
 PARTICLE_ROWS_PER_CHUNK = 256  # (state, action) pairs per chunk of the particle evaluation
 CRITIC_ROWS_PER_CHUNK = 512  # batch rows per chunk of the critics' TD step (4 heads x 512 x 128 f32 = 1 MiB)
+UNCHUNKED = 1 << 30  # a chunk larger than any batch: one call
+
+
+def default_rows_per_chunk(cpu_rows: int, backend: Optional[str] = None) -> int:
+    """``cpu_rows`` on XLA:CPU; on a GPU or TPU one unchunked call (each chunk of a loop is a
+    kernel launch of its own there: B = 4096 ran 256 particle chunks in sequence on an H200)."""
+    return cpu_rows if (backend or jax.default_backend()) == "cpu" else UNCHUNKED
 
 
 def make_cvpo(
-    config: CVPOConfig, env: Any, mesh: Optional[Mesh] = None, *, particle_rows_per_chunk: int = PARTICLE_ROWS_PER_CHUNK,
-    critic_rows_per_chunk: int = CRITIC_ROWS_PER_CHUNK,
+    config: CVPOConfig, env: Any, mesh: Optional[Mesh] = None, *, particle_rows_per_chunk: Optional[int] = None,
+    critic_rows_per_chunk: Optional[int] = None,
 ) -> CVPOAgent:
     """Binds CVPO to a batched environment.
 
@@ -222,13 +230,19 @@ def make_cvpo(
         how the state is placed, see ``meg_jax.rl.sharding``).
       particle_rows_per_chunk: chunk size of the next-state particle evaluation (speed only;
         ``eval/bench_cvpo.py`` sets it to B x K, one chunk, to count FLOPs without a loop).
+        None: :func:`default_rows_per_chunk` of ``PARTICLE_ROWS_PER_CHUNK``.
       critic_rows_per_chunk: batch rows per chunk of the critics' loss and gradient (speed
-        only, ``blocks.chunked_value_and_grad``; B or more: one unchunked call).
+        only, ``blocks.chunked_value_and_grad``; B or more: one unchunked call). None:
+        :func:`default_rows_per_chunk` of ``CRITIC_ROWS_PER_CHUNK``.
 
     Returns:
       the agent's pure functions.
     """
     _validate(config, env)
+    if particle_rows_per_chunk is None:
+        particle_rows_per_chunk = default_rows_per_chunk(PARTICLE_ROWS_PER_CHUNK)
+    if critic_rows_per_chunk is None:
+        critic_rows_per_chunk = default_rows_per_chunk(CRITIC_ROWS_PER_CHUNK)
     num_envs = env_num_envs(env)
     limits = env_limits(env)
     m = int(limits.shape[0])
