@@ -12,6 +12,7 @@ import optax
 import pytest
 
 import meg_jax.env as menv
+from meg_jax.env import meg_env
 from meg_jax.env import oracle as env_oracle
 from meg_jax.meg.artifact import synthetic_artifact
 from meg_jax.rl import baselines, cvpo, networks
@@ -370,6 +371,110 @@ def test_discrete_head_learns_with_exact_estep(artifact):
     # feasible at the harness's 2 % tolerance; 3 standard errors (paired episodes) above fixed
     assert result.feasible, result
     assert result.quality > fixed.avg_quality + 3 * result.quality_se, (result, fixed.avg_quality)
+
+
+def test_action_coordinates_place_every_discrete_action_on_its_grid(artifact):
+    """Action i = k_idx * R + r_idx sits at (K, r) of ``discrete_to_choice``, each mapped linearly
+    onto [-1, 1] over its grid: the grid's ends at -1 and 1, the order the policy's logits use."""
+    denv = menv.make("tiny", num_envs=2, episode_length=4, artifact=artifact, discrete=True)
+    p = denv.params
+    coords = denv.unwrapped.action_coordinates
+    assert coords.shape == (denv.num_actions, 2) and coords.dtype == np.float32
+    steps, ratios = np.asarray(p.steps, np.float64), np.asarray(p.merge_ratios, np.float64)
+    for i in range(denv.num_actions):
+        k_idx, r = meg_env.discrete_to_choice(p, jnp.asarray(i))
+        k = steps[int(k_idx)]
+        np.testing.assert_allclose(coords[i, 0], 2 * (k - steps.min()) / np.ptp(steps) - 1, atol=1e-6)
+        np.testing.assert_allclose(coords[i, 1], 2 * (float(r) - ratios.min()) / np.ptp(ratios) - 1, atol=1e-6)
+    assert coords.min() == -1.0 and coords.max() == 1.0
+
+
+def _fit(net: networks.nn.Module, obs: jax.Array, action: jax.Array, target: jax.Array, steps: int) -> object:
+    """Adam regression of a discrete critic ensemble's taken-action values on ``target`` [B]."""
+    params = net.init(jax.random.PRNGKey(0), obs[:1])
+    tx = optax.adam(3e-3)
+
+    def loss(p):
+        if isinstance(net, networks.CoordinateCriticEnsemble):  # the taken actions' rows only, as the TD step
+            q = net.apply(p, obs, action)[:, 0]
+        else:
+            q = jnp.take_along_axis(net.apply(p, obs), action[:, None, None], axis=1)[:, 0, 0]
+        return jnp.mean((q - target) ** 2)
+
+    @jax.jit
+    def step(carry, _):
+        p, opt = carry
+        g = jax.grad(loss)(p)
+        upd, opt = tx.update(g, opt, p)
+        return (optax.apply_updates(p, upd), opt), None
+
+    (params, _), _ = jax.lax.scan(step, (params, tx.init(params)), None, length=steps)
+    return params
+
+
+def test_coordinate_critic_carries_what_it_learns_to_actions_it_never_saw():
+    """Values that vary smoothly over a 5 x 5 action grid, learnt from the 13 actions of a
+    checkerboard: the coordinate critic predicts the 12 actions it never saw (error ~ its fit),
+    the table critic cannot (its unseen outputs stay at their initial ~0). Its all-actions call
+    and its taken-action call are the same MLP on the same rows."""
+    k, r = np.meshgrid(np.linspace(-1, 1, 5), np.linspace(-1, 1, 5), indexing="ij")
+    coords = np.stack([k.ravel(), r.ravel()], -1).astype(np.float32)  # [25, 2]
+    seen = np.flatnonzero((np.arange(25) // 5 + np.arange(25) % 5) % 2 == 0)  # 13 of 25
+    key_o, key_a = jax.random.split(jax.random.PRNGKey(1))
+    obs = jax.random.uniform(key_o, (2048, 3), minval=-1.0, maxval=1.0)
+
+    def value(o, c):  # smooth in (obs [..., 3], coordinates [..., 2]), O(1); broadcasts to [...]
+        return o[..., 0] + 0.8 * c[..., 0] - 0.5 * c[..., 1] * o[..., 1] + 0.3 * c[..., 0] * c[..., 1]
+
+    action = jnp.asarray(seen)[jax.random.randint(key_a, (2048,), 0, seen.size)]
+    target = value(obs, jnp.asarray(coords)[action])  # [B]
+    coord_net = networks.CoordinateCriticEnsemble((32, 32), 1, tuple(map(tuple, coords.tolist())))
+    table_net = networks.DiscreteCriticEnsemble((32, 32), 1, 25)
+    truth = value(obs[:, None, :], jnp.asarray(coords)[None])  # [B, 25]
+    unseen = np.setdiff1d(np.arange(25), seen)
+    errors = {}
+    for name, net in (("coordinates", coord_net), ("table", table_net)):
+        params = _fit(net, obs, action, target, 1500)
+        q = net.apply(params, obs)[..., 0]  # [B, 25]
+        errors[name] = (float(jnp.sqrt(jnp.mean((q[:, seen] - truth[:, seen]) ** 2))),
+                        float(jnp.sqrt(jnp.mean((q[:, unseen] - truth[:, unseen]) ** 2))))
+    # measured (rms, against values of rms 0.83-0.89): coordinates 0.026 seen / 0.041 unseen,
+    # table 0.018 seen / 1.11 unseen (its unseen outputs never get a gradient)
+    assert errors["coordinates"][0] < 0.05 and errors["table"][0] < 0.05, errors
+    assert errors["coordinates"][1] < 0.1, errors
+    assert errors["table"][1] > 0.5, errors
+    # the taken-action call is the all-actions call at those actions: the same MLP on the same
+    # rows in another batch shape (float32 rounding of O(1) values: 1e-6 relative)
+    params = coord_net.init(jax.random.PRNGKey(3), obs[:1])
+    every = coord_net.apply(params, obs)  # [B, 25, 1]
+    taken = coord_net.apply(params, obs, action)  # [B, 1]
+    np.testing.assert_allclose(taken, jnp.take_along_axis(every, action[:, None, None], axis=1)[:, 0], rtol=1e-5, atol=1e-6)
+
+
+def test_discrete_critic_coordinates_updates_and_bad_values_are_refused(artifact):
+    """An update block with the coordinate critics runs and stays finite; a bad
+    ``cvpo.discrete_critic`` and an environment without coordinates are refused by name."""
+    denv = menv.make("tiny", num_envs=8, episode_length=8, artifact=artifact, discrete=True)
+    config = dataclasses.replace(TINY, discrete=True, discrete_critic="coordinates")
+    agent = cvpo.make_cvpo(config, denv)
+    state = jax.jit(agent.init)(jax.random.PRNGKey(0))
+    for i in range(6):  # 6 blocks x 8 envs: updates start after min_replay = 32 transitions
+        state, metrics = jax.jit(agent.train_step)(state, jax.random.PRNGKey(i))
+    assert float(metrics["updated"][-1]) == 1.0
+    chex.assert_tree_all_finite((state.actor, state.critic, metrics["critic_loss"]))
+    assert "Dense_0" in state.critic["params"]["VmapMLP_0"]  # one MLP per head, the coordinates its input
+    assert state.critic["params"]["VmapMLP_0"]["Dense_0"]["kernel"].shape[1] == denv.observation_size + 2
+    with pytest.raises(ValueError, match="cvpo.discrete_critic"):
+        cvpo.make_cvpo(dataclasses.replace(config, discrete_critic="grid"), denv)
+
+    class NoCoordinates:  # an environment that exposes no action coordinates
+        unwrapped = type("Bare", (), {"discrete": True})()
+
+        def __getattr__(self, name):
+            return getattr(denv, name)
+
+    with pytest.raises(ValueError, match="action_coordinates"):
+        cvpo.make_cvpo(config, NoCoordinates())
 
 
 def test_rows_per_chunk_default_to_one_call_off_the_cpu():

@@ -59,6 +59,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from brax.envs.base import Env, State
 from jax import Array
 
@@ -404,6 +405,22 @@ class MEGEnv(Env):
     def num_actions(self) -> int:
         """Number of discrete actions K x R (the discrete policy's logits)."""
         return self.params.num_actions
+
+    @property
+    def action_coordinates(self) -> np.ndarray:
+        """[K x R, 2] float32 (steps K, merge ratio r) of every discrete action, each mapped
+        linearly onto [-1, 1] over its grid (a one-point grid maps to 0), in the action order
+        ``k_idx * R + r_idx``: the inputs of critics that read an action by where it lies on
+        the grid (``cvpo.discrete_critic="coordinates"``) instead of by its index."""
+        steps = np.asarray(self.params.steps, np.float64)
+        ratios = np.asarray(self.params.merge_ratios, np.float64)
+
+        def unit(v: np.ndarray) -> np.ndarray:
+            span = v.max() - v.min()
+            return np.zeros_like(v) if span == 0 else 2.0 * (v - v.min()) / span - 1.0
+
+        k, r = np.meshgrid(unit(steps), unit(ratios), indexing="ij")  # [K, R]: k_idx major
+        return np.stack([k.ravel(), r.ravel()], axis=-1).astype(np.float32)
 
     @property
     def backend(self) -> str:

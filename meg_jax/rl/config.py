@@ -127,6 +127,11 @@ class CVPOConfig:
     # "min" (clipped double Q, Fujimoto et al. 2018) or "mean". The min is biased low by about the
     # critics' disagreement, largest for the actions the policy rarely takes
     reward_combine: str = "min"
+    # how the discrete head's critics read an action: "table" (one output per action of the K x r
+    # grid, each learnt only from the transitions that took it) or "coordinates" (the action's
+    # (K, r), scaled to [-1, 1], is an input of the critic MLP, so neighbouring actions share
+    # what they learn; A times the rows in the particle evaluation). Continuous head: unused
+    discrete_critic: str = "table"
 
 
 @dataclasses.dataclass(frozen=True)

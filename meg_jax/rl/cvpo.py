@@ -56,7 +56,9 @@ Conventions (documented choices where the paper is silent):
   reward, so they learn Q less a constant (per state the same for every action);
 * ``reward_critics`` reward critics (2, the twins, by default) combine by their min (default)
   or their mean (``reward_combine``), in the TD target and the E-step alike;
-* the discrete head's E-step is exact: every action of the K x r grid, weighted by pi_old.
+* the discrete head's E-step is exact: every action of the K x r grid, weighted by pi_old;
+  its critics read an action as one output of A (``discrete_critic="table"``) or through the
+  action's (K, r) coordinates as an MLP input (``"coordinates"``, shared across neighbours).
 
 ``make_cvpo(config, env, mesh)`` returns the pure functions; ``make_train(config, env,
 num_blocks)`` returns ``train(key)`` for a whole run (vmappable over seeds).
@@ -69,6 +71,7 @@ from typing import Any, Callable, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import struct
 from jax.sharding import Mesh
@@ -259,9 +262,15 @@ def make_cvpo(
     if discrete:
         num_actions = int(env.num_actions)
         actor_net = networks.CategoricalPolicy(config.actor_hidden, num_actions)
-        critic_net = networks.DiscreteCriticEnsemble(
-            config.critic_hidden, num_heads, num_actions, config.critic_layer_norm
-        )
+        if config.discrete_critic == "coordinates":
+            coords = np.asarray(env.unwrapped.action_coordinates, np.float32)
+            critic_net = networks.CoordinateCriticEnsemble(
+                config.critic_hidden, num_heads, tuple(map(tuple, coords.tolist())), config.critic_layer_norm
+            )
+        else:
+            critic_net = networks.DiscreteCriticEnsemble(
+                config.critic_hidden, num_heads, num_actions, config.critic_layer_norm
+            )
     else:
         action_dim = int(env.action_size)
         actor_net = networks.GaussianPolicy(config.actor_hidden, action_dim, config.init_std, config.min_std)
@@ -417,7 +426,9 @@ def make_cvpo(
 
         def loss_fn(params, rows):
             obs, action, target = rows
-            if discrete:
+            if discrete and config.discrete_critic == "coordinates":
+                q = critic_net.apply(params, obs, action)  # [rows, H]: the taken actions only
+            elif discrete:
                 q_all = critic_net.apply(params, obs)  # [rows, A, H]
                 q = jnp.take_along_axis(q_all, action[:, None, None], axis=1)[:, 0]
             else:
@@ -652,6 +663,16 @@ def _validate(config: CVPOConfig, env: Any) -> None:
         problems.append(f"cvpo.reward_combine must be 'min' or 'mean', got {config.reward_combine!r}")
     if config.n_step < 1:
         problems.append(f"cvpo.n_step must be >= 1, got {config.n_step}")
+    if config.discrete_critic not in ("table", "coordinates"):
+        problems.append(f"cvpo.discrete_critic must be 'table' or 'coordinates', got {config.discrete_critic!r}")
+    elif config.discrete_critic == "coordinates" and config.discrete:
+        coords = getattr(env.unwrapped, "action_coordinates", None)
+        if coords is None:
+            problems.append(f"cvpo.discrete_critic='coordinates' needs an environment with action_coordinates "
+                            f"(an [A, F] array); {type(env.unwrapped).__name__} has none")
+        elif np.ndim(coords) != 2 or np.shape(coords)[0] != int(env.num_actions):
+            problems.append(f"cvpo.discrete_critic='coordinates': the environment's action_coordinates has shape "
+                            f"{np.shape(coords)}, expected [num_actions={int(env.num_actions)}, F]")
     if config.replay_capacity < env_num_envs(env):
         problems.append(
             f"cvpo.replay_capacity={config.replay_capacity} is below the {env_num_envs(env)} parallel "

@@ -135,6 +135,36 @@ class DiscreteCriticEnsemble(nn.Module):
         return heads(obs)
 
 
+class CoordinateCriticEnsemble(nn.Module):
+    """``num_heads`` Q(s, a) MLPs of a discrete action read through its coordinates.
+
+    Each head is one MLP of ``[obs, coordinates[a]]`` (``coordinates`` [A, F], e.g. an action's
+    (K, r) on the grid), so what a head learns of one action carries to its neighbours on the
+    grid, where :class:`DiscreteCriticEnsemble`'s A independent outputs learn each action only
+    from the transitions that took it.
+
+    ``__call__(obs)`` -> [..., A, num_heads] (every action, as ``DiscreteCriticEnsemble``);
+    ``__call__(obs, action)`` with int ``action`` [...] -> [..., num_heads] (the taken actions
+    only: the TD step's rows, without the work of the other A - 1).
+    """
+
+    hidden: Sequence[int]
+    num_heads: int
+    coordinates: tuple[tuple[float, ...], ...]  # [A][F], hashable (a module attribute)
+    layer_norm: bool = True
+
+    @nn.compact
+    def __call__(self, obs: jax.Array, action: jax.Array | None = None) -> jax.Array:
+        coords = jnp.asarray(self.coordinates, jnp.float32)  # [A, F]
+        heads = _mlp_ensemble(self.num_heads, self.hidden, 1, self.layer_norm)
+        if action is not None:
+            return heads(jnp.concatenate([obs, coords[action]], axis=-1))[..., 0, :]
+        lead = obs.shape[:-1] + (coords.shape[0],)
+        x = jnp.concatenate([jnp.broadcast_to(obs[..., None, :], lead + obs.shape[-1:]),
+                             jnp.broadcast_to(coords, lead + coords.shape[-1:])], axis=-1)
+        return heads(x)[..., 0, :]
+
+
 class ValueEnsemble(nn.Module):
     """``num_heads`` V(s) MLPs; returns [..., num_heads]."""
 
