@@ -483,3 +483,30 @@ def test_rows_per_chunk_default_to_one_call_off_the_cpu():
     for backend in ("gpu", "tpu"):
         assert cvpo.default_rows_per_chunk(256, backend) >= 1 << 20
     assert cvpo.default_rows_per_chunk(512) == (512 if jax.default_backend() == "cpu" else cvpo.UNCHUNKED)
+
+
+def test_critic_lr_halflife_decays_the_critics_step(env):
+    """With ``critic_lr_halflife`` h the critics' Adam step at update t is critic_lr / (1 + t / h):
+    the first update (t = 0) moves the critics exactly as the constant step does, so the second
+    starts from the same parameters with the same gradient and moves them by 1 / (1 + 1 / h) of
+    the constant step's move (Adam's direction m / sqrt(v) is the same in both runs)."""
+    config = dataclasses.replace(TINY, updates_per_block=1)
+    key1, key2 = jax.random.PRNGKey(9), jax.random.PRNGKey(10)
+    moves = {}
+    for h in (0, 1, 4):
+        config_h = dataclasses.replace(config, critic_lr_halflife=h)
+        state = _state_with_random_replay(config_h, env)  # the same parameters and replay; the
+        agent = cvpo.make_cvpo(config_h, env)  # optimiser state holds the schedule's count when h > 0
+        step = jax.jit(agent.update_block)
+        s1, _ = step(state, key1)
+        s2, _ = step(s1, key2)
+        moves[h] = (jax.tree.leaves(jax.tree.map(jnp.subtract, s1.critic, state.critic)),
+                    jax.tree.leaves(jax.tree.map(jnp.subtract, s2.critic, s1.critic)))
+    for h, factor in ((1, 0.5), (4, 0.8)):
+        for got, ref in zip(moves[h][0], moves[0][0]):  # t = 0: the same step
+            np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-8)
+        for got, ref in zip(moves[h][1], moves[0][1]):  # t = 1: the step times 1 / (1 + 1 / h)
+            # moves of ~lr = 1e-3 taken as differences of O(1) float32 parameters: ~1e-7 absolute
+            np.testing.assert_allclose(got, factor * ref, rtol=1e-3, atol=3e-7)
+    with pytest.raises(ValueError, match="cvpo.critic_lr_halflife"):
+        cvpo.make_cvpo(dataclasses.replace(config, critic_lr_halflife=-1), env)

@@ -18,8 +18,9 @@ __all__ = ["clipped_adam", "batch_constrainer", "update_when_ready", "scan_train
            "chunked_value_and_grad"]
 
 
-def clipped_adam(learning_rate: float, max_grad_norm: float) -> optax.GradientTransformation:
-    """Adam after global-norm gradient clipping (every RL optimiser of the project)."""
+def clipped_adam(learning_rate: float | optax.Schedule, max_grad_norm: float) -> optax.GradientTransformation:
+    """Adam after global-norm gradient clipping (every RL optimiser of the project); the step
+    a constant or an optax schedule of the update count."""
     return optax.chain(optax.clip_by_global_norm(max_grad_norm), optax.adam(learning_rate))
 
 

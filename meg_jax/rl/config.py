@@ -132,6 +132,10 @@ class CVPOConfig:
     # (K, r), scaled to [-1, 1], is an input of the critic MLP, so neighbouring actions share
     # what they learn; A times the rows in the particle evaluation). Continuous head: unused
     discrete_critic: str = "table"
+    # > 0: the critics' Adam step decays as critic_lr / (1 + t / critic_lr_halflife) over updates t
+    # (halved after that many updates), so late in training the critics average their noisy
+    # targets over ever more batches (a Robbins-Monro step); 0 = the constant critic_lr
+    critic_lr_halflife: int = 0
 
 
 @dataclasses.dataclass(frozen=True)

@@ -58,7 +58,8 @@ Conventions (documented choices where the paper is silent):
   or their mean (``reward_combine``), in the TD target and the E-step alike;
 * the discrete head's E-step is exact: every action of the K x r grid, weighted by pi_old;
   its critics read an action as one output of A (``discrete_critic="table"``) or through the
-  action's (K, r) coordinates as an MLP input (``"coordinates"``, shared across neighbours).
+  action's (K, r) coordinates as an MLP input (``"coordinates"``, shared across neighbours);
+* ``critic_lr_halflife`` > 0: the critics' step decays as 1 / (1 + t / halflife).
 
 ``make_cvpo(config, env, mesh)`` returns the pure functions; ``make_train(config, env,
 num_blocks)`` returns ``train(key)`` for a whole run (vmappable over seeds).
@@ -277,7 +278,10 @@ def make_cvpo(
         critic_net = networks.CriticEnsemble(config.critic_hidden, num_heads, config.critic_layer_norm)
 
     actor_tx = blocks.clipped_adam(config.actor_lr, config.max_grad_norm)
-    critic_tx = blocks.clipped_adam(config.critic_lr, config.max_grad_norm)
+    critic_lr: float | optax.Schedule = config.critic_lr
+    if config.critic_lr_halflife > 0:
+        critic_lr = lambda t: config.critic_lr / (1.0 + t / config.critic_lr_halflife)  # noqa: E731
+    critic_tx = blocks.clipped_adam(critic_lr, config.max_grad_norm)
 
     constrain = blocks.batch_constrainer(mesh)
     critic_chunks = blocks.num_row_chunks(config.batch_size, critic_rows_per_chunk)
@@ -663,6 +667,8 @@ def _validate(config: CVPOConfig, env: Any) -> None:
         problems.append(f"cvpo.reward_combine must be 'min' or 'mean', got {config.reward_combine!r}")
     if config.n_step < 1:
         problems.append(f"cvpo.n_step must be >= 1, got {config.n_step}")
+    if config.critic_lr_halflife < 0:
+        problems.append(f"cvpo.critic_lr_halflife must be >= 0 (0: constant step), got {config.critic_lr_halflife}")
     if config.discrete_critic not in ("table", "coordinates"):
         problems.append(f"cvpo.discrete_critic must be 'table' or 'coordinates', got {config.discrete_critic!r}")
     elif config.discrete_critic == "coordinates" and config.discrete:
