@@ -17,6 +17,9 @@ the footer prints the CPUs the process may use):
   replay sampling, one evaluation of pi_old's K = 16 actions at each next state by all four
   critic heads, TD step of the critics, the E-step dual solved to tolerance, the M-step with
   its KL backtracking, polyak averaging. The replay is filled first (64 envs x 1 step).
+  Twice: all in float32, and with ``cvpo.particle_matmul_dtype="bfloat16"`` (the particle
+  evaluation's hidden GEMMs on bfloat16 operands, float32 accumulation: AMX on CPUs that have
+  it; the rest of the update float32). The FLOPs, profile and peak tables are the float32 one's.
 * ``torch update (FSRL-style)``: FSRL 0.1.0's CVPO update (``fsrl/policy/cvpo.py``: ``learn`` =
   ``critics_loss`` + ``policy_loss``, then ``sync_weight``) written out in PyTorch at the same
   sizes: twin reward critics and one cost critic per constraint as separate 128x128 MLPs,
@@ -78,10 +81,10 @@ PREFIX = "jit(update_block)/while/body/closed_call/"
 
 
 # ------------------------------------------------------------------------------ jax
-def _config(batch: int, updates: int) -> CVPOConfig:
+def _config(batch: int, updates: int, dtype: str = "float32") -> CVPOConfig:
     return CVPOConfig(
         actor_hidden=(HIDDEN, HIDDEN), critic_hidden=(HIDDEN, HIDDEN), batch_size=batch, num_action_samples=M,
-        target_samples=M, min_replay=64, updates_per_block=updates,
+        target_samples=M, min_replay=64, updates_per_block=updates, particle_matmul_dtype=dtype,
     )
 
 
@@ -91,10 +94,11 @@ def _env(artifact: Any, num_envs: int = 64) -> Any:
     return menv.make("tiny", num_envs=num_envs, episode_length=32, artifact=artifact)
 
 
-def jax_update(batch: int, updates: int, artifact: Any) -> dict[str, Any]:
-    """The jitted update block on a filled replay: call(), lower(), compile seconds, FLOPs per update."""
+def jax_update(batch: int, updates: int, artifact: Any, dtype: str = "float32") -> dict[str, Any]:
+    """The jitted update block on a filled replay: call(), lower(), compile seconds, FLOPs per update
+    (``dtype``: ``cvpo.particle_matmul_dtype``)."""
     env = _env(artifact)
-    agent = cvpo.make_cvpo(_config(batch, updates), env)
+    agent = cvpo.make_cvpo(_config(batch, updates, dtype), env)
     state = jax.jit(agent.init)(jax.random.PRNGKey(0))
     state, _ = jax.jit(agent.train_step)(state, jax.random.PRNGKey(1))  # fills the replay (64 transitions)
     step = jax.jit(agent.update_block, donate_argnums=0)
@@ -330,19 +334,25 @@ def bench_batch(batch: int, rounds: int, artifact: Any, profile: bool, device: s
     updates = 50 if batch <= 512 or gpu else 4
     torch_n = 20 if batch <= 512 or gpu else 2
     jx = jax_update(batch, updates, artifact)
+    jx16 = jax_update(batch, updates, artifact, "bfloat16")
     t_full = torch_update(batch, M, device="cuda" if gpu else "cpu")
     t_one = torch_update(batch, 1, device="cuda" if gpu else "cpu")
-    rates: dict[str, list[float]] = {"jax": [], "torch": [], "torch1": [], "particles": []}
+    rates: dict[str, list[float]] = {"jax": [], "jax_bf16": [], "torch": [], "torch1": [], "particles": []}
     for _ in range(rounds):
         rates["torch"].append(1.0 / _timed(t_full, torch_n))
         rates["jax"].append(updates / _timed(jx["call"], 1))
         rates["torch1"].append(1.0 / _timed(t_one, torch_n))
+        rates["jax_bf16"].append(updates / _timed(jx16["call"], 1))
         rates["particles"].append(1.0 / _timed(jx["particle_call"], 3))
     med = {k: statistics.median(v) for k, v in rates.items()}
+
+    def ratio(a: str, b: str) -> float:
+        return statistics.median(x / y for x, y in zip(rates[a], rates[b]))
+
     out = {
         "batch": batch, "updates_per_call": updates, "rounds": rounds, "median": med,
-        "ratio_torch": statistics.median(j / t for j, t in zip(rates["jax"], rates["torch"])),
-        "ratio_torch1": statistics.median(j / t for j, t in zip(rates["jax"], rates["torch1"])),
+        "ratio_torch": ratio("jax", "torch"), "ratio_torch1": ratio("jax", "torch1"),
+        "ratio_bf16_torch": ratio("jax_bf16", "torch"), "ratio_bf16_torch1": ratio("jax_bf16", "torch1"),
         "flops": jx["flops"], "particle_flops": jx["particle_flops"], "compile_s": jx["compile_s"],
         "dual_iterations": jx["dual_iterations"], "profile": [],
         "torch_flops": torch_update_flops(t_full),  # after the timed rounds: one more update, counted
@@ -400,13 +410,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     torch_peak = max(torch_peak, torch_matmul_peak(sizes, device="cuda" if gpu else "cpu"))
     load1 = os.getloadavg()
 
-    print(f"| row | B | M | nets | updates/s (median of {rounds} rounds) | jax / this row (median per-round ratio) |")
-    print("|---|---:|---:|---|---:|---:|")
+    print(f"| row | B | M | nets | updates/s (median of {rounds} rounds) | jax (f32) / this row | "
+          "jax (bf16 particle GEMMs) / this row |")
+    print("|---|---:|---:|---|---:|---:|---:|")
     for r in results:
-        md = r["median"]
-        print(f"| torch update (FSRL-style, 16-sample target, {where}) | {r['batch']} | {M} | 128x128 | {md['torch']:.2f} | {r['ratio_torch']:.2f}x |")
-        print(f"| torch update (FSRL's 1-sample target, {where}) | {r['batch']} | {M} | 128x128 | {md['torch1']:.2f} | {r['ratio_torch1']:.2f}x |")
-        print(f"| **jax update (meg-jax, {where})** | {r['batch']} | {M} | 128x128 | **{md['jax']:.2f}** | - |")
+        md, b = r["median"], r["batch"]
+        print(f"| torch update (FSRL-style, 16-sample target, {where}) | {b} | {M} | 128x128 | {md['torch']:.2f} | "
+              f"{r['ratio_torch']:.2f}x | {r['ratio_bf16_torch']:.2f}x |")
+        print(f"| torch update (FSRL's 1-sample target, {where}) | {b} | {M} | 128x128 | {md['torch1']:.2f} | "
+              f"{r['ratio_torch1']:.2f}x | {r['ratio_bf16_torch1']:.2f}x |")
+        print(f"| **jax update (meg-jax, f32, {where})** | {b} | {M} | 128x128 | **{md['jax']:.2f}** | - | - |")
+        print(f"| **jax update (meg-jax, bf16 particle GEMMs, {where})** | {b} | {M} | 128x128 | **{md['jax_bf16']:.2f}** | - | - |")
     jax_peak, peak = peak, max(peak, torch_peak)  # the machine's peak: the faster library's
     precision = " (both full f32: jax_default_matmul_precision='highest', PyTorch's TF32 off)" if gpu else ""
     print(f"\nmeasured f32 matmul peak ({where}, best of {'/'.join(map(str, sizes))}){precision}: jnp.dot "

@@ -173,6 +173,31 @@ def test_particle_evaluation_matches_the_critic_ensemble(layer_norm):
         np.testing.assert_allclose(got, ref, rtol=1e-5, atol=2e-5)
 
 
+def test_particle_evaluation_in_bfloat16_stays_within_its_rounding():
+    """``matmul_dtype=bfloat16`` rounds the hidden GEMM's operands to 8 significant bits
+    (unit roundoff u = 2^-8): each product carries a relative error up to ~2u, which the
+    LayerNorm and the last layer pass on to Q, so Q moves by up to ~2u of its scale. Bounds:
+    max |diff| < 4u max|Q|, rms diff < 2u rms(Q); and they do move (the bf16 path runs).
+    Measured here: max |diff| 0.010 = 0.72u max|Q|, rms 0.0025 = 0.69u rms(Q). The operands'
+    rounding (round to nearest even) is the same on every CPU; only the f32 accumulation order
+    may differ, ~1e-6 relative."""
+    u = 2.0**-8
+    net = networks.CriticEnsemble((128, 128), 4, True)
+    key = jax.random.PRNGKey(0)
+    params = net.init(key, jnp.zeros((1, 13)), jnp.zeros((1, 2)))
+    leaves, tree = jax.tree.flatten(params)
+    keys = jax.random.split(key, len(leaves))
+    params = jax.tree.unflatten(tree, [x + 0.1 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)])
+    obs = jax.random.normal(jax.random.PRNGKey(1), (256, 13))
+    actions = jax.random.uniform(jax.random.PRNGKey(2), (256, 16, 2), minval=-1.0, maxval=1.0)
+    ref = networks.critic_ensemble_particles(params, obs, actions, True, 4096)
+    got = networks.critic_ensemble_particles(params, obs, actions, True, 4096, jnp.bfloat16)
+    assert got.dtype == jnp.float32
+    diff = np.asarray(got - ref)
+    assert np.max(np.abs(diff)) < 4 * u * float(jnp.max(jnp.abs(ref))), np.max(np.abs(diff))
+    assert 1e-6 * float(jnp.sqrt(jnp.mean(ref**2))) < np.sqrt(np.mean(diff**2)) < 2 * u * float(jnp.sqrt(jnp.mean(ref**2)))
+
+
 def test_chunked_value_and_grad_matches_one_call():
     # a loss that is a sum over rows: chunked (interleaved rows, scan) = one value_and_grad
     # call up to float32 summation order; 24 rows in 4 chunks
@@ -510,3 +535,5 @@ def test_critic_lr_halflife_decays_the_critics_step(env):
             np.testing.assert_allclose(got, factor * ref, rtol=1e-3, atol=3e-7)
     with pytest.raises(ValueError, match="cvpo.critic_lr_halflife"):
         cvpo.make_cvpo(dataclasses.replace(config, critic_lr_halflife=-1), env)
+    with pytest.raises(ValueError, match="cvpo.particle_matmul_dtype"):
+        cvpo.make_cvpo(dataclasses.replace(config, particle_matmul_dtype="float16"), env)

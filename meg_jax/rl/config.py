@@ -136,6 +136,10 @@ class CVPOConfig:
     # (halved after that many updates), so late in training the critics average their noisy
     # targets over ever more batches (a Robbins-Monro step); 0 = the constant critic_lr
     critic_lr_halflife: int = 0
+    # operand type of the hidden GEMMs of the next-state particle evaluation (continuous head;
+    # the update's largest work): "float32", or "bfloat16" (products accumulated in float32; on
+    # CPUs with AMX and on GPUs several times the float32 rate)
+    particle_matmul_dtype: str = "float32"
 
 
 @dataclasses.dataclass(frozen=True)

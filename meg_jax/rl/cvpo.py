@@ -59,7 +59,9 @@ Conventions (documented choices where the paper is silent):
 * the discrete head's E-step is exact: every action of the K x r grid, weighted by pi_old;
   its critics read an action as one output of A (``discrete_critic="table"``) or through the
   action's (K, r) coordinates as an MLP input (``"coordinates"``, shared across neighbours);
-* ``critic_lr_halflife`` > 0: the critics' step decays as 1 / (1 + t / halflife).
+* ``critic_lr_halflife`` > 0: the critics' step decays as 1 / (1 + t / halflife);
+* ``particle_matmul_dtype="bfloat16"``: the particle evaluation's hidden GEMMs on bfloat16
+  operands (float32 accumulation), the rest of the update in float32.
 
 ``make_cvpo(config, env, mesh)`` returns the pure functions; ``make_train(config, env,
 num_blocks)`` returns ``train(key)`` for a whole run (vmappable over seeds).
@@ -390,7 +392,8 @@ def make_cvpo(
         a = networks.gaussian_sample(key, mean_old, std_old, num_particles)  # [K, B, d]
         a = jnp.swapaxes(a, 0, 1)  # [B, K, d]
         q = networks.critic_ensemble_particles(
-            state.target_critic, next_obs, jnp.clip(a, -1.0, 1.0), config.critic_layer_norm, particle_rows_per_chunk
+            state.target_critic, next_obs, jnp.clip(a, -1.0, 1.0), config.critic_layer_norm, particle_rows_per_chunk,
+            jnp.dtype(config.particle_matmul_dtype),
         )
         return (a, mean_old, std_old), q
 
@@ -667,6 +670,8 @@ def _validate(config: CVPOConfig, env: Any) -> None:
         problems.append(f"cvpo.reward_combine must be 'min' or 'mean', got {config.reward_combine!r}")
     if config.n_step < 1:
         problems.append(f"cvpo.n_step must be >= 1, got {config.n_step}")
+    if config.particle_matmul_dtype not in ("float32", "bfloat16"):
+        problems.append(f"cvpo.particle_matmul_dtype must be 'float32' or 'bfloat16', got {config.particle_matmul_dtype!r}")
     if config.critic_lr_halflife < 0:
         problems.append(f"cvpo.critic_lr_halflife must be >= 0 (0: constant step), got {config.critic_lr_halflife}")
     if config.discrete_critic not in ("table", "coordinates"):
