@@ -518,7 +518,7 @@ def test_critic_lr_halflife_decays_the_critics_step(env):
     config = dataclasses.replace(TINY, updates_per_block=1)
     key1, key2 = jax.random.PRNGKey(9), jax.random.PRNGKey(10)
     moves = {}
-    for h in (0, 1, 4):
+    for h in (0, 4):  # each h compiles its own update: two keep the test short
         config_h = dataclasses.replace(config, critic_lr_halflife=h)
         state = _state_with_random_replay(config_h, env)  # the same parameters and replay; the
         agent = cvpo.make_cvpo(config_h, env)  # optimiser state holds the schedule's count when h > 0
@@ -527,7 +527,7 @@ def test_critic_lr_halflife_decays_the_critics_step(env):
         s2, _ = step(s1, key2)
         moves[h] = (jax.tree.leaves(jax.tree.map(jnp.subtract, s1.critic, state.critic)),
                     jax.tree.leaves(jax.tree.map(jnp.subtract, s2.critic, s1.critic)))
-    for h, factor in ((1, 0.5), (4, 0.8)):
+    for h, factor in ((4, 0.8),):
         for got, ref in zip(moves[h][0], moves[0][0]):  # t = 0: the same step
             np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-8)
         for got, ref in zip(moves[h][1], moves[0][1]):  # t = 1: the step times 1 / (1 + 1 / h)
