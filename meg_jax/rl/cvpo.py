@@ -433,13 +433,7 @@ def make_cvpo(
 
         def loss_fn(params, rows):
             obs, action, target = rows
-            if discrete and config.discrete_critic == "coordinates":
-                q = critic_net.apply(params, obs, action)  # [rows, H]: the taken actions only
-            elif discrete:
-                q_all = critic_net.apply(params, obs)  # [rows, A, H]
-                q = jnp.take_along_axis(q_all, action[:, None, None], axis=1)[:, 0]
-            else:
-                q = critic_net.apply(params, obs, action)  # [rows, H]
+            q = critic_net.apply(params, obs, action)  # [rows, H]: the taken actions' values
             if critic_chunks == 1:
                 per_head = jnp.mean((q - target) ** 2, axis=0)  # [H]
             else:  # this chunk's share of the batch mean

@@ -122,7 +122,12 @@ class CriticEnsemble(nn.Module):
 
 
 class DiscreteCriticEnsemble(nn.Module):
-    """``num_heads`` Q(s, .) MLPs over every discrete action; returns [..., num_actions, num_heads]."""
+    """``num_heads`` Q(s, .) MLPs over every discrete action.
+
+    ``__call__(obs)`` -> [..., num_actions, num_heads]; ``__call__(obs, action)`` with int
+    ``action`` [...] -> [..., num_heads], the taken actions' values (the interface of
+    :class:`CoordinateCriticEnsemble` and, with a continuous action, of :class:`CriticEnsemble`).
+    """
 
     hidden: Sequence[int]
     num_heads: int
@@ -130,9 +135,12 @@ class DiscreteCriticEnsemble(nn.Module):
     layer_norm: bool = True
 
     @nn.compact
-    def __call__(self, obs: jax.Array) -> jax.Array:
+    def __call__(self, obs: jax.Array, action: jax.Array | None = None) -> jax.Array:
         heads = _mlp_ensemble(self.num_heads, self.hidden, self.num_actions, self.layer_norm)
-        return heads(obs)
+        q = heads(obs)
+        if action is None:
+            return q
+        return jnp.take_along_axis(q, action[..., None, None], axis=-2)[..., 0, :]
 
 
 class CoordinateCriticEnsemble(nn.Module):
