@@ -527,10 +527,11 @@ def test_critic_lr_halflife_decays_the_critics_step(env):
         moves[h] = (jax.tree.leaves(jax.tree.map(jnp.subtract, s1.critic, state.critic)),
                     jax.tree.leaves(jax.tree.map(jnp.subtract, s2.critic, s1.critic)))
     for h, factor in ((4, 0.8),):
+        # moves of ~lr = 1e-3 read as differences of O(1) float32 parameters carry the parameters'
+        # rounding, ~1e-7 absolute (two compiled programs may round the sum differently)
         for got, ref in zip(moves[h][0], moves[0][0]):  # t = 0: the same step
-            np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-8)
+            np.testing.assert_allclose(got, ref, rtol=1e-5, atol=3e-7)
         for got, ref in zip(moves[h][1], moves[0][1]):  # t = 1: the step times 1 / (1 + 1 / h)
-            # moves of ~lr = 1e-3 taken as differences of O(1) float32 parameters: ~1e-7 absolute
             np.testing.assert_allclose(got, factor * ref, rtol=1e-3, atol=3e-7)
     with pytest.raises(ValueError, match="cvpo.critic_lr_halflife"):
         cvpo.make_cvpo(dataclasses.replace(config, critic_lr_halflife=-1), env)
