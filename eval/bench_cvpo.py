@@ -94,9 +94,10 @@ def _env(artifact: Any, num_envs: int = 64) -> Any:
     return menv.make("tiny", num_envs=num_envs, episode_length=32, artifact=artifact)
 
 
-def jax_update(batch: int, updates: int, artifact: Any, dtype: str = "float32") -> dict[str, Any]:
-    """The jitted update block on a filled replay: call(), lower(), compile seconds, FLOPs per update
-    (``dtype``: ``cvpo.particle_matmul_dtype``)."""
+def jax_update(batch: int, updates: int, artifact: Any, dtype: str = "float32", count: bool = True) -> dict[str, Any]:
+    """The jitted update block on a filled replay: call(), lower(), compile seconds, and with
+    ``count`` FLOPs per update and the particle evaluation's FLOPs and timed call (``dtype``:
+    ``cvpo.particle_matmul_dtype``)."""
     env = _env(artifact)
     agent = cvpo.make_cvpo(_config(batch, updates, dtype), env)
     state = jax.jit(agent.init)(jax.random.PRNGKey(0))
@@ -114,14 +115,16 @@ def jax_update(batch: int, updates: int, artifact: Any, dtype: str = "float32") 
         return metrics
 
     metrics = call()  # warm-up
+    out = {"call": call, "lower": lambda: step.lower(box["state"], jax.random.PRNGKey(2)), "compile_s": compile_s,
+           "updates": updates, "dual_iterations": float(np.mean(metrics["dual_iterations"]))}
+    if not count:
+        return out
     # FLOPs: one update, the particle evaluation and the critic step in one chunk each (no loop)
     one = cvpo.make_cvpo(_config(batch, 1), env, particle_rows_per_chunk=batch * M, critic_rows_per_chunk=batch)
     cost = _cost(jax.jit(one.update_block).lower(box["state"], jax.random.PRNGKey(3)))
     # the particle evaluation alone: the update's dominant dense work
     q_flops, q_call = _particle_eval(batch)
-    return {"call": call, "lower": lambda: step.lower(box["state"], jax.random.PRNGKey(2)), "compile_s": compile_s,
-            "flops": float(cost["flops"]), "updates": updates, "dual_iterations": float(np.mean(metrics["dual_iterations"])),
-            "particle_flops": q_flops, "particle_call": q_call}
+    return {**out, "flops": float(cost["flops"]), "particle_flops": q_flops, "particle_call": q_call}
 
 
 def _cost(lowered: Any) -> dict[str, float]:
@@ -321,6 +324,10 @@ def torch_matmul_peak(sizes: tuple[int, ...] = (512, 1024, 2048), reps: int = 5,
 
 
 # ------------------------------------------------------------------------------ the run
+def _torch_device(gpu: bool) -> str:
+    return "cuda" if gpu else "cpu"
+
+
 def _timed(fn: Callable[[], Any], n: int) -> float:
     t0 = time.perf_counter()
     for _ in range(n):
@@ -334,9 +341,9 @@ def bench_batch(batch: int, rounds: int, artifact: Any, profile: bool, device: s
     updates = 50 if batch <= 512 or gpu else 4
     torch_n = 20 if batch <= 512 or gpu else 2
     jx = jax_update(batch, updates, artifact)
-    jx16 = jax_update(batch, updates, artifact, "bfloat16")
-    t_full = torch_update(batch, M, device="cuda" if gpu else "cpu")
-    t_one = torch_update(batch, 1, device="cuda" if gpu else "cpu")
+    jx16 = jax_update(batch, updates, artifact, "bfloat16", count=False)  # FLOPs and profile: the f32 one's
+    t_full = torch_update(batch, M, device=_torch_device(gpu))
+    t_one = torch_update(batch, 1, device=_torch_device(gpu))
     rates: dict[str, list[float]] = {"jax": [], "jax_bf16": [], "torch": [], "torch1": [], "particles": []}
     for _ in range(rounds):
         rates["torch"].append(1.0 / _timed(t_full, torch_n))
@@ -404,10 +411,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     artifact = synthetic_artifact()
     load0 = os.getloadavg()
     peak = matmul_peak(sizes)
-    torch_peak = torch_matmul_peak(sizes, device="cuda" if gpu else "cpu")
+    torch_peak = torch_matmul_peak(sizes, device=_torch_device(gpu))
     results = [bench_batch(b, rounds, artifact, profile=not gpu, device=args.device) for b in args.batches]
     peak = max(peak, matmul_peak(sizes))  # measured again after the rows; the better of the two
-    torch_peak = max(torch_peak, torch_matmul_peak(sizes, device="cuda" if gpu else "cpu"))
+    torch_peak = max(torch_peak, torch_matmul_peak(sizes, device=_torch_device(gpu)))
     load1 = os.getloadavg()
 
     print(f"| row | B | M | nets | updates/s (median of {rounds} rounds) | jax (f32) / this row | "
