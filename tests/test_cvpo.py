@@ -537,3 +537,32 @@ def test_critic_lr_halflife_decays_the_critics_step(env):
         cvpo.make_cvpo(dataclasses.replace(config, critic_lr_halflife=-1), env)
     with pytest.raises(ValueError, match="cvpo.particle_matmul_dtype"):
         cvpo.make_cvpo(dataclasses.replace(config, particle_matmul_dtype="float16"), env)
+
+
+def test_lam_rate_averages_the_batches_multipliers(env):
+    """With ``lam_rate`` r < 1 the E-step's q uses lam_bar + max(r, 1 / t) (lam_batch - lam_bar)
+    (t the update count) and re-solves eta there, so q still meets the KL bound; with r = 1 it
+    uses the batch's own lam."""
+    config = dataclasses.replace(TINY, updates_per_block=1)
+    key = jax.random.PRNGKey(3)
+    lam0 = jnp.full((2,), 0.5, jnp.float32)
+    got = {}
+    for rate in (1.0, 0.1):
+        config_r = dataclasses.replace(config, lam_rate=rate)
+        state = _state_with_random_replay(config_r, env)
+        # late in a run (1 / t < r) and away from the batch's lam, so the average moves visibly
+        state = state.replace(lam=lam0, updates=jnp.asarray(1000, state.updates.dtype))
+        s1, metrics = jax.jit(cvpo.make_cvpo(config_r, env).update_block)(state, key)
+        got[rate] = (np.asarray(s1.lam), np.asarray(metrics["estep_batch_lam"][0]), float(metrics["estep_kl"][0]))
+    lam1, batch1, kl1 = got[1.0]
+    np.testing.assert_array_equal(lam1, batch1)
+    lam_r, batch_r, kl_r = got[0.1]
+    assert np.max(np.abs(batch_r - np.asarray(lam0))) > 0.05, batch_r  # the test can see the average
+    # the same batch and warm start: the batch's own lam is the same solve in both runs
+    np.testing.assert_allclose(batch_r, batch1, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(lam_r, np.asarray(lam0) + 0.1 * (batch_r - np.asarray(lam0)), rtol=1e-5, atol=1e-6)
+    # eta re-solved at lam_bar: q sits on the KL bound as the batch's own solution does
+    assert kl_r == pytest.approx(config.kl_epsilon, rel=1e-2) and kl1 == pytest.approx(config.kl_epsilon, rel=1e-2)
+    for bad in (0.0, 1.5):
+        with pytest.raises(ValueError, match="cvpo.lam_rate"):
+            cvpo.make_cvpo(dataclasses.replace(config, lam_rate=bad), env)

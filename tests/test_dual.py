@@ -268,3 +268,24 @@ def test_reachable_thresholds_leave_thresholds_the_ball_meets_with_room():
     high = np.mean(np.einsum("bk,bkj->bj", np.exp(logp), qc), 0) + 0.5
     raised = np.asarray(fn(jnp.float32(qc), jnp.float32(logp), EPS, jnp.float32(high), 0.1)[0])
     np.testing.assert_array_equal(raised, np.float32(high))
+
+
+def test_fixed_lam_solves_eta_alone(solve):
+    """``fixed_lam`` holds the multipliers and minimises g over eta only (scipy's 1-D minimum),
+    so q meets the KL bound at those multipliers."""
+    qr, qc, logp, c = _problem(1, 2, 1.0, feasible=True)
+    args = (jnp.float32(qr), jnp.float32(qc), jnp.float32(logp), EPS, jnp.float32(c))
+    full = solve(*args, 1.0, None)
+    held = np.asarray(full.lam, np.float64) * 0.5 + 0.1  # float64, so g below is evaluated in float64
+    sol = solve(*args, 1.0, None, fixed_lam=jnp.float32(held))
+    np.testing.assert_array_equal(np.asarray(sol.lam), np.float32(held))
+    ref = scipy.optimize.minimize_scalar(lambda e: _g_np(np.r_[e, held], qr, qc, logp, c), bounds=(1e-6, 1e3),
+                                         method="bounded", options=dict(xatol=1e-10))
+    ours = _g_np(np.r_[float(sol.eta), held], qr, qc, logp, c)
+    assert abs(ours - ref.fun) <= 1e-5 * abs(ref.fun), (ours, ref.fun, float(sol.eta), ref.x)
+    # dg/deta = EPS - KL: the solver stops when an iteration gains < tol (1 + |g|) in g, which leaves
+    # |EPS - KL| up to sqrt(2 g'' tol (1 + |g|)) (g'' by central differences, in float64)
+    e, h = float(sol.eta), 1e-4 * float(sol.eta)
+    g2 = (_g_np(np.r_[e + h, held], qr, qc, logp, c) - 2 * ours + _g_np(np.r_[e - h, held], qr, qc, logp, c)) / h**2
+    bound = np.sqrt(2 * g2 * 2e-7 * (1 + abs(ours)))
+    assert abs(float(sol.kl) - EPS) <= 2 * bound, (float(sol.kl), bound)

@@ -184,3 +184,25 @@ def test_conventional_schemes_are_priced_by_the_papers_formulas(env_and_report):
     # MEG uncompressed at g = 0 dB (rate 1 Mbit/s): 1,048,576 bits take 1.048576 s on the air,
     # on top of the teacher (677.37 TFLOP x 0.023613 = 15.994 s) and the decoder (0.4941 s).
     np.testing.assert_allclose(out["meg_uncompressed"]["latency_s"], 1.048576 + 15.9947 + 0.49408, rtol=1e-4)
+
+
+def test_observe_keeps_the_named_fields_and_nothing_else_changes():
+    """``observe`` slices the observation (also the auto-reset's ``final_obs``) by field name, in
+    the order given; rewards, costs and the next channel are those of the full observation's env."""
+    kw = dict(num_envs=16, episode_length=4, discrete=True)
+    full = menv.make("paper", **kw)
+    part = menv.make("paper", observe=("prev_energy", "gain_to_noise"), **kw)
+    assert (full.observation_size, part.observation_size) == (3, 2)
+    step_f, step_p = jax.jit(full.step), jax.jit(part.step)
+    sf, sp = jax.jit(full.reset)(jax.random.PRNGKey(1)), jax.jit(part.reset)(jax.random.PRNGKey(1))
+    for t in range(6):  # through an episode end (T = 4): the reset slots too
+        a = jax.random.randint(jax.random.PRNGKey(10 + t), (16,), 0, full.num_actions)
+        sf, sp = step_f(sf, a), step_p(sp, a)
+        for key in ("obs", "final_obs"):
+            whole = np.asarray(sf.obs if key == "obs" else sf.info[key])
+            np.testing.assert_array_equal(np.asarray(sp.obs if key == "obs" else sp.info[key]), whole[:, [2, 0]])
+        np.testing.assert_array_equal(np.asarray(sp.reward), np.asarray(sf.reward))
+        np.testing.assert_array_equal(np.asarray(sp.info["costs"]), np.asarray(sf.info["costs"]))
+    for bad in (("snr",), (), ("gain_to_noise", "gain_to_noise")):
+        with pytest.raises(ValueError, match="observe="):
+            menv.make("paper", observe=bad, **kw)

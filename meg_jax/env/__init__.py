@@ -29,7 +29,7 @@ from meg_jax.env.config import PRESETS, MEGEnvConfig, get_preset
 from meg_jax import shipped
 from meg_jax.env.meg_env import EnvParams, MEGEnv
 from meg_jax.env.params import LimitReport, build_params, resolve_artifact_path
-from meg_jax.env.wrappers import EpisodeLimitWrapper, FreshAutoResetWrapper, replace_params
+from meg_jax.env.wrappers import EpisodeLimitWrapper, FreshAutoResetWrapper, ObservationFieldsWrapper, replace_params
 from meg_jax.meg.artifact import CalibrationArtifact
 
 __all__ = [
@@ -110,16 +110,19 @@ def make(
       artifact: a ``CalibrationArtifact`` or a path; default the preset's ``artifact_path``.
       discrete: one integer action index over the K x R grid instead of ``[-1, 1]²``.
       **overrides: ``MEGEnvConfig`` fields, e.g. ``limits=(0.2, 0.02)``, ``slot_s=0.05``,
-        ``quality_source="replay"``, ``reward_metric="neg_log_mse"``, ``energy_scope="system"``.
+        ``quality_source="replay"``, ``reward_metric="neg_log_mse"``, ``energy_scope="system"``;
+        and ``observe``: names of ``observation_fields`` to keep (``ObservationFieldsWrapper``).
 
     Returns:
       ``FreshAutoResetWrapper(EpisodeLimitWrapper(VmapWrapper(MEGEnv)))``; ``reset(key)``
       takes one key (or N keys); ``env.params``, ``env.config``, ``env.limit_report`` reach
       through the wrappers.
     """
+    observe = overrides.pop("observe", None)
     base, report = make_unbatched(preset, episode_length, artifact, discrete, **overrides)
     base.limit_report = report
-    return FreshAutoResetWrapper(EpisodeLimitWrapper(VmapWrapper(base), episode_length), num_envs)
+    inner = base if observe is None else ObservationFieldsWrapper(base, tuple(observe))
+    return FreshAutoResetWrapper(EpisodeLimitWrapper(VmapWrapper(inner), episode_length), num_envs)
 
 
 # Registers the gymnasium ids (meg_jax/MEG-tiny-v0, ...); needs no artifact.

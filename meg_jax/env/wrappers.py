@@ -28,11 +28,50 @@ import jax.numpy as jnp
 from brax.envs.base import Env, State, Wrapper
 from jax import Array
 
-__all__ = ["EpisodeLimitWrapper", "FreshAutoResetWrapper", "replace_params", "TRANSITION_INFO_KEYS"]
+__all__ = ["EpisodeLimitWrapper", "FreshAutoResetWrapper", "ObservationFieldsWrapper", "replace_params",
+           "TRANSITION_INFO_KEYS"]
 
 # info entries that describe the transition just taken (kept through a reset); every other
 # info entry is per-episode state and is taken from the fresh reset for finished slots.
 TRANSITION_INFO_KEYS = frozenset({"cost", "costs", "truncation", "final_obs", "rng"})
+
+
+class ObservationFieldsWrapper(Wrapper):
+    """Keeps the named fields of the observation (``observation_fields``), in the order given.
+
+    Wraps the unbatched ``MEGEnv`` (innermost), so every outer wrapper, the replay and the
+    agents see the shorter vector. An ablation of what the agent observes: the environment's
+    dynamics, rewards and costs are unchanged.
+
+    Raises:
+      ValueError: a field the environment's observation does not have (the known ones are named),
+        a repeated field, or no field.
+    """
+
+    def __init__(self, env: Env, fields: tuple[str, ...]):
+        super().__init__(env)
+        from meg_jax.env.state import observation_fields
+
+        layout = observation_fields(env.params)
+        fields = tuple(fields)
+        unknown = [f for f in fields if f not in layout]
+        if unknown or not fields or len(set(fields)) != len(fields):
+            raise ValueError(f"observe={fields!r}: each field once, from {tuple(layout)} "
+                             f"({'unknown: ' + ', '.join(unknown) if unknown else 'empty or repeated'})")
+        self.fields = fields
+        self._index = jnp.asarray([i for f in fields for i in range(layout[f].start, layout[f].stop)], jnp.int32)
+
+    @property
+    def observation_size(self) -> int:
+        return int(self._index.shape[0])
+
+    def reset(self, rng: Array) -> State:
+        state = self.env.reset(rng)
+        return state.replace(obs=state.obs[..., self._index])
+
+    def step(self, state: State, action: Array) -> State:
+        nstate = self.env.step(state, action)
+        return nstate.replace(obs=nstate.obs[..., self._index])
 
 
 class EpisodeLimitWrapper(Wrapper):

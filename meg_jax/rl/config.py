@@ -70,6 +70,9 @@ class EnvSpec:
     quality_source: Optional[str] = None  # "class_mean" or "replay"
     reward_metric: Optional[str] = None  # "accuracy", "pixel_accuracy", "psnr" or "neg_log_mse"
     energy_scope: Optional[str] = None  # "ue" (UE decode + reception) or "system" (+ ES compute + transmit)
+    # names of the observation's fields to keep (``meg_jax.env.state.observation_fields``), in that
+    # order; None = the whole observation. An ablation of what agents see (dynamics unchanged)
+    observe: Optional[tuple[str, ...]] = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -140,6 +143,12 @@ class CVPOConfig:
     # the update's largest work): "float32", or "bfloat16" (products accumulated in float32; on
     # CPUs with AMX and on GPUs several times the float32 rate)
     particle_matmul_dtype: str = "float32"
+    # < 1: the E-step's q uses running averages of the batches' multipliers, lam_bar += r (lam_batch
+    # - lam_bar) with r = max(lam_rate, 1 / t) over updates t, and eta re-solved at lam_bar (q keeps
+    # the KL bound; the thresholds hold on average, not per batch). lam sets where the policy trades
+    # reward for cost; a per-batch lam that jumps ±25 % blurs that trade-off across the policy's
+    # fits. 1.0 = each batch's own lam (Liu et al. 2022)
+    lam_rate: float = 1.0
 
 
 @dataclasses.dataclass(frozen=True)

@@ -495,10 +495,21 @@ def make_cvpo(
             q_r, q_c, log_prior, config.kl_epsilon, dual_thresholds, state.eta, state.lam,
             max_iters=config.dual_iters, tol=config.dual_tol, lam_max=config.lam_max,
         )
+        solved_thresholds = dual_thresholds + prior_costs  # the batch thresholds the dual was asked to meet
+        batch_lam = sol.lam
+        infeasible = dual_lib.estep_infeasible(
+            sol.replace(expected_costs=sol.expected_costs + prior_costs), solved_thresholds, config.lam_max, rtol=1e-4
+        )
+        if config.lam_rate < 1.0:
+            # q at the running average of the batches' multipliers, eta re-solved for the KL bound
+            rate = jnp.maximum(jnp.float32(config.lam_rate), 1.0 / (state.updates + 1).astype(jnp.float32))
+            lam_bar = state.lam + rate * (sol.lam - state.lam)
+            sol = dual_lib.solve_estep_dual(
+                q_r, q_c, log_prior, config.kl_epsilon, dual_thresholds, sol.eta, max_iters=config.dual_iters,
+                tol=config.dual_tol, lam_max=config.lam_max, fixed_lam=lam_bar,
+            )
         weights = dual_lib.estep_weights(q_r, q_c, log_prior, sol.eta, sol.lam)
         sol = sol.replace(expected_costs=sol.expected_costs + prior_costs)  # back to Q_c's level
-        solved_thresholds = dual_thresholds + prior_costs  # the batch thresholds the dual was asked to meet
-        infeasible = dual_lib.estep_infeasible(sol, solved_thresholds, config.lam_max, rtol=1e-4)
         if config.estep_fallback:
             # no q in the KL ball meets the violated thresholds: take the least-cost q there
             if config.feasibility_margin > 0:
@@ -516,7 +527,8 @@ def make_cvpo(
             "estep_infeasible": infeasible.astype(jnp.float32),
             # the batch threshold was raised to what the KL ball can meet (feasibility_margin)
             "estep_relaxed": jnp.any(dual_thresholds > centred_thresholds).astype(jnp.float32),
-            "estep_lam_at_cap": dual_lib.lam_at_cap(sol.lam, config.lam_max),
+            "estep_lam_at_cap": dual_lib.lam_at_cap(batch_lam, config.lam_max),
+            "estep_batch_lam": batch_lam,  # the batch's own multipliers (= lam unless lam_rate < 1)
             # > 0: q still exceeds a batch threshold at the solution (infeasible in the KL ball)
             "estep_violation": jnp.max((sol.expected_costs - batch_thresholds) / thresholds),
             "estep_prior_costs_over_threshold": prior_costs / thresholds,
@@ -656,6 +668,8 @@ def _validate(config: CVPOConfig, env: Any) -> None:
         problems.append(f"cvpo.cost_margin must be in [0, 1), got {config.cost_margin}")
     if not 0.0 < config.cost_baseline_rate <= 1.0:
         problems.append(f"cvpo.cost_baseline_rate must be in (0, 1], got {config.cost_baseline_rate}")
+    if not 0.0 < config.lam_rate <= 1.0:
+        problems.append(f"cvpo.lam_rate must be in (0, 1] (1: each batch's own lam), got {config.lam_rate}")
     if not 0.0 <= config.feasibility_margin < 1.0:
         problems.append(f"cvpo.feasibility_margin must be in [0, 1), got {config.feasibility_margin}")
     if config.reward_critics < 1:

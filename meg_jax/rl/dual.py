@@ -354,8 +354,12 @@ def solve_estep_dual(
     eta_min: float = 1e-6,
     eta_max: float = 1e5,
     lam_max: float = 1e5,
+    fixed_lam: Optional[jax.Array] = None,
 ) -> DualSolution:
     """Minimises the E-step dual over eta in [eta_min, eta_max], lam in [0, lam_max]^m.
+
+    With ``fixed_lam`` the multipliers are held there and only eta is solved for (q then meets
+    the KL bound but not necessarily the thresholds).
 
     Jittable and vmappable; with a sharded batch the means are global (jit inserts the
     reductions), so every device gets the same (eta, lam).
@@ -372,6 +376,7 @@ def solve_estep_dual(
       tol: stop when an iteration decreases g by less than tol * (1 + |g|).
       eta_min, eta_max, lam_max: box bounds (the dual is unbounded below in lam when the
         cost constraint cannot be met within the KL ball; lam_max then binds).
+      fixed_lam: [m] multipliers to hold (in [0, lam_max]); None = solve for them.
 
     Returns:
       The solution, with the statistics of q at it.
@@ -382,6 +387,12 @@ def solve_estep_dual(
     # follows the spread of the Q values), and steps in log eta are scale-free
     lower = jnp.concatenate([jnp.asarray([jnp.log(eta_min)], dtype), jnp.zeros((m,), dtype)])
     upper = jnp.concatenate([jnp.asarray([jnp.log(eta_max)], dtype), jnp.full((m,), lam_max, dtype)])
+    if fixed_lam is not None:
+        # a box of zero width: the lam coordinates are always active and stay where they are
+        fixed_lam = jnp.clip(jnp.asarray(fixed_lam, dtype), 0.0, lam_max)
+        lower = lower.at[1:].set(fixed_lam)
+        upper = upper.at[1:].set(fixed_lam)
+        init_lam = fixed_lam
     if init_lam is None:
         init_lam = jnp.zeros((m,), dtype)
     init_eta = jnp.clip(jnp.asarray(init_eta, dtype), eta_min, eta_max)
@@ -402,7 +413,7 @@ def solve_estep_dual(
         grad = grad * jac
         hess = hess * jac[:, None] * jac[None, :]
         # a bound is active when the variable sits on it and the gradient pushes outwards
-        active = ((y <= lower) & (grad > 0)) | ((y >= upper) & (grad < 0))
+        active = ((y <= lower) & (grad > 0)) | ((y >= upper) & (grad < 0)) | (lower >= upper)
         free = (~active).astype(dtype)
         # Jacobi scaling, then a Levenberg floor relative to the unit diagonal, so coordinates
         # of very different scales are regularised alike

@@ -162,6 +162,8 @@ def make_env(spec: EnvSpec, num_envs: Optional[int] = None, discrete: bool = Fal
     for name in ("quality_source", "reward_metric", "energy_scope"):
         if getattr(spec, name) is not None:
             overrides[name] = getattr(spec, name)
+    if spec.observe is not None:
+        overrides["observe"] = tuple(spec.observe)
     return menv.make(
         spec.preset,
         num_envs=spec.num_envs if num_envs is None else num_envs,
