@@ -566,3 +566,49 @@ def test_lam_rate_averages_the_batches_multipliers(env):
     for bad in (0.0, 1.5):
         with pytest.raises(ValueError, match="cvpo.lam_rate"):
             cvpo.make_cvpo(dataclasses.replace(config, lam_rate=bad), env)
+
+
+def test_reward_and_cost_scales_leave_the_policy_update(env):
+    """Critics in units of ``reward_scale`` x reward and ``cost_scale`` x cost (their last layers
+    scaled by those powers of two, so the values are exactly the unscaled ones times them) give
+    the unscaled update's E- and M-step: eta scales with the reward, lam with reward / cost, the
+    KL and the new actor are the same, and the TD losses scale with the squares."""
+    config = dataclasses.replace(TINY, updates_per_block=1)
+    k_r, k_c = 4.0, 0.25
+    state = _state_with_random_replay(config, env)
+    num_reward = config.reward_critics
+
+    def scaled(params):
+        heads = params["params"]["VmapMLP_0"]
+        last = max(name for name in heads if name.startswith("Dense_"))
+        factor = jnp.asarray([k_r] * num_reward + [k_c] * (jax.tree.leaves(heads)[0].shape[0] - num_reward))
+        out = dict(heads)
+        out[last] = jax.tree.map(lambda x: x * factor.reshape((-1,) + (1,) * (x.ndim - 1)), heads[last])
+        return {"params": {"VmapMLP_0": out}}
+
+    def over_limit(params):  # cost heads 3 above the Q-space threshold 2: the constraint binds
+        heads = dict(params["params"]["VmapMLP_0"])
+        last = max(name for name in heads if name.startswith("Dense_"))
+        heads[last] = {**heads[last], "bias": heads[last]["bias"].at[num_reward:].add(3.0)}
+        return {"params": {"VmapMLP_0": heads}}
+
+    state = state.replace(critic=over_limit(state.critic), target_critic=over_limit(state.target_critic))
+    scaled_state = state.replace(critic=scaled(state.critic), target_critic=scaled(state.target_critic))
+    key = jax.random.PRNGKey(9)
+    _, ref = jax.jit(cvpo.make_cvpo(config, env).update_block)(state, key)
+    config_k = dataclasses.replace(config, reward_scale=k_r, cost_scale=k_c)
+    got_state, got = jax.jit(cvpo.make_cvpo(config_k, env).update_block)(scaled_state, key)
+    ref_state, _ = jax.jit(cvpo.make_cvpo(config, env).update_block)(state, key)
+    # the dual stops once g improves by < 2e-7 relative: eta and lam agree to ~sqrt(tol) (see
+    # test_chunked_update_equals_the_unchunked_update); the losses are exact rescalings
+    np.testing.assert_allclose(got["eta"], k_r * ref["eta"], rtol=1e-3)
+    assert float(np.max(ref["lam"])) > 0.01, ref["lam"]  # a cost constraint binds
+    np.testing.assert_allclose(got["lam"], ref["lam"] * k_r / k_c, rtol=1e-3)
+    np.testing.assert_allclose(got["estep_kl"], ref["estep_kl"], rtol=1e-3)
+    np.testing.assert_allclose(got["reward_critic_loss"], k_r**2 * ref["reward_critic_loss"], rtol=1e-5)
+    np.testing.assert_allclose(got["cost_critic_loss"], k_c**2 * ref["cost_critic_loss"], rtol=1e-5)
+    for g, r in zip(jax.tree.leaves(got_state.actor), jax.tree.leaves(ref_state.actor)):
+        np.testing.assert_allclose(g, r, rtol=1e-4, atol=1e-6)
+    for name in ("reward_scale", "cost_scale"):
+        with pytest.raises(ValueError, match=f"cvpo.{name}"):
+            cvpo.make_cvpo(dataclasses.replace(config, **{name: 0.0}), env)

@@ -149,6 +149,14 @@ class CVPOConfig:
     # reward for cost; a per-batch lam that jumps ±25 % blurs that trade-off across the policy's
     # fits. 1.0 = each batch's own lam (Liu et al. 2022)
     lam_rate: float = 1.0
+    # the critics learn reward_scale x the reward and cost_scale x the normalised costs (the E-step's
+    # thresholds scale with the costs; q is the same at any scale, eta and lam absorb it). Adam
+    # moves each weight by ~critic_lr whatever the loss scale, so the critics' step-to-step jitter is
+    # fixed in output units: a larger scale makes it smaller against the values the decision turns on
+    # (on 'paper', neighbouring actions' Lagrangian values differ by ~0.01). lam is reported in units
+    # of reward_scale / cost_scale
+    reward_scale: float = 1.0
+    cost_scale: float = 1.0
 
 
 @dataclasses.dataclass(frozen=True)

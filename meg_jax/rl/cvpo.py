@@ -261,6 +261,8 @@ def make_cvpo(
     thresholds = dual_lib.q_space_threshold(
         jnp.full((m,), 1.0 - config.cost_margin, jnp.float32), config.gamma, None
     )
+    # the cost critics' units (cvpo.cost_scale): what the E-step compares their values with
+    q_thresholds = thresholds * config.cost_scale
 
     if discrete:
         num_actions = int(env.num_actions)
@@ -425,9 +427,12 @@ def make_cvpo(
             # see it); an n-step sum holds sum_k gamma^k of them
             steps = sum(config.gamma**k for k in range(config.n_step))
             reward = reward - steps * jax.lax.stop_gradient(replay_mean_reward(state.replay))
+        # the critics learn reward_scale x Q_r and cost_scale x Q_c (the E-step's thresholds carry
+        # cost_scale; its q does not change with either scale, eta and lam absorb them)
+        reward, costs = reward * config.reward_scale, batch.costs * config.cost_scale
         # n-step batches carry the discounted n-step sums; the bootstrap is gamma^n away
         y_r, y_c = critic_targets(
-            reward, batch.costs, batch.discount, jax.lax.stop_gradient(nv), config.gamma**config.n_step
+            reward, costs, batch.discount, jax.lax.stop_gradient(nv), config.gamma**config.n_step
         )
         targets = jnp.concatenate([jnp.repeat(y_r[:, None], num_reward, axis=-1), y_c], axis=-1)  # [B, H]
 
@@ -479,9 +484,9 @@ def make_cvpo(
         accumulator, baseline = dual_lib.ema_update(
             state.cost_baseline, prior_costs, config.cost_baseline_rate, state.updates + 1
         )
-        batch_thresholds = thresholds + (prior_costs - baseline)
+        batch_thresholds = q_thresholds + (prior_costs - baseline)
         q_c = q_c - state_costs[:, None, :]  # centred per state; the threshold follows
-        centred_thresholds = thresholds - baseline
+        centred_thresholds = q_thresholds - baseline
         if config.feasibility_margin > 0:
             # thresholds beyond the KL ball (or at its edge) are raised to a cost a q strictly
             # inside it meets, so the dual's minimiser is finite: lam no longer runs to lam_max
@@ -530,9 +535,9 @@ def make_cvpo(
             "estep_lam_at_cap": dual_lib.lam_at_cap(batch_lam, config.lam_max),
             "estep_batch_lam": batch_lam,  # the batch's own multipliers (= lam unless lam_rate < 1)
             # > 0: q still exceeds a batch threshold at the solution (infeasible in the KL ball)
-            "estep_violation": jnp.max((sol.expected_costs - batch_thresholds) / thresholds),
-            "estep_prior_costs_over_threshold": prior_costs / thresholds,
-            "estep_baseline_over_threshold": baseline / thresholds,
+            "estep_violation": jnp.max((sol.expected_costs - batch_thresholds) / q_thresholds),
+            "estep_prior_costs_over_threshold": prior_costs / q_thresholds,
+            "estep_baseline_over_threshold": baseline / q_thresholds,
         }
         return candidates, weights, sol, accumulator, diagnostics
 
@@ -610,7 +615,7 @@ def make_cvpo(
             "eta": sol.eta,
             "lam": sol.lam,
             "estep_kl": sol.kl,
-            "estep_costs_over_threshold": sol.expected_costs / thresholds,
+            "estep_costs_over_threshold": sol.expected_costs / q_thresholds,
             "estep_reward": sol.expected_reward,
             "dual_value": sol.value,
             "dual_iterations": sol.iterations,
@@ -668,6 +673,9 @@ def _validate(config: CVPOConfig, env: Any) -> None:
         problems.append(f"cvpo.cost_margin must be in [0, 1), got {config.cost_margin}")
     if not 0.0 < config.cost_baseline_rate <= 1.0:
         problems.append(f"cvpo.cost_baseline_rate must be in (0, 1], got {config.cost_baseline_rate}")
+    for name in ("reward_scale", "cost_scale"):
+        if not getattr(config, name) > 0:
+            problems.append(f"cvpo.{name} must be > 0, got {getattr(config, name)}")
     if not 0.0 < config.lam_rate <= 1.0:
         problems.append(f"cvpo.lam_rate must be in (0, 1] (1: each batch's own lam), got {config.lam_rate}")
     if not 0.0 <= config.feasibility_margin < 1.0:
