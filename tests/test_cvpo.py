@@ -612,3 +612,35 @@ def test_reward_and_cost_scales_leave_the_policy_update(env):
     for name in ("reward_scale", "cost_scale"):
         with pytest.raises(ValueError, match=f"cvpo.{name}"):
             cvpo.make_cvpo(dataclasses.replace(config, **{name: 0.0}), env)
+
+
+def test_explore_temperature_flattens_the_collected_actions_only(artifact):
+    """A sharp categorical policy (one logit 8 above the other 31): the replay's actions are that
+    action e^8 / (e^8 + 31) = 0.99 of the time at T = 1 and e^(8/3) / (e^(8/3) + 31) = 0.32 at T = 3
+    (its logits / 3); ``act`` without a temperature (evaluation) stays the policy."""
+    denv = menv.make("tiny", num_envs=256, episode_length=8, artifact=artifact, discrete=True)
+    a_star = 5
+    shares = {}
+    for temp in (1.0, 3.0):
+        config = dataclasses.replace(TINY, discrete=True, min_replay=1, explore_temperature=temp)
+        agent = cvpo.make_cvpo(config, denv)
+        state = jax.jit(agent.init)(jax.random.PRNGKey(0))
+        heads = state.actor["params"]["MLP_0"]
+        last = max(name for name in heads if name.startswith("Dense_"))
+        kernel = jnp.zeros_like(heads[last]["kernel"])
+        bias = jnp.zeros_like(heads[last]["bias"]).at[a_star].set(8.0)
+        actor = {"params": {"MLP_0": {**heads, last: {"kernel": kernel, "bias": bias}}}}
+        # the replay counts as warm (no uniform warm-up actions); one block of 256 envs
+        state = state.replace(actor=actor, replay=state.replay.replace(size=jnp.int32(1)))
+        pos = int(state.replay.pos)
+        state, _ = jax.jit(agent.train_step)(state, jax.random.PRNGKey(1))
+        taken = np.asarray(state.replay.data.action)[:, pos]  # the block's transitions
+        shares[temp] = float(np.mean(taken == a_star))
+        evaluated = np.asarray(agent.act(actor, state.env_state.obs, jax.random.PRNGKey(2)))
+        assert np.mean(evaluated == a_star) > 0.95  # 0.99 expected, binomial sd 0.006
+    n = denv.num_actions
+    expect = {t: np.exp(8.0 / t) / (np.exp(8.0 / t) + n - 1) for t in (1.0, 3.0)}  # 0.990, 0.317 at n = 32
+    for t in (1.0, 3.0):  # binomial sd over 256 draws <= 0.03: 4 sd
+        assert abs(shares[t] - expect[t]) < 0.12, (t, shares[t], expect[t])
+    with pytest.raises(ValueError, match="cvpo.explore_temperature"):
+        cvpo.make_cvpo(dataclasses.replace(TINY, explore_temperature=0.0), menv.make("tiny", num_envs=8, artifact=artifact))

@@ -157,6 +157,10 @@ class CVPOConfig:
     # of reward_scale / cost_scale
     reward_scale: float = 1.0
     cost_scale: float = 1.0
+    # the replay's actions are drawn from the policy at this temperature (logits / T; the
+    # Gaussian's std x T): T > 1 keeps the critics seeing the actions a sharp policy has left,
+    # so their values there are learnt, not extrapolated. Evaluation and act() use T = 1
+    explore_temperature: float = 1.0
 
 
 @dataclasses.dataclass(frozen=True)

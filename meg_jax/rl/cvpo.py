@@ -291,15 +291,17 @@ def make_cvpo(
     critic_chunks = blocks.num_row_chunks(config.batch_size, critic_rows_per_chunk)
 
     # ---------------------------------------------------------------- acting
-    def act(actor_params: Any, obs: jax.Array, key: jax.Array, deterministic: bool = False) -> jax.Array:
-        """Environment action for obs [N, obs_dim]: [N, d] in [-1, 1] or [N] int32."""
+    def act(actor_params: Any, obs: jax.Array, key: jax.Array, deterministic: bool = False,
+            temperature: float = 1.0) -> jax.Array:
+        """Environment action for obs [N, obs_dim]: [N, d] in [-1, 1] or [N] int32. ``temperature``
+        flattens the policy for collection (logits / T; the Gaussian's std x T); 1 = the policy."""
         if discrete:
             logits = actor_net.apply(actor_params, obs)
             if deterministic:
                 return jnp.argmax(logits, axis=-1).astype(jnp.int32)
-            return jax.random.categorical(key, logits).astype(jnp.int32)
+            return jax.random.categorical(key, logits / temperature).astype(jnp.int32)
         mean, std = actor_net.apply(actor_params, obs)
-        a = mean if deterministic else networks.gaussian_sample(key, mean, std)
+        a = mean if deterministic else networks.gaussian_sample(key, mean, std * temperature)
         return jnp.clip(a, -1.0, 1.0)
 
     def random_action(key: jax.Array, n: int) -> jax.Array:
@@ -353,7 +355,7 @@ def make_cvpo(
         k_pol, k_rand = jax.random.split(key)
         es = state.env_state
         warm = state.replay.size < min_replay_steps
-        policy_action = act(state.actor, es.obs, k_pol)
+        policy_action = act(state.actor, es.obs, k_pol, temperature=config.explore_temperature)
         action = jnp.where(warm, random_action(k_rand, num_envs), policy_action)
         nxt = env.step(es, action)
         done = nxt.done
@@ -673,7 +675,7 @@ def _validate(config: CVPOConfig, env: Any) -> None:
         problems.append(f"cvpo.cost_margin must be in [0, 1), got {config.cost_margin}")
     if not 0.0 < config.cost_baseline_rate <= 1.0:
         problems.append(f"cvpo.cost_baseline_rate must be in (0, 1], got {config.cost_baseline_rate}")
-    for name in ("reward_scale", "cost_scale"):
+    for name in ("reward_scale", "cost_scale", "explore_temperature"):
         if not getattr(config, name) > 0:
             problems.append(f"cvpo.{name} must be > 0, got {getattr(config, name)}")
     if not 0.0 < config.lam_rate <= 1.0:
