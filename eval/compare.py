@@ -22,11 +22,13 @@ Columns (medians over seeds unless said otherwise):
   episodes; gap closed (observable): the same with the observable-information ceiling in place
   of the oracle, the table policy over (estimated-SNR bin, class) of
   ``eval.observable_oracle`` (it sees what the agents see, up to the SNR history);
-  gap closed (equal cost): the same with the oracle fitted at the seed's own mean costs
-  (``eval.observable_oracle.equal_cost_oracle``) in place of the oracle at the limits, so
-  quality bought with cost above a limit (allowed up to the feasibility tolerance) earns
-  nothing: the column that ranks agents where that tolerance is worth as much as the gap
-  (``paper``);
+  gap closed (equal cost): 1 - (Q_eq - Q) / (Q_oracle - Q_fixed), Q_eq the oracle fitted at
+  the seed's own mean costs (``eval.observable_oracle.equal_cost_oracle``): the seed's distance
+  below the frontier at its own costs, in units of the preset's fixed -> oracle gap at the
+  limits (the same denominator for every agent), so quality bought with cost above a limit
+  (allowed up to the feasibility tolerance) earns nothing: the column that ranks agents where
+  that tolerance is worth as much as the gap (``paper``). A seed at the limits scores its
+  gap closed (oracle); one on the frontier 100 % at any cost;
 * env steps: transitions collected per seed; wall time: the training job's wall clock
   (compilation included, evaluation excluded; all seeds together); updates/s: gradient
   updates of all seeds per second of that wall time (PPO: one Adam step per minibatch).
@@ -158,7 +160,7 @@ def summarise_agent(algo: str, rows: list[dict], ceiling: Optional[dict[int, dic
     Args:
       algo: the agent's --algo.
       rows: per seed: ``seed``, ``quality``, ``costs_over_limit``, ``feasible``, ``gap_closed``,
-        ``fixed_quality``.
+        ``fixed_quality``, and ``oracle_quality`` (the oracle at the limits) with ``equal_cost``.
       ceiling: seed -> :func:`eval.observable_oracle.observable_ceiling` entry, or None.
       env_steps: transitions per seed; train_seconds: wall clock of training (all seeds);
       updates: gradient updates per seed.
@@ -183,7 +185,11 @@ def summarise_agent(algo: str, rows: list[dict], ceiling: Optional[dict[int, dic
         row["gap_closed_observable"] = float(np.median(obs))
         row["per_seed_gap_closed_observable"] = [float(x) for x in obs]
     if equal_cost is not None:
-        eq = [gap_closed(r["quality"], r["fixed_quality"], equal_cost[r["seed"]]) for r in rows]
+        # the shortfall below the frontier at the seed's own costs over the gap at the limits: a
+        # denominator of the oracle at the seed's own costs would grow with what it spends over a
+        # limit, and shrink the same shortfall for an agent that spends more
+        eq = [1.0 - (equal_cost[r["seed"]] - r["quality"]) / (r["oracle_quality"] - r["fixed_quality"])
+              if r["oracle_quality"] > r["fixed_quality"] else float("nan") for r in rows]
         row["gap_closed_equal_cost"] = float(np.median(eq))
         row["per_seed_gap_closed_equal_cost"] = [float(x) for x in eq]
     return row
