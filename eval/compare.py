@@ -188,8 +188,9 @@ def summarise_agent(algo: str, rows: list[dict], ceiling: Optional[dict[int, dic
         # the shortfall below the frontier at the seed's own costs over the gap at the limits: a
         # denominator of the oracle at the seed's own costs would grow with what it spends over a
         # limit, and shrink the same shortfall for an agent that spends more
-        eq = [1.0 - (equal_cost[r["seed"]] - r["quality"]) / (r["oracle_quality"] - r["fixed_quality"])
-              if r["oracle_quality"] > r["fixed_quality"] else float("nan") for r in rows]
+        # (gap_closed of Q - (Q_eq - Q_oracle): 1 - (Q_eq - Q) / (Q_oracle - Q_fixed))
+        eq = [gap_closed(r["quality"] - (equal_cost[r["seed"]] - r["oracle_quality"]), r["fixed_quality"],
+                         r["oracle_quality"]) for r in rows]
         row["gap_closed_equal_cost"] = float(np.median(eq))
         row["per_seed_gap_closed_equal_cost"] = [float(x) for x in eq]
     return row

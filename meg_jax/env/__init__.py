@@ -121,7 +121,7 @@ def make(
     observe = overrides.pop("observe", None)
     base, report = make_unbatched(preset, episode_length, artifact, discrete, **overrides)
     base.limit_report = report
-    inner = base if observe is None else ObservationFieldsWrapper(base, tuple(observe))
+    inner = base if observe is None else ObservationFieldsWrapper(base, observe)
     return FreshAutoResetWrapper(EpisodeLimitWrapper(VmapWrapper(inner), episode_length), num_envs)
 
 

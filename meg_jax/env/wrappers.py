@@ -25,8 +25,11 @@ import copy
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from brax.envs.base import Env, State, Wrapper
 from jax import Array
+
+from meg_jax.env.state import observation_fields
 
 __all__ = ["EpisodeLimitWrapper", "FreshAutoResetWrapper", "ObservationFieldsWrapper", "replace_params",
            "TRANSITION_INFO_KEYS"]
@@ -50,8 +53,6 @@ class ObservationFieldsWrapper(Wrapper):
 
     def __init__(self, env: Env, fields: tuple[str, ...]):
         super().__init__(env)
-        from meg_jax.env.state import observation_fields
-
         layout = observation_fields(env.params)
         fields = tuple(fields)
         unknown = [f for f in fields if f not in layout]
@@ -59,11 +60,12 @@ class ObservationFieldsWrapper(Wrapper):
             raise ValueError(f"observe={fields!r}: each field once, from {tuple(layout)} "
                              f"({'unknown: ' + ', '.join(unknown) if unknown else 'empty or repeated'})")
         self.fields = fields
-        self._index = jnp.asarray([i for f in fields for i in range(layout[f].start, layout[f].stop)], jnp.int32)
+        # host constants: the slice is folded into the traced program, no device buffer at construction
+        self._index = np.asarray([i for f in fields for i in range(layout[f].start, layout[f].stop)], np.int32)
 
     @property
     def observation_size(self) -> int:
-        return int(self._index.shape[0])
+        return len(self._index)
 
     def reset(self, rng: Array) -> State:
         state = self.env.reset(rng)

@@ -147,19 +147,21 @@ class CVPOConfig:
     # - lam_bar) with r = max(lam_rate, 1 / t) over updates t, and eta re-solved at lam_bar (q keeps
     # the KL bound; the thresholds hold on average, not per batch). lam sets where the policy trades
     # reward for cost; a per-batch lam that jumps ±25 % blurs that trade-off across the policy's
-    # fits. 1.0 = each batch's own lam (Liu et al. 2022)
+    # fits (on 'paper' averaging it did worse: docs/results.md, fourth round). 1.0 = each batch's
+    # own lam (Liu et al. 2022)
     lam_rate: float = 1.0
     # the critics learn reward_scale x the reward and cost_scale x the normalised costs (the E-step's
     # thresholds scale with the costs; q is the same at any scale, eta and lam absorb it). Adam
     # moves each weight by ~critic_lr whatever the loss scale, so the critics' step-to-step jitter is
     # fixed in output units: a larger scale makes it smaller against the values the decision turns on
-    # (on 'paper', neighbouring actions' Lagrangian values differ by ~0.01). lam is reported in units
-    # of reward_scale / cost_scale
+    # (on 'paper', neighbouring actions' Lagrangian values differ by ~0.01; cost_scale 10 did not
+    # help there). lam is reported in units of reward_scale / cost_scale
     reward_scale: float = 1.0
     cost_scale: float = 1.0
     # the replay's actions are drawn from the policy at this temperature (logits / T; the
     # Gaussian's std x T): T > 1 keeps the critics seeing the actions a sharp policy has left,
-    # so their values there are learnt, not extrapolated. Evaluation and act() use T = 1
+    # so their values there are learnt, not extrapolated (T = 3 did not help on 'paper').
+    # Evaluation and act() use T = 1
     explore_temperature: float = 1.0
 
 

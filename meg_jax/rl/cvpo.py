@@ -498,25 +498,22 @@ def make_cvpo(
             )
         else:
             dual_thresholds = centred_thresholds
-        sol = dual_lib.solve_estep_dual(
-            q_r, q_c, log_prior, config.kl_epsilon, dual_thresholds, state.eta, state.lam,
-            max_iters=config.dual_iters, tol=config.dual_tol, lam_max=config.lam_max,
-        )
+        def solve(init_eta, init_lam, fixed_lam=None):
+            s = dual_lib.solve_estep_dual(
+                q_r, q_c, log_prior, config.kl_epsilon, dual_thresholds, init_eta, init_lam,
+                max_iters=config.dual_iters, tol=config.dual_tol, lam_max=config.lam_max, fixed_lam=fixed_lam,
+            )
+            return s.replace(expected_costs=s.expected_costs + prior_costs)  # back to Q_c's level
+
+        sol = solve(state.eta, state.lam)
         solved_thresholds = dual_thresholds + prior_costs  # the batch thresholds the dual was asked to meet
+        infeasible = dual_lib.estep_infeasible(sol, solved_thresholds, config.lam_max, rtol=1e-4)
         batch_lam = sol.lam
-        infeasible = dual_lib.estep_infeasible(
-            sol.replace(expected_costs=sol.expected_costs + prior_costs), solved_thresholds, config.lam_max, rtol=1e-4
-        )
         if config.lam_rate < 1.0:
             # q at the running average of the batches' multipliers, eta re-solved for the KL bound
             rate = jnp.maximum(jnp.float32(config.lam_rate), 1.0 / (state.updates + 1).astype(jnp.float32))
-            lam_bar = state.lam + rate * (sol.lam - state.lam)
-            sol = dual_lib.solve_estep_dual(
-                q_r, q_c, log_prior, config.kl_epsilon, dual_thresholds, sol.eta, max_iters=config.dual_iters,
-                tol=config.dual_tol, lam_max=config.lam_max, fixed_lam=lam_bar,
-            )
+            sol = solve(sol.eta, None, fixed_lam=state.lam + rate * (batch_lam - state.lam))
         weights = dual_lib.estep_weights(q_r, q_c, log_prior, sol.eta, sol.lam)
-        sol = sol.replace(expected_costs=sol.expected_costs + prior_costs)  # back to Q_c's level
         if config.estep_fallback:
             # no q in the KL ball meets the violated thresholds: take the least-cost q there
             if config.feasibility_margin > 0:

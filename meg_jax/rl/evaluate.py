@@ -163,7 +163,7 @@ def make_env(spec: EnvSpec, num_envs: Optional[int] = None, discrete: bool = Fal
         if getattr(spec, name) is not None:
             overrides[name] = getattr(spec, name)
     if spec.observe is not None:
-        overrides["observe"] = tuple(spec.observe)
+        overrides["observe"] = spec.observe
     return menv.make(
         spec.preset,
         num_envs=spec.num_envs if num_envs is None else num_envs,
