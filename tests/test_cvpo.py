@@ -558,8 +558,10 @@ def test_lam_rate_averages_the_batches_multipliers(env):
     np.testing.assert_array_equal(lam1, batch1)
     lam_r, batch_r, kl_r = got[0.1]
     assert np.max(np.abs(batch_r - np.asarray(lam0))) > 0.05, batch_r  # the test can see the average
-    # the same batch and warm start: the batch's own lam is the same solve in both runs
-    np.testing.assert_allclose(batch_r, batch1, rtol=1e-5, atol=1e-6)
+    # the same batch and warm start: the batch's own lam is the same solve in both runs, but in two
+    # compiled programs; the dual stops once g improves by < 2e-7 relative, so lam may differ by
+    # ~sqrt(tol) relative (see test_chunked_update_equals_the_unchunked_update)
+    np.testing.assert_allclose(batch_r, batch1, rtol=1e-3, atol=1e-6)
     np.testing.assert_allclose(lam_r, np.asarray(lam0) + 0.1 * (batch_r - np.asarray(lam0)), rtol=1e-5, atol=1e-6)
     # eta re-solved at lam_bar: q sits on the KL bound as the batch's own solution does
     assert kl_r == pytest.approx(config.kl_epsilon, rel=1e-2) and kl1 == pytest.approx(config.kl_epsilon, rel=1e-2)
