@@ -200,3 +200,26 @@ def test_truncated_orbax_checkpoint_names_the_step_folder(tmp_path):
             ckpt.restore_or_init(manager, state)
     finally:
         manager.close()
+
+
+def test_a_run_resumes_under_another_agents_settings_but_not_its_own(tmp_path):
+    # train.cvpo ignores the config sections its agent never reads: a --cvpo.* sweep reuses the
+    # PPO run beside it, while a MEG-CVPO run still refuses a changed --cvpo.* field.
+    from meg_jax.rl import agents
+    from meg_jax.rl.config import RunConfig
+
+    base = RunConfig(algo="ppo_lag")
+    swept = dataclasses.replace(base, cvpo=dataclasses.replace(base.cvpo, discrete_critic="coordinates"))
+    assert agents.unused_sections("ppo_lag") == ("cvpo", "ddpg", "sac")
+    ckpt.check_config(tmp_path / "ppo", base, ignore=("eval",) + agents.unused_sections("ppo_lag"))
+    ckpt.check_config(tmp_path / "ppo", swept, ignore=("eval",) + agents.unused_sections("ppo_lag"))
+    with pytest.raises(ckpt.ConfigMismatchError, match=r"ppo\.lr"):
+        ckpt.check_config(tmp_path / "ppo", dataclasses.replace(swept, ppo=dataclasses.replace(base.ppo, lr=1e-4)),
+                          ignore=("eval",) + agents.unused_sections("ppo_lag"))
+    cvpo = dataclasses.replace(base, algo="cvpo")
+    ckpt.check_config(tmp_path / "cvpo", cvpo, ignore=("eval",) + agents.unused_sections("cvpo"))
+    with pytest.raises(ckpt.ConfigMismatchError, match=r"cvpo\.discrete_critic"):
+        ckpt.check_config(tmp_path / "cvpo", dataclasses.replace(swept, algo="cvpo"),
+                          ignore=("eval",) + agents.unused_sections("cvpo"))
+    with pytest.raises(ValueError, match="no trained policy"):
+        agents.unused_sections("oracle")

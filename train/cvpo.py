@@ -276,7 +276,7 @@ def run(
 
     from meg_jax import checkpoint as ckpt
     from meg_jax import run_log
-    from meg_jax.rl import baselines
+    from meg_jax.rl import agents, baselines
     from meg_jax.parallel import check_batch_size
     from meg_jax.rl.sharding import jit_sharded, make_mesh
 
@@ -286,8 +286,10 @@ def run(
     os.makedirs(workdir, exist_ok=True)
     if is_main:  # one writer of config.json on a shared work directory
         # The final evaluation's settings do not change what is trained: a finished run can
-        # be re-scored (e.g. --eval.deterministic) without retraining.
-        ckpt.check_config(workdir, config, ignore=("eval",))
+        # be re-scored (e.g. --eval.deterministic) without retraining; nor do the other agents'
+        # sections of the config (a --cvpo.* sweep resumes the baselines beside it).
+        unused = agents.unused_sections(config.algo) if config.algo in agents.LEARNED else ()
+        ckpt.check_config(workdir, config, ignore=("eval",) + unused)
     evaluate = evaluate and config.eval.num_episodes > 0
 
     if config.algo in baselines.BASELINES:
@@ -295,8 +297,6 @@ def run(
         if evaluate and is_main:
             _write_json(os.path.join(workdir, eval_filename(config)), evaluation)
         return TrainResult(config, None, 0, evaluation)
-
-    from meg_jax.rl import agents
 
     per_block = agents.env_steps_per_block(config)
     vmapped = config.num_seeds > 1

@@ -15,8 +15,8 @@ from typing import Any, Optional
 import numpy as np
 from jax.sharding import Mesh
 
-__all__ = ["LEARNED", "LABELS", "agent_config", "is_discrete", "make_agent", "env_steps_per_block",
-           "gradient_updates"]
+__all__ = ["LEARNED", "LABELS", "agent_config", "unused_sections", "is_discrete", "make_agent",
+           "env_steps_per_block", "gradient_updates"]
 
 # --algo values with a trained policy, in the order of the comparison table
 LEARNED = ("cvpo", "ppo_lag", "ppo_pid", "ppo", "ddpg_lag", "sac_lag")
@@ -49,6 +49,21 @@ def agent_config(config: Any) -> Any:
         ppo = dataclasses.replace(config.ppo, lagrangian=algo != "ppo")
         return dataclasses.replace(ppo, dual="pid") if algo == "ppo_pid" else ppo
     return config.ddpg if algo == "ddpg_lag" else config.sac
+
+
+_SECTIONS = ("cvpo", "ppo", "ddpg", "sac")  # the RunConfig fields that each configure one agent
+
+
+def unused_sections(algo: str) -> tuple[str, ...]:
+    """The agents' ``RunConfig`` sections a run of ``algo`` never reads (every section but its own).
+
+    They do not change what the run trains, so a run directory resumes under any value of
+    them (``train.cvpo`` passes them to ``checkpoint.check_config`` as ``ignore``): a sweep of
+    ``--cvpo.*`` settings reuses the baselines trained beside it.
+    """
+    _check(algo)
+    own = "cvpo" if algo == "cvpo" else "ppo" if algo in _PPO else "ddpg" if algo == "ddpg_lag" else "sac"
+    return tuple(s for s in _SECTIONS if s != own)
 
 
 def is_discrete(config: Any) -> bool:
