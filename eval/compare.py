@@ -21,7 +21,8 @@ Columns (medians over seeds unless said otherwise):
   (K, r) and Q_oracle the Lagrangian oracle with perfect channel knowledge, on the seed's
   episodes; gap closed (observable): the same with the observable-information ceiling in place
   of the oracle, the table policy over (estimated-SNR bin, class) of
-  ``eval.observable_oracle`` (it sees what the agents see, up to the SNR history);
+  ``eval.observable_oracle`` (it sees what the agents see, up to the SNR history; on ``paper``,
+  whose observation has no class, over the SNR alone);
   gap closed (equal cost): 1 - (Q_eq - Q) / (Q_oracle - Q_fixed), Q_eq the oracle fitted at
   the seed's own mean costs (``eval.observable_oracle.equal_cost_oracle``): the seed's distance
   below the frontier at its own costs, in units of the preset's fixed -> oracle gap at the
@@ -29,6 +30,13 @@ Columns (medians over seeds unless said otherwise):
   (allowed up to the feasibility tolerance) earns nothing: the column that ranks agents where
   that tolerance is worth as much as the gap (``paper``). A seed at the limits scores its
   gap closed (oracle); one on the frontier 100 % at any cost;
+  gap closed (observable, equal cost): 1 - (T_eq - Q) / (T - Q_fixed), the same reading against
+  the observable table: T_eq the table fitted to spend the seed's own mean costs, T the table at
+  the limits. The oracle's frontier includes what the agents cannot observe (the class on
+  ``paper``, the true SNR elsewhere), and what that is worth changes along the frontier, so the
+  equal-cost column against the oracle still favours some cost levels over others; against the
+  table every agent is read by the frontier of what it sees. A learned policy may exceed the
+  table (it also has the SNR history), so the column can pass 100 %;
 * env steps: transitions collected per seed; wall time: the training job's wall clock
   (compilation included, evaluation excluded; all seeds together); updates/s: gradient
   updates of all seeds per second of that wall time (PPO: one Adam step per minibatch).
@@ -98,8 +106,8 @@ def agent_run_config(args: Args, algo: str) -> Any:
         env=EnvSpec(preset=args.preset, num_envs=args.num_envs, artifact=args.artifact,
                     episode_length=args.episode_length),
         eval=EvalConfig(num_episodes=args.episodes, deterministic=args.deterministic),
-        cvpo=dataclasses.replace(base.cvpo, discrete=args.cvpo_discrete, actor_hidden=args.hidden,
-                                 critic_hidden=args.hidden, **gamma),
+        cvpo=dataclasses.replace(base.cvpo, discrete=args.cvpo_discrete,
+                                 actor_hidden=args.hidden, critic_hidden=args.hidden, **gamma),
         ppo=dataclasses.replace(base.ppo, hidden=args.hidden, **gamma),
         ddpg=dataclasses.replace(base.ddpg, hidden=args.hidden, **gamma),
         sac=dataclasses.replace(base.sac, hidden=args.hidden, **gamma),
@@ -154,7 +162,8 @@ def _seed_evals(config: Any, workdir: str) -> list[dict]:
 
 def summarise_agent(algo: str, rows: list[dict], ceiling: Optional[dict[int, dict]], env_steps: float,
                     train_seconds: float, updates: float,
-                    equal_cost: Optional[dict[int, float]] = None) -> dict[str, Any]:
+                    equal_cost: Optional[dict[int, float]] = None,
+                    equal_cost_observable: Optional[dict[int, float]] = None) -> dict[str, Any]:
     """One table row from the per-seed evaluation summaries (``eval.json``'s ``summary``).
 
     Args:
@@ -165,6 +174,8 @@ def summarise_agent(algo: str, rows: list[dict], ceiling: Optional[dict[int, dic
       env_steps: transitions per seed; train_seconds: wall clock of training (all seeds);
       updates: gradient updates per seed.
       equal_cost: seed -> the oracle's quality at this agent's mean costs on that seed, or None.
+      equal_cost_observable: seed -> the observable table policy's quality at this agent's mean
+        costs on that seed (needs ``ceiling``), or None.
     """
     from meg_jax.rl.agents import LABELS
     from meg_jax.rl.evaluate import gap_closed
@@ -193,51 +204,84 @@ def summarise_agent(algo: str, rows: list[dict], ceiling: Optional[dict[int, dic
                          r["oracle_quality"]) for r in rows]
         row["gap_closed_equal_cost"] = float(np.median(eq))
         row["per_seed_gap_closed_equal_cost"] = [float(x) for x in eq]
+    if equal_cost_observable is not None:
+        if ceiling is None:
+            raise ValueError("equal_cost_observable needs the observable ceiling")
+        # the same reading against the frontier of what the agents observe: shortfall below the
+        # observable table at the seed's own costs over the fixed -> observable-ceiling gap
+        eq = [gap_closed(r["quality"] - (equal_cost_observable[r["seed"]] - ceiling[r["seed"]]["quality"]),
+                         r["fixed_quality"], ceiling[r["seed"]]["quality"]) for r in rows]
+        row["gap_closed_observable_equal_cost"] = float(np.median(eq))
+        row["per_seed_gap_closed_observable_equal_cost"] = [float(x) for x in eq]
     return row
 
 
 def format_table(rows: list[dict], references: Optional[dict[str, Any]] = None) -> str:
     """Markdown table of :func:`summarise_agent` rows (plus the observable ceiling's row)."""
     head = ("| agent | quality | latency / limit | energy / limit | feasible seeds | gap closed (oracle) | "
-            "gap closed (observable) | gap closed (equal cost) | env steps / seed | wall time (s) | updates/s |")
-    lines = [head, "|" + "---|" * 11]
+            "gap closed (observable) | gap closed (equal cost) | gap closed (observable, equal cost) | "
+            "env steps / seed | wall time (s) | updates/s |")
+    lines = [head, "|" + "---|" * 12]
     pct = lambda r, k: f"{100 * r[k]:.1f}%" if k in r else "—"  # noqa: E731
     for r in rows:
         n = len(r["seeds"])
         lines.append(
             f"| {r['agent']} | {r['quality']:.4f} | {r['worst_costs_over_limit'][0]:.4f} | "
             f"{r['worst_costs_over_limit'][1]:.4f} | {r['feasible_seeds']}/{n} | {100 * r['gap_closed']:.1f}% | "
-            f"{pct(r, 'gap_closed_observable')} | {pct(r, 'gap_closed_equal_cost')} | {int(r['env_steps']):,} | "
+            f"{pct(r, 'gap_closed_observable')} | {pct(r, 'gap_closed_equal_cost')} | "
+            f"{pct(r, 'gap_closed_observable_equal_cost')} | {int(r['env_steps']):,} | "
             f"{r['train_seconds']:.0f} | {r['updates_per_second']:.0f} |")
     if references and "observable" in references:
         o = references["observable"]
+        seen = {"snr": "estimated SNR", "class": "class"}
+        inputs = ", ".join(seen[k] for k in o.get("observes", ("snr", "class"))) or "nothing"
         lines.append(
-            f"| table policy on (estimated SNR, class) (observable ceiling) | {o['quality']:.4f} | "
+            f"| table policy on ({inputs}) (observable ceiling) | {o['quality']:.4f} | "
             f"{o['worst_latency_over_limit']:.4f} | {o['worst_energy_over_limit']:.4f} | "
-            f"{o['feasible_seeds']}/{o['seeds']} | {100 * o['gap_closed']:.1f}% | 100% | — | — | — | — |")
+            f"{o['feasible_seeds']}/{o['seeds']} | {100 * o['gap_closed']:.1f}% | 100% | — | — | — | — | — |")
     return "\n".join(lines)
 
 
 def compare(args: Args) -> dict[str, Any]:
     """Trains and scores every agent of ``args``; returns the JSON written to ``OUT/compare.json``."""
     from meg_jax.rl import agents
-    from meg_jax.rl.config import FEASIBILITY_TOLERANCE, EnvSpec
+    from meg_jax.rl.config import FEASIBILITY_TOLERANCE
 
     if args.seeds < 1:
         raise ValueError(f"--seeds must be >= 1, got {args.seeds}")
     configs = {algo: agent_run_config(args, algo) for algo in args.agents}  # refuses unknown agents first
+    if args.observable and args.artifact == "synthetic":
+        raise ValueError("--observable needs the preset's artifact file; pass --no_observable with synthetic")
     os.makedirs(args.out, exist_ok=True)
+    per_seed, stats = {}, {}
+    for algo, config in configs.items():
+        workdir = os.path.join(args.out, algo)
+        result, seconds = _train(config, workdir)
+        evals = _seed_evals(config, workdir)
+        env_steps = float(np.asarray(result.state.env_steps).reshape(-1)[0])
+        updates = float(np.asarray(agents.gradient_updates(config, result.state)).reshape(-1)[0])
+        stats[algo] = (env_steps, seconds, updates)
+        per_seed[algo] = evals
+        print(format_table([summarise_agent(algo, evals, None, *stats[algo])]).splitlines()[-1], flush=True)
+    # every agent's seeds against the oracle and the observable table at their own mean costs, on
+    # the same requests (the environment of the runs: --set env.* included)
+    spec = next(iter(configs.values())).env
+    seeds = sorted(r["seed"] for r in next(iter(per_seed.values())))
+    by_seed = {algo: {r["seed"]: r for r in evals} for algo, evals in per_seed.items()}
+    costs = {s: [np.multiply(by_seed[a][s]["costs_over_limit"], by_seed[a][s]["limits"]) for a in by_seed]
+             for s in seeds}
     ceiling = None
     references: dict[str, Any] = {}
     if args.observable:
-        if args.artifact == "synthetic":
-            raise ValueError("--observable needs the preset's artifact file; pass --no_observable with synthetic")
         from eval.observable_oracle import observable_ceiling
 
-        spec = EnvSpec(preset=args.preset, episode_length=args.episode_length)
         first = next(iter(configs.values()))
-        ceiling = observable_ceiling(spec, list(range(args.seeds)), args.episodes, args.fit_episodes, args.bin_db,
-                                     episode_length=_episode_length(first))
+        ceiling = observable_ceiling(spec, seeds, args.episodes, args.fit_episodes, args.bin_db,
+                                     episode_length=_episode_length(first),
+                                     at_costs=costs if args.equal_cost else None)
+        for evals in per_seed.values():
+            for r in evals:  # the same requests: the fixed action's quality agrees to rounding
+                assert abs(r["fixed_quality"] - ceiling[r["seed"]]["fixed_quality"]) < 1e-4, (r, ceiling[r["seed"]])
         tol = FEASIBILITY_TOLERANCE
         references["observable"] = {
             "quality": float(np.median([c["quality"] for c in ceiling.values()])),
@@ -247,33 +291,21 @@ def compare(args: Args) -> dict[str, Any]:
                                   for c in ceiling.values()),
             "seeds": len(ceiling),
             "gap_closed": float(np.median([c["gap_closed"] for c in ceiling.values()])),
+            "observes": ceiling[seeds[0]]["observes"],
             "per_seed": {str(k): v for k, v in ceiling.items()},
         }
-    rows, per_seed, stats = [], {}, {}
-    for algo, config in configs.items():
-        workdir = os.path.join(args.out, algo)
-        result, seconds = _train(config, workdir)
-        evals = _seed_evals(config, workdir)
-        if ceiling is not None:
-            for r in evals:  # the same requests: the fixed action's quality agrees to rounding
-                assert abs(r["fixed_quality"] - ceiling[r["seed"]]["fixed_quality"]) < 1e-4, (r, ceiling[r["seed"]])
-        env_steps = float(np.asarray(result.state.env_steps).reshape(-1)[0])
-        updates = float(np.asarray(agents.gradient_updates(config, result.state)).reshape(-1)[0])
-        stats[algo] = (env_steps, seconds, updates)
-        rows.append(summarise_agent(algo, evals, ceiling, *stats[algo]))
-        per_seed[algo] = evals
-        print(format_table(rows[-1:]).splitlines()[-1], flush=True)
-    if args.equal_cost:  # every agent's seeds against the oracle at their own costs, on the same tables
+    oracle_q = None
+    if args.equal_cost:
         from eval.observable_oracle import equal_cost_oracle
 
-        by_seed = {algo: {r["seed"]: r for r in evals} for algo, evals in per_seed.items()}
-        seeds = sorted(next(iter(by_seed.values())))
-        costs = {s: [np.multiply(by_seed[a][s]["costs_over_limit"], by_seed[a][s]["limits"]) for a in by_seed]
-                 for s in seeds}
-        oracle_q = equal_cost_oracle(next(iter(configs.values())).env, costs, args.episodes)
-        rows = [summarise_agent(algo, per_seed[algo], ceiling, *stats[algo],
-                                equal_cost={s: oracle_q[s][i] for s in seeds})
-                for i, algo in enumerate(by_seed)]
+        oracle_q = equal_cost_oracle(spec, costs, args.episodes)
+    rows = []
+    for i, algo in enumerate(per_seed):
+        rows.append(summarise_agent(
+            algo, per_seed[algo], ceiling, *stats[algo],
+            equal_cost=None if oracle_q is None else {s: oracle_q[s][i] for s in seeds},
+            equal_cost_observable=None if oracle_q is None or ceiling is None
+            else {s: ceiling[s]["at_costs"][i] for s in seeds}))
     out = {"settings": dataclasses.asdict(args), "rows": rows, "per_seed": per_seed, "references": references}
     table = format_table(rows, references)
     stem = "compare-deterministic" if args.deterministic else "compare"  # a re-score keeps the sampled table

@@ -21,6 +21,13 @@ A learned policy also has the SNR history and the large-scale SNR, so it can in 
 somewhat better than this table; if the table already closes most of the gap, the channel
 estimate is not what keeps an agent from the oracle.
 
+The table reads only what the observation carries (:func:`observed_information`): ``paper``'s
+observation (the authors': the channel gain and the previous request's costs) has no task
+class, so there the table is over the SNR alone and the ceiling is lower than the oracle's by
+what the class is worth. Fitted at a policy's own mean costs (``at_costs`` of
+:func:`observable_ceiling`) the same table gives the observable frontier at those costs: what a
+policy seeing the same information could have had for what it spent.
+
 With ``--quality_source replay`` (per-request prompt replay, ``docs/replay.md``) each request's
 reward is its calibration prompt's quality. The oracle knows it (perfect information: the
 prompt index is read from the state); the table policy does not (the agent observes the
@@ -51,23 +58,61 @@ from meg_jax.rl.evaluate import gap_closed, make_env
 EPISODE_LENGTH = 32
 
 
-def table_policy_scores(fit, test, limits, num_classes: int, bin_db: float):
-    """Fits the (estimate bin, class) table on ``fit`` and scores it on ``test``."""
-    _, f_est, f_cls, f_q, f_c = fit
-    _, t_est, t_cls, t_q, t_c = test
+def observed_information(params, observe: Optional[Sequence[str]] = None) -> tuple[bool, bool]:
+    """(the SNR, the task class): which of the two the agents' observation carries.
+
+    ``observe`` is the run's ``EnvSpec.observe`` (None: every field of
+    ``meg_jax.env.observation_fields``). ``paper``'s observation (the authors') has the channel
+    gain but no class, so its table policy must not read the class: a ceiling that knows what
+    the agents cannot see is no ceiling of theirs.
+    """
+    from meg_jax.env.state import observation_fields
+
+    fields = set(observation_fields(params)) if observe is None else set(observe)
+    return bool(fields & {"est_snr", "gain_to_noise"}), "task" in fields
+
+
+def _bin_index(est: np.ndarray, cls: np.ndarray, num_classes: int, bin_db: float, info: tuple[bool, bool]):
+    """Each request's table cell [M] and the number of cells (unobserved inputs collapse to one)."""
+    snr_seen, class_seen = info
     edges = np.arange(-80.0, 120.0, bin_db)
-    f_bin = np.digitize(f_est, edges) * num_classes + f_cls
-    t_bin = np.digitize(t_est, edges) * num_classes + t_cls
-    nb = (len(edges) + 1) * num_classes
+    snr_bin = np.digitize(est, edges) if snr_seen else np.zeros(est.shape, np.int64)
+    cells = num_classes if class_seen else 1
+    return snr_bin * cells + (cls if class_seen else 0), (len(edges) + 1) * cells
+
+
+def _conditional_means(fit, num_classes: int, bin_db: float, info: tuple[bool, bool]):
+    """Per table cell, the fit requests' mean quality [B, A] and costs [B, A, m], and their count [B]."""
+    _, f_est, f_cls, f_q, f_c = fit
+    f_bin, nb = _bin_index(f_est, f_cls, num_classes, bin_db, info)
     count = np.bincount(f_bin, minlength=nb)
     sum_q, sum_c = np.zeros((nb,) + f_q.shape[1:]), np.zeros((nb,) + f_c.shape[1:])
     np.add.at(sum_q, f_bin, f_q)
     np.add.at(sum_c, f_bin, f_c)
-    mean_q = sum_q / np.maximum(count, 1)[:, None]
-    mean_c = sum_c / np.maximum(count, 1)[:, None, None]
-    sol = oracle_lib.fit_oracle(mean_q[f_bin], mean_c[f_bin], limits)
+    return sum_q / np.maximum(count, 1)[:, None], sum_c / np.maximum(count, 1)[:, None, None], count, f_bin
+
+
+def table_policy_scores(fit, test, limits, num_classes: int, bin_db: float,
+                        info: tuple[bool, bool] = (True, True), at_costs=None):
+    """Fits the (estimate bin, class) table on ``fit`` and scores it on ``test``.
+
+    ``info`` says which of (SNR estimate, class) the table may read (:func:`observed_information`).
+    The multipliers are fitted on the ``fit`` requests at ``limits``; with ``at_costs`` [m]
+    instead on the ``test`` requests' cell means at those mean costs, so that the table spends
+    what a policy scored on ``test`` spent (the observable frontier at that policy's costs).
+    Returns (quality, mean costs / limits [m], share of test requests in cells the fit never saw).
+    """
+    _, t_est, t_cls, t_q, t_c = test
+    mean_q, mean_c, count, f_bin = _conditional_means(fit, num_classes, bin_db, info)
+    t_bin, _ = _bin_index(t_est, t_cls, num_classes, bin_db, info)
+    if at_costs is None:
+        sol = oracle_lib.fit_oracle(mean_q[f_bin], mean_c[f_bin], limits)
+        target = limits
+    else:
+        target = np.asarray(at_costs, np.float64)
+        sol = oracle_lib.fit_oracle(mean_q[t_bin], mean_c[t_bin], target)
     probs = np.asarray(oracle_lib.oracle_probabilities(
-        jnp.asarray(mean_q[t_bin]), jnp.asarray(mean_c[t_bin]), jnp.asarray(limits), jnp.asarray(sol.lambdas),
+        jnp.asarray(mean_q[t_bin]), jnp.asarray(mean_c[t_bin]), jnp.asarray(target), jnp.asarray(sol.lambdas),
         sol.temperature), np.float64)
     quality = float(np.mean(np.sum(probs * t_q, axis=1)))
     costs = np.einsum("ma,mak->k", probs, t_c) / len(t_q)
@@ -76,21 +121,32 @@ def table_policy_scores(fit, test, limits, num_classes: int, bin_db: float):
 
 
 def observable_ceiling(spec: EnvSpec, seeds: Sequence[int], episodes: int = 1024, fit_episodes: int = 4096,
-                       bin_db: float = 0.5, episode_length: int = EPISODE_LENGTH) -> dict[int, dict[str, float]]:
+                       bin_db: float = 0.5, episode_length: int = EPISODE_LENGTH,
+                       at_costs: Optional[Mapping[int, Sequence[Sequence[float]]]] = None) -> dict[int, dict]:
     """The (estimated-SNR bin, class) table policy scored on each seed's evaluation episodes.
 
     The evaluation episodes are ``train.cvpo``'s (key ``fold_in(PRNGKey(seed), 10**6)``,
     ``episodes`` of ``episode_length`` requests), so the numbers pair with its ``eval.json``.
+    The table reads only what the agents' observation carries (:func:`observed_information`:
+    on ``paper`` the SNR but not the class).
+
+    Args:
+      at_costs: optionally seed -> mean cost vectors [m] (s, J) of policies scored on that
+        seed's episodes; each entry then also gets ``"at_costs"``: the table's quality with its
+        multipliers fitted to spend those costs (the observable frontier there), in order.
 
     Returns:
       seed -> {"quality", "latency_over_limit", "energy_over_limit", "fixed_quality",
-      "oracle_quality", "gap_closed"} (the table policy's quality and its gap closed, the best
-      fixed feasible action's and the oracle's quality on the same requests).
+      "oracle_quality", "gap_closed", "observes"} (the table policy's quality and its gap
+      closed, the best fixed feasible action's and the oracle's quality on the same requests,
+      and which of "snr" / "class" the table read), plus "at_costs" when asked.
     """
     fit_env = make_env(spec, num_envs=fit_episodes, discrete=True)
     params = fit_env.params
     limits = np.asarray(params.limits, np.float64)
     num_classes = int(params.num_classes)
+    info = observed_information(params, spec.observe)
+    observes = [name for name, seen in zip(("snr", "class"), info) if seen]
     fit = _request_tables(fit_env, jax.random.PRNGKey(123), episode_length)
     eval_env = make_env(spec, num_envs=episodes, discrete=True)
     out = {}
@@ -98,13 +154,26 @@ def observable_ceiling(spec: EnvSpec, seeds: Sequence[int], episodes: int = 1024
         test = _request_tables(eval_env, _eval_key(seed), episode_length)
         orc = oracle_lib.fit_oracle(test[3], test[4], limits)
         fixed = oracle_lib.best_fixed_action(params, jnp.asarray(test[3]), jnp.asarray(test[4]), limits)
-        q, ratio, _ = table_policy_scores(fit, test, limits, num_classes, bin_db)
+        q, ratio, _ = table_policy_scores(fit, test, limits, num_classes, bin_db, info)
         out[int(seed)] = {
             "quality": q, "latency_over_limit": float(ratio[0]), "energy_over_limit": float(ratio[1]),
             "fixed_quality": float(fixed.avg_quality), "oracle_quality": float(orc.avg_quality),
-            "gap_closed": gap_closed(q, fixed.avg_quality, orc.avg_quality),
+            "gap_closed": gap_closed(q, fixed.avg_quality, orc.avg_quality), "observes": observes,
         }
+        if at_costs is not None:
+            qualities = []
+            for costs in at_costs.get(seed, ()):
+                costs = _positive_costs(seed, costs, limits.shape[0])
+                qualities.append(table_policy_scores(fit, test, limits, num_classes, bin_db, info, at_costs=costs)[0])
+            out[int(seed)]["at_costs"] = qualities
     return out
+
+
+def _positive_costs(seed: int, costs, m: int) -> np.ndarray:
+    costs = np.asarray(costs, np.float64)
+    if costs.shape != (m,) or not np.all(costs > 0):
+        raise ValueError(f"costs of seed {seed}: expected {m} positive mean costs, got {costs}")
+    return costs
 
 
 def _eval_key(seed: int) -> jax.Array:
@@ -150,9 +219,7 @@ def equal_cost_oracle(spec: EnvSpec, costs_by_seed: Mapping[int, Sequence[Sequen
         q, c = q.reshape(-1, q.shape[-1]), c.reshape(-1, *c.shape[-2:])
         qualities = []
         for costs in cost_list:
-            costs = np.asarray(costs, np.float64)
-            if costs.shape != (c.shape[-1],) or not np.all(costs > 0):
-                raise ValueError(f"costs of seed {seed}: expected {c.shape[-1]} positive mean costs, got {costs}")
+            costs = _positive_costs(seed, costs, c.shape[-1])
             qualities.append(float(oracle_lib.fit_oracle(q, c, costs).avg_quality))
         out[int(seed)] = qualities
     return out
@@ -238,7 +305,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         fixed = oracle_lib.best_fixed_action(params, jnp.asarray(test[3]), jnp.asarray(test[4]), limits,
                                              REFERENCE_TOLERANCE)
         for width in args.bins:
-            q, ratio, unseen = table_policy_scores(fit, test, limits, num_classes, width)
+            q, ratio, unseen = table_policy_scores(fit, test, limits, num_classes, width, observed_information(params))
             rows.append((seed, width, float(np.mean(err)), float(np.percentile(err, 90)), fixed.avg_quality,
                          orc.avg_quality, blind_q, q, ratio, gap_closed(q, fixed.avg_quality, orc.avg_quality),
                          unseen))

@@ -205,8 +205,9 @@ def test_compare_rows_and_table():
     ]
     ceiling = {0: {"quality": 0.70}, 1: {"quality": 0.62}}
     at_cost = {0: 0.65, 1: 0.685}  # the oracle at each seed's own costs
+    table_at_cost = {0: 0.68, 1: 0.61}  # the observable table at each seed's own costs
     row = compare.summarise_agent("sac_lag", rows, ceiling, env_steps=1024, train_seconds=4.0, updates=100,
-                                  equal_cost=at_cost)
+                                  equal_cost=at_cost, equal_cost_observable=table_at_cost)
     # observable gaps: (0.60 - 0.50) / (0.70 - 0.50) = 0.5; (0.58 - 0.52) / (0.62 - 0.52) = 0.6; median 0.55
     np.testing.assert_allclose(row["per_seed_gap_closed_observable"], [0.5, 0.6], rtol=1e-12)
     np.testing.assert_allclose(row["gap_closed_observable"], 0.55, rtol=1e-12)
@@ -214,11 +215,16 @@ def test_compare_rows_and_table():
     # 1 - 0.105 / 0.15 = 0.3 (not 0.06 / 0.165 = 0.36 of the gap to the oracle at seed 1's own, higher,
     # costs); median 0.525
     np.testing.assert_allclose(row["per_seed_gap_closed_equal_cost"], [0.75, 0.3], rtol=1e-9)
+    # observable equal-cost gaps: the shortfall below the table at own cost over the fixed -> table gap
+    # at the limits, 1 - 0.08 / 0.20 = 0.6 and 1 - 0.03 / 0.10 = 0.7; median 0.65
+    np.testing.assert_allclose(row["per_seed_gap_closed_observable_equal_cost"], [0.6, 0.7], rtol=1e-9)
     assert row["feasible_seeds"] == 1 and row["worst_costs_over_limit"] == [1.03, 0.95]
     assert row["updates_per_second"] == 50.0  # 100 updates x 2 seeds / 4 s
     np.testing.assert_allclose(row["quality"], 0.59, rtol=1e-12)
     table = compare.format_table([row])
-    assert "| SAC-Lagrangian | 0.5900 | 1.0300 | 0.9500 | 1/2 | 45.0% | 55.0% | 52.5% | 1,024 | 4 | 50 |" in table
+    assert "| SAC-Lagrangian | 0.5900 | 1.0300 | 0.9500 | 1/2 | 45.0% | 55.0% | 52.5% | 65.0% | 1,024 | 4 | 50 |" in table
+    with pytest.raises(ValueError, match="needs the observable ceiling"):
+        compare.summarise_agent("sac_lag", rows, None, 1024, 4.0, 100, equal_cost_observable=table_at_cost)
     with pytest.raises(ValueError, match="not a learned agent"):
         compare.agent_run_config(compare.Args(), "oracle")
 

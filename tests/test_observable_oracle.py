@@ -111,3 +111,67 @@ def test_equal_cost_oracle_on_paper_where_both_costs_fall_with_merging():
     mean_q, mean_c = np.asarray(q, np.float64).mean(0), np.asarray(c, np.float64).mean(0)
     fixed = np.max(np.where(np.all(mean_c <= costs, axis=1), mean_q, -np.inf))
     assert fixed < sol.avg_quality <= np.asarray(q, np.float64).max(axis=1).mean()
+
+
+def test_the_table_reads_only_what_the_observation_carries():
+    # `paper`'s observation (the authors') has the channel gain and the previous request's costs,
+    # no task class; the other presets' has both; an `observe` selection is what the agents see.
+    from meg_jax.rl.config import EnvSpec
+    from meg_jax.rl.evaluate import make_env
+
+    paper = make_env(EnvSpec(preset="paper"), num_envs=2, discrete=True).params
+    tiny = make_env(EnvSpec(preset="tiny", artifact="synthetic"), num_envs=2, discrete=True,
+                    artifact=synthetic_artifact()).params
+    assert oo.observed_information(paper) == (True, False)
+    assert oo.observed_information(tiny) == (True, True)
+    assert oo.observed_information(tiny, ("est_snr", "budget")) == (True, False)
+    assert oo.observed_information(tiny, ("task",)) == (False, True)
+
+
+def _two_class_tables(rng, m=4000, a=5):
+    # 4 SNR levels, two equally likely classes whose quality ranks the actions differently:
+    # which action is best depends on the class, so knowing it is worth something.
+    snr = rng.choice([0.0, 5.0, 10.0, 15.0], m)
+    cls = rng.integers(0, 2, m)
+    tilt = np.linspace(-0.05, 0.05, a)
+    q = 0.5 + 0.01 * snr[:, None] + np.where(cls[:, None] == 1, tilt, -tilt) + 0.02 * np.arange(a)
+    base = np.linspace(0.5, 1.5, a)
+    c = np.stack([base[None, :] + 0.1 / (1.0 + snr[:, None]), np.broadcast_to(base[None, :], (m, a))], -1)
+    return snr, cls, q, c
+
+
+def test_a_class_blind_table_is_the_oracle_on_the_class_averaged_quality():
+    rng = np.random.default_rng(2)
+    snr, cls, q, c = _two_class_tables(rng)
+    limits = np.array([1.1, 1.0])
+    data = (snr, snr, cls, q, c)
+    aware, _, _ = oo.table_policy_scores(data, data, limits, 2, bin_db=1.0, info=(True, True))
+    blind, ratio, unseen = oo.table_policy_scores(data, data, limits, 2, bin_db=1.0, info=(True, False))
+    # by hand: per SNR level the class-averaged quality and costs, the oracle fitted on those
+    # and scored on the requests' own quality (the costs do not depend on the class)
+    q_bar = np.stack([q[snr == s].mean(0) for s in snr], 0)
+    sol = O.fit_oracle(q_bar, c, limits)
+    probs = np.asarray(O.oracle_probabilities(q_bar, c, limits, sol.lambdas, sol.temperature))
+    np.testing.assert_allclose(blind, np.mean(np.sum(probs * q, 1)), atol=1e-6)  # same solver, same tables
+    assert unseen == 0.0 and np.all(ratio <= 1.0 + 1e-3)
+    assert blind < aware - 0.01  # the class is worth ~0.05 here: the blind table cannot have it
+
+
+def test_the_table_at_a_policys_own_costs_spends_them():
+    # Fitted to spend given mean costs on the test requests, the table spends them, meets its
+    # own ceiling at the limits, and more budget never buys less quality.
+    rng = np.random.default_rng(3)
+    snr, cls, q, c = _two_class_tables(rng)
+    limits = np.array([1.1, 1.0])
+    data = (snr, snr, cls, q, c)
+    at_limits, _, _ = oo.table_policy_scores(data, data, limits, 2, bin_db=1.0)
+    same, _, _ = oo.table_policy_scores(data, data, limits, 2, bin_db=1.0, at_costs=limits)
+    np.testing.assert_allclose(same, at_limits, atol=1e-6)  # fit = test: the same fit
+    qualities = []
+    for scale in (0.9, 0.95, 1.0):  # each binds (unconstrained the table spends 1.0055 x the energy limit)
+        costs = scale * limits
+        quality, ratio, _ = oo.table_policy_scores(data, data, limits, 2, bin_db=1.0, at_costs=costs)
+        # a binding limit is met to the oracle's Newton tolerance (1e-5) and temperature (1e-4)
+        assert np.max(ratio * limits / costs) == pytest.approx(1.0, abs=2e-3)
+        qualities.append(quality)
+    assert qualities[0] < qualities[1] < qualities[2]
