@@ -238,6 +238,10 @@ def test_compare_gamma_and_set_reach_the_agents_and_bad_entries_name_themselves(
     ppo_cfg = compare.agent_run_config(args, "ppo_lag")
     assert cvpo_cfg.cvpo.gamma == ppo_cfg.ppo.gamma == ppo_cfg.ddpg.gamma == ppo_cfg.sac.gamma == 0.97
     assert compare.agent_run_config(compare.Args(), "cvpo").cvpo.gamma == 0.5  # None keeps the default
+    # the comparison's MEG-CVPO critic is the preset's measured best unless --cvpo_critic says otherwise
+    critic = lambda **kw: compare.agent_run_config(compare.Args(**kw), "cvpo").cvpo.discrete_critic  # noqa: E731
+    assert (critic(), critic(preset="paper"), critic(preset="paper", cvpo_critic="table")) == (
+        "table", "coordinates", "table")
     for bad, msg in [("cvpo.nstep=2", "unknown config field 'cvpo.nstep'"), ("cvpo.n_step=two", "expected an integer"),
                      ("nets.n_step=1", "unknown config field 'nets.n_step'"), ("cvpo.actor_hidden=3", "expected a list"),
                      ("n_step=2", "unknown config field 'n_step'"), ("cvpo.discrete=maybe", "expected true/false")]:
