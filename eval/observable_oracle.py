@@ -98,8 +98,11 @@ def table_policy_scores(fit, test, limits, num_classes: int, bin_db: float,
 
     ``info`` says which of (SNR estimate, class) the table may read (:func:`observed_information`).
     The multipliers are fitted on the ``fit`` requests at ``limits``; with ``at_costs`` [m]
-    instead on the ``test`` requests' cell means at those mean costs, so that the table spends
-    what a policy scored on ``test`` spent (the observable frontier at that policy's costs).
+    instead on the ``test`` requests at those mean costs, with each cell's costs read as the
+    test requests' mean there, so that the table spends exactly what a policy scored on
+    ``test`` spent (the observable frontier at that policy's costs; the fit requests' cell
+    means would miss it by their sampling difference, which where the frontier is steep is
+    worth a few points of a small gap).
     Returns (quality, mean costs / limits [m], share of test requests in cells the fit never saw).
     """
     _, t_est, t_cls, t_q, t_c = test
@@ -110,6 +113,7 @@ def table_policy_scores(fit, test, limits, num_classes: int, bin_db: float,
         target = limits
     else:
         target = np.asarray(at_costs, np.float64)
+        mean_c = _conditional_means(test, num_classes, bin_db, info)[1]  # the cells' costs on these requests
         sol = oracle_lib.fit_oracle(mean_q[t_bin], mean_c[t_bin], target)
     probs = np.asarray(oracle_lib.oracle_probabilities(
         jnp.asarray(mean_q[t_bin]), jnp.asarray(mean_c[t_bin]), jnp.asarray(target), jnp.asarray(sol.lambdas),

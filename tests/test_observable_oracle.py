@@ -128,15 +128,16 @@ def test_the_table_reads_only_what_the_observation_carries():
     assert oo.observed_information(tiny, ("task",)) == (False, True)
 
 
-def _two_class_tables(rng, m=4000, a=5):
-    # 4 SNR levels, two equally likely classes whose quality ranks the actions differently:
-    # which action is best depends on the class, so knowing it is worth something.
-    snr = rng.choice([0.0, 5.0, 10.0, 15.0], m)
+def _two_class_tables(rng, m=4000, a=5, spread=0.0):
+    # 4 SNR levels (each spread over [level, level + spread)), two equally likely classes whose
+    # quality ranks the actions differently: which action is best depends on the class, so
+    # knowing it is worth something.
+    snr = rng.choice([0.0, 5.0, 10.0, 15.0], m) + spread * rng.uniform(0.0, 1.0, m)
     cls = rng.integers(0, 2, m)
     tilt = np.linspace(-0.05, 0.05, a)
     q = 0.5 + 0.01 * snr[:, None] + np.where(cls[:, None] == 1, tilt, -tilt) + 0.02 * np.arange(a)
     base = np.linspace(0.5, 1.5, a)
-    c = np.stack([base[None, :] + 0.1 / (1.0 + snr[:, None]), np.broadcast_to(base[None, :], (m, a))], -1)
+    c = np.stack([base[None, :] + 0.1 / (1.0 + snr[:, None]), base[None, :] + 0.2 / (1.0 + 0.2 * snr[:, None])], -1)
     return snr, cls, q, c
 
 
@@ -158,20 +159,25 @@ def test_a_class_blind_table_is_the_oracle_on_the_class_averaged_quality():
 
 
 def test_the_table_at_a_policys_own_costs_spends_them():
-    # Fitted to spend given mean costs on the test requests, the table spends them, meets its
-    # own ceiling at the limits, and more budget never buys less quality.
-    rng = np.random.default_rng(3)
-    snr, cls, q, c = _two_class_tables(rng)
+    # Fitted to spend given mean costs on the test requests, the table spends them there (not
+    # only on the fit requests), meets its own ceiling at the limits, and more budget never buys
+    # less quality.
+    snr, cls, q, c = _two_class_tables(np.random.default_rng(3))
     limits = np.array([1.1, 1.0])
     data = (snr, snr, cls, q, c)
     at_limits, _, _ = oo.table_policy_scores(data, data, limits, 2, bin_db=1.0)
     same, _, _ = oo.table_policy_scores(data, data, limits, 2, bin_db=1.0, at_costs=limits)
     np.testing.assert_allclose(same, at_limits, atol=1e-6)  # fit = test: the same fit
+    # SNRs spread within the 4 dB cells: the latency of a cell differs between two draws of requests
+    fit = (lambda t: (t[0], t[0], *t[1:]))(_two_class_tables(np.random.default_rng(4), m=300, spread=4.0))
+    test = (lambda t: (t[0], t[0], *t[1:]))(_two_class_tables(np.random.default_rng(5), m=300, spread=4.0))
     qualities = []
-    for scale in (0.9, 0.95, 1.0):  # each binds (unconstrained the table spends 1.0055 x the energy limit)
+    for scale in (0.9, 0.95, 1.0):  # each binds (unconstrained the table spends 1.075 x the energy limit)
         costs = scale * limits
-        quality, ratio, _ = oo.table_policy_scores(data, data, limits, 2, bin_db=1.0, at_costs=costs)
-        # a binding limit is met to the oracle's Newton tolerance (1e-5) and temperature (1e-4)
-        assert np.max(ratio * limits / costs) == pytest.approx(1.0, abs=2e-3)
+        quality, ratio, _ = oo.table_policy_scores(fit, test, limits, 2, bin_db=4.0, at_costs=costs)
+        # the binding limit is met on the test requests to the Newton solve's tolerance on the cost
+        # ratios (1e-5; 2.4e-5 seen); with the fit requests' cell costs it misses by their sampling
+        # difference, 8.4e-4 - 9.4e-4 here (checked)
+        assert np.max(ratio * limits / costs) == pytest.approx(1.0, abs=2e-4)
         qualities.append(quality)
     assert qualities[0] < qualities[1] < qualities[2]
