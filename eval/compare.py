@@ -61,10 +61,10 @@ __all__ = ["Args", "agent_run_config", "summarise_agent", "format_table", "compa
 
 DEFAULT_AGENTS = ("cvpo", "ppo_lag", "ppo_pid", "ddpg_lag", "sac_lag")
 # MEG-CVPO's discrete critic per preset, as measured (docs/results.md, fifth round): on `paper`
-# (81 actions, costs affine in K and r at a given channel) critics over the action's (K, r)
-# coordinates close 98.3 % of the observable gap at equal cost against the table critics'
-# 70.8 %; on `tiny` and `sdxl-mobile` (32 actions) the table critics are the better (94.1 vs
-# 95.3 % and 81.0 vs 88.5 %) and 4-8x faster
+# (81 actions, costs piecewise-affine in K and r at a given channel) critics over the action's
+# (K, r) coordinates close 98.5 % of the observable gap at equal cost against the table
+# critics' 70.6 %; on `tiny` and `sdxl-mobile` (32 actions) the table critics are the better
+# (96.8 vs 96.2 %, 88.5 vs 86.2 %) and 4-8x faster
 CVPO_CRITIC = {"paper": "coordinates"}
 ON_POLICY = ("ppo_lag", "ppo_pid", "ppo")
 
