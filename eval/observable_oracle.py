@@ -105,15 +105,24 @@ def table_policy_scores(fit, test, limits, num_classes: int, bin_db: float,
     worth a few points of a small gap).
     Returns (quality, mean costs / limits [m], share of test requests in cells the fit never saw).
     """
+    return _score_table(_conditional_means(fit, num_classes, bin_db, info), test, limits, num_classes, bin_db,
+                        info, at_costs)
+
+
+def _score_table(cells, test, limits, num_classes: int, bin_db: float, info: tuple[bool, bool],
+                 at_costs=None, test_cell_costs=None):
+    """:func:`table_policy_scores` on a fitted table ``cells`` (:func:`_conditional_means` of the
+    fit requests); ``test_cell_costs`` the test requests' cell costs if already computed."""
+    mean_q, mean_c, count, f_bin = cells
     _, t_est, t_cls, t_q, t_c = test
-    mean_q, mean_c, count, f_bin = _conditional_means(fit, num_classes, bin_db, info)
     t_bin, _ = _bin_index(t_est, t_cls, num_classes, bin_db, info)
     if at_costs is None:
         sol = oracle_lib.fit_oracle(mean_q[f_bin], mean_c[f_bin], limits)
         target = limits
     else:
         target = np.asarray(at_costs, np.float64)
-        mean_c = _conditional_means(test, num_classes, bin_db, info)[1]  # the cells' costs on these requests
+        # the cells' costs on the scored requests, so the table spends exactly ``at_costs`` there
+        mean_c = _conditional_means(test, num_classes, bin_db, info)[1] if test_cell_costs is None else test_cell_costs
         sol = oracle_lib.fit_oracle(mean_q[t_bin], mean_c[t_bin], target)
     probs = np.asarray(oracle_lib.oracle_probabilities(
         jnp.asarray(mean_q[t_bin]), jnp.asarray(mean_c[t_bin]), jnp.asarray(target), jnp.asarray(sol.lambdas),
@@ -152,24 +161,25 @@ def observable_ceiling(spec: EnvSpec, seeds: Sequence[int], episodes: int = 1024
     info = observed_information(params, spec.observe)
     observes = [name for name, seen in zip(("snr", "class"), info) if seen]
     fit = _request_tables(fit_env, jax.random.PRNGKey(123), episode_length)
+    cells = _conditional_means(fit, num_classes, bin_db, info)  # the table, fitted once for every seed
     eval_env = make_env(spec, num_envs=episodes, discrete=True)
     out = {}
     for seed in seeds:
         test = _request_tables(eval_env, _eval_key(seed), episode_length)
         orc = oracle_lib.fit_oracle(test[3], test[4], limits)
         fixed = oracle_lib.best_fixed_action(params, jnp.asarray(test[3]), jnp.asarray(test[4]), limits)
-        q, ratio, _ = table_policy_scores(fit, test, limits, num_classes, bin_db, info)
+        q, ratio, _ = _score_table(cells, test, limits, num_classes, bin_db, info)
         out[int(seed)] = {
             "quality": q, "latency_over_limit": float(ratio[0]), "energy_over_limit": float(ratio[1]),
             "fixed_quality": float(fixed.avg_quality), "oracle_quality": float(orc.avg_quality),
             "gap_closed": gap_closed(q, fixed.avg_quality, orc.avg_quality), "observes": observes,
         }
         if at_costs is not None:
-            qualities = []
-            for costs in at_costs.get(seed, ()):
-                costs = _positive_costs(seed, costs, limits.shape[0])
-                qualities.append(table_policy_scores(fit, test, limits, num_classes, bin_db, info, at_costs=costs)[0])
-            out[int(seed)]["at_costs"] = qualities
+            test_cell_costs = _conditional_means(test, num_classes, bin_db, info)[1]
+            out[int(seed)]["at_costs"] = [
+                _score_table(cells, test, limits, num_classes, bin_db, info,
+                             _positive_costs(seed, costs, limits.shape[0]), test_cell_costs)[0]
+                for costs in at_costs.get(seed, ())]
     return out
 
 
