@@ -205,24 +205,23 @@ def summarise_agent(algo: str, rows: list[dict], ceiling: Optional[dict[int, dic
         obs = [gap_closed(r["quality"], r["fixed_quality"], ceiling[r["seed"]]["quality"]) for r in rows]
         row["gap_closed_observable"] = float(np.median(obs))
         row["per_seed_gap_closed_observable"] = [float(x) for x in obs]
+    # the shortfall below a frontier at the seed's own costs over that frontier's gap at the limits
+    # (gap_closed of Q - (F_eq - F): 1 - (F_eq - Q) / (F - Q_fixed)); a denominator at the seed's
+    # own costs would grow with what it spends over a limit, and shrink the same shortfall for an
+    # agent that spends more. The oracle's frontier, then the observable table's
+    frontiers = []
     if equal_cost is not None:
-        # the shortfall below the frontier at the seed's own costs over the gap at the limits: a
-        # denominator of the oracle at the seed's own costs would grow with what it spends over a
-        # limit, and shrink the same shortfall for an agent that spends more
-        # (gap_closed of Q - (Q_eq - Q_oracle): 1 - (Q_eq - Q) / (Q_oracle - Q_fixed))
-        eq = [gap_closed(r["quality"] - (equal_cost[r["seed"]] - r["oracle_quality"]), r["fixed_quality"],
-                         r["oracle_quality"]) for r in rows]
-        row["gap_closed_equal_cost"] = float(np.median(eq))
-        row["per_seed_gap_closed_equal_cost"] = [float(x) for x in eq]
+        frontiers.append(("gap_closed_equal_cost", equal_cost, {r["seed"]: r["oracle_quality"] for r in rows}))
     if equal_cost_observable is not None:
         if ceiling is None:
             raise ValueError("equal_cost_observable needs the observable ceiling")
-        # the same reading against the frontier of what the agents observe: shortfall below the
-        # observable table at the seed's own costs over the fixed -> observable-ceiling gap
-        eq = [gap_closed(r["quality"] - (equal_cost_observable[r["seed"]] - ceiling[r["seed"]]["quality"]),
-                         r["fixed_quality"], ceiling[r["seed"]]["quality"]) for r in rows]
-        row["gap_closed_observable_equal_cost"] = float(np.median(eq))
-        row["per_seed_gap_closed_observable_equal_cost"] = [float(x) for x in eq]
+        frontiers.append(("gap_closed_observable_equal_cost", equal_cost_observable,
+                          {r["seed"]: ceiling[r["seed"]]["quality"] for r in rows}))
+    for key, at_cost, at_limits in frontiers:
+        eq = [gap_closed(r["quality"] - (at_cost[r["seed"]] - at_limits[r["seed"]]), r["fixed_quality"],
+                         at_limits[r["seed"]]) for r in rows]
+        row[key] = float(np.median(eq))
+        row[f"per_seed_{key}"] = [float(x) for x in eq]
     return row
 
 
@@ -244,7 +243,7 @@ def format_table(rows: list[dict], references: Optional[dict[str, Any]] = None) 
     if references and "observable" in references:
         o = references["observable"]
         seen = {"snr": "estimated SNR", "class": "class"}
-        inputs = ", ".join(seen[k] for k in o.get("observes", ("snr", "class"))) or "nothing"
+        inputs = ", ".join(seen[k] for k in o["observes"]) or "nothing"
         lines.append(
             f"| table policy on ({inputs}) (observable ceiling) | {o['quality']:.4f} | "
             f"{o['worst_latency_over_limit']:.4f} | {o['worst_energy_over_limit']:.4f} | "
@@ -275,7 +274,8 @@ def compare(args: Args) -> dict[str, Any]:
         print(format_table([summarise_agent(algo, evals, None, *stats[algo])]).splitlines()[-1], flush=True)
     # every agent's seeds against the oracle and the observable table at their own mean costs, on
     # the same requests (the environment of the runs: --set env.* included)
-    spec = next(iter(configs.values())).env
+    first = next(iter(configs.values()))
+    spec = first.env
     seeds = sorted(r["seed"] for r in next(iter(per_seed.values())))
     by_seed = {algo: {r["seed"]: r for r in evals} for algo, evals in per_seed.items()}
     costs = {s: [np.multiply(by_seed[a][s]["costs_over_limit"], by_seed[a][s]["limits"]) for a in by_seed]
@@ -285,7 +285,6 @@ def compare(args: Args) -> dict[str, Any]:
     if args.observable:
         from eval.observable_oracle import observable_ceiling
 
-        first = next(iter(configs.values()))
         ceiling = observable_ceiling(spec, seeds, args.episodes, args.fit_episodes, args.bin_db,
                                      episode_length=_episode_length(first),
                                      at_costs=costs if args.equal_cost else None)
