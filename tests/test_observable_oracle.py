@@ -153,7 +153,11 @@ def test_a_class_blind_table_is_the_oracle_on_the_class_averaged_quality():
     q_bar = np.stack([q[snr == s].mean(0) for s in snr], 0)
     sol = O.fit_oracle(q_bar, c, limits)
     probs = np.asarray(O.oracle_probabilities(q_bar, c, limits, sol.lambdas, sol.temperature))
-    np.testing.assert_allclose(blind, np.mean(np.sum(probs * q, 1)), atol=1e-6)  # same solver, same tables
+    # same solver on the same tables up to the order of the float64 sums (the table's np.add.at, the
+    # hand np.mean: last bits, which may round a float32 input apart); such a nudge moves the solve
+    # within its stopping rule, |1 - E[c] / limit| < 1e-5, worth at most lam . 1e-5 of quality
+    atol = 1e-5 * float(np.sum(np.asarray(sol.lambdas))) + 1e-6
+    np.testing.assert_allclose(blind, np.mean(np.sum(probs * q, 1)), atol=atol)
     assert unseen == 0.0 and np.all(ratio <= 1.0 + 1e-3)
     assert blind < aware - 0.01  # the class is worth ~0.05 here: the blind table cannot have it
 
