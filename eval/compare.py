@@ -41,6 +41,13 @@ Columns (medians over seeds unless said otherwise):
   (compilation included, evaluation excluded; all seeds together); updates/s: gradient
   updates of all seeds per second of that wall time (PPO: one Adam step per minibatch).
 
+Under the table, how exact the equal-cost columns can be on this preset: what lowering each
+limit by 1e-4 of itself (the other kept) costs the oracle and the observable table, in % of
+their fixed -> frontier gaps (median over seeds). Where a limit sits just above the cheapest
+action's mean cost (``sdxl-mobile``'s energy: every action spends 0.9999-1.0002 x the limit)
+that is tens of % of the gap, and the equal-cost columns then rank agents by spends that differ
+by 1e-5 of that limit, far inside the feasibility tolerance.
+
 Writes ``OUT/compare.json`` (per-seed rows and the settings) and ``OUT/compare.md`` (the
 table), and prints the table; ``--deterministic`` re-scores finished agents with their mean /
 argmax action (no retraining) into ``OUT/compare-deterministic.{json,md}``.
@@ -57,7 +64,8 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
-__all__ = ["Args", "agent_run_config", "summarise_agent", "format_table", "compare", "main"]
+__all__ = ["Args", "agent_run_config", "summarise_agent", "format_table", "limit_probes", "frontier_sensitivity",
+           "compare", "main"]
 
 DEFAULT_AGENTS = ("cvpo", "ppo_lag", "ppo_pid", "ddpg_lag", "sac_lag")
 # MEG-CVPO's discrete critic per preset, as measured (docs/results.md, fifth round): on `paper`
@@ -67,6 +75,7 @@ DEFAULT_AGENTS = ("cvpo", "ppo_lag", "ppo_pid", "ddpg_lag", "sac_lag")
 # (96.8 vs 96.2 %, 88.5 vs 86.2 %) and 4-8x faster
 CVPO_CRITIC = {"paper": "coordinates"}
 ON_POLICY = ("ppo_lag", "ppo_pid", "ppo")
+SENSITIVITY_STEP = 1e-4  # the fraction of a limit by which frontier_sensitivity lowers it
 
 
 @dataclasses.dataclass(frozen=True)
@@ -225,6 +234,30 @@ def summarise_agent(algo: str, rows: list[dict], ceiling: Optional[dict[int, dic
     return row
 
 
+def limit_probes(limits: Sequence[float], step: float = SENSITIVITY_STEP) -> list[np.ndarray]:
+    """The limits, then each limit lowered by ``step`` of itself with the others kept: [m + 1][m]."""
+    limits = np.asarray(limits, np.float64)
+    return [limits] + [limits * (1.0 - step * np.eye(len(limits))[k]) for k in range(len(limits))]
+
+
+def frontier_sensitivity(at_probes: dict[int, Sequence[float]], fixed_quality: dict[int, float]) -> dict[str, Any]:
+    """What lowering each limit costs a frontier, as a fraction of its fixed -> frontier gap.
+
+    Args:
+      at_probes: seed -> the frontier's quality at :func:`limit_probes` (the limits first).
+      fixed_quality: seed -> the best fixed feasible action's quality on the same requests.
+
+    Returns:
+      {"per_seed": seed -> [m] fractions, "median": [m]}: (F(limits) - F(limit k lowered)) /
+      (F(limits) - Q_fixed), one solver path on both sides of the difference.
+    """
+    per_seed = {}
+    for seed, f in at_probes.items():
+        f = np.asarray(f, np.float64)
+        per_seed[int(seed)] = ((f[0] - f[1:]) / (f[0] - fixed_quality[seed])).tolist()
+    return {"per_seed": per_seed, "median": np.median(np.asarray(list(per_seed.values())), axis=0).tolist()}
+
+
 def format_table(rows: list[dict], references: Optional[dict[str, Any]] = None) -> str:
     """Markdown table of :func:`summarise_agent` rows (plus the observable ceiling's row)."""
     head = ("| agent | quality | latency / limit | energy / limit | feasible seeds | gap closed (oracle) | "
@@ -248,6 +281,18 @@ def format_table(rows: list[dict], references: Optional[dict[str, Any]] = None) 
             f"| table policy on ({inputs}) (observable ceiling) | {o['quality']:.4f} | "
             f"{o['worst_latency_over_limit']:.4f} | {o['worst_energy_over_limit']:.4f} | "
             f"{o['feasible_seeds']}/{o['seeds']} | {100 * o['gap_closed']:.1f}% | 100% | — | — | — | — | — |")
+    sens = (references or {}).get("frontier_sensitivity")
+    if sens:
+        names = ("latency", "energy")
+        read = "; ".join(names[k] + " " + " / ".join(f"{100 * sens[f]['median'][k]:.1f} %" for f in sens["frontiers"])
+                         for k in range(len(names)))
+        lines.append("")
+        lines.append(f"Lowering a limit by {sens['step']:g} of itself lowers the {' / '.join(sens['frontiers'])} "
+                     f"frontier by (% of its fixed -> frontier gap, median over seeds): {read}.")
+        worst = max(max(sens[f]["median"]) for f in sens["frontiers"])
+        if worst > 0.01:
+            lines.append(f"The equal-cost columns here move by up to {100 * worst:.0f} points when an agent's spend "
+                         f"moves by {sens['step']:g} of a limit: read them with that in mind.")
     return "\n".join(lines)
 
 
@@ -280,6 +325,11 @@ def compare(args: Args) -> dict[str, Any]:
     by_seed = {algo: {r["seed"]: r for r in evals} for algo, evals in per_seed.items()}
     costs = {s: [np.multiply(by_seed[a][s]["costs_over_limit"], by_seed[a][s]["limits"]) for a in by_seed]
              for s in seeds}
+    n_agents = len(by_seed)
+    anyone = next(iter(by_seed.values()))
+    fixed = {s: anyone[s]["fixed_quality"] for s in seeds}
+    # after the agents' own costs, the limits and each limit lowered by SENSITIVITY_STEP (frontier_sensitivity)
+    at_costs = {s: costs[s] + limit_probes(anyone[s]["limits"]) for s in seeds}
     ceiling = None
     references: dict[str, Any] = {}
     if args.observable:
@@ -287,7 +337,7 @@ def compare(args: Args) -> dict[str, Any]:
 
         ceiling = observable_ceiling(spec, seeds, args.episodes, args.fit_episodes, args.bin_db,
                                      episode_length=_episode_length(first),
-                                     at_costs=costs if args.equal_cost else None)
+                                     at_costs=at_costs if args.equal_cost else None)
         for evals in per_seed.values():
             for r in evals:  # the same requests: the fixed action's quality agrees to rounding
                 assert abs(r["fixed_quality"] - ceiling[r["seed"]]["fixed_quality"]) < 1e-4, (r, ceiling[r["seed"]])
@@ -307,7 +357,12 @@ def compare(args: Args) -> dict[str, Any]:
     if args.equal_cost:
         from eval.observable_oracle import equal_cost_oracle
 
-        oracle_q = equal_cost_oracle(spec, costs, args.episodes)
+        oracle_q = equal_cost_oracle(spec, at_costs, args.episodes)
+        frontiers = {"oracle": {s: oracle_q[s][n_agents:] for s in seeds}}
+        if ceiling is not None:
+            frontiers["observable"] = {s: ceiling[s]["at_costs"][n_agents:] for s in seeds}
+        references["frontier_sensitivity"] = {"step": SENSITIVITY_STEP, "frontiers": list(frontiers),
+                                              **{k: frontier_sensitivity(v, fixed) for k, v in frontiers.items()}}
     rows = []
     for i, algo in enumerate(per_seed):
         rows.append(summarise_agent(

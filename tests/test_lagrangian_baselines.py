@@ -225,6 +225,23 @@ def test_compare_rows_and_table():
     assert "| SAC-Lagrangian | 0.5900 | 1.0300 | 0.9500 | 1/2 | 45.0% | 55.0% | 52.5% | 65.0% | 1,024 | 4 | 50 |" in table
     with pytest.raises(ValueError, match="needs the observable ceiling"):
         compare.summarise_agent("sac_lag", rows, None, 1024, 4.0, 100, equal_cost_observable=table_at_cost)
+    # how exact the equal-cost columns can be: each limit lowered by 1e-4 of itself, the others kept
+    np.testing.assert_allclose(compare.limit_probes([6.0, 30.0]), [[6.0, 30.0], [5.9994, 30.0], [6.0, 29.997]],
+                               rtol=1e-15)
+    # (F(limits) - F(lowered)) / (F(limits) - Q_fixed): seed 0 0.01 / 0.2, 0.1 / 0.2; seed 1 0, 0.05 / 0.1
+    sens = compare.frontier_sensitivity({0: [0.70, 0.69, 0.60], 1: [0.62, 0.62, 0.57]}, {0: 0.50, 1: 0.52})
+    np.testing.assert_allclose(sens["per_seed"][0], [0.05, 0.5], rtol=1e-9)
+    np.testing.assert_allclose(sens["per_seed"][1], [0.0, 0.5], atol=1e-12, rtol=1e-9)
+    np.testing.assert_allclose(sens["median"], [0.025, 0.5], rtol=1e-9)
+    table = compare.format_table([row], {"frontier_sensitivity": {"step": 1e-4, "frontiers": ["oracle"], "oracle": sens}})
+    assert "lowers the oracle frontier by (% of its fixed -> frontier gap, median over seeds): latency 2.5 %; " \
+           "energy 50.0 %." in table
+    assert "move by up to 50 points when an agent's spend moves by 0.0001 of a limit" in table
+    flat = {"per_seed": {}, "median": [0.004, 0.009]}  # under a point each: no warning
+    table = compare.format_table([row], {"frontier_sensitivity": {"step": 1e-4, "frontiers": ["oracle", "observable"],
+                                                                  "oracle": flat, "observable": flat}})
+    assert "oracle / observable frontier" in table and "latency 0.4 % / 0.4 %; energy 0.9 % / 0.9 %." in table
+    assert "move by up to" not in table
     with pytest.raises(ValueError, match="not a learned agent"):
         compare.agent_run_config(compare.Args(), "oracle")
 
