@@ -306,6 +306,12 @@ def compare(args: Args) -> dict[str, Any]:
     configs = {algo: agent_run_config(args, algo) for algo in args.agents}  # refuses unknown agents first
     if args.observable and args.artifact == "synthetic":
         raise ValueError("--observable needs the preset's artifact file; pass --no_observable with synthetic")
+    if args.observable:  # an observation the table cannot read is refused before anything trains
+        from eval.observable_oracle import observed_information
+        from meg_jax.rl.evaluate import make_env
+
+        spec = next(iter(configs.values())).env
+        observed_information(make_env(spec, num_envs=1, discrete=True).params, spec.observe)
     os.makedirs(args.out, exist_ok=True)
     per_seed, stats = {}, {}
     for algo, config in configs.items():

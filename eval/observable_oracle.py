@@ -65,11 +65,22 @@ def observed_information(params, observe: Optional[Sequence[str]] = None) -> tup
     ``meg_jax.env.observation_fields``). ``paper``'s observation (the authors') has the channel
     gain but no class, so its table policy must not read the class: a ceiling that knows what
     the agents cannot see is no ceiling of theirs.
+
+    Raises:
+      ValueError: the observation carries the channel only through ``mean_snr``, which the table
+        (binned on the SNR estimate) cannot read.
     """
     from meg_jax.env.state import observation_fields
 
     fields = set(observation_fields(params)) if observe is None else set(observe)
-    return bool(fields & {"est_snr", "gain_to_noise"}), "task" in fields
+    snr_seen = bool(fields & {"est_snr", "gain_to_noise"})
+    if "mean_snr" in fields and not snr_seen:
+        # the table bins the instantaneous SNR estimate; without it, it would be blind to the
+        # channel the agents read through mean_snr: a "ceiling" below what they can know
+        raise ValueError(f"observe={tuple(observe)!r}: the agents see the channel through 'mean_snr' only, which "
+                         "the observable table policy cannot read (it bins 'est_snr'); add 'est_snr' to observe, "
+                         "or score without the ceiling (eval.compare --no_observable)")
+    return snr_seen, "task" in fields
 
 
 def _bin_index(est: np.ndarray, cls: np.ndarray, num_classes: int, bin_db: float, info: tuple[bool, bool]):

@@ -246,7 +246,7 @@ def test_compare_rows_and_table():
         compare.agent_run_config(compare.Args(), "oracle")
 
 
-def test_compare_gamma_and_set_reach_the_agents_and_bad_entries_name_themselves():
+def test_compare_gamma_and_set_reach_the_agents_and_bad_entries_name_themselves(tmp_path):
     from eval import compare
 
     args = compare.Args(preset="paper", gamma=0.97, set=("cvpo.n_step=2", "cvpo.critic_lr=3e-4", "cvpo.discrete=false"))
@@ -265,5 +265,10 @@ def test_compare_gamma_and_set_reach_the_agents_and_bad_entries_name_themselves(
         with pytest.raises(ValueError, match=bad.split("=")[0].replace(".", r"\.")) as e:
             compare.agent_run_config(compare.Args(set=(bad,)), "cvpo")
         assert msg in str(e.value) and str(e.value).startswith("--set")
+    # an observation the observable table cannot read is refused before anything trains or is written
+    out = tmp_path / "never"
+    with pytest.raises(ValueError, match="'mean_snr' only"):
+        compare.compare(compare.Args(set=('env.observe=["mean_snr","task"]',), out=str(out)))
+    assert not out.exists()
     # tuples go through too: the shared parser reads JSON values
     assert compare.agent_run_config(compare.Args(set=("cvpo.actor_hidden=[32,32]",)), "cvpo").cvpo.actor_hidden == (32, 32)

@@ -126,6 +126,10 @@ def test_the_table_reads_only_what_the_observation_carries():
     assert oo.observed_information(tiny) == (True, True)
     assert oo.observed_information(tiny, ("est_snr", "budget")) == (True, False)
     assert oo.observed_information(tiny, ("task",)) == (False, True)
+    assert oo.observed_information(tiny, ("est_snr", "mean_snr")) == (True, False)
+    # the channel seen only through its mean: a table on nothing would sit below the agents' information
+    with pytest.raises(ValueError, match="'mean_snr' only.*--no_observable"):
+        oo.observed_information(tiny, ("mean_snr", "task"))
 
 
 def _two_class_tables(rng, m=4000, a=5, spread=0.0):
