@@ -45,8 +45,8 @@ Under the table, how exact the equal-cost columns can be on this preset: what lo
 limit by 1e-4 of itself (the other kept) costs the oracle and the observable table, in % of
 their fixed -> frontier gaps (median over seeds). Where a limit sits just above the cheapest
 action's mean cost (``sdxl-mobile``'s energy: every action spends 0.9999-1.0002 x the limit)
-that is tens of % of the gap, and the equal-cost columns then rank agents by spends that differ
-by 1e-5 of that limit, far inside the feasibility tolerance.
+that is tens of % of the gap, and the equal-cost columns then rank agents by spends a few 1e-5
+of that limit apart, far inside the feasibility tolerance (docs/results.md, sixth round).
 
 Writes ``OUT/compare.json`` (per-seed rows and the settings) and ``OUT/compare.md`` (the
 table), and prints the table; ``--deterministic`` re-scores finished agents with their mean /
