@@ -32,6 +32,8 @@ LABELS = {
 }
 
 _PPO = ("ppo_lag", "ppo_pid", "ppo")
+# each learned agent's own section of a RunConfig
+_SECTION = {"cvpo": "cvpo", "ppo_lag": "ppo", "ppo_pid": "ppo", "ppo": "ppo", "ddpg_lag": "ddpg", "sac_lag": "sac"}
 
 
 def _check(algo: str) -> None:
@@ -43,15 +45,11 @@ def agent_config(config: Any) -> Any:
     """The agent's own config of a ``RunConfig`` (``ppo_lag`` / ``ppo_pid`` / ``ppo`` set the PPO variant)."""
     algo = config.algo
     _check(algo)
-    if algo == "cvpo":
-        return config.cvpo
+    section = getattr(config, _SECTION[algo])
     if algo in _PPO:
-        ppo = dataclasses.replace(config.ppo, lagrangian=algo != "ppo")
+        ppo = dataclasses.replace(section, lagrangian=algo != "ppo")
         return dataclasses.replace(ppo, dual="pid") if algo == "ppo_pid" else ppo
-    return config.ddpg if algo == "ddpg_lag" else config.sac
-
-
-_SECTIONS = ("cvpo", "ppo", "ddpg", "sac")  # the RunConfig fields that each configure one agent
+    return section
 
 
 def unused_sections(algo: str) -> tuple[str, ...]:
@@ -62,8 +60,7 @@ def unused_sections(algo: str) -> tuple[str, ...]:
     ``--cvpo.*`` settings reuses the baselines trained beside it.
     """
     _check(algo)
-    own = "cvpo" if algo == "cvpo" else "ppo" if algo in _PPO else "ddpg" if algo == "ddpg_lag" else "sac"
-    return tuple(s for s in _SECTIONS if s != own)
+    return tuple(s for s in dict.fromkeys(_SECTION.values()) if s != _SECTION[algo])
 
 
 def is_discrete(config: Any) -> bool:
