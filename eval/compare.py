@@ -306,11 +306,12 @@ def compare(args: Args) -> dict[str, Any]:
     configs = {algo: agent_run_config(args, algo) for algo in args.agents}  # refuses unknown agents first
     if args.observable and args.artifact == "synthetic":
         raise ValueError("--observable needs the preset's artifact file; pass --no_observable with synthetic")
+    first = next(iter(configs.values()))
+    spec = first.env  # every agent's environment (--set env.* included)
     if args.observable:  # an observation the table cannot read is refused before anything trains
         from eval.observable_oracle import observed_information
         from meg_jax.rl.evaluate import make_env
 
-        spec = next(iter(configs.values())).env
         observed_information(make_env(spec, num_envs=1, discrete=True).params, spec.observe)
     os.makedirs(args.out, exist_ok=True)
     per_seed, stats = {}, {}
@@ -324,9 +325,7 @@ def compare(args: Args) -> dict[str, Any]:
         per_seed[algo] = evals
         print(format_table([summarise_agent(algo, evals, None, *stats[algo])]).splitlines()[-1], flush=True)
     # every agent's seeds against the oracle and the observable table at their own mean costs, on
-    # the same requests (the environment of the runs: --set env.* included)
-    first = next(iter(configs.values()))
-    spec = first.env
+    # the same requests (the environment of the runs)
     seeds = sorted(r["seed"] for r in next(iter(per_seed.values())))
     by_seed = {algo: {r["seed"]: r for r in evals} for algo, evals in per_seed.items()}
     costs = {s: [np.multiply(by_seed[a][s]["costs_over_limit"], by_seed[a][s]["limits"]) for a in by_seed]
